@@ -1,0 +1,300 @@
+"""Checkpoints: ``model.safetensors`` with string metadata, and ``state.pt`` for resuming.
+
+A model checkpoint is a safetensors file whose metadata rebuilds the model with no other file:
+
+========================  ===========================================================
+key                       value (all strings; JSON where structured)
+========================  ===========================================================
+``format``                ``advedge.model/1``
+``architecture``          registry name, e.g. ``resnet18``
+``arch_kwargs``           JSON of the exact ``create_model`` arguments
+``num_classes``           e.g. ``10``
+``mean`` / ``std``        JSON lists, the model's normalisation layer
+``input_shape``           JSON ``[C, H, W]``
+``dataset``               dataset name
+``method``                training method
+``eps``                   training eps (pixel units)
+``advedge_version``       version that wrote the file
+anything else             JSON, e.g. ``method_settings``, ``epochs``, ``teacher``
+========================  ===========================================================
+
+Training state (optimiser, scheduler, epoch, RNG) goes through ``torch.save`` and is read back
+only with ``torch.load(..., weights_only=True)``; a pickle with code in it is never executed.
+Every write is atomic (temporary file, then rename).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from advedge import __version__
+from advedge.errors import CheckpointError, UsageError
+from advedge.utils import atomic_path
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "FORMAT",
+    "MODEL_FILE",
+    "STATE_FILE",
+    "load_model",
+    "load_state",
+    "read_metadata",
+    "resolve_checkpoint",
+    "save_model",
+    "save_state",
+]
+
+FORMAT = "advedge.model/1"
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "state.pt"
+
+_JSON_KEYS = ("arch_kwargs", "mean", "std", "input_shape")
+
+
+def _encode(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+
+def save_model(
+    model: nn.Module, path: str | os.PathLike[str], *, metadata: dict[str, Any] | None = None
+) -> Path:
+    """Write ``model``'s weights and metadata to a safetensors file, atomically.
+
+    Args:
+        model: An :class:`advedge.models.ImageClassifier` (it must have ``arch`` and
+            ``arch_kwargs``). A DDP or ``torch.compile`` wrapper is unwrapped.
+        path: Target file.
+        metadata: Extra fields (``dataset``, ``method``, ``eps``, ...); values that are not
+            strings are stored as JSON.
+
+    Returns:
+        The path written.
+    """
+    model = unwrap(model)
+    arch = getattr(model, "arch", None)
+    kwargs = getattr(model, "arch_kwargs", None)
+    if arch is None or kwargs is None:
+        raise CheckpointError("only advedge registry models can be saved (no arch/arch_kwargs)")
+    meta: dict[str, str] = {
+        "format": FORMAT,
+        "architecture": arch,
+        "arch_kwargs": json.dumps(kwargs, sort_keys=True),
+        "num_classes": str(kwargs.get("num_classes")),
+        "mean": json.dumps(list(kwargs.get("mean") or [])),
+        "std": json.dumps(list(kwargs.get("std") or [])),
+        "advedge_version": __version__,
+    }
+    for key, value in (metadata or {}).items():
+        if value is not None:
+            meta[key] = _encode(value)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+    return path
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Strip DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
+    """Turn a run directory or a file path into the model file to load.
+
+    Raises:
+        CheckpointError: if nothing is there.
+    """
+    p = Path(path)
+    if p.is_dir():
+        candidate = p / MODEL_FILE
+        if not candidate.is_file():
+            raise CheckpointError(
+                f"run directory {p} has no {MODEL_FILE}",
+                "pass a finished run directory or a .safetensors file",
+            )
+        return candidate
+    if not p.exists():
+        raise CheckpointError(f"checkpoint not found: {p}")
+    return p
+
+
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and decode the metadata of an advedge safetensors checkpoint.
+
+    Raises:
+        CheckpointError: if the file is not a readable safetensors file or not an advedge one.
+    """
+    path = resolve_checkpoint(path)
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            raw = fh.metadata() or {}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({_short(exc)})",
+            "the file may be truncated or corrupt; re-export or retrain it",
+        ) from None
+    if raw.get("format") != FORMAT or "architecture" not in raw:
+        raise CheckpointError(
+            f"{path} has no advedge metadata (format {raw.get('format')!r})",
+            "checkpoints written by advedge train/distill carry their architecture",
+        )
+    meta: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in ("format", "architecture", "advedge_version", "dataset", "method"):
+            meta[key] = value
+            continue
+        try:
+            meta[key] = json.loads(value)
+        except json.JSONDecodeError:
+            meta[key] = value
+    return meta
+
+
+def load_model(
+    path: str | os.PathLike[str],
+    *,
+    device: str | torch.device = "cpu",
+    expected_arch: str | None = None,
+) -> nn.Module:
+    """Rebuild a model from its checkpoint alone and load its weights, in eval mode.
+
+    Args:
+        path: A ``.safetensors`` file or a run directory holding ``model.safetensors``.
+            ``.pt``/``.pth`` files are not model checkpoints: they are refused, never unpickled.
+        device: Where to put the model.
+        expected_arch: If given, the checkpoint must be of this architecture.
+
+    Returns:
+        The model, with its decoded metadata in ``model.checkpoint_metadata``.
+
+    Raises:
+        CheckpointError: missing, truncated or corrupt file; tensors that do not match the
+            architecture recorded (or ``expected_arch``); a pickle file.
+    """
+    from advedge.models import create_model
+
+    path = resolve_checkpoint(path)
+    if path.suffix in (".pt", ".pth", ".pkl", ".bin", ".ckpt"):
+        _refuse_pickle(path)
+    meta = read_metadata(path)
+    arch = meta["architecture"]
+    if expected_arch is not None and arch != expected_arch:
+        raise CheckpointError(
+            f"{path} holds a {arch} checkpoint, not {expected_arch}",
+            "pass a checkpoint of the matching architecture",
+        )
+    kwargs = meta.get("arch_kwargs")
+    if not isinstance(kwargs, dict):
+        raise CheckpointError(f"{path} has invalid arch_kwargs metadata")
+    try:
+        model = create_model(arch, **kwargs)
+    except UsageError as exc:
+        raise CheckpointError(f"{path}: cannot rebuild {arch}: {exc.message}") from None
+    try:
+        from safetensors.torch import load_file
+
+        state = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({_short(exc)})",
+            "the file may be truncated or corrupt",
+        ) from None
+    check_state_matches(model, state, source=str(path))
+    model.load_state_dict(state)
+    model.checkpoint_metadata = meta
+    return model.to(device).eval()
+
+
+def check_state_matches(model: nn.Module, state: dict[str, torch.Tensor], *, source: str) -> None:
+    """Raise :class:`CheckpointError` unless ``state`` has exactly ``model``'s keys and shapes."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [
+        k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
+    ]
+    if missing or unexpected or wrong:
+        arch = getattr(model, "arch", type(model).__name__)
+        detail = []
+        if missing:
+            detail.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            detail.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if wrong:
+            k = wrong[0]
+            detail.append(
+                f"{len(wrong)} of another shape (e.g. {k}: {tuple(state[k].shape)} vs "
+                f"{tuple(expected[k].shape)})"
+            )
+        raise CheckpointError(
+            f"{source} does not hold {arch} weights: " + ", ".join(detail),
+            "it is a checkpoint of another architecture or was tampered with",
+        )
+
+
+def save_state(state: dict[str, Any], path: str | os.PathLike[str]) -> None:
+    """Write resumable training state with ``torch.save``, atomically.
+
+    ``state`` must hold only tensors, numbers, strings, lists and dicts, so that it can be read
+    back with ``weights_only=True``.
+    """
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_state(
+    path: str | os.PathLike[str], map_location: str | torch.device = "cpu"
+) -> dict[str, Any]:
+    """Read training state with ``torch.load(weights_only=True)``; never a full unpickle.
+
+    Raises:
+        CheckpointError: if the file is missing, corrupt, or holds anything but plain data
+            (e.g. a pickle with an executable payload, which is refused without running it).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"training state not found: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"refusing to load {path}: it is not a weights-only file ({_short(exc)})",
+            "advedge never unpickles arbitrary objects; the file may be malicious",
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is corrupt or truncated ({_short(exc)})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} does not hold an advedge training state")
+    return state
+
+
+def _refuse_pickle(path: Path) -> None:
+    """A ``.pt`` given as a model: check it is weights-only, then refuse it with a hint."""
+    load_state(path)  # raises on an unsafe pickle without executing it
+    raise CheckpointError(
+        f"{path} is a torch pickle file, not an advedge model checkpoint",
+        "pass a run directory or its model.safetensors",
+    )
+
+
+def _short(exc: BaseException, limit: int = 160) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,415 @@
+"""``advedge`` command line: a thin layer over the Python API.
+
+Exit codes: 0 ok, 1 runtime failure, 2 usage error, 3 missing optional dependency, 130
+interrupted. Errors are one line on stderr; ``ADVEDGE_DEBUG=1`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated, Any
+
+import click
+import typer
+from rich.table import Table
+
+from advedge import __version__
+from advedge._output import Output, setup_logging
+from advedge.errors import AdvedgeError, UsageError
+
+app = typer.Typer(
+    name="advedge",
+    help="Robust small image classifiers, from adversarial training to edge GPUs.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Write only the result JSON to stdout.")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"advedge {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
+    ] = False,
+) -> None:
+    """advedge: robust training, distillation, evaluation and edge deployment."""
+
+
+# --------------------------------------------------------------------------------------- models
+@app.command("models")
+def models_cmd(json_out: JsonOpt = False) -> None:
+    """List the model registry."""
+    from advedge.models import list_models, model_info
+
+    out = Output(json_out)
+    infos = [model_info(name) for name in list_models()]
+    table = Table("name", "description", title="advedge models")
+    for info in infos:
+        table.add_row(info["name"], info.get("description", ""))
+    out.result({"schema": "advedge.models/1", "models": infos}, human=table)
+
+
+# --------------------------------------------------------------------------------------- train
+def _parse_model_args(items: list[str] | None) -> dict[str, Any]:
+    import yaml
+
+    parsed: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise UsageError(f"--model-arg expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        parsed[key.strip()] = yaml.safe_load(value)
+    return parsed
+
+
+@app.command("train")
+def train_cmd(
+    ctx: typer.Context,
+    data: Annotated[
+        str | None, typer.Option(help="Dataset directory, or cifar10/cifar100/mnist.")
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="Architecture (see `advedge models`).")] = None,
+    method: Annotated[str, typer.Option(help="natural, pgd-at, trades or fgsm-rs.")] = "pgd-at",
+    epochs: Annotated[int, typer.Option(help="Number of epochs.")] = 10,
+    out: Annotated[Path | None, typer.Option(help="Run directory to write.")] = None,
+    eps: Annotated[str, typer.Option(help="Training eps, e.g. 8/255.")] = "8/255",
+    alpha: Annotated[
+        str | None, typer.Option(help="Attack step size [default: eps/4; 1.25*eps for fgsm-rs].")
+    ] = None,
+    steps: Annotated[int, typer.Option(help="Attack steps of the inner maximisation.")] = 10,
+    norm: Annotated[str, typer.Option(help="Linf or L2.")] = "Linf",
+    beta: Annotated[float, typer.Option(help="TRADES robust-term weight.")] = 6.0,
+    batch_size: Annotated[int, typer.Option(help="Global batch size.")] = 128,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 0.1,
+    momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
+    nesterov: Annotated[bool, typer.Option(help="Nesterov momentum.")] = False,
+    weight_decay: Annotated[float, typer.Option(help="Weight decay.")] = 5e-4,
+    schedule: Annotated[str, typer.Option(help="cosine, multistep or constant.")] = "cosine",
+    subset: Annotated[
+        int | None, typer.Option(help="Train on a stratified sample of N images.")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    amp: Annotated[str, typer.Option(help="auto (bf16 on CUDA), bf16, fp16 or off.")] = "auto",
+    channels_last: Annotated[
+        bool | None,
+        typer.Option("--channels-last/--no-channels-last", help="[default: on for CUDA]"),
+    ] = None,
+    compile: Annotated[
+        bool, typer.Option("--compile/--no-compile", help="torch.compile the model.")
+    ] = False,
+    augment: Annotated[
+        bool, typer.Option("--augment/--no-augment", help="Random crop and flip.")
+    ] = True,
+    eval_n: Annotated[int, typer.Option(help="Held-out images scored each epoch.")] = 256,
+    model_arg: Annotated[
+        list[str] | None, typer.Option(help="Architecture argument key=value (repeatable).")
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="YAML file of options; flags override it.")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue the run in --out from its last epoch.")
+    ] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Train a robust (or natural) classifier; writes model.safetensors, config.yaml, metrics.csv."""
+    from advedge.config import config_from_dict, load_yaml
+    from advedge.engine import TrainConfig, train
+    from advedge.utils import parse_eps
+
+    output = Output(json_out)
+    options: dict[str, Any] = load_yaml(config) if config else {}
+    given = {
+        "data": data,
+        "model": model,
+        "method": method,
+        "epochs": epochs,
+        "out": out,
+        "eps": eps,
+        "alpha": alpha,
+        "steps": steps,
+        "norm": norm,
+        "beta": beta,
+        "batch_size": batch_size,
+        "lr": lr,
+        "momentum": momentum,
+        "nesterov": nesterov,
+        "weight_decay": weight_decay,
+        "schedule": schedule,
+        "subset": subset,
+        "seed": seed,
+        "device": device,
+        "amp": amp,
+        "channels_last": channels_last,
+        "compile": compile,
+        "augment": augment,
+        "eval_n": eval_n,
+    }
+    for key, value in given.items():
+        source = ctx.get_parameter_source(key)
+        if key not in options or source not in (click.core.ParameterSource.DEFAULT, None):
+            options[key] = value
+    if model_arg:
+        options["model_kwargs"] = {
+            **options.get("model_kwargs", {}),
+            **_parse_model_args(model_arg),
+        }
+    for required in ("data", "model", "out"):
+        if options.get(required) in (None, ""):
+            raise UsageError(f"missing option --{required}", "give it as a flag or in --config")
+    options["eps"] = parse_eps(options["eps"], name="--eps")
+    if options.get("alpha") is not None:
+        options["alpha"] = parse_eps(options["alpha"], name="--alpha")
+    options["out"] = str(options["out"])
+    cfg = config_from_dict(TrainConfig, options)
+    progress = _TrainProgress(output)
+    with progress:
+        result = train(cfg, resume=resume, callbacks=progress)
+    final = result.metrics[-1] if result.metrics else {}
+    payload = {
+        "schema": "advedge.train/1",
+        "out": str(result.out),
+        "model_path": str(result.model_path),
+        "epochs": cfg.epochs,
+        "resumed_from_epoch": result.resumed_from,
+        "final": final,
+        "metrics": result.metrics,
+    }
+    table = Table(*list(final or {}), title=f"advedge train → {result.out}")
+    for row in result.metrics:
+        table.add_row(*[str(v) for v in row.values()])
+    output.result(payload, human=table)
+
+
+class _TrainProgress:
+    """Rich progress bars (stderr) for the training engine's callbacks."""
+
+    def __init__(self, output: Output) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.output = output
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[status]}"),
+            console=output.err,
+            transient=False,
+        )
+        self.epoch_task: Any = None
+        self.batch_task: Any = None
+
+    def __enter__(self) -> _TrainProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def on_train_start(self, *, start_epoch: int, epochs: int, batches_per_epoch: int) -> None:
+        self.epoch_task = self.progress.add_task(
+            "epochs", total=epochs, completed=start_epoch, status=""
+        )
+        self.batch_task = self.progress.add_task("batches", total=batches_per_epoch, status="")
+
+    def on_batch_end(self, *, epoch: int, batch: int, loss: float, acc: float) -> None:
+        self.progress.update(
+            self.batch_task,
+            completed=batch + 1,
+            description=f"epoch {epoch + 1}",
+            status=f"loss {loss:.4f} acc {acc:.3f}",
+        )
+
+    def on_eval_start(self, *, epoch: int) -> None:
+        self.progress.update(self.batch_task, status="scoring held-out batch (clean, PGD)")
+
+    def on_epoch_end(self, row: dict[str, float]) -> None:
+        self.progress.update(
+            self.epoch_task,
+            completed=int(row["epoch"]),
+            status=f"clean {row['test_clean_acc']:.3f} pgd {row['test_pgd_acc']:.3f}",
+        )
+        self.progress.reset(self.batch_task)
+
+
+# --------------------------------------------------------------------------------------- eval
+@app.command("eval")
+def eval_cmd(
+    model: Annotated[str, typer.Option(help="Run directory or model.safetensors.")],
+    data: Annotated[str, typer.Option(help="Dataset directory, or cifar10/cifar100/mnist.")],
+    attacks: Annotated[
+        str, typer.Option(help="Comma-separated: fgsm,pgd,cw,mifgsm.")
+    ] = "fgsm,pgd,cw",
+    eps: Annotated[str, typer.Option(help="Threat-model eps, e.g. 8/255.")] = "8/255",
+    norm: Annotated[str, typer.Option(help="Linf or L2.")] = "Linf",
+    steps: Annotated[
+        int, typer.Option(help="Steps of iterative attacks (PGD-20 by default).")
+    ] = 20,
+    alpha: Annotated[str | None, typer.Option(help="Step size [default: eps/4].")] = None,
+    restarts: Annotated[int, typer.Option(help="Random restarts of PGD/CW.")] = 1,
+    n: Annotated[int | None, typer.Option(help="First N test images (all by default).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Attack batch size.")] = 256,
+    seed: Annotated[int, typer.Option(help="Random seed of the attacks.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    out: Annotated[Path | None, typer.Option(help="Write the results JSON here.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Clean and robust accuracy under a list of attacks; the headline is the per-example worst case."""
+    from advedge.evaluation import evaluate_checkpoint
+
+    output = Output(json_out)
+    progress = _EvalProgress(output)
+    with progress:
+        result = evaluate_checkpoint(
+            model,
+            data,
+            attacks=[a for a in attacks.split(",") if a.strip()],
+            eps=eps,
+            norm=norm,
+            steps=steps,
+            alpha=alpha,
+            restarts=restarts,
+            n=n,
+            batch_size=batch_size,
+            seed=seed,
+            device=device,
+            out=out,
+            progress=progress,
+        )
+    table = Table(
+        "attack",
+        "kind",
+        "robust acc",
+        "seconds",
+        title=f"advedge eval (eps={result['eps']:.5g}, {result['norm']}, n={result['n_examples']})",
+    )
+    table.add_row("clean", "-", f"{result['clean_acc']:.4f}", "")
+    for entry in result["attacks"]:
+        table.add_row(
+            entry["name"], entry["kind"], f"{entry['robust_acc']:.4f}", f"{entry['seconds']:.1f}"
+        )
+    table.add_row(
+        "worst case", "per-example", f"{result['worst_case_acc']:.4f}", f"{result['seconds']:.1f}"
+    )
+    output.result(result, human=table)
+
+
+class _EvalProgress:
+    """Per-attack rich progress bars (stderr) with the running robust accuracy."""
+
+    def __init__(self, output: Output) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[status]}"),
+            console=output.err,
+        )
+        self.tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> _EvalProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def on_attack_start(self, name: str, n_todo: int) -> None:
+        self.tasks[name] = self.progress.add_task(name, total=max(n_todo, 1), status="")
+
+    def on_batch_end(self, name: str, n_done: int, running_acc: float) -> None:
+        self.progress.update(
+            self.tasks[name], completed=n_done, status=f"robust acc {running_acc:.4f}"
+        )
+
+    def on_attack_end(self, name: str, result: dict[str, Any]) -> None:
+        self.progress.update(
+            self.tasks[name],
+            completed=self.progress.tasks[self.tasks[name]].total,
+            status=f"robust acc {result['robust_acc']:.4f}",
+        )
+
+
+# --------------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: run the app and map errors to one line and an exit code."""
+    setup_logging()
+    debug = os.environ.get("ADVEDGE_DEBUG", "") not in ("", "0")
+
+    def fail(message: str) -> None:
+        sys.stderr.write(message.replace("\n", " ") + "\n")
+        sys.stderr.flush()
+
+    try:
+        app(args=argv, standalone_mode=False, prog_name="advedge")
+    except click.exceptions.Exit as exc:
+        return int(exc.exit_code or 0)
+    except click.exceptions.ClickException as exc:
+        # Usage errors from option parsing: click's own one-line message, exit 2.
+        if isinstance(exc, click.exceptions.UsageError):
+            fail(f"error: {exc.format_message()} (see advedge {_cmd(exc)}--help)")
+            return 2
+        fail(f"error: {exc.format_message()}")
+        return exc.exit_code
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        fail("interrupted: completed epochs are saved; rerun with --resume to continue")
+        return 130
+    except AdvedgeError as exc:
+        if debug:
+            traceback.print_exc()
+        fail(f"error: {exc}")
+        return exc.exit_code
+    except Exception as exc:  # one line, never a traceback unless asked for
+        if debug:
+            traceback.print_exc()
+        fail(
+            f"error: unexpected {type(exc).__name__}: {exc} (set ADVEDGE_DEBUG=1 for the traceback)"
+        )
+        return 1
+    return 0
+
+
+def _cmd(exc: click.exceptions.UsageError) -> str:
+    ctx = exc.ctx
+    if ctx is not None and ctx.info_name and ctx.info_name != "advedge":
+        return f"{ctx.info_name} "
+    return ""
+
+
+def _entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    _entry()

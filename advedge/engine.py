@@ -1,0 +1,598 @@
+"""The training engine: one loop for every training method.
+
+``train(TrainConfig(...))`` loads the data, builds the model and the method
+(:mod:`advedge.objectives`), and runs SGD with a cosine, multistep or constant learning-rate
+schedule. Every epoch it scores a fixed held-out batch (clean and PGD accuracy), appends a row to
+``metrics.csv`` and writes ``state.pt`` (resumable state) and ``model.safetensors``, each
+atomically, so a run killed at any point resumes from its last complete epoch with
+``resume=True`` and loses at most the epoch in progress.
+
+On CUDA it uses bf16 (or fp16 with a grad scaler) autocast, channels_last and optionally
+``torch.compile``; it also runs on CPU. Under ``torchrun`` it wraps the model in DDP, shards the
+data with a distributed sampler and lets rank 0 alone write files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import io
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from advedge import __version__
+from advedge.attacks import NORMS, PGD
+from advedge.checkpoint import MODEL_FILE, STATE_FILE, load_state, save_model, save_state, unwrap
+from advedge.config import config_to_dict, write_yaml
+from advedge.data import BatchLoader, Dataset, ImageArrays, load_dataset, stratified_subset
+from advedge.errors import AdvedgeError, UsageError, did_you_mean
+from advedge.models import create_model, list_models
+from advedge.objectives import METHODS, Method, build_method
+from advedge.utils import atomic_write_text, resolve_device, seed_everything
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "METRIC_COLUMNS",
+    "TrainCallbacks",
+    "TrainConfig",
+    "TrainResult",
+    "Trainer",
+    "train",
+]
+
+METRIC_COLUMNS = (
+    "epoch",
+    "train_loss",
+    "train_acc",
+    "test_clean_acc",
+    "test_pgd_acc",
+    "lr",
+    "seconds",
+)
+
+# Options that may differ between a run and its resumption.
+_RESUMABLE_CHANGES = frozenset({"epochs", "device", "compile", "out", "eval_n"})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Resolved options of one training run (written to ``RUN_DIR/config.yaml``).
+
+    Attributes:
+        data: Dataset directory or name (``cifar10``, ``cifar100``, ``mnist``).
+        model: Registry name of the architecture.
+        method: ``natural``, ``pgd-at``, ``trades`` or ``fgsm-rs``.
+        epochs: Total number of epochs.
+        out: Run directory.
+        eps: Training perturbation budget (pixel units).
+        alpha: Attack step size; None means 2/255-per-8/255 (eps/4) for PGD-based methods and
+            1.25 * eps for ``fgsm-rs``.
+        steps: Attack iterations of the inner maximisation.
+        norm: ``Linf`` or ``L2``.
+        beta: TRADES' robust-term weight.
+        batch_size: Global batch size (split across ranks under torchrun).
+        lr, momentum, nesterov, weight_decay: SGD settings.
+        schedule: ``cosine``, ``multistep`` or ``constant``, stepped per iteration.
+        milestones: Fractions of training at which ``multistep`` multiplies the LR by ``gamma``.
+        gamma: The multistep factor.
+        subset: Train on a stratified sample of this many training images.
+        seed: Seed for weights, data order, subset and attacks.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        amp: ``auto`` (bf16 on CUDA, off on CPU), ``bf16``, ``fp16`` or ``off``.
+        channels_last: None means on CUDA only.
+        compile: Wrap the model in ``torch.compile``.
+        augment: Random crop (4-pixel padding) and horizontal flip.
+        eval_n: Size of the fixed held-out batch scored every epoch.
+        eval_steps: PGD steps for the held-out robust accuracy.
+        model_kwargs: Extra architecture arguments (e.g. ``width_mult``).
+    """
+
+    data: str
+    model: str
+    method: str = "pgd-at"
+    epochs: int = 10
+    out: str = "runs/train"
+    eps: float = 8 / 255
+    alpha: float | None = None
+    steps: int = 10
+    norm: str = "Linf"
+    beta: float = 6.0
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    milestones: tuple[float, ...] = (0.5, 0.75)
+    gamma: float = 0.1
+    subset: int | None = None
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "auto"
+    channels_last: bool | None = None
+    compile: bool = False
+    augment: bool = True
+    eval_n: int = 256
+    eval_steps: int = 10
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise UsageError(f"unknown method {self.method!r}", did_you_mean(self.method, METHODS))
+        if self.model not in list_models():
+            raise UsageError(
+                f"unknown model {self.model!r}", did_you_mean(self.model, list_models())
+            )
+        checks = [
+            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
+            (0 < self.eps <= 1, f"eps must lie in (0, 1], got {self.eps}"),
+            (
+                self.alpha is None or 0 < self.alpha <= 1,
+                f"alpha must lie in (0, 1], got {self.alpha}",
+            ),
+            (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
+            (self.norm in NORMS, f"norm must be Linf or L2, got {self.norm!r}"),
+            (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
+            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (self.weight_decay >= 0, f"weight decay must be >= 0, got {self.weight_decay}"),
+            (
+                self.schedule in ("cosine", "multistep", "constant"),
+                f"schedule must be cosine, multistep or constant, got {self.schedule!r}",
+            ),
+            (self.subset is None or self.subset >= 1, f"subset must be >= 1, got {self.subset}"),
+            (
+                self.amp in ("auto", "bf16", "fp16", "off"),
+                f"amp must be auto, bf16, fp16 or off, got {self.amp!r}",
+            ),
+            (self.eval_n >= 1, f"eval_n must be >= 1, got {self.eval_n}"),
+            (self.eval_steps >= 1, f"eval_steps must be >= 1, got {self.eval_steps}"),
+            (all(0 < m < 1 for m in self.milestones), "milestones are fractions in (0, 1)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UsageError(message)
+        object.__setattr__(self, "milestones", tuple(float(m) for m in self.milestones))
+
+    @property
+    def resolved_alpha(self) -> float:
+        """The attack step size actually used."""
+        if self.alpha is not None:
+            return self.alpha
+        return 1.25 * self.eps if self.method == "fgsm-rs" else self.eps / 4
+
+    def fingerprint(self) -> str:
+        """Hash of the options that must not change across a resume."""
+        d = {k: v for k, v in config_to_dict(self).items() if k not in _RESUMABLE_CHANGES}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class TrainResult:
+    """Outcome of :func:`train`: the run directory, its model file and the metrics rows."""
+
+    out: Path
+    model_path: Path
+    metrics: list[dict[str, float]]
+    epochs_run: int
+    resumed_from: int
+
+
+class TrainCallbacks:
+    """Progress hooks; the CLI implements them with a rich progress bar. All are no-ops here."""
+
+    def on_train_start(self, *, start_epoch: int, epochs: int, batches_per_epoch: int) -> None:
+        """Called once before the first epoch (``start_epoch`` > 0 after a resume)."""
+
+    def on_batch_end(self, *, epoch: int, batch: int, loss: float, acc: float) -> None:
+        """Called after every optimiser step with the running epoch means."""
+
+    def on_eval_start(self, *, epoch: int) -> None:
+        """Called before the held-out evaluation of an epoch."""
+
+    def on_epoch_end(self, row: dict[str, float]) -> None:
+        """Called with the metrics row once the epoch's checkpoint is on disk."""
+
+
+def _distributed() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def autocast_context(
+    device: torch.device, amp: str
+) -> Callable[[], contextlib.AbstractContextManager[Any]]:
+    """A factory of autocast contexts for ``amp`` (``auto`` = bf16 on CUDA, off on CPU)."""
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" else "off"
+    if amp == "off":
+        return contextlib.nullcontext
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def lr_lambda(
+    schedule: str, total_steps: int, milestones: tuple[float, ...], gamma: float
+) -> Callable[[int], float]:
+    """Multiplicative LR factor at iteration ``t`` of ``total_steps``.
+
+    cosine: ``0.5 * (1 + cos(pi * t / T))``; multistep: ``gamma ** #{m : t >= m * T}``;
+    constant: 1.
+    """
+    total = max(1, total_steps)
+    if schedule == "cosine":
+        return lambda t: 0.5 * (1.0 + math.cos(math.pi * min(t, total) / total))
+    if schedule == "multistep":
+        marks = [m * total for m in milestones]
+        return lambda t: gamma ** sum(t >= m for m in marks)
+    return lambda t: 1.0
+
+
+class Trainer:
+    """Runs one :class:`TrainConfig`: the engine behind ``advedge train``.
+
+    Args:
+        config: The run's options.
+        method: A prebuilt method (e.g. a distillation method carrying a teacher); built from
+            ``config`` when None.
+        extra_metadata: Fields added to the model checkpoint (e.g. the teacher's sha256).
+        dataset: A preloaded dataset (else ``config.data`` is loaded).
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        *,
+        method: Method | None = None,
+        extra_metadata: dict[str, Any] | None = None,
+        dataset: Dataset | None = None,
+    ) -> None:
+        self.config = config
+        self.rank, self.world_size = _distributed()
+        self.is_main = self.rank == 0
+        self.device = resolve_device(config.device)
+        if self.world_size > 1 and self.device.type == "cuda":
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.dataset = dataset if dataset is not None else load_dataset(config.data)
+        if self.dataset.train is None:
+            raise AdvedgeError(
+                f"dataset {self.dataset.root} has no training split",
+                "training needs train-*.npz/train.npz, CIFAR batches or a train/ folder",
+            )
+        self.method = method or build_method(
+            config.method,
+            eps=config.eps,
+            alpha=config.resolved_alpha,
+            steps=config.steps,
+            norm=config.norm,
+            **({"beta": config.beta} if config.method == "trades" else {}),
+        )
+        self.extra_metadata = dict(extra_metadata or {})
+        self.out = Path(config.out)
+
+    # ----------------------------------------------------------------------------- setup
+    def _train_arrays(self) -> ImageArrays:
+        train = self.dataset.train
+        assert train is not None
+        if self.config.subset is not None and self.config.subset < len(train):
+            train = stratified_subset(train, self.config.subset, seed=self.config.seed)
+        return train
+
+    def _build_model(self) -> nn.Module:
+        kwargs = dict(self.config.model_kwargs)
+        kwargs.setdefault("num_classes", self.dataset.num_classes)
+        kwargs.setdefault("in_channels", self.dataset.channels)
+        if kwargs["in_channels"] != self.dataset.channels:
+            raise UsageError(
+                f"model in_channels={kwargs['in_channels']} but the data has "
+                f"{self.dataset.channels} channel(s)"
+            )
+        if kwargs["num_classes"] != self.dataset.num_classes:
+            raise UsageError(
+                f"model num_classes={kwargs['num_classes']} but the data has "
+                f"{self.dataset.num_classes} classes"
+            )
+        return create_model(self.config.model, **kwargs)
+
+    def _check_out_dir(self, resume: bool) -> dict[str, Any] | None:
+        """Return the state to resume from, or None; refuse to overwrite a run."""
+        state_path = self.out / STATE_FILE
+        has_run = state_path.exists() or (self.out / MODEL_FILE).exists()
+        if not resume:
+            if has_run:
+                raise UsageError(
+                    f"{self.out} already holds a training run",
+                    "pass --resume to continue it, or choose another --out",
+                )
+            return None
+        if not state_path.exists():
+            if (self.out / MODEL_FILE).exists():
+                raise UsageError(
+                    f"{self.out} has a model but no {STATE_FILE} to resume from",
+                    "choose another --out to train anew",
+                )
+            logger.info("nothing to resume in %s; starting a new run", self.out)
+            return None
+        state = load_state(state_path)
+        if state.get("fingerprint") != self.config.fingerprint():
+            old = state.get("config", {})
+            new = config_to_dict(self.config)
+            diff = sorted(
+                k for k in new if k not in _RESUMABLE_CHANGES and old.get(k) != new.get(k)
+            )
+            raise UsageError(
+                f"cannot resume {self.out}: options differ from the original run ({', '.join(diff) or 'unknown'})",
+                "resume with the same options, or choose another --out",
+            )
+        return state
+
+    # ----------------------------------------------------------------------------- run
+    def run(self, *, resume: bool = False, callbacks: TrainCallbacks | None = None) -> TrainResult:
+        """Train to ``config.epochs``, resuming from ``state.pt`` when ``resume`` is true."""
+        cfg = self.config
+        callbacks = callbacks or TrainCallbacks()
+        state = self._check_out_dir(resume)
+        seed_everything(cfg.seed + self.rank)
+
+        train_arrays = self._train_arrays()
+        model = self._build_model().to(self.device)
+        channels_last = (
+            cfg.channels_last if cfg.channels_last is not None else self.device.type == "cuda"
+        )
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        per_rank_batch = max(1, cfg.batch_size // self.world_size)
+        loader = BatchLoader(
+            train_arrays,
+            per_rank_batch,
+            shuffle=True,
+            augment=cfg.augment,
+            seed=cfg.seed,
+            drop_last=len(train_arrays) >= 2 * cfg.batch_size,
+            device=self.device,
+            rank=self.rank,
+            world_size=self.world_size,
+        )
+        optimizer = torch.optim.SGD(
+            model.parameters(),
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            nesterov=cfg.nesterov and cfg.momentum > 0,
+            weight_decay=cfg.weight_decay,
+        )
+        total_steps = cfg.epochs * len(loader)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(cfg.schedule, total_steps, cfg.milestones, cfg.gamma)
+        )
+        metrics: list[dict[str, float]] = []
+        start_epoch = 0
+        if state is not None:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            # The schedule's length follows the (possibly extended) epoch count.
+            scheduler.lr_lambdas[0] = lr_lambda(
+                cfg.schedule, total_steps, cfg.milestones, cfg.gamma
+            )
+            start_epoch = int(state["epoch"])
+            metrics = [dict(r) for r in state.get("metrics", [])][:start_epoch]
+            torch.set_rng_state(state["rng_cpu"])
+            if self.device.type == "cuda" and "rng_cuda" in state:
+                torch.cuda.set_rng_state(state["rng_cuda"])
+            logger.info("resuming %s from epoch %d", self.out, start_epoch)
+
+        train_model: nn.Module = model
+        if self.world_size > 1:
+            train_model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        if cfg.compile:
+            train_model = torch.compile(train_model)  # type: ignore[assignment]
+        autocast = autocast_context(self.device, cfg.amp)
+        scaler = torch.amp.GradScaler(self.device.type, enabled=self._uses_fp16())
+
+        held_x, held_y = self._held_out()
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_yaml(self.out / "config.yaml", self._resolved_config(len(train_arrays)))
+        callbacks.on_train_start(
+            start_epoch=start_epoch, epochs=cfg.epochs, batches_per_epoch=len(loader)
+        )
+
+        for epoch in range(start_epoch, cfg.epochs):
+            t0 = time.perf_counter()
+            loader.set_epoch(epoch)
+            model.train()
+            loss_sum = torch.zeros((), device=self.device)
+            correct = torch.zeros((), device=self.device)
+            seen = 0
+            for i, (x, y) in enumerate(loader):
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with autocast():
+                    out = self.method.loss(train_model, x, y)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(out.loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                loss_sum += out.loss.detach().float() * y.shape[0]
+                correct += (out.logits.detach().argmax(1) == y).sum()
+                seen += y.shape[0]
+                if i % 10 == 0 or i == len(loader) - 1:
+                    # .item() synchronises; do it only every few batches.
+                    callbacks.on_batch_end(
+                        epoch=epoch, batch=i, loss=float(loss_sum) / seen, acc=float(correct) / seen
+                    )
+            loss_mean, acc_mean = self._reduce(loss_sum, correct, seen)
+            if not math.isfinite(loss_mean):
+                raise AdvedgeError(
+                    f"training diverged at epoch {epoch + 1} (loss is {loss_mean})",
+                    "lower --lr; the last good checkpoint is kept",
+                )
+            callbacks.on_eval_start(epoch=epoch)
+            clean_acc, pgd_acc = self._held_out_accuracy(model, held_x, held_y, autocast)
+            row = {
+                "epoch": epoch + 1,
+                "train_loss": round(loss_mean, 6),
+                "train_acc": round(acc_mean, 6),
+                "test_clean_acc": round(clean_acc, 6),
+                "test_pgd_acc": round(pgd_acc, 6),
+                "lr": round(optimizer.param_groups[0]["lr"], 8),
+                "seconds": round(time.perf_counter() - t0, 3),
+            }
+            metrics.append(row)
+            if self.is_main:
+                self._write_checkpoint(model, optimizer, scheduler, epoch + 1, metrics)
+            callbacks.on_epoch_end(row)
+        return TrainResult(
+            out=self.out,
+            model_path=self.out / MODEL_FILE,
+            metrics=metrics,
+            epochs_run=cfg.epochs - start_epoch,
+            resumed_from=start_epoch,
+        )
+
+    # ----------------------------------------------------------------------------- helpers
+    def _uses_fp16(self) -> bool:
+        return self.device.type == "cuda" and self.config.amp == "fp16"
+
+    def _reduce(self, loss_sum: Tensor, correct: Tensor, seen: int) -> tuple[float, float]:
+        totals = torch.stack(
+            [loss_sum.float(), correct.float(), torch.tensor(float(seen), device=loss_sum.device)]
+        )
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(totals)
+        loss, corr, n = totals.tolist()
+        return loss / max(n, 1), corr / max(n, 1)
+
+    def _held_out(self) -> tuple[Tensor, Tensor]:
+        from advedge.data import to_tensor
+
+        test = self.dataset.test
+        held = stratified_subset(test, min(self.config.eval_n, len(test)), seed=0)
+        return to_tensor(held.x).to(self.device), torch.as_tensor(held.y).to(self.device)
+
+    def _held_out_accuracy(
+        self, model: nn.Module, x: Tensor, y: Tensor, autocast: Callable[[], Any]
+    ) -> tuple[float, float]:
+        cfg = self.config
+        model.eval()
+        attack = PGD(
+            model,
+            eps=cfg.eps,
+            alpha=2.5 * cfg.eps / cfg.eval_steps,
+            steps=cfg.eval_steps,
+            norm=cfg.norm,
+            generator=torch.Generator(device=self.device).manual_seed(0),
+        )
+        clean = pgd = 0
+        for i in range(0, x.shape[0], 256):
+            xb, yb = x[i : i + 256], y[i : i + 256]
+            with autocast():
+                with torch.no_grad():
+                    clean += int((model(xb).argmax(1) == yb).sum())
+                xa = attack(xb, yb)
+                with torch.no_grad():
+                    pgd += int((model(xa).argmax(1) == yb).sum())
+        return clean / x.shape[0], pgd / x.shape[0]
+
+    def _resolved_config(self, n_train: int) -> dict[str, Any]:
+        d = config_to_dict(self.config)
+        d["alpha"] = self.config.resolved_alpha
+        d["resolved"] = {
+            "device": str(self.device),
+            "world_size": self.world_size,
+            "dataset": {
+                "name": self.dataset.name,
+                "root": str(self.dataset.root),
+                "format": self.dataset.format,
+                "num_classes": self.dataset.num_classes,
+                "input_shape": list(self.dataset.input_shape),
+                "n_train": n_train,
+                "n_test": len(self.dataset.test),
+            },
+            "method_settings": self.method.settings(),
+            "advedge_version": __version__,
+        }
+        return d
+
+    def _checkpoint_metadata(self, epochs_done: int) -> dict[str, Any]:
+        cfg = self.config
+        meta: dict[str, Any] = {
+            "input_shape": list(self.dataset.input_shape),
+            "dataset": self.dataset.name,
+            "method": cfg.method,
+            "eps": self.method.eps if self.method.adversarial else 0.0,
+            "norm": cfg.norm,
+            "method_settings": self.method.settings(),
+            "epochs": epochs_done,
+            "class_names": list(self.dataset.class_names),
+        }
+        meta.update(self.extra_metadata)
+        return meta
+
+    def _write_checkpoint(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        epochs_done: int,
+        metrics: list[dict[str, float]],
+    ) -> None:
+        raw = unwrap(model)
+        state: dict[str, Any] = {
+            "epoch": epochs_done,
+            "model": {k: v.detach().cpu() for k, v in raw.state_dict().items()},
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+            "metrics": metrics,
+            "fingerprint": self.config.fingerprint(),
+            "config": config_to_dict(self.config),
+        }
+        if self.device.type == "cuda":
+            state["rng_cuda"] = torch.cuda.get_rng_state()
+        # Order matters for crash safety: the state first, then the model, then metrics.
+        save_state(state, self.out / STATE_FILE)
+        save_model(raw, self.out / MODEL_FILE, metadata=self._checkpoint_metadata(epochs_done))
+        write_metrics_csv(self.out / "metrics.csv", metrics)
+
+
+def write_metrics_csv(path: Path, rows: list[dict[str, float]]) -> None:
+    """Write ``metrics.csv`` (one row per epoch, :data:`METRIC_COLUMNS` first), atomically."""
+    columns = list(METRIC_COLUMNS) + sorted({k for r in rows for k in r} - set(METRIC_COLUMNS))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(row)
+    atomic_write_text(path, buf.getvalue())
+
+
+def train(
+    config: TrainConfig, *, resume: bool = False, callbacks: TrainCallbacks | None = None
+) -> TrainResult:
+    """Train a model as ``config`` says; see :class:`Trainer`. The API behind ``advedge train``."""
+    return Trainer(config).run(resume=resume, callbacks=callbacks)
+
+
+def iterate_rows(path: Path) -> Iterator[dict[str, str]]:
+    """Yield the rows of a ``metrics.csv``."""
+    with open(path, newline="", encoding="utf-8") as fh:
+        yield from csv.DictReader(fh)

@@ -1,0 +1,70 @@
+"""Errors that the CLI turns into one clear line and a documented exit code.
+
+Exit codes: 0 ok, 1 runtime failure, 2 usage error, 3 missing optional dependency.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+__all__ = [
+    "AdvedgeError",
+    "CheckpointError",
+    "DataError",
+    "MissingDependencyError",
+    "UsageError",
+    "did_you_mean",
+]
+
+
+class AdvedgeError(Exception):
+    """Base class of every error advedge reports to a user.
+
+    Args:
+        message: What went wrong, in one line.
+        hint: What to do about it, in one line (optional).
+    """
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message if not self.hint else f"{self.message} ({self.hint})"
+
+
+class UsageError(AdvedgeError, ValueError):
+    """A bad option value or name: exit code 2."""
+
+    exit_code = 2
+
+
+class DataError(AdvedgeError):
+    """A dataset that is missing, empty, of unknown format or invalid: exit code 1."""
+
+
+class CheckpointError(AdvedgeError):
+    """A checkpoint that is missing, corrupt, unsafe or of another architecture: exit code 1."""
+
+
+class MissingDependencyError(AdvedgeError, ImportError):
+    """An optional dependency that is not installed: exit code 3."""
+
+    exit_code = 3
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    """Return a hint naming the closest matches of ``name`` in ``choices``.
+
+    Example: ``did_you_mean("resnet81", ["resnet18", "wrn34_10"])`` returns
+    ``"did you mean 'resnet18'?"``; with no close match it lists the choices.
+    """
+    choices = sorted(choices)
+    close = difflib.get_close_matches(name, choices, n=3, cutoff=0.5)
+    if close:
+        return "did you mean " + " or ".join(repr(c) for c in close) + "?"
+    return "choose one of: " + ", ".join(choices)

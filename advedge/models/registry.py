@@ -1,0 +1,289 @@
+"""Models by name: the ``@register_model`` decorator and the ``create_model`` factory.
+
+A model factory is a function that takes the four common arguments as keywords
+(``num_classes``, ``in_channels``, ``mean``, ``std``) plus its own architecture arguments, each
+with a default, and returns an :class:`~advedge.models.base.ImageClassifier`. The first line of
+its docstring is the description that ``advedge models`` shows.
+
+``create_model`` validates every argument, fills in the defaults and records the name and the
+complete arguments on the model (``model.arch``, ``model.arch_kwargs``), so that a checkpoint
+can rebuild the architecture with ``create_model(model.arch, **model.arch_kwargs)``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import math
+import operator
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar, overload
+
+from advedge.errors import UsageError, did_you_mean
+from advedge.models.base import ImageClassifier, channel_values
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "COMMON_ARGUMENTS",
+    "DEFAULT_STATS",
+    "ModelFactory",
+    "create_model",
+    "float_argument",
+    "int_argument",
+    "list_models",
+    "model_info",
+    "register_model",
+]
+
+ModelFactory = Callable[..., ImageClassifier]
+"""A function ``(*, num_classes, in_channels, mean, std, **arch_kwargs) -> ImageClassifier``."""
+
+F = TypeVar("F", bound=ModelFactory)
+
+COMMON_ARGUMENTS = ("num_classes", "in_channels", "mean", "std")
+"""Arguments every factory takes; ``create_model`` validates and resolves them."""
+
+DEFAULT_STATS: dict[int, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    3: ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)),  # CIFAR-10
+    1: ((0.1307,), (0.3081,)),  # MNIST
+}
+"""Default ``(mean, std)`` per number of input channels, used when none is given."""
+
+
+@dataclass(frozen=True)
+class _Entry:
+    name: str
+    factory: ModelFactory
+    description: str
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+
+_MODELS: dict[str, _Entry] = {}
+
+
+def _describe(factory: ModelFactory) -> str:
+    doc = inspect.getdoc(factory) or ""
+    return doc.strip().splitlines()[0].strip() if doc.strip() else ""
+
+
+def _architecture_defaults(name: str, factory: ModelFactory) -> dict[str, Any]:
+    """Check a factory's signature and return its architecture arguments with their defaults."""
+    params = inspect.signature(factory).parameters
+    missing = [a for a in COMMON_ARGUMENTS if a not in params]
+    if missing:
+        raise TypeError(f"model factory {name!r} must accept the keyword arguments {missing}")
+    defaults: dict[str, Any] = {}
+    for p in params.values():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD, p.POSITIONAL_ONLY):
+            raise TypeError(f"model factory {name!r} must take named arguments only, not {p}")
+        if p.name in COMMON_ARGUMENTS:
+            continue
+        if p.default is p.empty:
+            raise TypeError(f"argument {p.name!r} of model factory {name!r} needs a default")
+        defaults[p.name] = p.default
+    try:
+        json.dumps(defaults)
+    except (TypeError, ValueError):
+        raise TypeError(f"defaults of model factory {name!r} must be JSON-serialisable") from None
+    return defaults
+
+
+@overload
+def register_model(fn: F, /) -> F: ...
+@overload
+def register_model(fn: None = None, /, *, name: str | None = None) -> Callable[[F], F]: ...
+@overload
+def register_model(fn: str, /) -> Callable[[F], F]: ...
+
+
+def register_model(
+    fn: F | str | None = None, /, *, name: str | None = None
+) -> F | Callable[[F], F]:
+    """Register a model factory under its function name or an explicit name.
+
+    Use it bare (``@register_model``) or with a name (``@register_model("resnet18")`` or
+    ``@register_model(name="resnet18")``). The factory is returned unchanged.
+
+    Args:
+        fn: The factory (bare use), or the name to register under.
+        name: The name to register under; defaults to the factory's ``__name__``.
+
+    Returns:
+        The factory itself, or a decorator that registers and returns it.
+
+    Raises:
+        ValueError: if the name is already registered.
+        TypeError: if the factory does not take the common keyword arguments
+            (``num_classes``, ``in_channels``, ``mean``, ``std``), or if one of its other
+            arguments has no default or a default that is not JSON-serialisable.
+    """
+    if isinstance(fn, str):
+        name, fn = fn, None
+
+    def decorator(factory: F) -> F:
+        key = name or factory.__name__
+        if key in _MODELS:
+            raise ValueError(f"model {key!r} is already registered")
+        defaults = _architecture_defaults(key, factory)
+        _MODELS[key] = _Entry(key, factory, _describe(factory), defaults)
+        return factory
+
+    if fn is None:
+        return decorator
+    return decorator(fn)
+
+
+def list_models() -> list[str]:
+    """Return the names of all registered models, sorted."""
+    return sorted(_MODELS)
+
+
+def _entry(name: str) -> _Entry:
+    try:
+        return _MODELS[name]
+    except (KeyError, TypeError):
+        raise UsageError(f"unknown model {name!r}", did_you_mean(str(name), list_models())) from None
+
+
+def model_info(name: str) -> dict[str, Any]:
+    """Describe a registered model without building it.
+
+    Returns:
+        ``{"name", "description", "default_kwargs"}``: the description is the first line of the
+        factory's docstring, and ``default_kwargs`` maps each architecture argument (beyond
+        ``num_classes``, ``in_channels``, ``mean`` and ``std``) to its default.
+
+    Raises:
+        UsageError: for an unknown name (with a close-match suggestion).
+    """
+    entry = _entry(name)
+    return {
+        "name": entry.name,
+        "description": entry.description,
+        "default_kwargs": dict(entry.defaults),
+    }
+
+
+def _stats(
+    values: Sequence[float] | None, default: Sequence[float], what: str, in_channels: int
+) -> list[float]:
+    out = channel_values(default if values is None else values, what)
+    if len(out) != in_channels:
+        raise UsageError(
+            f"{what} has {len(out)} values but the model has {in_channels} input channels",
+            "give one value per input channel",
+        )
+    if what == "std" and any(v <= 0 for v in out):
+        raise UsageError(f"std must be positive, got {out!r}")
+    return out
+
+
+def int_argument(value: Any, what: str, minimum: int | None = None) -> int:
+    """Check a model argument that must be an integer (``bool`` is refused).
+
+    Raises:
+        UsageError: if ``value`` is not an integer or is below ``minimum``.
+    """
+    if isinstance(value, bool):
+        raise UsageError(f"{what} must be an integer, got {value!r}")
+    try:
+        out = operator.index(value)
+    except TypeError:
+        raise UsageError(f"{what} must be an integer, got {value!r}") from None
+    if minimum is not None and out < minimum:
+        raise UsageError(f"{what} must be at least {minimum}, got {out}")
+    return out
+
+
+def float_argument(value: Any, what: str) -> float:
+    """Check a model argument that must be a finite number (``bool`` is refused).
+
+    Raises:
+        UsageError: if ``value`` is not a finite number.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UsageError(f"{what} must be a number, got {value!r}")
+    out = float(value)
+    if not math.isfinite(out):
+        raise UsageError(f"{what} must be finite, got {value!r}")
+    return out
+
+
+def create_model(
+    name: str,
+    *,
+    num_classes: int = 10,
+    in_channels: int = 3,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    **kwargs: Any,
+) -> ImageClassifier:
+    """Build a registered model by name.
+
+    Args:
+        name: A name from :func:`list_models`.
+        num_classes: The number of classes, at least 2.
+        in_channels: 3 (colour) or 1 (grey).
+        mean: Per-channel mean of the training data; defaults to CIFAR-10's for 3 channels and
+            MNIST's for 1 channel (see ``DEFAULT_STATS``).
+        std: Per-channel standard deviation (positive); defaults as for ``mean``.
+        **kwargs: Architecture arguments, for example ``width_mult`` for ``mobilenetv2``;
+            :func:`model_info` lists each model's arguments and defaults.
+
+    Returns:
+        The model in training mode, with ``arch`` set to ``name`` and ``arch_kwargs`` to every
+        argument needed to rebuild it (``num_classes``, ``in_channels``, ``mean``, ``std`` and
+        each architecture argument, defaults included).
+
+    Raises:
+        UsageError: for an unknown name or architecture argument, ``num_classes < 2``,
+            ``in_channels`` other than 1 or 3, a ``mean``/``std`` whose length is not
+            ``in_channels``, a non-positive ``std``, or an invalid architecture argument.
+    """
+    entry = _entry(name)
+    num_classes = int_argument(num_classes, "num_classes", 2)
+    if isinstance(in_channels, bool) or in_channels not in (1, 3):
+        raise UsageError(f"in_channels must be 1 or 3, got {in_channels!r}")
+    in_channels = int(in_channels)
+    default_mean, default_std = DEFAULT_STATS[in_channels]
+    mean_values = _stats(mean, default_mean, "mean", in_channels)
+    std_values = _stats(std, default_std, "std", in_channels)
+
+    unknown = sorted(k for k in kwargs if k not in entry.defaults)
+    if unknown:
+        accepted = [*COMMON_ARGUMENTS, *sorted(entry.defaults)]
+        hint = f"{name} accepts: {', '.join(accepted)}"
+        close = did_you_mean(unknown[0], sorted(entry.defaults)) if entry.defaults else ""
+        if close.startswith("did you mean"):
+            hint = f"{close} {hint}"
+        names = ", ".join(repr(k) for k in unknown)
+        raise UsageError(f"model {name!r} does not accept the argument(s) {names}", hint)
+    arch_args = {**entry.defaults, **kwargs}
+    try:
+        json.dumps(arch_args)
+    except (TypeError, ValueError):
+        raise UsageError(
+            f"arguments of model {name!r} must be plain numbers, strings or lists, "
+            f"got {arch_args!r}"
+        ) from None
+
+    model = entry.factory(
+        num_classes=num_classes,
+        in_channels=in_channels,
+        mean=mean_values,
+        std=std_values,
+        **arch_args,
+    )
+    model.arch = name
+    model.arch_kwargs = {
+        "num_classes": num_classes,
+        "in_channels": in_channels,
+        "mean": mean_values,
+        "std": std_values,
+        **arch_args,
+    }
+    logger.debug("created model %s with %s", name, model.arch_kwargs)
+    return model

@@ -1,0 +1,210 @@
+"""Training objectives: pure loss functions of tensors, plus the attack each method uses.
+
+A training method is one loss function and the attack that crafts its inputs. The engine
+(:mod:`advedge.engine`) runs every method with the same loop; a method only says how to turn a
+batch ``(x, y)`` into a scalar loss (:meth:`Method.loss`).
+
+Methods: ``natural``, ``pgd-at`` (Madry et al., ICLR 2018), ``trades`` (Zhang et al., ICML 2019)
+and ``fgsm-rs`` (Wong et al., ICLR 2020).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from advedge.attacks import PGD
+from advedge.errors import UsageError, did_you_mean
+
+__all__ = [
+    "FGSMRS",
+    "METHODS",
+    "PGDAT",
+    "Method",
+    "MethodOutput",
+    "Natural",
+    "Trades",
+    "build_method",
+    "natural_loss",
+    "pgd_at_loss",
+    "trades_loss",
+]
+
+
+def natural_loss(logits: Tensor, y: Tensor) -> Tensor:
+    """Standard training: ``L = CE(f(x), y)``, mean over the batch.
+
+    Shape:
+        logits ``[N, K]``, y ``[N]`` -> scalar.
+    """
+    return F.cross_entropy(logits, y)
+
+
+def pgd_at_loss(logits_adv: Tensor, y: Tensor) -> Tensor:
+    """Adversarial training (Madry et al., ICLR 2018): ``L = CE(f(x'), y)``.
+
+    ``x' = argmax_{||x' - x|| <= eps} CE(f(x'), y)`` is found by PGD with a random start. Fast
+    adversarial training (Wong et al., ICLR 2020) uses the same loss with a one-step x'.
+
+    Shape:
+        logits_adv ``[N, K]``, y ``[N]`` -> scalar.
+    """
+    return F.cross_entropy(logits_adv, y)
+
+
+def trades_loss(logits_clean: Tensor, logits_adv: Tensor, y: Tensor, beta: float) -> Tensor:
+    """TRADES (Zhang et al., ICML 2019), eq. 5.
+
+    ``L = CE(f(x), y) + beta * KL(softmax(f(x)) || softmax(f(x')))``, the KL averaged over the
+    batch, where ``x' = argmax_{||x' - x|| <= eps} KL(softmax(f(x)) || softmax(f(x')))``.
+
+    Shape:
+        logits_clean, logits_adv ``[N, K]``, y ``[N]`` -> scalar.
+    """
+    natural = F.cross_entropy(logits_clean, y)
+    robust = F.kl_div(
+        F.log_softmax(logits_adv, dim=1), F.softmax(logits_clean, dim=1), reduction="batchmean"
+    )
+    return natural + beta * robust
+
+
+@dataclass
+class MethodOutput:
+    """What a method's loss step returns: the scalar loss and the logits to score accuracy on."""
+
+    loss: Tensor
+    logits: Tensor
+
+
+class Method:
+    """A training method: an attack (maybe none) and a pure loss function.
+
+    Args:
+        eps: Budget in pixel units.
+        alpha: Attack step size.
+        steps: Attack iterations.
+        norm: ``"Linf"`` or ``"L2"``.
+    """
+
+    name: ClassVar[str] = ""
+    adversarial: ClassVar[bool] = True
+
+    def __init__(
+        self, *, eps: float, alpha: float, steps: int, norm: str = "Linf", **options: Any
+    ) -> None:
+        self.eps = eps
+        self.alpha = alpha
+        self.steps = steps
+        self.norm = norm
+        if options:
+            raise UsageError(f"method {self.name!r} does not take {', '.join(sorted(options))}")
+
+    def settings(self) -> dict[str, Any]:
+        """The method's settings, as recorded in checkpoints."""
+        if not self.adversarial:
+            return {}
+        return {"eps": self.eps, "alpha": self.alpha, "steps": self.steps, "norm": self.norm}
+
+    def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> MethodOutput:
+        """Craft the method's inputs for ``(x, y)`` and return its loss. Model is in train mode."""
+        raise NotImplementedError
+
+
+class Natural(Method):
+    """Standard training on clean inputs: :func:`natural_loss`."""
+
+    name = "natural"
+    adversarial = False
+
+    def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> MethodOutput:
+        logits = model(x)
+        return MethodOutput(natural_loss(logits, y), logits)
+
+
+class PGDAT(Method):
+    """PGD adversarial training: PGD-``steps`` with a uniform random start, then :func:`pgd_at_loss`."""
+
+    name = "pgd-at"
+
+    def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> MethodOutput:
+        attack = PGD(model, eps=self.eps, alpha=self.alpha, steps=self.steps, norm=self.norm)
+        x_adv = attack(x, y)
+        logits = model(x_adv)
+        return MethodOutput(pgd_at_loss(logits, y), logits)
+
+
+class FGSMRS(Method):
+    """Fast adversarial training (Wong et al., ICLR 2020): FGSM from a uniform random start.
+
+    One step of size ``alpha`` (the paper's 1.25 * eps; the CLI uses that when ``--alpha`` is not
+    given) from ``x + U(-eps, eps)``, projected to the eps-ball, then :func:`pgd_at_loss`.
+    """
+
+    name = "fgsm-rs"
+
+    def settings(self) -> dict[str, Any]:
+        return {"eps": self.eps, "alpha": self.alpha, "steps": 1, "norm": self.norm}
+
+    def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> MethodOutput:
+        attack = PGD(model, eps=self.eps, alpha=self.alpha, steps=1, norm=self.norm)
+        x_adv = attack(x, y)
+        logits = model(x_adv)
+        return MethodOutput(pgd_at_loss(logits, y), logits)
+
+
+class Trades(Method):
+    """TRADES: PGD on ``KL(f(x) || f(x'))`` from ``x + 0.001 N(0, I)``, then :func:`trades_loss`.
+
+    Args:
+        beta: Weight of the robust KL term (6.0 in the paper for CIFAR-10).
+    """
+
+    name = "trades"
+
+    def __init__(self, *, beta: float = 6.0, **kw: Any) -> None:
+        super().__init__(**kw)
+        if beta < 0:
+            raise UsageError(f"TRADES beta must be >= 0, got {beta}")
+        self.beta = float(beta)
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "beta": self.beta}
+
+    def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> MethodOutput:
+        with torch.no_grad():
+            was_training = model.training
+            model.eval()
+            p_clean = F.softmax(model(x).float(), dim=1)
+            model.train(was_training)
+        attack = PGD(
+            model,
+            eps=self.eps,
+            alpha=self.alpha,
+            steps=self.steps,
+            norm=self.norm,
+            loss="kl",
+            random_start="normal",
+        )
+        x_adv = attack(x, p_clean)
+        # Two forward passes, as in the paper's code: one mixed batch would change BN statistics.
+        logits_clean = model(x)
+        logits_adv = model(x_adv)
+        return MethodOutput(trades_loss(logits_clean, logits_adv, y, self.beta), logits_clean)
+
+
+METHODS: dict[str, type[Method]] = {m.name: m for m in (Natural, PGDAT, Trades, FGSMRS)}
+
+
+def build_method(name: str, **kwargs: Any) -> Method:
+    """Build a training method by name (``natural``, ``pgd-at``, ``trades``, ``fgsm-rs``).
+
+    Raises:
+        UsageError: for an unknown name (with a close-match suggestion) or a bad option.
+    """
+    if name not in METHODS:
+        raise UsageError(f"unknown method {name!r}", did_you_mean(name, METHODS))
+    return METHODS[name](**kwargs)

@@ -1,0 +1,207 @@
+"""Small helpers shared across advedge: fractions, atomic writes, seeding, devices, hashing."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import math
+import os
+import platform
+import random
+import tempfile
+from collections.abc import Iterator
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+from advedge.errors import UsageError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "atomic_path",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "environment",
+    "parse_eps",
+    "parse_fraction",
+    "resolve_device",
+    "seed_everything",
+    "sha256_file",
+    "to_jsonable",
+]
+
+
+def parse_fraction(value: str | float | int, *, name: str = "value") -> float:
+    """Parse ``"8/255"``, ``"0.03"`` or a number into a float.
+
+    Raises:
+        UsageError: if the value is not a number or a fraction ``a/b`` with ``b != 0``.
+    """
+    if isinstance(value, bool):
+        raise UsageError(f"{name} must be a number, got {value!r}")
+    if isinstance(value, (int, float)):
+        out = float(value)
+    else:
+        text = str(value).strip()
+        try:
+            if "/" in text:
+                num, den = text.split("/", 1)
+                out = float(Fraction(num.strip()) / Fraction(den.strip()))
+            else:
+                out = float(text)
+        except (ValueError, ZeroDivisionError):
+            raise UsageError(
+                f"{name} must be a number or a fraction such as 8/255, got {value!r}"
+            ) from None
+    if not math.isfinite(out):
+        raise UsageError(f"{name} must be finite, got {value!r}")
+    return out
+
+
+def parse_eps(value: str | float | int, *, name: str = "eps") -> float:
+    """Parse a perturbation budget or step size; it must lie in (0, 1] in pixel units.
+
+    Raises:
+        UsageError: if the value does not parse or lies outside (0, 1].
+    """
+    out = parse_fraction(value, name=name)
+    if not 0.0 < out <= 1.0:
+        raise UsageError(
+            f"{name} must lie in (0, 1] (pixel space), got {value}",
+            "write it as a fraction of the pixel range, e.g. 8/255",
+        )
+    return out
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` only on success.
+
+    The temporary file lives in the same directory, so the final ``os.replace`` is atomic on
+    POSIX: readers see either the old file or the complete new one, never a partial write.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temporary file, then rename)."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically (temporary file, then rename)."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    """Return the hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def resolve_device(device: str = "auto") -> Any:
+    """Turn ``auto|cpu|cuda|cuda:N|mps`` into a ``torch.device``.
+
+    Raises:
+        UsageError: for an unknown device string, or CUDA asked for but not available.
+    """
+    import torch
+
+    device = (device or "auto").strip().lower()
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"unknown device {device!r}", "use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(
+            "--device cuda was asked for but CUDA is not available", "use --device cpu"
+        )
+    return dev
+
+
+def environment() -> dict[str, Any]:
+    """Describe the machine and library versions, for results JSON."""
+    import numpy as np
+    import torch
+
+    from advedge import __version__
+
+    env: dict[str, Any] = {
+        "advedge": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "cuda": torch.version.cuda,
+        "torch_threads": torch.get_num_threads(),
+    }
+    if torch.cuda.is_available():
+        idx = torch.cuda.current_device()
+        env["gpu"] = torch.cuda.get_device_name(idx)
+        major, minor = torch.cuda.get_device_capability(idx)
+        env["compute_capability"] = f"{major}.{minor}"
+    else:
+        env["gpu"] = None
+    return env
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Convert numpy scalars/arrays, paths and tuples to plain JSON types; NaN becomes None."""
+    import numpy as np
+
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        return to_jsonable(obj.item())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)
