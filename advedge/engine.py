@@ -37,7 +37,7 @@ from advedge.config import config_to_dict, write_yaml
 from advedge.data import BatchLoader, Dataset, ImageArrays, load_dataset, stratified_subset
 from advedge.errors import AdvedgeError, UsageError, did_you_mean
 from advedge.models import create_model, list_models
-from advedge.objectives import METHODS, Method, build_method
+from advedge.objectives import METHODS, Method, MethodOutput, build_method
 from advedge.utils import atomic_write_text, resolve_device, seed_everything
 
 logger = logging.getLogger(__name__)
@@ -48,7 +48,9 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "Trainer",
+    "prepare_model",
     "train",
+    "training_step",
 ]
 
 METRIC_COLUMNS = (
@@ -348,12 +350,9 @@ class Trainer:
         seed_everything(cfg.seed + self.rank)
 
         train_arrays = self._train_arrays()
-        model = self._build_model().to(self.device)
-        channels_last = (
-            cfg.channels_last if cfg.channels_last is not None else self.device.type == "cuda"
+        model, channels_last = prepare_model(
+            self._build_model(), self.device, channels_last=cfg.channels_last
         )
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last)
         per_rank_batch = max(1, cfg.batch_size // self.world_size)
         loader = BatchLoader(
             train_arrays,
@@ -422,12 +421,7 @@ class Trainer:
             for i, (x, y) in enumerate(loader):
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
-                with autocast():
-                    out = self.method.loss(train_model, x, y)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(out.loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
+                out = training_step(self.method, train_model, x, y, optimizer, scaler, autocast)
                 scheduler.step()
                 loss_sum += out.loss.detach().float() * y.shape[0]
                 correct += (out.logits.detach().argmax(1) == y).sum()
@@ -572,6 +566,44 @@ class Trainer:
         save_state(state, self.out / STATE_FILE)
         save_model(raw, self.out / MODEL_FILE, metadata=self._checkpoint_metadata(epochs_done))
         write_metrics_csv(self.out / "metrics.csv", metrics)
+
+
+def training_step(
+    method: Method,
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    autocast: Callable[[], Any],
+) -> MethodOutput:
+    """One optimiser step of ``method`` on the batch ``(x, y)``: craft, forward, backward, step.
+
+    This is the whole per-batch work of the engine, shared by :class:`Trainer` and the
+    throughput benchmarks.
+    """
+    with autocast():
+        out = method.loss(model, x, y)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(out.loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return out
+
+
+def prepare_model(
+    model: nn.Module, device: torch.device, *, channels_last: bool | None = None
+) -> tuple[nn.Module, bool]:
+    """Move ``model`` to ``device`` (channels_last on CUDA unless told otherwise).
+
+    Returns:
+        ``(model, channels_last)``.
+    """
+    use_cl = channels_last if channels_last is not None else device.type == "cuda"
+    model = model.to(device)
+    if use_cl:
+        model = model.to(memory_format=torch.channels_last)
+    return model, use_cl
 
 
 def write_metrics_csv(path: Path, rows: list[dict[str, float]]) -> None:

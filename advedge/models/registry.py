@@ -145,7 +145,9 @@ def _entry(name: str) -> _Entry:
     try:
         return _MODELS[name]
     except (KeyError, TypeError):
-        raise UsageError(f"unknown model {name!r}", did_you_mean(str(name), list_models())) from None
+        raise UsageError(
+            f"unknown model {name!r}", did_you_mean(str(name), list_models())
+        ) from None
 
 
 def model_info(name: str) -> dict[str, Any]:

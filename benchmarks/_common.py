@@ -1,0 +1,96 @@
+"""Shared plumbing of the throughput benchmarks: timing, machine description, result files."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from advedge.utils import atomic_write_text, environment
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_it(fn: Callable[[], Any], *, warmup: int, iters: int, device: torch.device) -> list[float]:
+    """Seconds per call of ``fn`` after ``warmup`` calls, synchronising the device each time."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def summarise(times: list[float], batch: int) -> dict[str, float]:
+    med = statistics.median(times)
+    return {
+        "median_s": round(med, 5),
+        "mean_s": round(statistics.fmean(times), 5),
+        "images_per_s": round(batch / med, 2),
+        "iters": len(times),
+    }
+
+
+def cifar_batch(batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A real CIFAR-10 test batch when ../shared/data is present, else seeded random images."""
+    path = DATA / "test.npz"
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as z:
+            x = torch.from_numpy(z["x"][:batch]).permute(0, 3, 1, 2).float() / 255
+            y = torch.from_numpy(z["y"][:batch]).long()
+        source = "cifar10 test"
+    else:
+        g = torch.Generator().manual_seed(0)
+        x = torch.rand(batch, 3, 32, 32, generator=g)
+        y = torch.randint(0, 10, (batch,), generator=g)
+        source = "random"
+    return x.to(device), y.to(device), source
+
+
+def write_results(
+    name: str, payload: dict[str, Any], rows: list[dict[str, Any]], columns: list[str]
+) -> Path:
+    """Write ``results/<name>.json`` and ``results/<name>.md`` (a table naming the machine)."""
+    env = payload["environment"]
+    machine = env.get("gpu") or env.get("processor")
+    lines = [
+        f"# {name}",
+        "",
+        f"Machine: {machine} ({env.get('cpu_count')} CPUs, torch {env.get('torch')}, "
+        f"{'CUDA ' + str(env.get('cuda')) if env.get('gpu') else 'CPU only'}), {payload['created']}.",
+        "",
+        "| " + " | ".join(columns) + " |",
+        "| " + " | ".join("---" for _ in columns) + " |",
+    ]
+    for row in rows:
+        lines.append("| " + " | ".join(str(row.get(c, "")) for c in columns) + " |")
+    lines.append("")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(RESULTS / f"{name}.json", json.dumps(payload, indent=2) + "\n")
+    atomic_write_text(RESULTS / f"{name}.md", "\n".join(lines))
+    return RESULTS / f"{name}.md"
+
+
+def stamp() -> dict[str, Any]:
+    import datetime as dt
+
+    return {
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "environment": environment(),
+    }
