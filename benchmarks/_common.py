@@ -47,7 +47,7 @@ def summarise(times: list[float], batch: int) -> dict[str, float]:
     }
 
 
-def cifar_batch(batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def cifar_batch(batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, str]:
     """A real CIFAR-10 test batch when ../shared/data is present, else seeded random images."""
     path = DATA / "test.npz"
     if path.is_file():

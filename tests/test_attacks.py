@@ -190,7 +190,9 @@ def test_restarts_keep_first_success():
 def test_bad_inputs_rejected():
     model = small_net(0)
     with pytest.raises(AdvedgeError, match="NaN"):
-        PGD(model, eps=0.1)(torch.full((1, 3, 4, 4), float("nan")), torch.zeros(1, dtype=torch.long))
+        PGD(model, eps=0.1)(
+            torch.full((1, 3, 4, 4), float("nan")), torch.zeros(1, dtype=torch.long)
+        )
     with pytest.raises(AdvedgeError, match=r"\[0, 1\]"):
         PGD(model, eps=0.1)(torch.full((1, 3, 4, 4), 2.0), torch.zeros(1, dtype=torch.long))
     with pytest.raises(AdvedgeError, match="targets"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import pytest
 import torch
@@ -72,6 +72,13 @@ def _built(name: str) -> ImageClassifier:
     """One default instance per architecture, in eval mode; tests must not modify it."""
     torch.manual_seed(0)
     return create_model(name).eval()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_built_models() -> Iterator[None]:
+    """Free the cached models (about 0.6 GB with the wide networks) after this module."""
+    yield
+    _built.cache_clear()
 
 
 def _batch(n: int = 2, channels: int = 3, size: int = 32, seed: int = 0) -> Tensor:

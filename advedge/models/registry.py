@@ -12,6 +12,7 @@ can rebuild the architecture with ``create_model(model.arch, **model.arch_kwargs
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import logging
@@ -241,6 +242,7 @@ def create_model(
         each architecture argument, defaults included).
 
     Raises:
+        TypeError: if the registered factory does not return an ImageClassifier.
         UsageError: for an unknown name or architecture argument, ``num_classes < 2``,
             ``in_channels`` other than 1 or 3, a ``mean``/``std`` whose length is not
             ``in_channels``, a non-positive ``std``, or an invalid architecture argument.
@@ -263,7 +265,7 @@ def create_model(
             hint = f"{close} {hint}"
         names = ", ".join(repr(k) for k in unknown)
         raise UsageError(f"model {name!r} does not accept the argument(s) {names}", hint)
-    arch_args = {**entry.defaults, **kwargs}
+    arch_args = copy.deepcopy({**entry.defaults, **kwargs})
     try:
         json.dumps(arch_args)
     except (TypeError, ValueError):
@@ -279,6 +281,10 @@ def create_model(
         std=std_values,
         **arch_args,
     )
+    if not isinstance(model, ImageClassifier):
+        raise TypeError(
+            f"model factory {name!r} returned {type(model).__name__}, not ImageClassifier"
+        )
     model.arch = name
     model.arch_kwargs = {
         "num_classes": num_classes,
