@@ -62,7 +62,7 @@ def test_truncated_file_is_a_clear_error(tmp_path):
     _, path = _saved(tmp_path)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="truncated or corrupt|not a readable"):
+    with pytest.raises(CheckpointError, match=r"truncated or corrupt|not a readable"):
         load_model(path)
 
 
@@ -149,5 +149,5 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path, monkeypatch):
 def test_missing_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         load_model(tmp_path / "nope.safetensors")
-    with pytest.raises(CheckpointError, match="has no model.safetensors"):
+    with pytest.raises(CheckpointError, match=r"has no model\.safetensors"):
         load_model(tmp_path)

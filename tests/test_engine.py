@@ -37,6 +37,11 @@ def colour_dataset(root: Path, n_train: int = 256, n_test: int = 128, classes: i
     return root
 
 
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
 def _cfg(data: Path, out: Path, **kw) -> TrainConfig:
     base = dict(
         data=str(data),
@@ -61,12 +66,12 @@ def test_natural_training_learns_and_writes_run_dir(tmp_path):
     run = tmp_path / "run"
     for name in ("model.safetensors", "state.pt", "config.yaml", "metrics.csv"):
         assert (run / name).is_file(), name
-    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    rows = _rows(run / "metrics.csv")
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
     assert float(rows[-1]["test_clean_acc"]) > 0.8, rows
     assert float(rows[-1]["lr"]) < float(rows[0]["lr"])
     assert result.metrics[-1]["epoch"] == 3
-    cfg = yaml.safe_load(open(run / "config.yaml"))
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
     assert cfg["model"] == "tiny_cnn" and cfg["resolved"]["dataset"]["num_classes"] == 4
     meta = read_metadata(run)
     assert meta["method"] == "natural" and meta["epochs"] == 3
@@ -93,8 +98,8 @@ def test_resume_is_exact(tmp_path):
     b = load_model(tmp_path / "split").state_dict()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    rows_a = list(csv.DictReader(open(tmp_path / "straight" / "metrics.csv")))
-    rows_b = list(csv.DictReader(open(tmp_path / "split" / "metrics.csv")))
+    rows_a = _rows(tmp_path / "straight" / "metrics.csv")
+    rows_b = _rows(tmp_path / "split" / "metrics.csv")
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     assert strip(rows_a) == strip(rows_b)
 
