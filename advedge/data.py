@@ -217,7 +217,7 @@ def detect_format(path: Path | str | os.PathLike[str]) -> str:
     if not path.exists():
         raise DataError(
             f"dataset directory not found: {path}",
-            f"give a directory holding one of: {_LOOKED_FOR}",
+            "check the path; give a directory of npz shards, CIFAR batches or class folders",
         )
     if not path.is_dir():
         raise DataError(f"not a directory: {path}", "give the directory that holds the dataset")
@@ -312,9 +312,10 @@ def load_dataset(
     key = str(spec).strip().lower()
     if key in NAMED_DATASETS:
         return _load_named(key, download=download, progress=progress)
-    hint = f"give a dataset directory ({_LOOKED_FOR})"
-    if os.sep not in str(spec) and "/" not in str(spec):
-        hint += f" or a named dataset: {did_you_mean(key, NAMED_DATASETS)}"
+    if os.sep in str(spec) or "/" in str(spec):
+        hint = "check the path; give a directory of npz shards, CIFAR batches or class folders"
+    else:
+        hint = f"not a named dataset either: {did_you_mean(key, NAMED_DATASETS)}"
     raise DataError(f"dataset directory not found: {path}", hint)
 
 
@@ -700,8 +701,8 @@ def _describe(value: object) -> str:
     return type(value).__name__
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
+def _one_line(value: object) -> str:
+    return " ".join(str(value).split()) or type(value).__name__
 
 
 # --------------------------------------------------------------------------------------------
@@ -791,8 +792,14 @@ def _download_named(
     name: str, source: NamedSource, target: Path, progress: ProgressCallback | None
 ) -> Dataset:
     """Download, verify and convert into a temporary directory, then rename it onto ``target``."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix=f".{name}-download-", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        workdir = Path(tempfile.mkdtemp(prefix=f".{name}-download-", dir=target.parent))
+    except OSError as exc:
+        raise DataError(
+            f"cannot create the dataset cache {target.parent}: {_one_line(exc)}",
+            "set ADVEDGE_DATA to a writable directory",
+        ) from None
     try:
         raw = workdir / "raw"
         staged = workdir / name
@@ -871,15 +878,11 @@ def _fetch(
     except (urllib.error.URLError, OSError) as exc:
         reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
         raise DataError(
-            f"could not download dataset {name!r} from {remote.url} ({_one_line_obj(reason)}); "
+            f"could not download dataset {name!r} from {remote.url} ({_one_line(reason)}); "
             f"put the dataset in {target} yourself",
             f"accepted formats: {_LOOKED_FOR}",
         ) from None
     return done
-
-
-def _one_line_obj(value: object) -> str:
-    return " ".join(str(value).split()) or type(value).__name__
 
 
 def _safe_extract(archive: Path, dest: Path) -> None:

@@ -451,6 +451,17 @@ class Trainer:
             metrics.append(row)
             if self.is_main:
                 self._write_checkpoint(model, optimizer, scheduler, epoch + 1, metrics)
+            logger.info(
+                "epoch %d/%d: loss %.4f, train acc %.3f, held-out clean %.3f, PGD-%d %.3f (%.1f s)",
+                epoch + 1,
+                cfg.epochs,
+                loss_mean,
+                acc_mean,
+                clean_acc,
+                cfg.eval_steps,
+                pgd_acc,
+                row["seconds"],
+            )
             callbacks.on_epoch_end(row)
         return TrainResult(
             out=self.out,
