@@ -261,7 +261,7 @@ def eval_cmd(
     data: Annotated[str, typer.Option(help="Dataset directory, or cifar10/cifar100/mnist.")],
     attacks: Annotated[
         str, typer.Option(help="Comma-separated: fgsm,pgd,cw,mifgsm.")
-    ] = "fgsm,pgd,cw",
+    ] = "fgsm,pgd,cw,mifgsm",
     eps: Annotated[str, typer.Option(help="Threat-model eps, e.g. 8/255.")] = "8/255",
     norm: Annotated[str, typer.Option(help="Linf or L2.")] = "Linf",
     steps: Annotated[
