@@ -47,6 +47,34 @@ def _root(
     """advedge: robust training, distillation, evaluation and edge deployment."""
 
 
+def _load_data(spec: str, output: Output) -> Any:
+    """Load a dataset, showing a download progress bar (stderr) if a named one is fetched."""
+    from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
+
+    from advedge.data import load_dataset
+
+    state: dict[str, Any] = {}
+
+    def on_bytes(done: int, total: int | None) -> None:
+        if "bar" not in state:
+            bar = Progress(
+                *Progress.get_default_columns(),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+                console=output.err,
+            )
+            bar.start()
+            state["bar"] = bar
+            state["task"] = bar.add_task(f"downloading {spec}", total=total)
+        state["bar"].update(state["task"], completed=done, total=total)
+
+    try:
+        return load_dataset(spec, progress=on_bytes)
+    finally:
+        if "bar" in state:
+            state["bar"].stop()
+
+
 # --------------------------------------------------------------------------------------- models
 @app.command("models")
 def models_cmd(json_out: JsonOpt = False) -> None:
@@ -175,9 +203,10 @@ def train_cmd(
         options["alpha"] = parse_eps(options["alpha"], name="--alpha")
     options["out"] = str(options["out"])
     cfg = config_from_dict(TrainConfig, options)
+    dataset = _load_data(cfg.data, output)
     progress = _TrainProgress(output)
     with progress:
-        result = train(cfg, resume=resume, callbacks=progress)
+        result = train(cfg, resume=resume, callbacks=progress, dataset=dataset)
     final = result.metrics[-1] if result.metrics else {}
     payload = {
         "schema": "advedge.train/1",
@@ -280,11 +309,12 @@ def eval_cmd(
     from advedge.evaluation import evaluate_checkpoint
 
     output = Output(json_out)
+    dataset = _load_data(data, output)
     progress = _EvalProgress(output)
     with progress:
         result = evaluate_checkpoint(
             model,
-            data,
+            dataset,
             attacks=[a for a in attacks.split(",") if a.strip()],
             eps=eps,
             norm=norm,

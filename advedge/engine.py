@@ -629,10 +629,21 @@ def write_metrics_csv(path: Path, rows: list[dict[str, float]]) -> None:
 
 
 def train(
-    config: TrainConfig, *, resume: bool = False, callbacks: TrainCallbacks | None = None
+    config: TrainConfig,
+    *,
+    resume: bool = False,
+    callbacks: TrainCallbacks | None = None,
+    dataset: Dataset | None = None,
 ) -> TrainResult:
-    """Train a model as ``config`` says; see :class:`Trainer`. The API behind ``advedge train``."""
-    return Trainer(config).run(resume=resume, callbacks=callbacks)
+    """Train a model as ``config`` says; see :class:`Trainer`. The API behind ``advedge train``.
+
+    Args:
+        config: The run's options.
+        resume: Continue the run in ``config.out`` from its last complete epoch.
+        callbacks: Progress hooks.
+        dataset: ``config.data`` already loaded (else it is loaded here).
+    """
+    return Trainer(config, dataset=dataset).run(resume=resume, callbacks=callbacks)
 
 
 def iterate_rows(path: Path) -> Iterator[dict[str, str]]:

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from advedge.attacks import Attack
-from advedge.data import ImageArrays, to_tensor
+from advedge.data import Dataset, ImageArrays, to_tensor
 from advedge.utils import environment
 
 logger = logging.getLogger(__name__)
@@ -188,8 +188,8 @@ def _null() -> Any:
 
 
 def evaluate_checkpoint(
-    model_path: str,
-    data: str,
+    model_path: str | os.PathLike[str],
+    data: str | os.PathLike[str] | Dataset,
     *,
     attacks: Sequence[str] = ("fgsm", "pgd", "cw"),
     eps: str | float = 8 / 255,
@@ -239,7 +239,7 @@ def evaluate_checkpoint(
     path = resolve_checkpoint(model_path)
     model = load_model(path, device=dev)
     meta: dict[str, Any] = getattr(model, "checkpoint_metadata", {})
-    dataset = load_dataset(data)
+    dataset = data if isinstance(data, Dataset) else load_dataset(data)
     k_model = int(meta.get("num_classes", getattr(model, "num_classes", 0)))
     if dataset.num_classes != k_model:
         raise DataError(
