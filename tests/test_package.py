@@ -1,0 +1,49 @@
+"""Package layout: the deploy side imports without torch, and the console script works."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import advedge
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_deploy_side_is_torch_free_at_import():
+    code = (
+        "import sys, advedge.export, advedge.calibration; "
+        "bad = [m for m in ('torch', 'torchvision') if m in sys.modules]; "
+        "print(advedge.export.__file__); print(advedge.calibration.__file__); "
+        "sys.exit(1 if bad else 0)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    export_file, calibration_file = out.stdout.split()
+    # package-dir maps the top-level folders into the advedge namespace
+    assert Path(export_file).parent == ROOT / "export"
+    assert Path(calibration_file).parent == ROOT / "calibration"
+
+
+def test_no_generic_top_level_packages_installed():
+    code = "import importlib.util as u, sys; sys.exit(bool(u.find_spec('calibration') or u.find_spec('export')))"
+    out = subprocess.run([sys.executable, "-c", code], cwd="/", check=False)
+    assert out.returncode == 0
+
+
+def test_python_dash_m_and_version():
+    out = subprocess.run(
+        [sys.executable, "-m", "advedge", "--version"], capture_output=True, text=True, check=False
+    )
+    assert out.returncode == 0
+    assert out.stdout.strip() == f"advedge {advedge.__version__}"
+
+
+def test_torchvision_is_not_required():
+    code = (
+        "import sys; sys.modules['torchvision'] = None; "
+        "import advedge.cli, advedge.engine, advedge.evaluation, advedge.models, advedge.data"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
