@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import time
@@ -85,6 +86,79 @@ def write_results(
     atomic_write_text(RESULTS / f"{name}.json", json.dumps(payload, indent=2) + "\n")
     atomic_write_text(RESULTS / f"{name}.md", "\n".join(lines))
     return RESULTS / f"{name}.md"
+
+
+def base_parser(description: str, *, batch_size: int, iters: int) -> argparse.ArgumentParser:
+    """The options every throughput benchmark takes."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--iters", type=int, default=iters)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--compile", action="store_true", help="torch.compile advedge's model")
+    parser.add_argument("--tag", default="", help="suffix of the results file name")
+    return parser
+
+
+def compare(
+    benchmark: str,
+    *,
+    reference: Callable[[], Any],
+    engine: Callable[[], Any],
+    engine_label: str,
+    args: argparse.Namespace,
+    device: torch.device,
+    settings: dict[str, Any],
+) -> float:
+    """Time ``reference`` and ``engine`` in alternating rounds, write results, return the ratio.
+
+    Alternating keeps drift in machine load from favouring either side. The goal is 1x on CPU
+    and 3x on a GPU (advedge's engine images/s over the reference's).
+    """
+    time_it(reference, warmup=args.warmup, iters=0, device=device)
+    time_it(engine, warmup=args.warmup, iters=0, device=device)
+    ref_t: list[float] = []
+    eng_t: list[float] = []
+    for _ in range(args.iters):
+        ref_t += time_it(reference, warmup=0, iters=1, device=device)
+        eng_t += time_it(engine, warmup=0, iters=1, device=device)
+    ref = summarise(ref_t, args.batch_size)
+    eng = summarise(eng_t, args.batch_size)
+    ratio = round(eng["images_per_s"] / ref["images_per_s"], 3)
+    goal = 3.0 if device.type == "cuda" else 1.0
+    payload = {
+        "benchmark": benchmark,
+        **stamp(),
+        "settings": {
+            "model": args.model,
+            "batch_size": args.batch_size,
+            "device": str(device),
+            "compile": args.compile,
+            "engine_autocast": "bf16" if device.type == "cuda" else "off",
+            **settings,
+        },
+        "reference": ref,
+        "advedge": eng,
+        "speedup": ratio,
+        "goal": goal,
+    }
+    rows = [
+        {
+            "side": "reference (fp32 eager)",
+            "images/s": ref["images_per_s"],
+            "median s": ref["median_s"],
+        },
+        {"side": engine_label, "images/s": eng["images_per_s"], "median s": eng["median_s"]},
+        {"side": "ratio", "images/s": f"{ratio}x (goal >= {goal}x)", "median s": ""},
+    ]
+    name = f"{benchmark}_{device.type}_{args.model}{args.tag}"
+    write_results(name, payload, rows, ["side", "images/s", "median s"])
+    print(
+        f"{benchmark} {args.model} bs={args.batch_size} {device}: reference "
+        f"{ref['images_per_s']} img/s, advedge {eng['images_per_s']} img/s, ratio {ratio}x"
+    )
+    return ratio
 
 
 def stamp() -> dict[str, Any]:

@@ -11,16 +11,16 @@ device settings (on CUDA: bf16 autocast, channels_last, optionally torch.compile
 
 from __future__ import annotations
 
-import argparse
 import logging
 
 import torch
 import torch.nn.functional as F
-from _common import cifar_batch, stamp, summarise, time_it, write_results
+from _common import base_parser, cifar_batch, compare
 
 from advedge.engine import autocast_context, prepare_model, training_step
 from advedge.models import create_model
 from advedge.objectives import build_method
+from advedge.utils import resolve_device
 
 EPS, ALPHA, STEPS = 8 / 255, 2 / 255, 10
 
@@ -43,19 +43,8 @@ def reference_step(model, optimizer, x, y):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="resnet18")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--iters", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--compile", action="store_true", help="torch.compile advedge's model")
-    parser.add_argument("--tag", default="", help="suffix of the results file name")
-    args = parser.parse_args()
+    args = base_parser(__doc__.splitlines()[0], batch_size=128, iters=5).parse_args()
     logging.basicConfig(level=logging.WARNING)
-
-    from advedge.utils import resolve_device
-
     device = resolve_device(args.device)
     x, y, source = cifar_batch(args.batch_size, device)
 
@@ -73,64 +62,20 @@ def main() -> None:
     scaler = torch.amp.GradScaler(device.type, enabled=False)
     model.train()
 
-    def engine():
-        training_step(method, run_model, x_engine, y, opt, scaler, autocast)
-
-    def reference():
-        reference_step(ref_model, ref_opt, x, y)
-
-    ref_t, eng_t = [], []
-    # Alternate rounds so drift in machine load hits both sides alike.
-    time_it(reference, warmup=args.warmup, iters=0, device=device)
-    time_it(engine, warmup=args.warmup, iters=0, device=device)
-    for _ in range(args.iters):
-        ref_t += time_it(reference, warmup=0, iters=1, device=device)
-        eng_t += time_it(engine, warmup=0, iters=1, device=device)
-    ref = summarise(ref_t, args.batch_size)
-    eng = summarise(eng_t, args.batch_size)
-    ratio = round(eng["images_per_s"] / ref["images_per_s"], 3)
-    payload = {
-        "benchmark": "train_throughput",
-        **stamp(),
-        "settings": {
-            "model": args.model,
-            "batch_size": args.batch_size,
+    compare(
+        "train_throughput",
+        reference=lambda: reference_step(ref_model, ref_opt, x, y),
+        engine=lambda: training_step(method, run_model, x_engine, y, opt, scaler, autocast),
+        engine_label="advedge engine (pgd-at step)",
+        args=args,
+        device=device,
+        settings={
             "steps": STEPS,
             "eps": EPS,
             "alpha": ALPHA,
-            "device": str(device),
             "data": source,
-            "compile": args.compile,
-            "engine_autocast": "bf16" if device.type == "cuda" else "off",
             "engine_channels_last": channels_last,
         },
-        "reference": ref,
-        "advedge": eng,
-        "speedup": ratio,
-        "goal": 3.0 if device.type == "cuda" else 1.0,
-    }
-    name = f"train_throughput_{device.type}_{args.model}{args.tag}"
-    rows = [
-        {
-            "side": "reference (fp32 eager)",
-            "images/s": ref["images_per_s"],
-            "median s/step": ref["median_s"],
-        },
-        {
-            "side": "advedge engine",
-            "images/s": eng["images_per_s"],
-            "median s/step": eng["median_s"],
-        },
-        {
-            "side": "ratio",
-            "images/s": f"{ratio}x (goal >= {payload['goal']}x)",
-            "median s/step": "",
-        },
-    ]
-    write_results(name, payload, rows, ["side", "images/s", "median s/step"])
-    print(
-        f"{args.model} bs={args.batch_size} {device}: reference {ref['images_per_s']} img/s, "
-        f"advedge {eng['images_per_s']} img/s, ratio {ratio}x"
     )
 
 
