@@ -223,10 +223,10 @@ def train_cmd(
     output.result(payload, human=table)
 
 
-class _TrainProgress:
-    """Rich progress bars (stderr) for the training engine's callbacks."""
+class _Bars:
+    """A rich progress display on stderr, usable as a context manager."""
 
-    def __init__(self, output: Output) -> None:
+    def __init__(self, output: Output, *, remaining: bool) -> None:
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -236,26 +236,32 @@ class _TrainProgress:
             TimeRemainingColumn,
         )
 
-        self.output = output
-        self.progress = Progress(
+        columns: list[Any] = [
             TextColumn("{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[status]}"),
-            console=output.err,
-            transient=False,
-        )
-        self.epoch_task: Any = None
-        self.batch_task: Any = None
+        ]
+        if remaining:
+            columns.append(TimeRemainingColumn())
+        columns.append(TextColumn("{task.fields[status]}"))
+        self.progress = Progress(*columns, console=output.err)
 
-    def __enter__(self) -> _TrainProgress:
+    def __enter__(self) -> Any:
         self.progress.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.progress.stop()
+
+
+class _TrainProgress(_Bars):
+    """Epoch and batch bars for the training engine's callbacks."""
+
+    def __init__(self, output: Output) -> None:
+        super().__init__(output, remaining=True)
+        self.epoch_task: Any = None
+        self.batch_task: Any = None
 
     def on_train_start(self, *, start_epoch: int, epochs: int, batches_per_epoch: int) -> None:
         self.epoch_task = self.progress.add_task(
@@ -346,34 +352,12 @@ def eval_cmd(
     output.result(result, human=table)
 
 
-class _EvalProgress:
-    """Per-attack rich progress bars (stderr) with the running robust accuracy."""
+class _EvalProgress(_Bars):
+    """Per-attack bars with the running robust accuracy."""
 
     def __init__(self, output: Output) -> None:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-        )
-
-        self.progress = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("{task.fields[status]}"),
-            console=output.err,
-        )
+        super().__init__(output, remaining=False)
         self.tasks: dict[str, Any] = {}
-
-    def __enter__(self) -> _EvalProgress:
-        self.progress.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.progress.stop()
 
     def on_attack_start(self, name: str, n_todo: int) -> None:
         self.tasks[name] = self.progress.add_task(name, total=max(n_todo, 1), status="")
