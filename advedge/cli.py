@@ -12,13 +12,27 @@ import traceback
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 from rich.table import Table
 
 from advedge import __version__
 from advedge._output import Output, setup_logging
 from advedge.errors import AdvedgeError, UsageError
+
+
+def _click_module() -> Any:
+    """The click that typer raises from: recent typer vendors it as ``typer._click``."""
+    try:
+        from typer import _click
+
+        return _click
+    except ImportError:  # older typer depends on the click package itself
+        import click
+
+        return click
+
+
+click = _click_module()
 
 app = typer.Typer(
     name="advedge",
@@ -159,7 +173,9 @@ def train_cmd(
     from advedge.utils import parse_eps
 
     output = Output(json_out)
-    options: dict[str, Any] = load_yaml(config) if config else {}
+    options: dict[str, Any] = (
+        {str(k).replace("-", "_"): v for k, v in load_yaml(config).items()} if config else {}
+    )
     given = {
         "data": data,
         "model": model,
@@ -386,17 +402,24 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.flush()
 
     try:
-        app(args=argv, standalone_mode=False, prog_name="advedge")
-    except click.exceptions.Exit as exc:
+        rv = app(args=argv, standalone_mode=False, prog_name="advedge")
+        if rv == 130:  # typer turns Ctrl-C into an exit code of 130
+            raise KeyboardInterrupt
+        if isinstance(rv, int) and rv:
+            return rv
+    except typer.Exit as exc:
         return int(exc.exit_code or 0)
     except click.exceptions.ClickException as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `advedge` or `advedge train`
+            sys.stderr.write(exc.format_message() + "\n")
+            return 2
         # Usage errors from option parsing: click's own one-line message, exit 2.
         if isinstance(exc, click.exceptions.UsageError):
             fail(f"error: {exc.format_message()} (see advedge {_cmd(exc)}--help)")
             return 2
         fail(f"error: {exc.format_message()}")
         return exc.exit_code
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except (KeyboardInterrupt, typer.Abort):
         fail("interrupted: completed epochs are saved; rerun with --resume to continue")
         return 130
     except AdvedgeError as exc:
@@ -414,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _cmd(exc: click.exceptions.UsageError) -> str:
+def _cmd(exc: Any) -> str:
     ctx = exc.ctx
     if ctx is not None and ctx.info_name and ctx.info_name != "advedge":
         return f"{ctx.info_name} "

@@ -1,0 +1,50 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+def write_npz_dataset(
+    root: Path,
+    *,
+    n_train: int = 128,
+    n_test: int = 64,
+    num_classes: int = 10,
+    size: int = 32,
+    channels: int = 3,
+    seed: int = 0,
+) -> Path:
+    """Write a tiny random dataset in advedge's npz format (``train.npz`` and ``test.npz``).
+
+    Keys: ``x`` uint8 ``[N, size, size, channels]``, ``y`` int64 (every class present),
+    ``class_names``. Returns ``root``.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    names = np.array([f"class{i}" for i in range(num_classes)])
+    for split, n in (("train", n_train), ("test", n_test)):
+        x = rng.integers(0, 256, size=(n, size, size, channels), dtype=np.uint8)
+        y = (np.arange(n) % num_classes).astype(np.int64)
+        np.savez(root / f"{split}.npz", x=x, y=y, class_names=names)
+    return root
+
+
+@pytest.fixture
+def npz_dataset_factory(tmp_path: Path) -> Callable[..., Path]:
+    """A callable ``make(name="data", **kw)`` that writes a tiny npz dataset under tmp_path."""
+
+    def make(name: str = "data", **kw: int) -> Path:
+        return write_npz_dataset(tmp_path / name, **kw)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_npz_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A session-wide tiny npz dataset: 10 classes, 128 train / 64 test 32x32 RGB images."""
+    return write_npz_dataset(tmp_path_factory.mktemp("tiny_npz") / "data")
