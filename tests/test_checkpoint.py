@@ -151,3 +151,10 @@ def test_missing_checkpoint(tmp_path):
         load_model(tmp_path / "nope.safetensors")
     with pytest.raises(CheckpointError, match=r"has no model\.safetensors"):
         load_model(tmp_path)
+
+
+def test_atomic_files_get_normal_permissions(tmp_path):
+    _, path = _saved(tmp_path)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask
