@@ -5,10 +5,20 @@
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from typing import Any
 
 from torch import nn
 
+from advedge.attacks.apgd import (
+    APGD,
+    APGDDLR,
+    APGDT,
+    apgd_checkpoints,
+    dlr_loss,
+    targeted_dlr_loss,
+)
 from advedge.attacks.base import (
     NORMS,
     Attack,
@@ -22,10 +32,14 @@ from advedge.attacks.base import (
 )
 from advedge.attacks.mifgsm import MIFGSM
 from advedge.attacks.pgd import CW, FGSM, PGD, steepest_ascent_step
+from advedge.attacks.square import Square, as_logits_fn
 from advedge.attacks.wrappers import BPDA, EOT
 from advedge.errors import UsageError, did_you_mean
 
 __all__ = [
+    "APGD",
+    "APGDDLR",
+    "APGDT",
     "ATTACKS",
     "BPDA",
     "CW",
@@ -36,22 +50,36 @@ __all__ = [
     "PGD",
     "Attack",
     "LossFn",
+    "Square",
+    "apgd_checkpoints",
+    "as_logits_fn",
     "build_attack",
     "ce_loss",
+    "dlr_loss",
     "get_loss",
     "kl_loss",
     "margin_loss",
     "project",
     "random_init",
     "steepest_ascent_step",
+    "targeted_dlr_loss",
 ]
 
-ATTACKS: dict[str, type[Attack]] = {"fgsm": FGSM, "pgd": PGD, "cw": CW, "mifgsm": MIFGSM}
+ATTACKS: dict[str, type[Attack]] = {
+    "fgsm": FGSM,
+    "pgd": PGD,
+    "cw": CW,
+    "mifgsm": MIFGSM,
+    "apgd-ce": APGD,
+    "apgd-dlr": APGDDLR,
+    "apgd-t": APGDT,
+    "square": Square,
+}
 
 
 def build_attack(
     name: str,
-    model: nn.Module,
+    model: nn.Module | Callable[..., Any],
     *,
     eps: float,
     norm: str = "Linf",
@@ -62,13 +90,17 @@ def build_attack(
     """Build an attack by name with evaluation defaults.
 
     Args:
-        name: One of :data:`ATTACKS` (``fgsm``, ``pgd``, ``cw``, ``mifgsm``).
-        model: Classifier under attack.
+        name: One of :data:`ATTACKS` (``fgsm``, ``pgd``, ``cw``, ``mifgsm``, ``apgd-ce``,
+            ``apgd-dlr``, ``apgd-t``, ``square``).
+        model: Classifier under attack (for ``square``, any callable mapping a batch to logits).
         eps: Budget in pixel units.
         norm: ``"Linf"`` or ``"L2"``.
-        steps: Iterations for iterative attacks (ignored by FGSM); each attack's default if None.
-        alpha: Step size; each attack's default rule if None.
-        **kwargs: Extra attack-specific options (e.g. ``restarts``).
+        steps: Iterations, passed only to attacks that take ``steps`` (not FGSM, APGD or
+            Square: APGD's iterations are ``n_iter`` and Square's budget is ``n_queries``, given
+            as keyword arguments); each attack's default if None.
+        alpha: Step size, passed only to attacks that take ``alpha`` (APGD sets its own step
+            size and Square has none); each attack's default rule if None.
+        **kwargs: Extra attack-specific options (e.g. ``restarts``, ``n_iter``, ``n_queries``).
 
     Raises:
         UsageError: for an unknown attack name (with a close-match suggestion).
@@ -77,11 +109,10 @@ def build_attack(
     if key not in ATTACKS:
         raise UsageError(f"unknown attack {name!r}", did_you_mean(key, ATTACKS))
     cls = ATTACKS[key]
-    if cls is FGSM:
-        return FGSM(model, eps=eps, norm=norm, **kwargs)
+    accepted = inspect.signature(cls.__init__).parameters
     opts: dict[str, Any] = dict(kwargs)
-    if steps is not None:
+    if steps is not None and "steps" in accepted:
         opts["steps"] = steps
-    if alpha is not None:
+    if alpha is not None and "alpha" in accepted:
         opts["alpha"] = alpha
     return cls(model, eps=eps, norm=norm, **opts)

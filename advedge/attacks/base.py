@@ -141,19 +141,24 @@ class Attack:
     """Base class of every attack: a callable ``(x, y) -> x_adv``.
 
     Args:
-        model: The classifier under attack; it maps images in [0, 1] to logits.
+        model: The classifier under attack; it maps images in [0, 1] to logits. Gradient-based
+            attacks need an ``nn.Module``; score-based ones (``kind = "query"``) accept any
+            callable.
         eps: The perturbation budget in pixel units, in (0, 1].
         norm: ``"Linf"`` or ``"L2"``.
 
-    ``__call__`` validates its inputs, switches the model to eval mode (restoring the previous
-    mode afterwards, even on error), enables gradients, calls :meth:`perturb` and projects the
-    result onto the eps-ball and [0, 1]. The returned tensor is detached.
+    ``__call__`` validates its inputs, switches the model to eval mode if it is an ``nn.Module``
+    (restoring the previous mode afterwards, even on error), enables gradients, calls
+    :meth:`perturb` and projects the result onto the eps-ball and [0, 1]. The returned tensor is
+    detached.
     """
 
     name: str = "attack"
     kind: str = "white-box"
 
-    def __init__(self, model: nn.Module, *, eps: float, norm: str = "Linf") -> None:
+    def __init__(
+        self, model: nn.Module | Callable[..., Any], *, eps: float, norm: str = "Linf"
+    ) -> None:
         if not 0.0 < eps <= 1.0:
             raise UsageError(f"eps must lie in (0, 1], got {eps}")
         if norm not in NORMS:
@@ -193,13 +198,16 @@ class Attack:
         """
         _check_inputs(x, y)
         x = x.detach()
-        was_training = self.model.training
-        self.model.eval()
+        module = self.model if isinstance(self.model, nn.Module) else None
+        was_training = module.training if module is not None else False
+        if module is not None:
+            module.eval()
         try:
             with torch.enable_grad():
                 x_adv = self.perturb(x, y)
         finally:
-            self.model.train(was_training)
+            if module is not None:
+                module.train(was_training)
         return project(x_adv.detach(), x, self.eps, self.norm)
 
     def input_grad(self, x_adv: Tensor, y: Tensor, loss_fn: LossFn) -> tuple[Tensor, Tensor]:
