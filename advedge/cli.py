@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.console import Group
 from rich.table import Table
 
 from advedge import __version__
@@ -310,62 +311,87 @@ class _TrainProgress(_Bars):
 def eval_cmd(
     model: Annotated[str, typer.Option(help="Run directory or model.safetensors.")],
     data: Annotated[str, typer.Option(help="Dataset directory, or cifar10/cifar100/mnist.")],
+    suite: Annotated[
+        str | None,
+        typer.Option(
+            help="standard (APGD-CE, APGD-T, Square), rand (APGD with EOT) or quick (PGD, CW)."
+        ),
+    ] = None,
     attacks: Annotated[
-        str, typer.Option(help="Comma-separated: fgsm,pgd,cw,mifgsm.")
-    ] = "fgsm,pgd,cw,mifgsm",
+        str | None,
+        typer.Option(
+            help="Comma-separated attacks instead of a suite [default: fgsm,pgd,cw,mifgsm]."
+        ),
+    ] = None,
     eps: Annotated[str, typer.Option(help="Threat-model eps, e.g. 8/255.")] = "8/255",
     norm: Annotated[str, typer.Option(help="Linf or L2.")] = "Linf",
-    steps: Annotated[
-        int, typer.Option(help="Steps of iterative attacks (PGD-20 by default).")
-    ] = 20,
-    alpha: Annotated[str | None, typer.Option(help="Step size [default: eps/4].")] = None,
+    steps: Annotated[int, typer.Option(help="Steps of PGD/CW/MI-FGSM (PGD-20 by default).")] = 20,
+    alpha: Annotated[str | None, typer.Option(help="PGD/CW step size [default: eps/4].")] = None,
     restarts: Annotated[int, typer.Option(help="Random restarts of PGD/CW.")] = 1,
+    n_queries: Annotated[int, typer.Option(help="Query budget of the Square attack.")] = 5000,
     n: Annotated[int | None, typer.Option(help="First N test images (all by default).")] = None,
     batch_size: Annotated[int, typer.Option(help="Attack batch size.")] = 256,
     seed: Annotated[int, typer.Option(help="Random seed of the attacks.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    amp: Annotated[str, typer.Option(help="off (fp32), bf16 or fp16 autocast on CUDA.")] = "off",
+    flags_n: Annotated[int, typer.Option(help="Examples used by the sanity checks.")] = 200,
     out: Annotated[Path | None, typer.Option(help="Write the results JSON here.")] = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue from OUT.state.json (same settings only).")
+    ] = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Clean and robust accuracy under a list of attacks; the headline is the per-example worst case."""
+    """Clean and robust accuracy; the headline is the per-example worst case over all attacks."""
     from advedge.evaluation import evaluate_checkpoint
 
     output = Output(json_out)
+    attack_list = None if attacks is None else [a.strip() for a in attacks.split(",") if a.strip()]
     dataset = _load_data(data, output)
     progress = _EvalProgress(output)
     with progress:
         result = evaluate_checkpoint(
             model,
             dataset,
-            attacks=[a for a in attacks.split(",") if a.strip()],
+            attacks=attack_list,
+            suite=suite,
             eps=eps,
             norm=norm,
             steps=steps,
             alpha=alpha,
             restarts=restarts,
+            n_queries=n_queries,
             n=n,
             batch_size=batch_size,
             seed=seed,
             device=device,
+            amp=amp,
             out=out,
+            resume=resume,
+            flags_n=flags_n,
             progress=progress,
         )
-    table = Table(
-        "attack",
-        "kind",
-        "robust acc",
-        "seconds",
-        title=f"advedge eval (eps={result['eps']:.5g}, {result['norm']}, n={result['n_examples']})",
+    title = (
+        f"advedge eval {result.get('suite') or ''} (eps={result['eps']:.5g}, {result['norm']}, "
+        f"n={result['n_examples']})"
     )
+    table = Table("attack", "kind", "robust acc", "seconds", title=title)
     table.add_row("clean", "-", f"{result['clean_acc']:.4f}", "")
     for entry in result["attacks"]:
-        table.add_row(
-            entry["name"], entry["kind"], f"{entry['robust_acc']:.4f}", f"{entry['seconds']:.1f}"
-        )
+        name = entry["name"] + (" (cumulative)" if entry.get("cumulative") else "")
+        table.add_row(name, entry["kind"], f"{entry['robust_acc']:.4f}", f"{entry['seconds']:.1f}")
     table.add_row(
         "worst case", "per-example", f"{result['worst_case_acc']:.4f}", f"{result['seconds']:.1f}"
     )
-    output.result(result, human=table)
+    flags = Table("sanity flag", "status", "detail", title="sanity checks (Carlini et al. 2019)")
+    for flag in result["flags"]:
+        flags.add_row(flag["name"], "TRIGGERED" if flag["triggered"] else "ok", flag["message"])
+    output.result(result, human=Group(table, flags))
+
+
+def _Group(*renderables: Any) -> Any:
+    from rich.console import Group
+
+    return Group(*renderables)
 
 
 class _EvalProgress(_Bars):

@@ -24,12 +24,15 @@ Accuracies are fractions in [0, 1].
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import hashlib
+import json
 import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,7 +41,8 @@ from torch import Tensor, nn
 
 from advedge.attacks import Attack
 from advedge.data import Dataset, ImageArrays, to_tensor
-from advedge.utils import environment
+from advedge.errors import UsageError, did_you_mean
+from advedge.utils import atomic_write_text, environment, to_jsonable
 
 logger = logging.getLogger(__name__)
 
@@ -71,10 +75,146 @@ def predict(model: nn.Module, x: Tensor, batch_size: int = 256) -> Tensor:
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=x.device)
 
 
-@dataclass
-class _AttackRecord:
-    robust: np.ndarray  # bool [N], True where the example survived this attack
-    seconds: float
+SUITES = ("standard", "rand", "quick")
+
+
+def build_suite(
+    suite: str,
+    model: nn.Module,
+    *,
+    eps: float,
+    norm: str = "Linf",
+    steps: int = 20,
+    alpha: float | None = None,
+    n_queries: int = 5000,
+    n_iter: int = 100,
+    eot_samples: int = 20,
+    seed: int = 0,
+) -> list[Attack]:
+    """The attacks of an evaluation suite, in the order they run.
+
+    * ``standard`` (AutoAttack-style, Croce & Hein 2020): APGD-CE, APGD-T (targeted DLR over the
+      top-9 classes), then the Square query attack, each on the examples still robust.
+    * ``rand`` (for randomised defenses): APGD-CE and APGD-DLR on the model wrapped in EOT over
+      ``eot_samples`` draws.
+    * ``quick``: PGD-``steps`` and CW-inf (PGD on the margin loss).
+
+    Targeted/DLR attacks need at least 4/3 classes; with fewer they are left out (logged).
+
+    Raises:
+        UsageError: for an unknown suite name.
+    """
+    from advedge.attacks import APGD, APGDT, CW, EOT, PGD, Square
+
+    if suite not in SUITES:
+        raise UsageError(f"unknown suite {suite!r}", did_you_mean(suite, SUITES))
+    k = int(getattr(model, "num_classes", 10))
+    step = alpha if alpha is not None else eps / 4
+
+    def gen() -> torch.Generator:
+        dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+        return torch.Generator(device=dev).manual_seed(seed)
+
+    if suite == "quick":
+        return [
+            PGD(model, eps=eps, alpha=step, steps=steps, norm=norm, generator=gen()),
+            CW(model, eps=eps, alpha=step, steps=steps, norm=norm, generator=gen()),
+        ]
+    if suite == "standard":
+        attacks: list[Attack] = [
+            APGD(model, eps=eps, norm=norm, loss="ce", n_iter=n_iter, seed=seed)
+        ]
+        if k >= 4:
+            attacks.append(
+                APGDT(
+                    model,
+                    eps=eps,
+                    norm=norm,
+                    n_iter=n_iter,
+                    n_target_classes=min(9, k - 1),
+                    seed=seed,
+                )
+            )
+        else:
+            logger.warning("APGD-T left out: it needs at least 4 classes, the model has %d", k)
+        attacks.append(Square(model, eps=eps, norm=norm, n_queries=n_queries, seed=seed))
+        return attacks
+    noisy = EOT(model, eot_samples)
+    attacks = [APGD(noisy, eps=eps, norm=norm, loss="ce", n_iter=n_iter, seed=seed)]
+    if k >= 3:
+        attacks.append(APGD(noisy, eps=eps, norm=norm, loss="dlr", n_iter=n_iter, seed=seed))
+    for a in attacks:
+        a.name = f"{a.name}-eot"
+    return attacks
+
+
+def _fingerprint(payload: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(to_jsonable(payload), sort_keys=True).encode()).hexdigest()
+
+
+class _State:
+    """Per-example evaluation state on disk, so a long evaluation can resume.
+
+    JSON with the settings' fingerprint, the clean flags and, per attack, the indices it has
+    processed and those it broke. Saved atomically after each batch (at most every few seconds).
+    """
+
+    def __init__(self, path: Path | None, fingerprint: str, settings: dict[str, Any]) -> None:
+        self.path = path
+        self.data: dict[str, Any] = {
+            "schema": "advedge.eval-state/1",
+            "fingerprint": fingerprint,
+            "settings": settings,
+            "clean": None,
+            "attacks": {},
+        }
+        self._last_save = 0.0
+
+    @classmethod
+    def open(
+        cls, path: Path | None, fingerprint: str, settings: dict[str, Any], resume: bool
+    ) -> _State:
+        state = cls(path, fingerprint, settings)
+        if path is None or not path.exists():
+            if resume:
+                logger.info("no evaluation state at %s; starting from the beginning", path)
+            return state
+        if not resume:
+            logger.warning(
+                "overwriting the evaluation state in %s (pass --resume to continue it)", path
+            )
+            return state
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UsageError(
+                f"cannot resume: {path} is unreadable ({exc})", "delete it to start over"
+            ) from None
+        if old.get("fingerprint") != fingerprint:
+            prev = old.get("settings", {})
+            diff = sorted(
+                k for k in set(prev) | set(settings) if prev.get(k) != to_jsonable(settings.get(k))
+            )
+            raise UsageError(
+                f"cannot resume the evaluation in {path}: settings differ ({', '.join(diff) or 'unknown'})",
+                "use the same settings, or drop --resume to start over",
+            )
+        state.data = old
+        logger.info("resuming the evaluation state in %s", path)
+        return state
+
+    def attack(self, name: str) -> dict[str, Any]:
+        return self.data["attacks"].setdefault(
+            name, {"done": [], "broken": [], "seconds": 0.0, "complete": False}
+        )
+
+    def save(self, *, force: bool = False) -> None:
+        if self.path is None:
+            return
+        now = time.perf_counter()
+        if force or now - self._last_save > 5.0:
+            atomic_write_text(self.path, json.dumps(to_jsonable(self.data)) + "\n")
+            self._last_save = now
 
 
 def evaluate(
@@ -91,28 +231,46 @@ def evaluate(
     dataset_info: dict[str, Any] | None = None,
     progress: EvalProgress | None = None,
     autocast: Callable[[], Any] | None = None,
+    cascade: bool = False,
+    suite: str | None = None,
+    state_path: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    flags_n: int = 200,
 ) -> dict[str, Any]:
     """Clean and robust accuracy of ``model`` on the first ``n`` examples of ``data``.
 
     Args:
-        model: Classifier taking images in [0, 1]; it is put in eval mode.
+        model: Classifier taking images in [0, 1]; it is put in eval mode. Adversarial examples
+            are always scored on it (an attack may attack a wrapper of it, e.g. EOT).
         data: Evaluation split (the test set, in its official order).
-        attacks: Attacks to run; each is built around ``model``.
+        attacks: Attacks to run, in order.
         eps: Threat-model budget (recorded; the attacks carry their own).
         norm: ``Linf`` or ``L2`` (recorded).
         n: Number of examples (all when None).
         batch_size: Attack batch size.
         device: Where ``model`` lives.
-        model_info: Recorded under ``"model"``.
+        model_info: Recorded under ``"model"`` (its ``sha256`` enters the resume fingerprint).
         dataset_info: Recorded under ``"dataset"``.
         progress: Progress hooks.
         autocast: Optional autocast context factory (CUDA).
+        cascade: Run each attack only on the examples every earlier attack left robust (the
+            suites do); each attack's ``robust_acc`` is then the accuracy after it and all
+            earlier ones. Without cascade each attack runs on every clean-correct example and
+            its ``robust_acc`` is its own.
+        suite: Suite name, recorded.
+        state_path: Where to keep the per-example state for resuming (None: nowhere).
+        resume: Continue from ``state_path``; it must have been written with the same settings.
+        flags_n: Examples used by the sanity checks (0 skips the model-based checks).
 
     Returns:
         The results dict (schema ``advedge.eval/1``), plus the private key ``"_per_example"``
-        with the boolean flags per example (``clean`` and one per attack), which callers may
-        drop before writing JSON.
+        with the boolean flags per example (``clean`` and, per attack, "not broken by it").
+
+    Raises:
+        UsageError: when resuming a state written with other settings.
     """
+    from advedge.sanity import run_sanity_checks
+
     progress = progress or EvalProgress()
     started = time.perf_counter()
     total = len(data) if n is None else min(int(n), len(data))
@@ -122,45 +280,114 @@ def evaluate(
     y_all = torch.as_tensor(subset.y, dtype=torch.long, device=device)
     ctx = autocast or _null
     model.eval()
-    with ctx():
-        clean = (predict(model, x_all, batch_size) == y_all).cpu().numpy()
-    records: dict[str, _AttackRecord] = {}
+    names = [a.name for a in attacks]
+    if len(set(names)) != len(names):
+        raise UsageError(f"attack names must be unique, got {names}")
+    settings = {
+        "model_sha256": (model_info or {}).get("sha256"),
+        "dataset": (dataset_info or {}).get("root"),
+        "n_examples": total,
+        "eps": eps,
+        "norm": norm,
+        "suite": suite,
+        "cascade": cascade,
+        "attacks": [a.describe() for a in attacks],
+    }
+    state = _State.open(
+        Path(state_path) if state_path is not None else None,
+        _fingerprint(settings),
+        settings,
+        resume,
+    )
+    if state.data["clean"] is None:
+        with ctx():
+            clean = (predict(model, x_all, batch_size) == y_all).cpu().numpy()
+        state.data["clean"] = clean.astype(int).tolist()
+        state.save(force=True)
+    clean = np.asarray(state.data["clean"], dtype=bool)
+
+    survived = clean.copy()  # correct and unbroken by every attack so far
+    per_attack: dict[str, np.ndarray] = {}
     entries: list[dict[str, Any]] = []
     for attack in attacks:
-        todo = np.flatnonzero(clean)
-        robust = clean.copy()
-        progress.on_attack_start(attack.name, len(todo))
+        rec = state.attack(attack.name)
+        not_broken = np.ones(total, dtype=bool)
+        not_broken[np.asarray(rec["broken"], dtype=int)] = False
+        eligible = (survived if cascade else clean).copy()
+        attacked = np.zeros(total, dtype=bool)
+        attacked[np.asarray(rec["done"], dtype=int)] = True
+        todo = np.flatnonzero(eligible & ~attacked)
+        running = (survived if cascade else clean) & not_broken
+        progress.on_attack_start(attack.name, int((eligible).sum()))
+        done_count = int((eligible & attacked).sum())
+        if done_count:
+            progress.on_batch_end(attack.name, done_count, float(running.mean()) if total else 0.0)
         t0 = time.perf_counter()
-        done = 0
-        for start in range(0, len(todo), batch_size):
-            idx = todo[start : start + batch_size]
-            idx_t = torch.as_tensor(idx, device=device)
-            xb, yb = x_all[idx_t], y_all[idx_t]
-            with ctx():
-                x_adv = attack(xb, yb)
-                ok = (predict(model, x_adv, batch_size) == yb).cpu().numpy()
-            robust[idx] = ok
-            done += len(idx)
-            progress.on_batch_end(attack.name, done, float(robust.mean()) if total else 0.0)
-        seconds = time.perf_counter() - t0
-        records[attack.name] = _AttackRecord(robust, seconds)
+        try:
+            for start in range(0, len(todo), batch_size):
+                idx = todo[start : start + batch_size]
+                idx_t = torch.as_tensor(idx, device=device)
+                xb, yb = x_all[idx_t], y_all[idx_t]
+                with ctx():
+                    x_adv = attack(xb, yb)
+                    ok = (predict(model, x_adv, batch_size) == yb).cpu().numpy()
+                not_broken[idx[~ok]] = False
+                running[idx[~ok]] = False
+                rec["done"].extend(int(i) for i in idx)
+                rec["broken"].extend(int(i) for i in idx[~ok])
+                rec["seconds"] = float(rec["seconds"]) + (time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                state.save()
+                done_count += len(idx)
+                progress.on_batch_end(
+                    attack.name, done_count, float(running.mean()) if total else 0.0
+                )
+        finally:
+            # Keep every finished batch, also when interrupted (Ctrl-C) or failing.
+            state.save(force=True)
+        rec["complete"] = True
+        state.save(force=True)
+        per_attack[attack.name] = not_broken
+        if cascade:
+            survived &= not_broken
         entry = {
             **attack.describe(),
-            "robust_acc": float(robust.mean()) if total else 0.0,
-            "n_robust": int(robust.sum()),
+            "robust_acc": float(running.mean()) if total else 0.0,
+            "n_robust": int(running.sum()),
+            "n_attacked": int(eligible.sum()),
+            "n_broken": int((~not_broken).sum()),
+            "cumulative": cascade,
             "n_examples": total,
-            "seconds": round(seconds, 3),
+            "seconds": round(float(rec["seconds"]), 3),
         }
+        for key in ("last_queries",):
+            if getattr(attack, key, None) is not None:
+                entry[key.removeprefix("last_")] = to_jsonable(getattr(attack, key))
         entries.append(entry)
         progress.on_attack_end(attack.name, entry)
         logger.info("%s: robust accuracy %.4f", attack.name, entry["robust_acc"])
 
     worst = clean.copy()
-    for rec in records.values():
-        worst &= rec.robust
-    # Which attacks the headline depends on: those that broke some example no other attack broke
-    # is too fine a notion for users; record every attack that broke at least one example.
-    breaking = [e["name"] for e in entries if e["n_robust"] < int(clean.sum())]
+    for flags_ in per_attack.values():
+        worst &= flags_
+    breaking = [e["name"] for e in entries if e["n_broken"] > 0]
+    per_example = {"clean": clean, **per_attack}
+    kinds = {a.name: a.kind for a in attacks}
+    m = min(flags_n, total)
+    flags = run_sanity_checks(
+        model,
+        x_all[:m],
+        y_all[:m],
+        eps=eps,
+        norm=norm,
+        per_example=per_example,
+        kinds=kinds,
+        n=total,
+        autocast=autocast,
+        checks=("deterministic", "gradients", "eps_monotonic", "more_steps") if m else (),
+    )
+    seconds = time.perf_counter() - started
+    attack_seconds = sum(e["seconds"] for e in entries)
     result: dict[str, Any] = {
         "schema": SCHEMA,
         "model": model_info or {},
@@ -169,21 +396,25 @@ def evaluate(
         "norm": norm,
         "eps": eps,
         "n_examples": total,
+        "suite": suite,
+        "cascade": cascade,
         "clean_acc": float(clean.mean()) if total else 0.0,
         "attacks": entries,
         "worst_case_acc": float(worst.mean()) if total else 0.0,
         "worst_case_attacks": breaking,
+        "flags": flags,
+        "flags_triggered": [f["name"] for f in flags if f["triggered"]],
+        "flags_n_examples": m,
         "environment": environment(),
-        "seconds": round(time.perf_counter() - started, 3),
+        "seconds": round(seconds, 3),
+        "attack_seconds_per_100": round(100 * attack_seconds / total, 3) if total else None,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "_per_example": {"clean": clean, **{k: r.robust for k, r in records.items()}},
+        "_per_example": per_example,
     }
     return result
 
 
 def _null() -> Any:
-    import contextlib
-
     return contextlib.nullcontext()
 
 
@@ -191,50 +422,72 @@ def evaluate_checkpoint(
     model_path: str | os.PathLike[str],
     data: str | os.PathLike[str] | Dataset,
     *,
-    attacks: Sequence[str] = ("fgsm", "pgd", "cw"),
+    attacks: Sequence[str] | None = None,
+    suite: str | None = None,
     eps: str | float = 8 / 255,
     norm: str = "Linf",
     steps: int = 20,
     alpha: str | float | None = None,
     restarts: int = 1,
+    n_queries: int = 5000,
     n: int | None = None,
     batch_size: int = 256,
     seed: int = 0,
     device: str = "auto",
+    amp: str = "off",
     out: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    flags_n: int = 200,
     progress: EvalProgress | None = None,
 ) -> dict[str, Any]:
     """Load a checkpoint and a dataset, check they fit together, and :func:`evaluate`.
 
-    The API behind ``advedge eval``. ``alpha`` defaults to ``eps / 4`` (2/255 at 8/255, the
-    robust-distillation literature's PGD-20 setting). With ``out`` the results JSON is written
-    atomically (without the per-example flags).
+    The API behind ``advedge eval``. Give either ``attacks`` (names from
+    :data:`advedge.attacks.ATTACKS`, each run on every clean-correct example) or ``suite``
+    (``standard``, ``rand``, ``quick``: see :func:`build_suite`; attacks cascade). With neither,
+    FGSM, PGD, CW and MI-FGSM run. ``alpha`` defaults to ``eps / 4`` (2/255 at 8/255, the
+    robust-distillation literature's PGD-20 setting).
+
+    With ``out``, the results JSON is written there atomically, and the per-example state that
+    ``resume`` continues from is kept beside it as ``<out>.state.json``.
 
     Raises:
-        UsageError: bad eps/alpha/steps/n/attack names.
+        UsageError: bad eps/alpha/steps/n/attack or suite names, ``resume`` without ``out``,
+            resuming with other settings.
         CheckpointError: missing or corrupt checkpoint.
         DataError: missing data, or data that does not fit the model (classes, shape).
     """
     from advedge.attacks import NORMS, build_attack
     from advedge.checkpoint import load_model, resolve_checkpoint
     from advedge.data import load_dataset
-    from advedge.errors import DataError, UsageError
+    from advedge.engine import autocast_context
+    from advedge.errors import DataError
     from advedge.utils import parse_eps, resolve_device, seed_everything, sha256_file
 
     eps_v = parse_eps(eps, name="--eps")
     alpha_v = parse_eps(alpha, name="--alpha") if alpha is not None else eps_v / 4
     if norm not in NORMS:
         raise UsageError(f"unknown norm {norm!r}", "use Linf or L2")
-    if steps < 1:
-        raise UsageError(f"--steps must be >= 1, got {steps}")
-    if n is not None and n < 1:
-        raise UsageError(f"--n must be >= 1, got {n}")
-    if batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
-    if not attacks:
-        raise UsageError("no attacks given", "e.g. --attacks fgsm,pgd,cw")
-    if len(set(attacks)) != len(attacks):
-        raise UsageError("an attack is named twice in --attacks")
+    checks = [
+        (steps >= 1, f"--steps must be >= 1, got {steps}"),
+        (n is None or n >= 1, f"--n must be >= 1, got {n}"),
+        (batch_size >= 1, f"--batch-size must be >= 1, got {batch_size}"),
+        (n_queries >= 1, f"--n-queries must be >= 1, got {n_queries}"),
+        (flags_n >= 0, f"--flags-n must be >= 0, got {flags_n}"),
+        (not (attacks and suite), "give either --attacks or --suite, not both"),
+        (attacks is None or len(attacks) > 0, "no attacks given (e.g. --attacks fgsm,pgd,cw)"),
+        (attacks is None or len(set(attacks)) == len(attacks), "an attack is named twice"),
+        (not resume or out is not None, "--resume needs --out (the state is kept beside it)"),
+        (
+            amp in ("off", "bf16", "fp16", "auto"),
+            f"--amp must be off, bf16, fp16 or auto, got {amp!r}",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+    if suite is not None and suite not in SUITES:
+        raise UsageError(f"unknown suite {suite!r}", did_you_mean(suite, SUITES))
     dev = resolve_device(device)
     path = resolve_checkpoint(model_path)
     model = load_model(path, device=dev)
@@ -254,15 +507,27 @@ def evaluate_checkpoint(
             "evaluate on the dataset the model was trained on",
         )
     seed_everything(seed)
-    built = []
-    for name in attacks:
-        kw: dict[str, Any] = {}
-        if name.strip().lower() in ("pgd", "cw"):
-            kw["restarts"] = restarts
-            kw["generator"] = torch.Generator(device=dev).manual_seed(seed)
-        built.append(
-            build_attack(name, model, eps=eps_v, norm=norm, steps=steps, alpha=alpha_v, **kw)
+    if suite is not None:
+        built = build_suite(
+            suite,
+            model,
+            eps=eps_v,
+            norm=norm,
+            steps=steps,
+            alpha=alpha_v,
+            n_queries=n_queries,
+            seed=seed,
         )
+    else:
+        built = []
+        for name in attacks or ("fgsm", "pgd", "cw", "mifgsm"):
+            kw: dict[str, Any] = {}
+            if name.strip().lower() in ("pgd", "cw"):
+                kw["restarts"] = restarts
+                kw["generator"] = torch.Generator(device=dev).manual_seed(seed)
+            built.append(
+                build_attack(name, model, eps=eps_v, norm=norm, steps=steps, alpha=alpha_v, **kw)
+            )
     model_info = {
         "path": str(path),
         "sha256": sha256_file(path),
@@ -285,7 +550,14 @@ def evaluate_checkpoint(
         model_info=model_info,
         dataset_info=dataset_info,
         progress=progress,
+        autocast=autocast_context(dev, amp) if amp != "off" else None,
+        cascade=suite is not None,
+        suite=suite,
+        state_path=None if out is None else Path(f"{out}.state.json"),
+        resume=resume,
+        flags_n=flags_n,
     )
+    result["amp"] = amp
     result.pop("_per_example", None)
     if out is not None:
         write_results(out, result)
@@ -294,9 +566,5 @@ def evaluate_checkpoint(
 
 def write_results(path: str | os.PathLike[str], result: dict[str, Any]) -> None:
     """Write a results dict as JSON, atomically (no partial file on failure)."""
-    import json
-
-    from advedge.utils import atomic_write_text, to_jsonable
-
     clean = {k: v for k, v in result.items() if not k.startswith("_")}
     atomic_write_text(path, json.dumps(to_jsonable(clean), indent=2) + "\n")
