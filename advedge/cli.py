@@ -334,7 +334,7 @@ def eval_cmd(
     seed: Annotated[int, typer.Option(help="Random seed of the attacks.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     amp: Annotated[str, typer.Option(help="off (fp32), bf16 or fp16 autocast on CUDA.")] = "off",
-    flags_n: Annotated[int, typer.Option(help="Examples used by the sanity checks.")] = 200,
+    flags_n: Annotated[int, typer.Option(help="Examples used by the sanity checks.")] = 100,
     out: Annotated[Path | None, typer.Option(help="Write the results JSON here.")] = None,
     resume: Annotated[
         bool, typer.Option(help="Continue from OUT.state.json (same settings only).")

@@ -235,7 +235,7 @@ def evaluate(
     suite: str | None = None,
     state_path: str | os.PathLike[str] | None = None,
     resume: bool = False,
-    flags_n: int = 200,
+    flags_n: int = 100,
 ) -> dict[str, Any]:
     """Clean and robust accuracy of ``model`` on the first ``n`` examples of ``data``.
 
@@ -437,7 +437,7 @@ def evaluate_checkpoint(
     amp: str = "off",
     out: str | os.PathLike[str] | None = None,
     resume: bool = False,
-    flags_n: int = 200,
+    flags_n: int = 100,
     progress: EvalProgress | None = None,
 ) -> dict[str, Any]:
     """Load a checkpoint and a dataset, check they fit together, and :func:`evaluate`.

@@ -54,7 +54,7 @@ def _pgd_accuracy(
 
 
 def eps_flag(
-    model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: str, steps: int = 20, seed: int = 0
+    model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: str, steps: int = 10, seed: int = 0
 ) -> dict[str, Any]:
     """PGD accuracy at eps, 2·eps and 8·eps (capped at 1 for L-inf).
 
@@ -99,20 +99,20 @@ def eps_flag(
 def steps_flag(
     model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: str, seed: int = 0
 ) -> dict[str, Any]:
-    """PGD-10 against PGD-100 at the same eps: more steps must not raise accuracy.
+    """PGD-10 against PGD-50 at the same eps: more steps must not raise accuracy.
 
-    Triggered when PGD-100 leaves more than one example (and more than 1%) more robust.
+    Triggered when PGD-50 leaves more than one example (and more than 1%) more robust.
     """
     few = _pgd_accuracy(model, x, y, eps=eps, norm=norm, steps=10, seed=seed)
-    many = _pgd_accuracy(model, x, y, eps=eps, norm=norm, steps=100, seed=seed)
+    many = _pgd_accuracy(model, x, y, eps=eps, norm=norm, steps=50, seed=seed)
     tol = max(1.0 / x.shape[0], 0.01)
     raised = many > few + tol
     return _flag(
         "more_steps",
         raised,
-        f"PGD-100 accuracy {many:.3f} is above PGD-10's {few:.3f}"
+        f"PGD-50 accuracy {many:.3f} is above PGD-10's {few:.3f}"
         if raised
-        else f"PGD-100 {many:.3f} <= PGD-10 {few:.3f} (+tolerance)",
+        else f"PGD-50 {many:.3f} <= PGD-10 {few:.3f} (+tolerance)",
         acc_pgd10=few,
         acc_pgd100=many,
     )

@@ -200,7 +200,7 @@ def test_real_cifar10_train_then_eval_and_pgd_sanity(tmp_path):
     )
     train(cfg)
     res = evaluate_checkpoint(
-        str(tmp_path / "nat"), str(SHARED / "cifar10"), attacks=["pgd"], steps=20, n=200
+        str(tmp_path / "nat"), str(SHARED / "cifar10"), attacks=["pgd"], steps=20, n=200, flags_n=50
     )
     clean = res["clean_acc"]
     pgd = res["attacks"][0]["robust_acc"]
