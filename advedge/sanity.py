@@ -114,7 +114,7 @@ def steps_flag(
         if raised
         else f"PGD-50 {many:.3f} <= PGD-10 {few:.3f} (+tolerance)",
         acc_pgd10=few,
-        acc_pgd100=many,
+        acc_pgd50=many,
     )
 
 
