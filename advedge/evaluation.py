@@ -522,9 +522,14 @@ def evaluate_checkpoint(
         built = []
         for name in attacks or ("fgsm", "pgd", "cw", "mifgsm"):
             kw: dict[str, Any] = {}
-            if name.strip().lower() in ("pgd", "cw"):
+            key = name.strip().lower()
+            if key in ("pgd", "cw"):
                 kw["restarts"] = restarts
                 kw["generator"] = torch.Generator(device=dev).manual_seed(seed)
+            elif key.startswith("apgd") or key == "square":
+                kw["seed"] = seed
+                if key == "square":
+                    kw["n_queries"] = n_queries
             built.append(
                 build_attack(name, model, eps=eps_v, norm=norm, steps=steps, alpha=alpha_v, **kw)
             )
