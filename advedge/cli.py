@@ -170,7 +170,7 @@ def train_cmd(
 ) -> None:
     """Train a robust (or natural) classifier; writes model.safetensors, config.yaml, metrics.csv."""
     from advedge.config import config_from_dict, load_yaml
-    from advedge.engine import TrainConfig, train
+    from advedge.engine import TrainConfig, check_run_dir, train
     from advedge.utils import parse_eps
 
     output = Output(json_out)
@@ -220,6 +220,7 @@ def train_cmd(
         options["alpha"] = parse_eps(options["alpha"], name="--alpha")
     options["out"] = str(options["out"])
     cfg = config_from_dict(TrainConfig, options)
+    check_run_dir(Path(cfg.out), resume)  # refuse to overwrite before loading any data
     dataset = _load_data(cfg.data, output)
     progress = _TrainProgress(output)
     with progress:
@@ -342,10 +343,25 @@ def eval_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Clean and robust accuracy; the headline is the per-example worst case over all attacks."""
-    from advedge.evaluation import evaluate_checkpoint
+    from advedge.evaluation import check_eval_options, evaluate_checkpoint
 
     output = Output(json_out)
     attack_list = None if attacks is None else [a.strip() for a in attacks.split(",") if a.strip()]
+    check_eval_options(  # bad flags fail before any data is loaded or downloaded
+        attacks=attack_list,
+        suite=suite,
+        eps=eps,
+        alpha=alpha,
+        norm=norm,
+        steps=steps,
+        n=n,
+        batch_size=batch_size,
+        n_queries=n_queries,
+        flags_n=flags_n,
+        resume=resume,
+        out=out,
+        amp=amp,
+    )
     dataset = _load_data(data, output)
     progress = _EvalProgress(output)
     with progress:
@@ -446,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         fail(f"error: {exc.format_message()}")
         return exc.exit_code
     except (KeyboardInterrupt, typer.Abort):
-        fail("interrupted: completed epochs are saved; rerun with --resume to continue")
+        fail("interrupted: finished work (epochs, evaluated batches) is saved; rerun with --resume")
         return 130
     except AdvedgeError as exc:
         if debug:

@@ -22,7 +22,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "Trainer",
+    "check_run_dir",
     "prepare_model",
     "train",
     "training_step",
@@ -148,6 +149,9 @@ class TrainConfig:
             (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
             (self.weight_decay >= 0, f"weight decay must be >= 0, got {self.weight_decay}"),
+            (0 <= self.momentum < 1, f"momentum must lie in [0, 1), got {self.momentum}"),
+            (0 < self.gamma <= 1, f"gamma must lie in (0, 1], got {self.gamma}"),
+            (self.beta >= 0, f"beta must be >= 0, got {self.beta}"),
             (
                 self.schedule in ("cosine", "multistep", "constant"),
                 f"schedule must be cosine, multistep or constant, got {self.schedule!r}",
@@ -204,6 +208,10 @@ class TrainCallbacks:
 
     def on_epoch_end(self, row: dict[str, float]) -> None:
         """Called with the metrics row once the epoch's checkpoint is on disk."""
+
+
+def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    return (seed * 1_000_003 + epoch * 10_007 + rank) % (2**63)
 
 
 def _distributed() -> tuple[int, int]:
@@ -311,24 +319,9 @@ class Trainer:
 
     def _check_out_dir(self, resume: bool) -> dict[str, Any] | None:
         """Return the state to resume from, or None; refuse to overwrite a run."""
-        state_path = self.out / STATE_FILE
-        has_run = state_path.exists() or (self.out / MODEL_FILE).exists()
-        if not resume:
-            if has_run:
-                raise UsageError(
-                    f"{self.out} already holds a training run",
-                    "pass --resume to continue it, or choose another --out",
-                )
+        if not check_run_dir(self.out, resume):
             return None
-        if not state_path.exists():
-            if (self.out / MODEL_FILE).exists():
-                raise UsageError(
-                    f"{self.out} has a model but no {STATE_FILE} to resume from",
-                    "choose another --out to train anew",
-                )
-            logger.info("nothing to resume in %s; starting a new run", self.out)
-            return None
-        state = load_state(state_path)
+        state = load_state(self.out / STATE_FILE)
         if state.get("fingerprint") != self.config.fingerprint():
             old = state.get("config", {})
             new = config_to_dict(self.config)
@@ -336,7 +329,8 @@ class Trainer:
                 k for k in new if k not in _RESUMABLE_CHANGES and old.get(k) != new.get(k)
             )
             raise UsageError(
-                f"cannot resume {self.out}: options differ from the original run ({', '.join(diff) or 'unknown'})",
+                f"cannot resume {self.out}: options differ from the original run "
+                f"({', '.join(diff) or 'unknown'})",
                 "resume with the same options, or choose another --out",
             )
         return state
@@ -388,9 +382,6 @@ class Trainer:
             )
             start_epoch = int(state["epoch"])
             metrics = [dict(r) for r in state.get("metrics", [])][:start_epoch]
-            torch.set_rng_state(state["rng_cpu"])
-            if self.device.type == "cuda" and "rng_cuda" in state:
-                torch.cuda.set_rng_state(state["rng_cuda"])
             logger.info("resuming %s from epoch %d", self.out, start_epoch)
 
         train_model: nn.Module = model
@@ -402,6 +393,8 @@ class Trainer:
             train_model = torch.compile(train_model)  # type: ignore[assignment]
         autocast = autocast_context(self.device, cfg.amp)
         scaler = torch.amp.GradScaler(self.device.type, enabled=self._uses_fp16())
+        if state is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
 
         held_x, held_y = self._held_out()
         if self.is_main:
@@ -413,6 +406,9 @@ class Trainer:
 
         for epoch in range(start_epoch, cfg.epochs):
             t0 = time.perf_counter()
+            # Attack random starts draw from a stream fixed by (seed, epoch, rank): every rank
+            # differs, and a resumed run repeats exactly what an uninterrupted one would do.
+            torch.manual_seed(_epoch_seed(cfg.seed, epoch, self.rank))
             loader.set_epoch(epoch)
             model.train()
             loss_sum = torch.zeros((), device=self.device)
@@ -438,7 +434,7 @@ class Trainer:
                     "lower --lr; the last good checkpoint is kept",
                 )
             callbacks.on_eval_start(epoch=epoch)
-            clean_acc, pgd_acc = self._held_out_accuracy(model, held_x, held_y, autocast)
+            clean_acc, pgd_acc = self._held_out_accuracy(model, held_x, held_y)
             row = {
                 "epoch": epoch + 1,
                 "train_loss": round(loss_mean, 6),
@@ -450,7 +446,7 @@ class Trainer:
             }
             metrics.append(row)
             if self.is_main:
-                self._write_checkpoint(model, optimizer, scheduler, epoch + 1, metrics)
+                self._write_checkpoint(model, optimizer, scheduler, scaler, epoch + 1, metrics)
             logger.info(
                 "epoch %d/%d: loss %.4f, train acc %.3f, held-out clean %.3f, PGD-%d %.3f (%.1f s)",
                 epoch + 1,
@@ -493,9 +489,8 @@ class Trainer:
         held = stratified_subset(test, min(self.config.eval_n, len(test)), seed=0)
         return to_tensor(held.x).to(self.device), torch.as_tensor(held.y).to(self.device)
 
-    def _held_out_accuracy(
-        self, model: nn.Module, x: Tensor, y: Tensor, autocast: Callable[[], Any]
-    ) -> tuple[float, float]:
+    def _held_out_accuracy(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[float, float]:
+        """Clean and PGD accuracy on the fixed held-out batch, in fp32 (honest gradients)."""
         cfg = self.config
         model.eval()
         attack = PGD(
@@ -509,12 +504,11 @@ class Trainer:
         clean = pgd = 0
         for i in range(0, x.shape[0], 256):
             xb, yb = x[i : i + 256], y[i : i + 256]
-            with autocast():
-                with torch.no_grad():
-                    clean += int((model(xb).argmax(1) == yb).sum())
-                xa = attack(xb, yb)
-                with torch.no_grad():
-                    pgd += int((model(xa).argmax(1) == yb).sum())
+            with torch.no_grad():
+                clean += int((model(xb).argmax(1) == yb).sum())
+            xa = attack(xb, yb)
+            with torch.no_grad():
+                pgd += int((model(xa).argmax(1) == yb).sum())
         return clean / x.shape[0], pgd / x.shape[0]
 
     def _resolved_config(self, n_train: int) -> dict[str, Any]:
@@ -557,6 +551,7 @@ class Trainer:
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
         scheduler: Any,
+        scaler: torch.amp.GradScaler,
         epochs_done: int,
         metrics: list[dict[str, float]],
     ) -> None:
@@ -566,17 +561,48 @@ class Trainer:
             "model": {k: v.detach().cpu() for k, v in raw.state_dict().items()},
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
-            "rng_cpu": torch.get_rng_state(),
+            "scaler": scaler.state_dict(),
             "metrics": metrics,
             "fingerprint": self.config.fingerprint(),
             "config": config_to_dict(self.config),
         }
-        if self.device.type == "cuda":
-            state["rng_cuda"] = torch.cuda.get_rng_state()
         # Order matters for crash safety: the state first, then the model, then metrics.
         save_state(state, self.out / STATE_FILE)
         save_model(raw, self.out / MODEL_FILE, metadata=self._checkpoint_metadata(epochs_done))
         write_metrics_csv(self.out / "metrics.csv", metrics)
+
+
+def check_run_dir(out: Path, resume: bool) -> bool:
+    """Check that ``out`` may be trained into; return True when there is a run to resume.
+
+    Leftover temporary files of writes cut short by SIGKILL are removed.
+
+    Raises:
+        UsageError: ``out`` is a file; it holds a run and ``resume`` is false; or it holds a
+            model but no state to resume from.
+    """
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file", "give a run directory")
+    for stale in out.glob(".*.tmp") if out.is_dir() else ():
+        stale.unlink(missing_ok=True)
+    has_state = (out / STATE_FILE).exists()
+    has_model = (out / MODEL_FILE).exists()
+    if not resume:
+        if has_state or has_model:
+            raise UsageError(
+                f"{out} already holds a training run",
+                "pass --resume to continue it, or choose another --out",
+            )
+        return False
+    if not has_state:
+        if has_model:
+            raise UsageError(
+                f"{out} has a model but no {STATE_FILE} to resume from",
+                "choose another --out to train anew",
+            )
+        logger.info("nothing to resume in %s; starting a new run", out)
+        return False
+    return True
 
 
 def training_step(
@@ -644,9 +670,3 @@ def train(
         dataset: ``config.data`` already loaded (else it is loaded here).
     """
     return Trainer(config, dataset=dataset).run(resume=resume, callbacks=callbacks)
-
-
-def iterate_rows(path: Path) -> Iterator[dict[str, str]]:
-    """Yield the rows of a ``metrics.csv``."""
-    with open(path, newline="", encoding="utf-8") as fh:
-        yield from csv.DictReader(fh)

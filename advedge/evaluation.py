@@ -31,7 +31,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from advedge.attacks import Attack
 from advedge.data import Dataset, ImageArrays, to_tensor
+from advedge.engine import autocast_context
 from advedge.errors import UsageError, did_you_mean
 from advedge.utils import atomic_write_text, environment, to_jsonable
 
@@ -205,7 +206,7 @@ class _State:
 
     def attack(self, name: str) -> dict[str, Any]:
         return self.data["attacks"].setdefault(
-            name, {"done": [], "broken": [], "seconds": 0.0, "complete": False}
+            name, {"done": [], "broken": [], "queries": [], "seconds": 0.0}
         )
 
     def save(self, *, force: bool = False) -> None:
@@ -230,12 +231,13 @@ def evaluate(
     model_info: dict[str, Any] | None = None,
     dataset_info: dict[str, Any] | None = None,
     progress: EvalProgress | None = None,
-    autocast: Callable[[], Any] | None = None,
+    amp: str = "off",
     cascade: bool = False,
     suite: str | None = None,
     state_path: str | os.PathLike[str] | None = None,
     resume: bool = False,
     flags_n: int = 100,
+    seed: int | None = None,
 ) -> dict[str, Any]:
     """Clean and robust accuracy of ``model`` on the first ``n`` examples of ``data``.
 
@@ -252,7 +254,8 @@ def evaluate(
         model_info: Recorded under ``"model"`` (its ``sha256`` enters the resume fingerprint).
         dataset_info: Recorded under ``"dataset"``.
         progress: Progress hooks.
-        autocast: Optional autocast context factory (CUDA).
+        amp: ``off`` (fp32, the default: honest gradients), ``bf16``, ``fp16`` or ``auto``
+            (autocast on CUDA; see :func:`advedge.engine.autocast_context`).
         cascade: Run each attack only on the examples every earlier attack left robust (the
             suites do); each attack's ``robust_acc`` is then the accuracy after it and all
             earlier ones. Without cascade each attack runs on every clean-correct example and
@@ -261,6 +264,7 @@ def evaluate(
         state_path: Where to keep the per-example state for resuming (None: nowhere).
         resume: Continue from ``state_path``; it must have been written with the same settings.
         flags_n: Examples used by the sanity checks (0 skips the model-based checks).
+        seed: The attacks' seed, recorded (and part of the resume fingerprint).
 
     Returns:
         The results dict (schema ``advedge.eval/1``), plus the private key ``"_per_example"``
@@ -278,7 +282,8 @@ def evaluate(
     device = torch.device(device)
     x_all = to_tensor(subset.x).to(device)
     y_all = torch.as_tensor(subset.y, dtype=torch.long, device=device)
-    ctx = autocast or _null
+    autocast = autocast_context(device, amp) if amp != "off" else None
+    ctx = autocast or contextlib.nullcontext
     model.eval()
     names = [a.name for a in attacks]
     if len(set(names)) != len(names):
@@ -291,6 +296,8 @@ def evaluate(
         "norm": norm,
         "suite": suite,
         "cascade": cascade,
+        "seed": seed,
+        "amp": amp,
         "attacks": [a.describe() for a in attacks],
     }
     state = _State.open(
@@ -335,6 +342,9 @@ def evaluate(
                 running[idx[~ok]] = False
                 rec["done"].extend(int(i) for i in idx)
                 rec["broken"].extend(int(i) for i in idx[~ok])
+                counts = getattr(attack, "last_query_counts", None)
+                if counts is not None:  # query attacks: the queries each broken example took
+                    rec["queries"].extend(int(q) for q in np.asarray(counts)[~ok])
                 rec["seconds"] = float(rec["seconds"]) + (time.perf_counter() - t0)
                 t0 = time.perf_counter()
                 state.save()
@@ -345,8 +355,6 @@ def evaluate(
         finally:
             # Keep every finished batch, also when interrupted (Ctrl-C) or failing.
             state.save(force=True)
-        rec["complete"] = True
-        state.save(force=True)
         per_attack[attack.name] = not_broken
         if cascade:
             survived &= not_broken
@@ -360,9 +368,13 @@ def evaluate(
             "n_examples": total,
             "seconds": round(float(rec["seconds"]), 3),
         }
-        for key in ("last_queries",):
-            if getattr(attack, key, None) is not None:
-                entry[key.removeprefix("last_")] = to_jsonable(getattr(attack, key))
+        if rec["queries"]:
+            q = np.asarray(rec["queries"], dtype=float)
+            entry["queries"] = {
+                "mean": float(q.mean()),
+                "median": float(np.median(q)),
+                "n_broken": len(q),
+            }
         entries.append(entry)
         progress.on_attack_end(attack.name, entry)
         logger.info("%s: robust accuracy %.4f", attack.name, entry["robust_acc"])
@@ -398,6 +410,7 @@ def evaluate(
         "n_examples": total,
         "suite": suite,
         "cascade": cascade,
+        "seed": seed,
         "clean_acc": float(clean.mean()) if total else 0.0,
         "attacks": entries,
         "worst_case_acc": float(worst.mean()) if total else 0.0,
@@ -414,8 +427,67 @@ def evaluate(
     return result
 
 
-def _null() -> Any:
-    return contextlib.nullcontext()
+DEFAULT_ATTACKS = ("fgsm", "pgd", "cw", "mifgsm")
+
+
+def check_eval_options(
+    *,
+    attacks: Sequence[str] | None,
+    suite: str | None,
+    eps: str | float,
+    alpha: str | float | None,
+    norm: str,
+    steps: int,
+    n: int | None,
+    batch_size: int,
+    n_queries: int,
+    flags_n: int,
+    resume: bool,
+    out: str | os.PathLike[str] | None,
+    amp: str,
+) -> tuple[float, float]:
+    """Validate ``advedge eval``'s options before any data or model is loaded.
+
+    Returns:
+        ``(eps, alpha)`` parsed; alpha defaults to ``eps / 4``.
+
+    Raises:
+        UsageError: for the first bad option, with a hint.
+    """
+    from advedge.attacks import ATTACKS, NORMS
+    from advedge.utils import parse_eps
+
+    eps_v = parse_eps(eps, name="--eps")
+    alpha_v = parse_eps(alpha, name="--alpha") if alpha is not None else eps_v / 4
+    if norm not in NORMS:
+        raise UsageError(f"unknown norm {norm!r}", "use Linf or L2")
+    checks = [
+        (steps >= 1, f"--steps must be >= 1, got {steps}"),
+        (n is None or n >= 1, f"--n must be >= 1, got {n}"),
+        (batch_size >= 1, f"--batch-size must be >= 1, got {batch_size}"),
+        (n_queries >= 1, f"--n-queries must be >= 1, got {n_queries}"),
+        (flags_n >= 0, f"--flags-n must be >= 0, got {flags_n}"),
+        (not (attacks and suite), "give either --attacks or --suite, not both"),
+        (attacks is None or len(attacks) > 0, "no attacks given (e.g. --attacks fgsm,pgd,cw)"),
+        (attacks is None or len(set(attacks)) == len(attacks), "an attack is named twice"),
+        (not resume or out is not None, "--resume needs --out (the state is kept beside it)"),
+        (
+            amp in ("off", "bf16", "fp16", "auto"),
+            f"--amp must be off, bf16, fp16 or auto, got {amp!r}",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+    if suite is not None and suite not in SUITES:
+        raise UsageError(f"unknown suite {suite!r}", did_you_mean(suite, SUITES))
+    for name in attacks or ():
+        key = name.strip().lower()
+        if key not in ATTACKS:
+            raise UsageError(f"unknown attack {name!r}", did_you_mean(key, ATTACKS))
+    if out is not None and Path(out).is_dir():
+        raise UsageError(f"--out {out} is a directory", "give a file name such as results.json")
+    return eps_v, alpha_v
 
 
 def evaluate_checkpoint(
@@ -457,43 +529,40 @@ def evaluate_checkpoint(
         CheckpointError: missing or corrupt checkpoint.
         DataError: missing data, or data that does not fit the model (classes, shape).
     """
-    from advedge.attacks import NORMS, build_attack
+    from advedge.attacks import build_attack
     from advedge.checkpoint import load_model, resolve_checkpoint
     from advedge.data import load_dataset
-    from advedge.engine import autocast_context
     from advedge.errors import DataError
-    from advedge.utils import parse_eps, resolve_device, seed_everything, sha256_file
+    from advedge.utils import resolve_device, seed_everything, sha256_file
 
-    eps_v = parse_eps(eps, name="--eps")
-    alpha_v = parse_eps(alpha, name="--alpha") if alpha is not None else eps_v / 4
-    if norm not in NORMS:
-        raise UsageError(f"unknown norm {norm!r}", "use Linf or L2")
-    checks = [
-        (steps >= 1, f"--steps must be >= 1, got {steps}"),
-        (n is None or n >= 1, f"--n must be >= 1, got {n}"),
-        (batch_size >= 1, f"--batch-size must be >= 1, got {batch_size}"),
-        (n_queries >= 1, f"--n-queries must be >= 1, got {n_queries}"),
-        (flags_n >= 0, f"--flags-n must be >= 0, got {flags_n}"),
-        (not (attacks and suite), "give either --attacks or --suite, not both"),
-        (attacks is None or len(attacks) > 0, "no attacks given (e.g. --attacks fgsm,pgd,cw)"),
-        (attacks is None or len(set(attacks)) == len(attacks), "an attack is named twice"),
-        (not resume or out is not None, "--resume needs --out (the state is kept beside it)"),
-        (
-            amp in ("off", "bf16", "fp16", "auto"),
-            f"--amp must be off, bf16, fp16 or auto, got {amp!r}",
-        ),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise UsageError(message)
-    if suite is not None and suite not in SUITES:
-        raise UsageError(f"unknown suite {suite!r}", did_you_mean(suite, SUITES))
+    eps_v, alpha_v = check_eval_options(
+        attacks=attacks,
+        suite=suite,
+        eps=eps,
+        alpha=alpha,
+        norm=norm,
+        steps=steps,
+        n=n,
+        batch_size=batch_size,
+        n_queries=n_queries,
+        flags_n=flags_n,
+        resume=resume,
+        out=out,
+        amp=amp,
+    )
     dev = resolve_device(device)
     path = resolve_checkpoint(model_path)
     model = load_model(path, device=dev)
     meta: dict[str, Any] = getattr(model, "checkpoint_metadata", {})
-    dataset = data if isinstance(data, Dataset) else load_dataset(data)
     k_model = int(meta.get("num_classes", getattr(model, "num_classes", 0)))
+    names = [a.strip().lower() for a in (attacks or DEFAULT_ATTACKS)] if suite is None else []
+    for name, needed in (("apgd-t", 4), ("apgd-dlr", 3)):
+        if name in names and k_model < needed:
+            raise UsageError(
+                f"{name} needs at least {needed} classes; the model has {k_model}",
+                "use apgd-ce, pgd or square",
+            )
+    dataset = data if isinstance(data, Dataset) else load_dataset(data)
     if dataset.num_classes != k_model:
         raise DataError(
             f"the model predicts {k_model} classes but {dataset.root} has {dataset.num_classes}",
@@ -520,18 +589,22 @@ def evaluate_checkpoint(
         )
     else:
         built = []
-        for name in attacks or ("fgsm", "pgd", "cw", "mifgsm"):
-            kw: dict[str, Any] = {}
-            key = name.strip().lower()
-            if key in ("pgd", "cw"):
-                kw["restarts"] = restarts
-                kw["generator"] = torch.Generator(device=dev).manual_seed(seed)
-            elif key.startswith("apgd") or key == "square":
-                kw["seed"] = seed
-                if key == "square":
-                    kw["n_queries"] = n_queries
+        for name in names:
+            # PGD/CW take the eps/4 step and restarts; MI-FGSM keeps its own eps/steps rule.
+            pgd_like = name in ("pgd", "cw")
             built.append(
-                build_attack(name, model, eps=eps_v, norm=norm, steps=steps, alpha=alpha_v, **kw)
+                build_attack(
+                    name,
+                    model,
+                    eps=eps_v,
+                    norm=norm,
+                    steps=steps,
+                    alpha=alpha_v if pgd_like else None,
+                    restarts=restarts if pgd_like else None,
+                    seed=seed,
+                    n_queries=n_queries,
+                    generator=torch.Generator(device=dev).manual_seed(seed) if pgd_like else None,
+                )
             )
     model_info = {
         "path": str(path),
@@ -555,7 +628,8 @@ def evaluate_checkpoint(
         model_info=model_info,
         dataset_info=dataset_info,
         progress=progress,
-        autocast=autocast_context(dev, amp) if amp != "off" else None,
+        amp=amp,
+        seed=seed,
         cascade=suite is not None,
         suite=suite,
         state_path=None if out is None else Path(f"{out}.state.json"),

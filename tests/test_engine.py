@@ -208,3 +208,12 @@ def test_real_cifar10_train_then_eval_and_pgd_sanity(tmp_path):
     assert pgd < 0.5 * clean, res  # and a non-robust model falls to PGD-20
     assert res["worst_case_acc"] <= pgd
     assert res["n_examples"] == 200 and res["dataset"]["name"] == "cifar10"
+
+
+def test_stale_temporary_files_are_cleaned_on_resume(tmp_path):
+    data = colour_dataset(tmp_path / "data", n_train=64, n_test=32)
+    train(_cfg(data, tmp_path / "run", epochs=1))
+    stale = tmp_path / "run" / ".state.pt.abc123.tmp"
+    stale.write_bytes(b"half a write")  # what SIGKILL during an atomic write leaves
+    train(_cfg(data, tmp_path / "run", epochs=2), resume=True)
+    assert not stale.exists()

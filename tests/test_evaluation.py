@@ -227,3 +227,49 @@ def test_standard_suite_end_to_end_with_flags():
             (model(pgd(xt, torch.from_numpy(y))).argmax(1) == torch.from_numpy(y)).float().mean()
         )
     assert res["worst_case_acc"] <= pgd_acc + 1 / 48
+
+
+def test_resume_with_another_seed_is_refused(tmp_path):
+    model = Lookup()
+    state = tmp_path / "s.json"
+    _run([BreakSet(model, [1], "a")], state_path=state, seed=0)
+    with pytest.raises(UsageError, match="seed"):
+        _run([BreakSet(model, [1], "a")], state_path=state, seed=1, resume=True)
+
+
+def test_square_query_statistics_cover_every_batch():
+    """The queries of broken examples are gathered over all batches, not the last one."""
+    from advedge.attacks import Square
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 4))
+    model.num_classes = 4
+    x = np.random.default_rng(1).integers(0, 256, size=(24, 4, 4, 3), dtype=np.uint8)
+    with torch.no_grad():
+        y = model(torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255).argmax(1).numpy()
+    data = ImageArrays(x, y.astype(np.int64), ("a", "b", "c", "d"))
+    square = Square(model, eps=32 / 255, n_queries=300, seed=0)
+    res = evaluate(model, data, [square], eps=32 / 255, batch_size=4, flags_n=0)
+    entry = res["attacks"][0]
+    assert entry["n_broken"] > 4  # more than one batch's worth
+    assert entry["queries"]["n_broken"] == entry["n_broken"]
+    assert 1 <= entry["queries"]["median"] <= 300
+
+
+def test_eval_rejects_dlr_attacks_for_too_few_classes_before_writing(tmp_path):
+    from conftest import write_npz_dataset
+
+    from advedge.checkpoint import save_model
+    from advedge.evaluation import evaluate_checkpoint
+    from advedge.models import create_model
+
+    data = write_npz_dataset(tmp_path / "d", num_classes=3, n_train=12, n_test=12, size=8)
+    save_model(
+        create_model("tiny_cnn", num_classes=3),
+        tmp_path / "m.safetensors",
+        metadata={"input_shape": [3, 8, 8]},
+    )
+    out = tmp_path / "res.json"
+    with pytest.raises(UsageError, match="at least 4 classes"):
+        evaluate_checkpoint(tmp_path / "m.safetensors", str(data), attacks=["apgd-t"], out=out)
+    assert not out.exists() and not (tmp_path / "res.json.state.json").exists()

@@ -101,6 +101,8 @@ def build_attack(
         alpha: Step size, passed only to attacks that take ``alpha`` (APGD sets its own step
             size and Square has none); each attack's default rule if None.
         **kwargs: Extra attack-specific options (e.g. ``restarts``, ``n_iter``, ``n_queries``).
+            ``None`` values are ignored; the shared options (``seed``, ``generator``,
+            ``restarts``, ``n_queries``, ``steps``, ``alpha``) go only to attacks that take them.
 
     Raises:
         UsageError: for an unknown attack name (with a close-match suggestion).
@@ -110,9 +112,16 @@ def build_attack(
         raise UsageError(f"unknown attack {name!r}", did_you_mean(key, ATTACKS))
     cls = ATTACKS[key]
     accepted = inspect.signature(cls.__init__).parameters
-    opts: dict[str, Any] = dict(kwargs)
-    if steps is not None and "steps" in accepted:
-        opts["steps"] = steps
-    if alpha is not None and "alpha" in accepted:
-        opts["alpha"] = alpha
+    opts: dict[str, Any] = {}
+    for key, value in {"steps": steps, "alpha": alpha, **kwargs}.items():
+        if value is None:
+            continue
+        if key in accepted:
+            opts[key] = value
+        elif key not in _SHARED_OPTIONS:
+            raise UsageError(f"attack {name!r} does not take {key!r}")
     return cls(model, eps=eps, norm=norm, **opts)
+
+
+# Options that callers may pass to every attack; each attack keeps the ones it takes.
+_SHARED_OPTIONS = frozenset({"steps", "alpha", "seed", "generator", "restarts", "n_queries"})

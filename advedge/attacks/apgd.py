@@ -196,6 +196,7 @@ class APGD(Attack):
             "loss": self.loss,
             "rho": self.rho,
             "momentum": self.momentum,
+            "seed": self.seed,
         }
 
     # -- randomness ---------------------------------------------------------------------------
@@ -282,7 +283,9 @@ class APGD(Attack):
         x_prev, x_cur, grad_cur, loss_cur = x0, x0.clone(), grad0, loss0.clone()
         # Per-example counters for the checkpoint conditions.
         n_increase = torch.zeros(n, device=x.device, dtype=torch.long)
-        reduced_last = torch.zeros(n, device=x.device, dtype=torch.bool)
+        # Condition 2 compares two checkpoints, so it cannot fire at the first one (w_1): start
+        # as if eta had just been reduced.
+        reduced_last = torch.ones(n, device=x.device, dtype=torch.bool)
         loss_max_at_checkpoint = loss_max.clone()
         checkpoints = set(self.checkpoints[1:])
         last_checkpoint = 0
@@ -333,9 +336,9 @@ class APGD(Attack):
                 reduce = cond1 | cond2
                 red = act[reduce]
                 eta[red] = eta[red] / 2
-                # Restart from x_max; x(k) is set to x_max too, so no stale momentum carries over.
+                # Restart from x_max (Algorithm 1, line 11); the previous iterate x(k) is kept,
+                # so the momentum term (1 - alpha)(x_max - x(k)) carries on as in the paper.
                 x_cur[red], grad_cur[red], loss_cur[red] = x_max[red], grad_max[red], loss_max[red]
-                x_prev[red] = x_max[red]
                 reduced_last[act] = reduce
                 loss_max_at_checkpoint[act] = loss_max[act]
                 n_increase[act] = increased

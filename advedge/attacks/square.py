@@ -238,6 +238,7 @@ class Square(Attack):
             "n_queries": self.n_queries,
             "p_init": self.p_init,
             "loss": self.loss,
+            "seed": self.seed,
         }
 
     def _rng(self, device: torch.device) -> torch.Generator | None:
