@@ -503,6 +503,7 @@ def test_registry_and_build_attack_pass_only_accepted_options() -> None:
         "n_queries": 300,
         "p_init": 0.8,
         "loss": "margin",
+        "seed": None,
     }
     t = build_attack("apgd-t", model, eps=0.1).settings()
     assert t["n_target_classes"] == 9 and t["rho"] == 0.75 and t["n_restarts"] == 1
