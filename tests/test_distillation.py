@@ -1,0 +1,77 @@
+"""Distillation losses against their formulas."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from advedge.distillation import (
+    adaad_loss,
+    add_loss,
+    ard_loss,
+    dd_loss,
+    kd_loss,
+    rslad_loss,
+    soft_kl,
+)
+from advedge.errors import UsageError
+
+
+@pytest.fixture
+def logits():
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(6, 5, generator=g) * 3 for _ in range(4)]
+
+
+def _kl(t, s, tau=1.0):
+    p = F.softmax(t / tau, 1)
+    q = F.softmax(s / tau, 1)
+    return (p * (p.log() - q.log())).sum(1).mean()
+
+
+def test_soft_kl_matches_definition_and_vanishes_on_equal_inputs(logits):
+    t, s, _, _ = logits
+    assert soft_kl(t, s, 2.0).item() == pytest.approx(_kl(t, s, 2.0).item(), rel=1e-5)
+    assert soft_kl(t, t).item() == pytest.approx(0.0, abs=1e-6)
+    s = s.clone().requires_grad_(True)
+    t = t.clone().requires_grad_(True)
+    soft_kl(t, s).backward()
+    assert t.grad is None and s.grad is not None  # the target is detached
+
+
+def test_add_with_tau_1_and_alpha_5_6_is_rslad(logits):
+    s_adv, s_clean, t_clean, _ = logits
+    assert add_loss(s_adv, s_clean, t_clean, tau=1.0, alpha=5 / 6).item() == pytest.approx(
+        rslad_loss(s_adv, s_clean, t_clean).item(), rel=1e-6
+    )
+
+
+def test_formulas(logits):
+    s_adv, s_clean, t_clean, t_adv = logits
+    y = torch.tensor([0, 1, 2, 3, 4, 0])
+    ce = F.cross_entropy(s_clean, y)
+    assert kd_loss(s_clean, t_clean, y, tau=4.0, alpha=0.9).item() == pytest.approx(
+        (0.9 * 16 * _kl(t_clean, s_clean, 4.0) + 0.1 * ce).item(), rel=1e-5
+    )
+    assert dd_loss(s_clean, t_clean, tau=20.0).item() == pytest.approx(
+        _kl(t_clean, s_clean, 20.0).item(), rel=1e-4
+    )
+    assert ard_loss(s_adv, s_clean, t_clean, y, tau=2.0, alpha=0.5).item() == pytest.approx(
+        (0.5 * 4 * _kl(t_clean, s_adv, 2.0) + 0.5 * ce).item(), rel=1e-5
+    )
+    assert adaad_loss(s_adv, s_clean, t_adv, t_clean, alpha=0.7).item() == pytest.approx(
+        (0.7 * _kl(t_adv, s_adv) + 0.3 * _kl(t_clean, s_clean)).item(), rel=1e-5
+    )
+    assert add_loss(s_adv, s_clean, t_clean, tau=4.0, alpha=0.9).item() == pytest.approx(
+        (16 * (0.9 * _kl(t_clean, s_adv, 4.0) + 0.1 * _kl(t_clean, s_clean, 4.0))).item(),
+        rel=1e-5,
+    )
+
+
+def test_bad_temperature_and_alpha(logits):
+    s_adv, s_clean, t_clean, _ = logits
+    with pytest.raises(UsageError, match="temperature"):
+        add_loss(s_adv, s_clean, t_clean, tau=0.0)
+    with pytest.raises(UsageError, match="alpha"):
+        add_loss(s_adv, s_clean, t_clean, alpha=1.5)
