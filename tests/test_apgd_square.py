@@ -528,3 +528,20 @@ def test_apgd_restarts_and_seed() -> None:
     # Same seed, same first run: restarts only add broken examples.
     assert not (robust_many & ~robust_one).any()
     assert 0 < robust_many.sum() < len(y)
+
+
+def test_square_does_not_hide_a_torch_module_error() -> None:
+    from advedge.attacks.square import as_logits_fn
+
+    class Broken(nn.Module):
+        def forward(self, x):
+            raise TypeError("bug inside the model")
+
+    with pytest.raises(TypeError, match="bug inside the model"):
+        as_logits_fn(Broken())(torch.rand(2, 3, 4, 4))
+
+    def broken_function(x):
+        raise TypeError("bug inside the function")
+
+    with pytest.raises(TypeError, match="bug inside the function"):
+        as_logits_fn(broken_function)(torch.rand(2, 3, 4, 4))

@@ -77,10 +77,19 @@ class _LogitsFunction:
             try:
                 out = self.call(x)
             except TypeError as error:
+                if isinstance(self.call, nn.Module):
+                    raise  # a torch module's TypeError is a real bug, not a numpy model
+                try:
+                    out = self._call_numpy(x)
+                except Exception:
+                    raise error from None  # numpy did not help either: show the first error
                 logger.debug("model rejected a torch tensor (%s); feeding numpy arrays", error)
                 self.numpy = True
-            else:
-                return _to_tensor(out, x.device)
+                return out
+            return _to_tensor(out, x.device)
+        return self._call_numpy(x)
+
+    def _call_numpy(self, x: Tensor) -> Tensor:
         array = np.ascontiguousarray(x.detach().cpu().numpy())
         return _to_tensor(self.call(array), x.device)
 
