@@ -241,6 +241,79 @@ def train_cmd(
     output.result(payload, human=table)
 
 
+@app.command("distill")
+def distill_cmd(
+    teacher: Annotated[str, typer.Option(help="Teacher run directory or model.safetensors.")],
+    student: Annotated[str, typer.Option(help="Student architecture (see `advedge models`).")],
+    method: Annotated[str, typer.Option(help="kd, dd, ard, rslad, adaad or add.")],
+    data: Annotated[str, typer.Option(help="Dataset directory, or cifar10/cifar100/mnist.")],
+    epochs: Annotated[int, typer.Option(help="Number of epochs.")],
+    out: Annotated[Path, typer.Option(help="Run directory to write.")],
+    temperature: Annotated[
+        float | None, typer.Option(help="Temperature tau [default: the method's].")
+    ] = None,
+    alpha: Annotated[
+        float | None, typer.Option(help="Loss mixing weight in [0, 1] [default: the method's].")
+    ] = None,
+    eps: Annotated[str, typer.Option(help="Inner-attack eps, e.g. 8/255.")] = "8/255",
+    alpha_step: Annotated[str, typer.Option(help="Inner-attack step size.")] = "2/255",
+    steps: Annotated[int, typer.Option(help="Inner-attack steps.")] = 10,
+    batch_size: Annotated[int, typer.Option(help="Global batch size.")] = 128,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 0.1,
+    subset: Annotated[int | None, typer.Option(help="Stratified sample of N images.")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    eval_n: Annotated[int, typer.Option(help="Held-out images scored each epoch.")] = 256,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Distil a robust teacher into a small student (soft labels guide attack and loss)."""
+    from advedge.engine import TrainConfig, check_run_dir, train
+    from advedge.utils import parse_eps
+
+    output = Output(json_out)
+    cfg = TrainConfig(
+        data=data,
+        model=student,
+        method=method,
+        epochs=epochs,
+        out=str(out),
+        eps=parse_eps(eps, name="--eps"),
+        alpha=parse_eps(alpha_step, name="--alpha-step"),
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        subset=subset,
+        seed=seed,
+        device=device,
+        eval_n=eval_n,
+        teacher=teacher,
+        temperature=temperature,
+        mix_alpha=alpha,
+    )
+    check_run_dir(Path(cfg.out), resume)
+    dataset = _load_data(cfg.data, output)
+    progress = _TrainProgress(output)
+    with progress:
+        result = train(cfg, resume=resume, callbacks=progress, dataset=dataset)
+    final = result.metrics[-1] if result.metrics else {}
+    payload = {
+        "schema": "advedge.distill/1",
+        "out": str(result.out),
+        "model_path": str(result.model_path),
+        "teacher": teacher,
+        "method": method,
+        "epochs": cfg.epochs,
+        "resumed_from_epoch": result.resumed_from,
+        "final": final,
+        "metrics": result.metrics,
+    }
+    table = Table(*list(final or {}), title=f"advedge distill ({method}) → {result.out}")
+    for row in result.metrics:
+        table.add_row(*[str(v) for v in row.values()])
+    output.result(payload, human=table)
+
+
 class _Bars:
     """A rich progress display on stderr, usable as a context manager."""
 

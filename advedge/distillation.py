@@ -4,21 +4,30 @@ Notation: ``T`` is the frozen teacher, ``S`` the student, ``tau`` the temperatur
 adversarial example, ``KL(p || q) = sum_k p_k (log p_k - log q_k)`` with ``p`` the target, and
 ``softmax(z / tau)`` written ``z / tau`` inside KL. Every KL here is averaged over the batch.
 
-The inner maximisations (the attacks that craft ``x'``) and the ``advedge distill`` command
-build on these functions; IAD (Zhu et al., ICLR 2022) is not implemented yet.
+Each method (:data:`DISTILL_METHODS`) is one of these losses plus its inner maximisation, run
+by the training engine like any training method. IAD (Zhu et al., ICLR 2022) is not
+implemented yet.
 """
 
 from __future__ import annotations
 
-import torch.nn.functional as F
-from torch import Tensor
+from typing import Any, ClassVar
 
-from advedge.errors import UsageError
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from advedge.attacks import PGD, kl_loss
+from advedge.errors import UsageError, did_you_mean
+from advedge.objectives import Method, MethodOutput
 
 __all__ = [
+    "DISTILL_METHODS",
+    "DistillMethod",
     "adaad_loss",
     "add_loss",
     "ard_loss",
+    "build_distill_method",
     "dd_loss",
     "kd_loss",
     "rslad_loss",
@@ -134,3 +143,207 @@ def _check_tau(tau: float) -> None:
 def _check_alpha(alpha: float) -> None:
     if not 0 <= alpha <= 1:
         raise UsageError(f"alpha must lie in [0, 1], got {alpha}")
+
+
+# --------------------------------------------------------------------------------- methods
+class _StudentTeacher(nn.Module):
+    """Student and teacher side by side, for attacks whose loss needs both (AdaAD).
+
+    Its output concatenates ``[S(x), T(x)]`` along the class axis. The teacher stays in eval
+    mode whatever mode this wrapper is put in.
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module) -> None:
+        super().__init__()
+        self.student = student
+        self.teacher = teacher
+
+    def train(self, mode: bool = True) -> _StudentTeacher:
+        self.training = mode
+        self.student.train(mode)
+        self.teacher.eval()
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat([self.student(x), self.teacher(x)], dim=1)
+
+
+def _pair_kl(logits: Tensor, _: Tensor) -> Tensor:
+    """Per-example ``KL(T(x') || S(x'))`` from ``[S | T]`` logits, differentiable in both."""
+    s, t = logits.float().chunk(2, dim=1)
+    return F.kl_div(
+        F.log_softmax(s, 1), F.log_softmax(t, 1), reduction="none", log_target=True
+    ).sum(1)
+
+
+class DistillMethod(Method):
+    """A distillation method: a frozen teacher, an inner attack and one of the losses above.
+
+    Args:
+        teacher: The frozen teacher (kept in eval mode, never trained).
+        eps, alpha, steps, norm: The inner attack's budget, step size, iterations and norm.
+        tau: Temperature (each method's default when None).
+        mix: The loss's mixing weight alpha (each method's default when None).
+    """
+
+    default_tau: ClassVar[float] = 1.0
+    default_mix: ClassVar[float | None] = None
+
+    def __init__(
+        self,
+        *,
+        teacher: nn.Module,
+        tau: float | None = None,
+        mix: float | None = None,
+        **kw: Any,
+    ) -> None:
+        super().__init__(**kw)
+        self.teacher = teacher.eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.tau = float(self.default_tau if tau is None else tau)
+        self.mix = self.default_mix if mix is None else float(mix)
+        _check_tau(self.tau)
+        if self.mix is not None:
+            _check_alpha(self.mix)
+
+    def settings(self) -> dict[str, Any]:
+        out = {**super().settings(), "temperature": self.tau}
+        if self.mix is not None:
+            out["alpha"] = self.mix
+        return out
+
+    @torch.no_grad()
+    def teacher_logits(self, x: Tensor) -> Tensor:
+        """``T(x)`` without gradients, in eval mode (under the engine's autocast on CUDA)."""
+        self.teacher.eval()
+        return self.teacher(x).float()
+
+    def _pgd(self, model: nn.Module, loss: Any, start: str) -> PGD:
+        return PGD(
+            model,
+            eps=self.eps,
+            alpha=self.alpha,
+            steps=self.steps,
+            norm=self.norm,
+            loss=loss,
+            random_start=start,
+        )
+
+
+class KD(DistillMethod):
+    """``kd``: :func:`kd_loss` on clean inputs (no attack); tau 4, alpha 0.9 by default."""
+
+    name = "kd"
+    adversarial = False
+    default_tau = 4.0
+    default_mix = 0.9
+
+    def settings(self) -> dict[str, Any]:
+        return {"temperature": self.tau, "alpha": self.mix}
+
+    def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> MethodOutput:
+        s = model(x)
+        return MethodOutput(kd_loss(s, self.teacher_logits(x), y, tau=self.tau, alpha=self.mix), s)
+
+
+class DD(DistillMethod):
+    """``dd``: :func:`dd_loss` at temperature 20 by default; deployed at tau = 1."""
+
+    name = "dd"
+    adversarial = False
+    default_tau = 20.0
+
+    def settings(self) -> dict[str, Any]:
+        return {"temperature": self.tau}
+
+    def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> MethodOutput:
+        s = model(x)
+        return MethodOutput(dd_loss(s, self.teacher_logits(x), tau=self.tau), s)
+
+
+class ARD(DistillMethod):
+    """``ard``: PGD on ``CE(S(x'), y)``, then :func:`ard_loss` (tau 30, alpha 1.0 as in ARD)."""
+
+    name = "ard"
+    default_tau = 30.0
+    default_mix = 1.0
+
+    def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> MethodOutput:
+        t = self.teacher_logits(x)
+        x_adv = self._pgd(model, "ce", "uniform")(x, y)
+        s_adv = model(x_adv)
+        s_clean = model(x) if self.mix < 1 else s_adv.detach()
+        return MethodOutput(ard_loss(s_adv, s_clean, t, y, tau=self.tau, alpha=self.mix), s_adv)
+
+
+class RSLAD(DistillMethod):
+    """``rslad``: PGD on ``KL(T(x) || S(x'))`` from ``x + 0.001 N(0, I)``, then :func:`rslad_loss`."""
+
+    name = "rslad"
+
+    def settings(self) -> dict[str, Any]:
+        return {k: v for k, v in super().settings().items() if k not in ("temperature", "alpha")}
+
+    def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> MethodOutput:
+        t = self.teacher_logits(x)
+        x_adv = self._pgd(model, "kl", "normal")(x, F.softmax(t, 1))
+        s_adv = model(x_adv)
+        return MethodOutput(rslad_loss(s_adv, model(x), t), s_adv)
+
+
+class AdaAD(DistillMethod):
+    """``adaad``: PGD on ``KL(T(x') || S(x'))`` with the teacher in the loop; :func:`adaad_loss`."""
+
+    name = "adaad"
+    default_mix = 1.0
+
+    def settings(self) -> dict[str, Any]:
+        return {k: v for k, v in super().settings().items() if k != "temperature"}
+
+    def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> MethodOutput:
+        pair = _StudentTeacher(model, self.teacher)
+        x_adv = self._pgd(pair, _pair_kl, "normal")(x, y)
+        t_adv = self.teacher_logits(x_adv)
+        s_adv = model(x_adv)
+        if self.mix < 1:
+            loss = adaad_loss(s_adv, model(x), t_adv, self.teacher_logits(x), alpha=self.mix)
+        else:
+            loss = adaad_loss(s_adv, s_adv.detach(), t_adv, t_adv, alpha=1.0)
+        return MethodOutput(loss, s_adv)
+
+
+class ADD(DistillMethod):
+    """``add``: PGD on ``KL(p_T || softmax(S(x')/tau))``, then :func:`add_loss` (tau 1, alpha 5/6)."""
+
+    name = "add"
+    default_mix = 5 / 6
+
+    def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> MethodOutput:
+        t = self.teacher_logits(x)
+        tau = self.tau
+
+        def soft_label_kl(logits: Tensor, p: Tensor) -> Tensor:
+            return kl_loss(logits / tau, p)
+
+        x_adv = self._pgd(model, soft_label_kl, "normal")(x, F.softmax(t / tau, 1))
+        s_adv = model(x_adv)
+        return MethodOutput(add_loss(s_adv, model(x), t, tau=tau, alpha=self.mix), s_adv)
+
+
+DISTILL_METHODS: dict[str, type[DistillMethod]] = {
+    m.name: m for m in (KD, DD, ARD, RSLAD, AdaAD, ADD)
+}
+
+
+def build_distill_method(name: str, **kwargs: Any) -> DistillMethod:
+    """Build a distillation method by name (``kd``, ``dd``, ``ard``, ``rslad``, ``adaad``, ``add``).
+
+    Raises:
+        UsageError: for an unknown name, ``iad`` (not implemented yet) or a bad option.
+    """
+    if name == "iad":
+        raise UsageError("method 'iad' is not implemented yet", "use ard, rslad, adaad or add")
+    if name not in DISTILL_METHODS:
+        raise UsageError(f"unknown method {name!r}", did_you_mean(name, DISTILL_METHODS))
+    return DISTILL_METHODS[name](**kwargs)

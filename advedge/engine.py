@@ -129,10 +129,26 @@ class TrainConfig:
     eval_n: int = 256
     eval_steps: int = 10
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    teacher: str | None = None
+    temperature: float | None = None
+    mix_alpha: float | None = None
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise UsageError(f"unknown method {self.method!r}", did_you_mean(self.method, METHODS))
+        from advedge.distillation import DISTILL_METHODS
+
+        known = {**METHODS, **DISTILL_METHODS}
+        if self.method == "iad":
+            raise UsageError("method 'iad' is not implemented yet", "use ard, rslad, adaad or add")
+        if self.method not in known:
+            raise UsageError(f"unknown method {self.method!r}", did_you_mean(self.method, known))
+        if self.method in DISTILL_METHODS and not self.teacher:
+            raise UsageError(f"method {self.method!r} needs a teacher", "pass --teacher RUN_DIR")
+        if self.method in METHODS and self.teacher:
+            raise UsageError(f"method {self.method!r} takes no teacher", "use advedge distill")
+        if self.temperature is not None and not self.temperature > 0:
+            raise UsageError(f"temperature must be > 0, got {self.temperature}")
+        if self.mix_alpha is not None and not 0 <= self.mix_alpha <= 1:
+            raise UsageError(f"alpha must lie in [0, 1], got {self.mix_alpha}")
         if self.model not in list_models():
             raise UsageError(
                 f"unknown model {self.model!r}", did_you_mean(self.model, list_models())
@@ -282,6 +298,9 @@ class Trainer:
                 f"dataset {self.dataset.root} has no training split",
                 "training needs train-*.npz/train.npz, CIFAR batches or a train/ folder",
             )
+        self.extra_metadata = dict(extra_metadata or {})
+        if method is None and config.teacher:
+            method = self._distill_method()
         self.method = method or build_method(
             config.method,
             eps=config.eps,
@@ -290,10 +309,49 @@ class Trainer:
             norm=config.norm,
             **({"beta": config.beta} if config.method == "trades" else {}),
         )
-        self.extra_metadata = dict(extra_metadata or {})
         self.out = Path(config.out)
 
     # ----------------------------------------------------------------------------- setup
+    def _distill_method(self) -> Method:
+        """Load the teacher, check it fits the data, and build the distillation method."""
+        from advedge.checkpoint import load_model, resolve_checkpoint
+        from advedge.distillation import build_distill_method
+        from advedge.utils import sha256_file
+
+        cfg = self.config
+        assert cfg.teacher is not None
+        path = resolve_checkpoint(cfg.teacher)
+        teacher = load_model(path, device=self.device)
+        meta = getattr(teacher, "checkpoint_metadata", {})
+        k = int(meta.get("num_classes", 0))
+        if k != self.dataset.num_classes:
+            raise UsageError(
+                f"the teacher predicts {k} classes but the data has {self.dataset.num_classes}",
+                "distil on the dataset the teacher was trained on",
+            )
+        shape = meta.get("input_shape")
+        if shape and list(shape) != list(self.dataset.input_shape):
+            raise UsageError(
+                f"the teacher takes inputs of shape {list(shape)} but the data has "
+                f"{list(self.dataset.input_shape)}"
+            )
+        self.extra_metadata["teacher"] = {
+            "path": str(path),
+            "sha256": sha256_file(path),
+            "architecture": meta.get("architecture"),
+            "method": meta.get("method"),
+        }
+        return build_distill_method(
+            cfg.method,
+            teacher=teacher,
+            eps=cfg.eps,
+            alpha=cfg.resolved_alpha,
+            steps=cfg.steps,
+            norm=cfg.norm,
+            tau=cfg.temperature,
+            mix=cfg.mix_alpha,
+        )
+
     def _train_arrays(self) -> ImageArrays:
         train = self.dataset.train
         assert train is not None

@@ -1,0 +1,161 @@
+"""`advedge distill`: every method runs in the shared engine; the teacher is checked first."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from advedge.checkpoint import load_model, read_metadata
+from advedge.cli import main
+from advedge.distillation import DISTILL_METHODS, _StudentTeacher
+from advedge.engine import TrainConfig, train
+from advedge.models import create_model
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory) -> tuple[Path, Path]:
+    from conftest import write_npz_dataset
+
+    root = tmp_path_factory.mktemp("distill")
+    data = write_npz_dataset(root / "data", n_train=64, n_test=32, size=16)
+    train(
+        TrainConfig(
+            data=str(data),
+            model="tiny_cnn",
+            method="natural",
+            epochs=1,
+            out=str(root / "teacher"),
+            batch_size=32,
+            eval_n=16,
+            eval_steps=1,
+        )
+    )
+    return data, root / "teacher"
+
+
+@pytest.mark.parametrize("method", sorted(DISTILL_METHODS))
+def test_every_method_distils_and_records_its_teacher(method, teacher_run, tmp_path, capsys):
+    data, teacher = teacher_run
+    out = tmp_path / method
+    code = main(
+        [
+            "distill",
+            "--teacher",
+            str(teacher),
+            "--student",
+            "resnet8",
+            "--method",
+            method,
+            "--data",
+            str(data),
+            "--epochs",
+            "1",
+            "--out",
+            str(out),
+            "--batch-size",
+            "32",
+            "--steps",
+            "2",
+            "--eval-n",
+            "16",
+            "--json",
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["method"] == method and payload["final"]["epoch"] == 1
+    meta = read_metadata(out)
+    assert meta["method"] == method and meta["architecture"] == "resnet8"
+    assert meta["teacher"]["architecture"] == "tiny_cnn"
+    assert len(meta["teacher"]["sha256"]) == 64
+    assert load_model(out).num_classes == 10
+
+
+def test_teacher_stays_frozen_and_in_eval_mode(teacher_run):
+    _, teacher_dir = teacher_run
+    teacher = load_model(teacher_dir)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    method = DISTILL_METHODS["adaad"](teacher=teacher, eps=8 / 255, alpha=2 / 255, steps=2)
+    student = create_model("tiny_cnn", num_classes=10).train()
+    out = method.loss(student, torch.rand(8, 3, 16, 16), torch.zeros(8, dtype=torch.long))
+    out.loss.backward()
+    assert not teacher.training and student.training
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    assert all(p.grad is None for p in teacher.parameters())
+    pair = _StudentTeacher(student, teacher).train()
+    assert pair.student.training and not pair.teacher.training
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--temperature", "0"], "temperature"),
+        (["--alpha", "1.5"], "alpha"),
+        (["--student", "resnet81"], "resnet18"),
+        (["--method", "iad"], "not implemented"),
+        (["--method", "rslda"], "rslad"),
+    ],
+)
+def test_bad_options_fail_before_training(extra, needle, teacher_run, tmp_path, capsys):
+    data, teacher = teacher_run
+    argv = [
+        "distill",
+        "--teacher",
+        str(teacher),
+        "--student",
+        "tiny_cnn",
+        "--method",
+        "rslad",
+        "--data",
+        str(data),
+        "--epochs",
+        "1",
+        "--out",
+        str(tmp_path / "run"),
+    ]
+    for i in range(0, len(extra), 2):
+        if extra[i] in argv:
+            argv[argv.index(extra[i]) + 1] = extra[i + 1]
+        else:
+            argv += extra[i : i + 2]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_corrupt_or_mismatched_teacher(teacher_run, tmp_path, capsys):
+    from conftest import write_npz_dataset
+
+    data, teacher = teacher_run
+    base = ["distill", "--student", "tiny_cnn", "--method", "add", "--epochs", "1"]
+    assert (
+        main(
+            [
+                *base,
+                "--teacher",
+                str(tmp_path / "nope"),
+                "--data",
+                str(data),
+                "--out",
+                str(tmp_path / "a"),
+            ]
+        )
+        == 1
+    )
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\\x00" * 40)
+    assert (
+        main([*base, "--teacher", str(bad), "--data", str(data), "--out", str(tmp_path / "b")]) == 1
+    )
+    five = write_npz_dataset(tmp_path / "five", num_classes=5, n_train=20, n_test=10, size=16)
+    assert (
+        main([*base, "--teacher", str(teacher), "--data", str(five), "--out", str(tmp_path / "c")])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "5" in err and "classes" in err
+    assert not any((tmp_path / d).exists() for d in ("a", "b", "c"))
