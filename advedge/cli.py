@@ -170,7 +170,7 @@ def train_cmd(
 ) -> None:
     """Train a robust (or natural) classifier; writes model.safetensors, config.yaml, metrics.csv."""
     from advedge.config import config_from_dict, load_yaml
-    from advedge.engine import TrainConfig, check_run_dir, train
+    from advedge.engine import TrainConfig
     from advedge.utils import parse_eps
 
     output = Output(json_out)
@@ -220,25 +220,7 @@ def train_cmd(
         options["alpha"] = parse_eps(options["alpha"], name="--alpha")
     options["out"] = str(options["out"])
     cfg = config_from_dict(TrainConfig, options)
-    check_run_dir(Path(cfg.out), resume)  # refuse to overwrite before loading any data
-    dataset = _load_data(cfg.data, output)
-    progress = _TrainProgress(output)
-    with progress:
-        result = train(cfg, resume=resume, callbacks=progress, dataset=dataset)
-    final = result.metrics[-1] if result.metrics else {}
-    payload = {
-        "schema": "advedge.train/1",
-        "out": str(result.out),
-        "model_path": str(result.model_path),
-        "epochs": cfg.epochs,
-        "resumed_from_epoch": result.resumed_from,
-        "final": final,
-        "metrics": result.metrics,
-    }
-    table = Table(*list(final or {}), title=f"advedge train → {result.out}")
-    for row in result.metrics:
-        table.add_row(*[str(v) for v in row.values()])
-    output.result(payload, human=table)
+    _run_training(cfg, resume, output, schema="advedge.train/1", title="advedge train")
 
 
 @app.command("distill")
@@ -268,7 +250,7 @@ def distill_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Distil a robust teacher into a small student (soft labels guide attack and loss)."""
-    from advedge.engine import TrainConfig, check_run_dir, train
+    from advedge.engine import TrainConfig
     from advedge.utils import parse_eps
 
     output = Output(json_out)
@@ -291,24 +273,45 @@ def distill_cmd(
         temperature=temperature,
         mix_alpha=alpha,
     )
-    check_run_dir(Path(cfg.out), resume)
+    _run_training(
+        cfg,
+        resume,
+        output,
+        schema="advedge.distill/1",
+        title=f"advedge distill ({method})",
+        extra={"teacher": teacher, "method": method},
+    )
+
+
+def _run_training(
+    cfg: Any,
+    resume: bool,
+    output: Output,
+    *,
+    schema: str,
+    title: str,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Shared tail of train and distill: check --out, load data, train with bars, report."""
+    from advedge.engine import check_run_dir, train
+
+    check_run_dir(Path(cfg.out), resume)  # refuse to overwrite before loading any data
     dataset = _load_data(cfg.data, output)
     progress = _TrainProgress(output)
     with progress:
         result = train(cfg, resume=resume, callbacks=progress, dataset=dataset)
     final = result.metrics[-1] if result.metrics else {}
     payload = {
-        "schema": "advedge.distill/1",
+        "schema": schema,
         "out": str(result.out),
         "model_path": str(result.model_path),
-        "teacher": teacher,
-        "method": method,
+        **(extra or {}),
         "epochs": cfg.epochs,
         "resumed_from_epoch": result.resumed_from,
         "final": final,
         "metrics": result.metrics,
     }
-    table = Table(*list(final or {}), title=f"advedge distill ({method}) → {result.out}")
+    table = Table(*list(final or {}), title=f"{title} → {result.out}")
     for row in result.metrics:
         table.add_row(*[str(v) for v in row.values()])
     output.result(payload, human=table)
