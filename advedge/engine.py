@@ -137,8 +137,6 @@ class TrainConfig:
         from advedge.distillation import DISTILL_METHODS
 
         known = {**METHODS, **DISTILL_METHODS}
-        if self.method == "iad":
-            raise UsageError("method 'iad' is not implemented yet", "use ard, rslad, adaad or add")
         if self.method not in known:
             raise UsageError(f"unknown method {self.method!r}", did_you_mean(self.method, known))
         if self.method in DISTILL_METHODS and not self.teacher:
@@ -468,6 +466,7 @@ class Trainer:
             # differs, and a resumed run repeats exactly what an uninterrupted one would do.
             torch.manual_seed(_epoch_seed(cfg.seed, epoch, self.rank))
             loader.set_epoch(epoch)
+            self.method.on_epoch_start(epoch, cfg.epochs)
             model.train()
             loss_sum = torch.zeros((), device=self.device)
             correct = torch.zeros((), device=self.device)

@@ -28,6 +28,7 @@ __all__ = [
     "MethodOutput",
     "Natural",
     "Trades",
+    "attack_view",
     "build_method",
     "natural_loss",
     "pgd_at_loss",
@@ -72,6 +73,22 @@ def trades_loss(logits_clean: Tensor, logits_adv: Tensor, y: Tensor, beta: float
     return natural + beta * robust
 
 
+def attack_view(model: nn.Module) -> nn.Module:
+    """The module an inner attack should differentiate: ``model`` without its DDP wrapper.
+
+    Under DDP every rank holds the same weights, so the attack runs on the local module: its
+    forward passes then skip DDP's buffer broadcasts and never arm the gradient reducer, which
+    expects exactly one backward per forward. A ``torch.compile`` wrapper is kept unless it
+    wraps DDP (then the eager local module is used).
+    """
+    inner = getattr(model, "_orig_mod", None)
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return model.module
+    if isinstance(inner, nn.parallel.DistributedDataParallel):
+        return inner.module
+    return model
+
+
 @dataclass
 class MethodOutput:
     """What a method's loss step returns: the scalar loss and the logits to score accuracy on."""
@@ -109,8 +126,15 @@ class Method:
             return {}
         return {"eps": self.eps, "alpha": self.alpha, "steps": self.steps, "norm": self.norm}
 
+    def on_epoch_start(self, epoch: int, epochs: int) -> None:
+        """Called by the engine before epoch ``epoch`` (0-based) of ``epochs``; a no-op here."""
+
     def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> MethodOutput:
-        """Craft the method's inputs for ``(x, y)`` and return its loss. Model is in train mode."""
+        """Craft the method's inputs for ``(x, y)`` and return its loss. Model is in train mode.
+
+        ``model`` may be wrapped in DDP; attacks run on :func:`attack_view` of it, the loss's
+        forward passes on ``model`` itself so that gradients are all-reduced.
+        """
         raise NotImplementedError
 
 
@@ -131,7 +155,9 @@ class PGDAT(Method):
     name = "pgd-at"
 
     def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> MethodOutput:
-        attack = PGD(model, eps=self.eps, alpha=self.alpha, steps=self.steps, norm=self.norm)
+        attack = PGD(
+            attack_view(model), eps=self.eps, alpha=self.alpha, steps=self.steps, norm=self.norm
+        )
         x_adv = attack(x, y)
         logits = model(x_adv)
         return MethodOutput(pgd_at_loss(logits, y), logits)
@@ -150,7 +176,7 @@ class FGSMRS(Method):
         return {"eps": self.eps, "alpha": self.alpha, "steps": 1, "norm": self.norm}
 
     def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> MethodOutput:
-        attack = PGD(model, eps=self.eps, alpha=self.alpha, steps=1, norm=self.norm)
+        attack = PGD(attack_view(model), eps=self.eps, alpha=self.alpha, steps=1, norm=self.norm)
         x_adv = attack(x, y)
         logits = model(x_adv)
         return MethodOutput(pgd_at_loss(logits, y), logits)
@@ -175,13 +201,14 @@ class Trades(Method):
         return {**super().settings(), "beta": self.beta}
 
     def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> MethodOutput:
+        local = attack_view(model)
         with torch.no_grad():
-            was_training = model.training
-            model.eval()
-            p_clean = F.softmax(model(x).float(), dim=1)
-            model.train(was_training)
+            was_training = local.training
+            local.eval()
+            p_clean = F.softmax(local(x).float(), dim=1)
+            local.train(was_training)
         attack = PGD(
-            model,
+            local,
             eps=self.eps,
             alpha=self.alpha,
             steps=self.steps,

@@ -95,7 +95,7 @@ def test_teacher_stays_frozen_and_in_eval_mode(teacher_run):
         (["--temperature", "0"], "temperature"),
         (["--alpha", "1.5"], "alpha"),
         (["--student", "resnet81"], "resnet18"),
-        (["--method", "iad"], "not implemented"),
+        (["--method", "iadd"], "iad"),
         (["--method", "rslda"], "rslad"),
     ],
 )
@@ -159,3 +159,22 @@ def test_missing_corrupt_or_mismatched_teacher(teacher_run, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "5" in err and "classes" in err
     assert not any((tmp_path / d).exists() for d in ("a", "b", "c"))
+
+
+def test_iad_switches_on_its_introspective_term_after_the_warm_up(teacher_run):
+    _, teacher_dir = teacher_run
+    method = DISTILL_METHODS["iad"](
+        teacher=load_model(teacher_dir), eps=8 / 255, alpha=2 / 255, steps=1, warmup=0.5
+    )
+    assert method.settings()["beta"] == 0.1 and method.settings()["warmup"] == 0.5
+    student = create_model("tiny_cnn", num_classes=10).eval()  # fixed BN statistics
+    x, y = torch.rand(8, 3, 16, 16), torch.arange(8) % 10
+    losses = []
+    for epoch in (0, 1, 2):
+        method.on_epoch_start(epoch, 4)
+        torch.manual_seed(0)
+        losses.append(method.loss(student, x, y).loss.item())
+    assert method.introspective
+    # Epoch 0 and 1 are the warm-up (plain ARD, same loss); epoch 2 adds a positive term.
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    assert losses[2] > losses[1]

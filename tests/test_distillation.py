@@ -11,6 +11,7 @@ from advedge.distillation import (
     add_loss,
     ard_loss,
     dd_loss,
+    iad_loss,
     kd_loss,
     rslad_loss,
     soft_kl,
@@ -75,3 +76,20 @@ def test_bad_temperature_and_alpha(logits):
         add_loss(s_adv, s_clean, t_clean, tau=0.0)
     with pytest.raises(UsageError, match="alpha"):
         add_loss(s_adv, s_clean, t_clean, alpha=1.5)
+
+
+def test_iad_formula_weights_the_introspective_term_by_teacher_distrust(logits):
+    s_adv, s_clean, t_clean, t_adv = logits
+    y = torch.tensor([0, 1, 2, 3, 4, 0])
+    w = F.softmax(t_adv, 1)[torch.arange(6), y] ** 0.1
+    p_s, q_s = F.softmax(s_clean, 1), F.softmax(s_adv, 1)
+    intro = ((1 - w) * (p_s * (p_s.log() - q_s.log())).sum(1)).mean()
+    want = 0.8 * 4 * _kl(t_clean, s_adv, 2.0) + 0.8 * intro + 0.2 * F.cross_entropy(s_clean, y)
+    got = iad_loss(s_adv, s_clean, t_clean, t_adv, y, tau=2.0, alpha=0.8, beta=0.1)
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    # A teacher fully confident on x' (w = 1) removes the introspective term: ARD is left.
+    sure = torch.full_like(t_adv, -50.0)
+    sure[torch.arange(6), y] = 50.0
+    assert iad_loss(s_adv, s_clean, t_clean, sure, y, tau=2.0, alpha=0.8).item() == pytest.approx(
+        ard_loss(s_adv, s_clean, t_clean, y, tau=2.0, alpha=0.8).item()
+    )
