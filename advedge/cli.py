@@ -227,7 +227,7 @@ def train_cmd(
 def distill_cmd(
     teacher: Annotated[str, typer.Option(help="Teacher run directory or model.safetensors.")],
     student: Annotated[str, typer.Option(help="Student architecture (see `advedge models`).")],
-    method: Annotated[str, typer.Option(help="kd, dd, ard, rslad, adaad or add.")],
+    method: Annotated[str, typer.Option(help="kd, dd, ard, iad, rslad, adaad or add.")],
     data: Annotated[str, typer.Option(help="Dataset directory, or cifar10/cifar100/mnist.")],
     epochs: Annotated[int, typer.Option(help="Number of epochs.")],
     out: Annotated[Path, typer.Option(help="Run directory to write.")],
@@ -293,13 +293,21 @@ def _run_training(
     extra: dict[str, Any] | None = None,
 ) -> None:
     """Shared tail of train and distill: check --out, load data, train with bars, report."""
+    from advedge.distributed import barrier, distributed_session
     from advedge.engine import check_run_dir, train
 
-    check_run_dir(Path(cfg.out), resume)  # refuse to overwrite before loading any data
-    dataset = _load_data(cfg.data, output)
-    progress = _TrainProgress(output)
-    with progress:
-        result = train(cfg, resume=resume, callbacks=progress, dataset=dataset)
+    with distributed_session(cfg.device) as (rank, _):
+        check_run_dir(Path(cfg.out), resume)  # refuse to overwrite before loading any data
+        # Under torchrun rank 0 loads (and, for a named dataset, downloads) first and alone
+        # reports; the other ranks then read the files it left.
+        dataset = _load_data(cfg.data, output) if rank == 0 else None
+        barrier()
+        if rank != 0:
+            train(cfg, resume=resume, dataset=_load_data(cfg.data, Output(True)))
+            return
+        progress = _TrainProgress(output)
+        with progress:
+            result = train(cfg, resume=resume, callbacks=progress, dataset=dataset)
     final = result.metrics[-1] if result.metrics else {}
     payload = {
         "schema": schema,

@@ -35,6 +35,13 @@ from advedge.attacks import NORMS, PGD
 from advedge.checkpoint import MODEL_FILE, STATE_FILE, load_state, save_model, save_state, unwrap
 from advedge.config import config_to_dict, write_yaml
 from advedge.data import BatchLoader, Dataset, ImageArrays, load_dataset, stratified_subset
+from advedge.distributed import (
+    barrier,
+    broadcast_buffers,
+    init_distributed,
+    parameters_agree,
+    rank_and_world,
+)
 from advedge.errors import AdvedgeError, UsageError, did_you_mean
 from advedge.models import create_model, list_models
 from advedge.objectives import METHODS, Method, MethodOutput, build_method
@@ -199,13 +206,15 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    """Outcome of :func:`train`: the run directory, its model file and the metrics rows."""
+    """Outcome of :func:`train`: the run directory, its model file, the metrics rows and the
+    trained model itself (this rank's copy, unwrapped, on the training device)."""
 
     out: Path
     model_path: Path
     metrics: list[dict[str, float]]
     epochs_run: int
     resumed_from: int
+    model: nn.Module | None = None
 
 
 class TrainCallbacks:
@@ -226,14 +235,6 @@ class TrainCallbacks:
 
 def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return (seed * 1_000_003 + epoch * 10_007 + rank) % (2**63)
-
-
-def _distributed() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def autocast_context(
@@ -285,7 +286,8 @@ class Trainer:
         dataset: Dataset | None = None,
     ) -> None:
         self.config = config
-        self.rank, self.world_size = _distributed()
+        init_distributed(config.device)  # a no-op unless launched by torchrun
+        self.rank, self.world_size = rank_and_world()
         self.is_main = self.rank == 0
         self.device = resolve_device(config.device)
         if self.world_size > 1 and self.device.type == "cuda":
@@ -490,6 +492,7 @@ class Trainer:
                     f"training diverged at epoch {epoch + 1} (loss is {loss_mean})",
                     "lower --lr; the last good checkpoint is kept",
                 )
+            broadcast_buffers(model)  # every rank scores and saves rank 0's BN statistics
             callbacks.on_eval_start(epoch=epoch)
             clean_acc, pgd_acc = self._held_out_accuracy(model, held_x, held_y)
             row = {
@@ -504,6 +507,7 @@ class Trainer:
             metrics.append(row)
             if self.is_main:
                 self._write_checkpoint(model, optimizer, scheduler, scaler, epoch + 1, metrics)
+            barrier()  # no rank runs ahead of the checkpoint it would resume from
             logger.info(
                 "epoch %d/%d: loss %.4f, train acc %.3f, held-out clean %.3f, PGD-%d %.3f (%.1f s)",
                 epoch + 1,
@@ -516,12 +520,18 @@ class Trainer:
                 row["seconds"],
             )
             callbacks.on_epoch_end(row)
+        if not parameters_agree(model):
+            raise AdvedgeError(
+                f"rank {self.rank}: the ranks ended with different weights",
+                "this is a bug in the DDP set-up; the rank-0 checkpoint is kept",
+            )
         return TrainResult(
             out=self.out,
             model_path=self.out / MODEL_FILE,
             metrics=metrics,
             epochs_run=cfg.epochs - start_epoch,
             resumed_from=start_epoch,
+            model=model,
         )
 
     # ----------------------------------------------------------------------------- helpers
@@ -547,8 +557,13 @@ class Trainer:
         return to_tensor(held.x).to(self.device), torch.as_tensor(held.y).to(self.device)
 
     def _held_out_accuracy(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[float, float]:
-        """Clean and PGD accuracy on the fixed held-out batch, in fp32 (honest gradients)."""
+        """Clean and PGD accuracy on the fixed held-out batch, in fp32 (honest gradients).
+
+        Under DDP each rank scores every ``world_size``-th image and the counts are summed.
+        """
         cfg = self.config
+        n_total = x.shape[0]
+        x, y = x[self.rank :: self.world_size], y[self.rank :: self.world_size]
         model.eval()
         attack = PGD(
             model,
@@ -566,7 +581,13 @@ class Trainer:
             xa = attack(xb, yb)
             with torch.no_grad():
                 pgd += int((model(xa).argmax(1) == yb).sum())
-        return clean / x.shape[0], pgd / x.shape[0]
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            counts = torch.tensor([clean, pgd], dtype=torch.float64, device=self.device)
+            dist.all_reduce(counts)
+            clean, pgd = (int(c) for c in counts.tolist())
+        return clean / n_total, pgd / n_total
 
     def _resolved_config(self, n_train: int) -> dict[str, Any]:
         d = config_to_dict(self.config)
