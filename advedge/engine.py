@@ -7,7 +7,8 @@ schedule. Every epoch it scores a fixed held-out batch (clean and PGD accuracy),
 atomically, so a run killed at any point resumes from its last complete epoch with
 ``resume=True`` and loses at most the epoch in progress.
 
-On CUDA it uses bf16 (or fp16 with a grad scaler) autocast, channels_last and optionally
+On CUDA it uses bf16 (or fp16 with a grad scaler) autocast, channels_last (on CPU too, where a
+timing probe finds it faster) and optionally
 ``torch.compile``; it also runs on CPU. Under ``torchrun`` it wraps the model in DDP, shards the
 data with a distributed sampler and lets rank 0 alone write files.
 """
@@ -100,7 +101,10 @@ class TrainConfig:
         seed: Seed for weights, data order, subset and attacks.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         amp: ``auto`` (bf16 on CUDA, off on CPU), ``bf16``, ``fp16`` or ``off``.
-        channels_last: None means on CUDA only.
+        channels_last: None means on CUDA, and on CPU when a short timing probe of one
+            forward-backward pass finds it faster (oneDNN's NHWC kernels win for small and
+            depthwise convolutions); the choice is kept in ``state.pt`` so a resumed run uses
+            the same layout. Pass True or False for bit-reproducible runs across machines.
         compile: Wrap the model in ``torch.compile``.
         augment: Random crop (4-pixel padding) and horizontal flip.
         eval_n: Size of the fixed held-out batch scored every epoch.
@@ -402,9 +406,27 @@ class Trainer:
         seed_everything(cfg.seed + self.rank)
 
         train_arrays = self._train_arrays()
+        layout = cfg.channels_last
+        if layout is None and state is not None:
+            layout = state.get("channels_last")
+        c, h, w = self.dataset.input_shape
         model, channels_last = prepare_model(
-            self._build_model(), self.device, channels_last=cfg.channels_last
+            self._build_model(),
+            self.device,
+            channels_last=layout,
+            probe_input=torch.rand(min(cfg.batch_size, 64), c, h, w),
         )
+        if self.world_size > 1 and layout is None:
+            # Every rank must use the same layout: rank 0's probe decides.
+            import torch.distributed as dist
+
+            flag = torch.tensor([int(channels_last)], device=self.device)
+            dist.broadcast(flag, 0)
+            if bool(flag.item()) != channels_last:
+                channels_last = bool(flag.item())
+                fmt = torch.channels_last if channels_last else torch.contiguous_format
+                model = model.to(memory_format=fmt)
+        self.channels_last = channels_last
         per_rank_batch = max(1, cfg.batch_size // self.world_size)
         loader = BatchLoader(
             train_arrays,
@@ -595,6 +617,7 @@ class Trainer:
         d["resolved"] = {
             "device": str(self.device),
             "world_size": self.world_size,
+            "channels_last": self.channels_last,
             "dataset": {
                 "name": self.dataset.name,
                 "root": str(self.dataset.root),
@@ -643,6 +666,7 @@ class Trainer:
             "metrics": metrics,
             "fingerprint": self.config.fingerprint(),
             "config": config_to_dict(self.config),
+            "channels_last": self.channels_last,
         }
         # Order matters for crash safety: the state first, then the model, then metrics.
         save_state(state, self.out / STATE_FILE)
@@ -707,18 +731,61 @@ def training_step(
 
 
 def prepare_model(
-    model: nn.Module, device: torch.device, *, channels_last: bool | None = None
+    model: nn.Module,
+    device: torch.device,
+    *,
+    channels_last: bool | None = None,
+    probe_input: Tensor | None = None,
 ) -> tuple[nn.Module, bool]:
-    """Move ``model`` to ``device`` (channels_last on CUDA unless told otherwise).
+    """Move ``model`` to ``device``, in the channels_last memory format where that pays.
+
+    ``channels_last=None`` means: on CUDA always; on CPU when ``probe_input`` is given and
+    :func:`channels_last_is_faster` says so; otherwise not.
 
     Returns:
         ``(model, channels_last)``.
     """
-    use_cl = channels_last if channels_last is not None else device.type == "cuda"
     model = model.to(device)
+    use_cl = channels_last
+    if use_cl is None:
+        if device.type == "cuda":
+            use_cl = True
+        elif probe_input is not None:
+            use_cl = channels_last_is_faster(model, probe_input.to(device))
+        else:
+            use_cl = False
     if use_cl:
         model = model.to(memory_format=torch.channels_last)
-    return model, use_cl
+    return model, bool(use_cl)
+
+
+def channels_last_is_faster(model: nn.Module, x: Tensor, *, repeats: int = 2) -> bool:
+    """Time a forward-backward pass of a copy of ``model`` in both memory formats.
+
+    The copy (in train mode) takes the input gradient and the parameter gradients, as one
+    step of adversarial training does; each format gets one warm-up pass, then the best of
+    ``repeats`` timed passes decides. The model itself is not touched.
+    """
+    import copy
+
+    def best(m: nn.Module, inp: Tensor) -> float:
+        times = []
+        for i in range(repeats + 1):
+            t0 = time.perf_counter()
+            xi = inp.detach().requires_grad_(True)
+            m(xi).float().logsumexp(1).sum().backward()
+            if inp.device.type == "cuda":
+                torch.cuda.synchronize(inp.device)
+            if i:
+                times.append(time.perf_counter() - t0)
+        return min(times)
+
+    nchw = copy.deepcopy(model).train()
+    nhwc = copy.deepcopy(model).train().to(memory_format=torch.channels_last)
+    t_nchw = best(nchw, x)
+    t_nhwc = best(nhwc, x.contiguous(memory_format=torch.channels_last))
+    logger.info("layout probe: NCHW %.4f s, channels_last %.4f s", t_nchw, t_nhwc)
+    return t_nhwc < 0.95 * t_nchw
 
 
 def write_metrics_csv(path: Path, rows: list[dict[str, float]]) -> None:

@@ -65,9 +65,13 @@ def cifar_batch(batch: int, device: torch.device) -> tuple[torch.Tensor, torch.T
 
 
 def write_results(
-    name: str, payload: dict[str, Any], rows: list[dict[str, Any]], columns: list[str]
+    name: str,
+    payload: dict[str, Any],
+    rows: list[dict[str, Any]],
+    columns: list[str],
+    directory: Path = RESULTS,
 ) -> Path:
-    """Write ``results/<name>.json`` and ``results/<name>.md`` (a table naming the machine)."""
+    """Write ``<directory>/<name>.json`` and ``.md`` (a table naming the machine)."""
     env = payload["environment"]
     machine = env.get("gpu") or env.get("processor")
     lines = [
@@ -82,10 +86,10 @@ def write_results(
     for row in rows:
         lines.append("| " + " | ".join(str(row.get(c, "")) for c in columns) + " |")
     lines.append("")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(RESULTS / f"{name}.json", json.dumps(payload, indent=2) + "\n")
-    atomic_write_text(RESULTS / f"{name}.md", "\n".join(lines))
-    return RESULTS / f"{name}.md"
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(directory / f"{name}.json", json.dumps(payload, indent=2) + "\n")
+    atomic_write_text(directory / f"{name}.md", "\n".join(lines))
+    return directory / f"{name}.md"
 
 
 def base_parser(description: str, *, batch_size: int, iters: int) -> argparse.ArgumentParser:

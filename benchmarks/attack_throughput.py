@@ -45,7 +45,7 @@ def main() -> None:
     torch.manual_seed(0)
     ref_model = create_model(args.model).to(device).eval()
     torch.manual_seed(0)
-    model, channels_last = prepare_model(create_model(args.model), device)
+    model, channels_last = prepare_model(create_model(args.model), device, probe_input=x)
     model.eval()
     x_engine = x.contiguous(memory_format=torch.channels_last) if channels_last else x
     run_model = torch.compile(model) if args.compile else model

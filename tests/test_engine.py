@@ -14,6 +14,7 @@ import yaml
 from advedge.checkpoint import load_model, load_state, read_metadata
 from advedge.engine import TrainCallbacks, TrainConfig, Trainer, lr_lambda, train
 from advedge.errors import UsageError
+from advedge.models import create_model
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -55,6 +56,7 @@ def _cfg(data: Path, out: Path, **kw) -> TrainConfig:
         eval_steps=2,
         steps=2,
         seed=0,
+        channels_last=False,  # no timing probe: runs must be bit-reproducible
     )
     base.update(kw)
     return TrainConfig(**base)
@@ -217,3 +219,36 @@ def test_stale_temporary_files_are_cleaned_on_resume(tmp_path):
     stale.write_bytes(b"half a write")  # what SIGKILL during an atomic write leaves
     train(_cfg(data, tmp_path / "run", epochs=2), resume=True)
     assert not stale.exists()
+
+
+def test_layout_probe_decides_once_and_resume_keeps_the_choice(tmp_path, monkeypatch):
+    import advedge.engine as engine
+    from advedge.config import load_yaml
+
+    data = colour_dataset(tmp_path / "data", n_train=64, n_test=16)
+    calls = []
+
+    def fake_probe(model, x, **kw):
+        calls.append(tuple(x.shape))
+        return True
+
+    monkeypatch.setattr(engine, "channels_last_is_faster", fake_probe)
+    cfg = dict(channels_last=None, epochs=1)
+    train(_cfg(data, tmp_path / "run", **cfg))
+    assert calls == [(32, 3, 16, 16)]
+    assert load_state(tmp_path / "run" / "state.pt")["channels_last"] is True
+    assert load_yaml(tmp_path / "run" / "config.yaml")["resolved"]["channels_last"] is True
+    # A resumed run reuses the stored layout instead of probing again.
+    monkeypatch.setattr(engine, "channels_last_is_faster", lambda *a, **k: calls.append(0))
+    train(_cfg(data, tmp_path / "run", **{**cfg, "epochs": 2}), resume=True)
+    assert calls == [(32, 3, 16, 16)]
+
+
+def test_layout_probe_times_both_formats_without_touching_the_model():
+    from advedge.engine import channels_last_is_faster
+
+    model = create_model("tiny_cnn", num_classes=10).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert isinstance(channels_last_is_faster(model, torch.rand(4, 3, 32, 32)), bool)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())

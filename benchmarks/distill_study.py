@@ -1,0 +1,404 @@
+"""The distillation study: one robust teacher, ten students at equal budget, honest evaluation.
+
+One configuration end to end, through advedge's own API (the engine behind ``advedge train`` and
+``advedge distill``, and the evaluation behind ``advedge eval``):
+
+1. a robust teacher (PGD-AT);
+2. students trained by ``natural``, ``pgd-at``, ``trades`` (no teacher) and ``kd``, ``dd``,
+   ``ard``, ``iad``, ``rslad``, ``adaad``, ``add`` (from the teacher), all with the same
+   epochs, data, inner-attack steps, batch size and learning-rate schedule;
+3. each evaluated on the CIFAR-10 test split: clean, PGD-20 and CW-20 (each its own number, on
+   ``eval_n`` images), the ``standard`` suite (APGD-CE, APGD-T, Square 5000 queries, cascaded,
+   on the first ``suite_n`` images), and the per-example worst case over all five attacks on
+   those ``suite_n`` images.
+
+``--sweep`` instead trains ADD over its grid (tau in {1, 2, 4} x alpha in {5/6, 0.9}) next to
+RSLAD, from the same teacher and budget, and scores clean, PGD-20 and CW-20.
+
+Scales:
+
+* ``mini`` (this 2-core CPU, about an hour): teacher ResNet-20 (12 epochs), students ResNet-8
+  (8 epochs), a stratified 4,000-image subset of the CIFAR-10 training set, batch 64, SGD lr
+  0.1 cosine, PGD-5 inner attacks (eps 8/255, step 2/255); evaluation on 1,000 test images,
+  the standard suite on 200.
+* ``full`` (a GPU): teacher ResNet-18 and students MobileNetV2 and ResNet-18 on all 50,000
+  images, PGD-10, batch 128; see :data:`SCALES` for the epochs.
+
+Runs live in ``--runs`` (default ``runs/distill_<scale>``); rerunning the script resumes every
+unfinished run and reuses every finished run and evaluation, so an interrupted study continues
+where it stopped. Results: ``results/distill_<scale>.{json,md}`` (or ``distill_sweep_<scale>``).
+
+    python benchmarks/distill_study.py --scale mini [--sweep] [--only rslad,add]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from _common import DATA, RESULTS, stamp, write_results
+
+from advedge.checkpoint import MODEL_FILE, load_model
+from advedge.data import load_dataset
+from advedge.distillation import ADD
+from advedge.engine import TrainConfig, train
+from advedge.evaluation import build_suite, evaluate
+from advedge.models import count_parameters, mflops
+from advedge.utils import atomic_write_text, resolve_device
+
+STUDENT_METHODS = ("natural", "pgd-at", "trades", "kd", "dd", "ard", "iad", "rslad", "adaad", "add")
+TEACHERLESS = ("natural", "pgd-at", "trades")
+SWEEP = [(tau, alpha) for tau in (1.0, 2.0, 4.0) for alpha in (5 / 6, 0.9)]
+EPS = 8 / 255
+ADD_MIX = float(ADD.default_mix or 5 / 6)
+
+
+@dataclasses.dataclass(frozen=True)
+class Scale:
+    """One study configuration (see the module docstring)."""
+
+    teacher: str
+    teacher_epochs: int
+    students: tuple[str, ...]
+    epochs: int
+    subset: int | None
+    steps: int
+    batch_size: int
+    lr: float
+    eval_n: int
+    suite_n: int
+
+
+SCALES = {
+    "mini": Scale(
+        teacher="resnet20",
+        teacher_epochs=12,
+        students=("resnet8",),
+        epochs=8,
+        subset=4000,
+        steps=5,
+        batch_size=64,
+        lr=0.1,
+        eval_n=1000,
+        suite_n=200,
+    ),
+    "full": Scale(
+        teacher="resnet18",
+        teacher_epochs=100,
+        students=("mobilenetv2", "resnet18"),
+        epochs=100,
+        subset=None,
+        steps=10,
+        batch_size=128,
+        lr=0.1,
+        eval_n=10000,
+        suite_n=1000,
+    ),
+}
+
+
+def _fmt(tau: float, alpha: float) -> str:
+    return f"t{tau:g}_a{alpha:.3f}"
+
+
+class Study:
+    """Trains and evaluates the runs of one scale, reusing whatever is already finished."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        scale = SCALES[args.scale]
+        overrides = {
+            k: getattr(args, k)
+            for k in ("epochs", "teacher_epochs", "subset", "eval_n", "suite_n")
+            if getattr(args, k) is not None
+        }
+        self.scale = dataclasses.replace(scale, **overrides)
+        self.runs = Path(args.runs or f"runs/distill_{args.scale}")
+        self.device = resolve_device(args.device)
+        self.dataset = load_dataset(args.data)
+        self.log = logging.getLogger("distill_study")
+
+    # ------------------------------------------------------------------------- training
+    def _config(self, name: str, model: str, method: str, epochs: int, **kw: Any) -> TrainConfig:
+        s = self.scale
+        return TrainConfig(
+            data=str(self.args.data),
+            model=model,
+            method=method,
+            epochs=epochs,
+            out=str(self.runs / name),
+            eps=EPS,
+            alpha=2 / 255,
+            steps=s.steps,
+            batch_size=s.batch_size,
+            lr=s.lr,
+            subset=s.subset,
+            seed=self.args.seed,
+            device=self.args.device,
+            eval_n=256,
+            **kw,
+        )
+
+    def _train(self, cfg: TrainConfig) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        result = train(cfg, resume=True, dataset=self.dataset)
+        if result.epochs_run:
+            self.log.warning(
+                "trained %s (%d epochs) in %.0f s",
+                cfg.out,
+                result.epochs_run,
+                time.perf_counter() - t0,
+            )
+        return {
+            "run": cfg.out,
+            "train_seconds": round(sum(r["seconds"] for r in result.metrics), 1),
+            "last_epoch": result.metrics[-1],
+        }
+
+    def teacher(self) -> tuple[Path, dict[str, Any]]:
+        s = self.scale
+        name = f"teacher_{s.teacher}_pgd-at"
+        info = self._train(self._config(name, s.teacher, "pgd-at", s.teacher_epochs))
+        return self.runs / name, info
+
+    def student(
+        self,
+        model: str,
+        method: str,
+        teacher: Path,
+        tau: float | None = None,
+        alpha: float | None = None,
+    ) -> tuple[Path, dict[str, Any]]:
+        name = f"{model}_{method}"
+        kw: dict[str, Any] = {}
+        if method not in TEACHERLESS:
+            kw = {"teacher": str(teacher)}
+        if tau is not None:
+            name += "_" + _fmt(tau, alpha if alpha is not None else 5 / 6)
+            kw.update(temperature=tau, mix_alpha=alpha)
+        info = self._train(self._config(name, model, method, self.scale.epochs, **kw))
+        return self.runs / name, info
+
+    # ----------------------------------------------------------------------- evaluation
+    def evaluate(self, run: Path, *, standard: bool) -> dict[str, Any]:
+        """Clean, PGD-20, CW-20 (and the standard suite, the worst case); cached in the run."""
+        s = self.scale
+        key = {"eval_n": s.eval_n, "suite_n": s.suite_n if standard else 0, "seed": 0}
+        cache = run / "study_eval.json"
+        if cache.exists():
+            cached = json.loads(cache.read_text())
+            if cached.get("key") == key:
+                return cached
+        model = load_model(run / MODEL_FILE, device=self.device).eval()
+        test = self.dataset.test
+        common = {"eps": EPS, "device": self.device, "batch_size": 250, "seed": 0}
+        quick = evaluate(
+            model,
+            test,
+            build_suite("quick", model, eps=EPS, steps=20),
+            n=s.eval_n,
+            cascade=False,
+            flags_n=100,
+            suite="quick",
+            **common,
+        )
+        by_name = {a["name"]: a for a in quick["attacks"]}
+        out: dict[str, Any] = {
+            "key": key,
+            "clean": quick["clean_acc"],
+            "pgd20": by_name["pgd"]["robust_acc"],
+            "cw20": by_name["cw"]["robust_acc"],
+            "flags_triggered": quick["flags_triggered"],
+            "quick_seconds": quick["seconds"],
+        }
+        if standard:
+            std = evaluate(
+                model,
+                test,
+                build_suite("standard", model, eps=EPS),
+                n=s.suite_n,
+                cascade=True,
+                flags_n=0,
+                suite="standard",
+                **common,
+            )
+            worst = np.asarray(std["_per_example"]["clean"], dtype=bool).copy()
+            for per in (quick["_per_example"], std["_per_example"]):
+                for flags in per.values():
+                    worst &= np.asarray(flags, dtype=bool)[: s.suite_n]
+            broke = [a["name"] for a in std["attacks"] if a["n_broken"] > 0]
+            out.update(
+                standard=std["worst_case_acc"],
+                standard_attacks={a["name"]: a["robust_acc"] for a in std["attacks"]},
+                clean_suite_n=std["clean_acc"],
+                worst_case=float(worst.mean()),
+                worst_case_attacks=[
+                    *(n for n in ("pgd", "cw") if by_name[n]["n_broken"] > 0),
+                    *broke,
+                ],
+                standard_seconds=std["seconds"],
+            )
+        atomic_write_text(cache, json.dumps(out, indent=2) + "\n")
+        return out
+
+    def describe(self, run: Path) -> dict[str, Any]:
+        model = load_model(run / MODEL_FILE)
+        return {
+            "params_m": round(count_parameters(model) / 1e6, 3),
+            "mflops": round(mflops(model), 1),
+        }
+
+    # ---------------------------------------------------------------------------- runs
+    def run_study(self) -> None:
+        s = self.scale
+        only = set(self.args.only.split(",")) if self.args.only else set(STUDENT_METHODS)
+        unknown = only - set(STUDENT_METHODS)
+        if unknown:
+            raise SystemExit(f"unknown method(s) in --only: {', '.join(sorted(unknown))}")
+        started = time.perf_counter()
+        teacher, tinfo = self.teacher()
+        rows = [self._row("teacher", s.teacher, "pgd-at", teacher, tinfo)]
+        for model in s.students:
+            for method in STUDENT_METHODS:
+                if method not in only:
+                    continue
+                if method == "add":  # named by its settings, so the sweep's run is reused
+                    run, info = self.student(model, "add", teacher, ADD.default_tau, ADD_MIX)
+                else:
+                    run, info = self.student(model, method, teacher)
+                    rows.append(self._row("student", model, method, run, info))
+        self._write(f"distill_{self.args.scale}", rows, started, standard=True)
+
+    def run_sweep(self) -> None:
+        s = self.scale
+        started = time.perf_counter()
+        teacher, tinfo = self.teacher()
+        rows = [self._row("teacher", s.teacher, "pgd-at", teacher, tinfo, standard=False)]
+        for model in s.students:
+            run, info = self.student(model, "rslad", teacher)
+            rows.append(self._row("student", model, "rslad", run, info, standard=False))
+            for tau, alpha in SWEEP:
+                run, info = self.student(model, "add", teacher, tau, alpha)
+                row = self._row("student", model, "add", run, info, standard=False)
+                row.update(temperature=tau, alpha=round(alpha, 4))
+                rows.append(row)
+        self._write(f"distill_sweep_{self.args.scale}", rows, started, standard=False)
+
+    def _row(
+        self,
+        role: str,
+        model: str,
+        method: str,
+        run: Path,
+        info: dict[str, Any],
+        *,
+        standard: bool = True,
+    ) -> dict[str, Any]:
+        scores = self.evaluate(run, standard=standard)
+        self.log.warning(
+            "%s %s: clean %.3f PGD-20 %.3f CW-20 %.3f%s",
+            model,
+            method,
+            scores["clean"],
+            scores["pgd20"],
+            scores["cw20"],
+            f" worst {scores['worst_case']:.3f}" if "worst_case" in scores else "",
+        )
+        return {
+            "role": role,
+            "model": model,
+            "method": method,
+            **info,
+            **scores,
+            **self.describe(run),
+        }
+
+    def _write(
+        self, name: str, rows: list[dict[str, Any]], started: float, *, standard: bool
+    ) -> None:
+        s = self.scale
+        payload = {
+            "benchmark": name,
+            **stamp(),
+            "scale": self.args.scale,
+            "settings": {
+                **dataclasses.asdict(s),
+                "data": str(self.args.data),
+                "eps": EPS,
+                "step": 2 / 255,
+                "teacher_method": "pgd-at",
+                "schedule": "cosine",
+                "augment": True,
+                "seed": self.args.seed,
+                "device": str(self.device),
+                "eval": "clean / PGD-20 / CW-20 on the first eval_n test images; "
+                + (
+                    "standard suite cascaded on the first suite_n; worst case per example over "
+                    "all five attacks on those suite_n"
+                    if standard
+                    else "no standard suite"
+                ),
+            },
+            "wall_seconds": round(time.perf_counter() - started, 1),
+            "rows": rows,
+        }
+        table = []
+        for r in rows:
+            label = r["method"]
+            if "temperature" in r:
+                label += f" (tau {r['temperature']:g}, alpha {r['alpha']:.3f})"
+            entry = {
+                "model": r["model"] + (" (teacher)" if r["role"] == "teacher" else ""),
+                "method": label,
+                "clean": f"{r['clean']:.3f}",
+                "PGD-20": f"{r['pgd20']:.3f}",
+                "CW-20": f"{r['cw20']:.3f}",
+                "train min": f"{r['train_seconds'] / 60:.1f}",
+                "params M": r["params_m"],
+                "MFLOPs": r["mflops"],
+            }
+            if standard:
+                entry["standard"] = f"{r['standard']:.3f}"
+                entry["worst case"] = f"**{r['worst_case']:.3f}**"
+                entry["broken by"] = ", ".join(r["worst_case_attacks"])
+            table.append(entry)
+        columns = ["model", "method", "clean", "PGD-20", "CW-20"]
+        if standard:
+            columns += ["standard", "worst case", "broken by"]
+        columns += ["train min", "params M", "MFLOPs"]
+        path = write_results(name, payload, table, columns, Path(self.args.results))
+        print(path.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scale", choices=sorted(SCALES), default="mini")
+    parser.add_argument("--sweep", action="store_true", help="ADD's (tau, alpha) grid vs RSLAD")
+    parser.add_argument("--only", help="comma-separated student methods to run")
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--runs", help="where the runs live (default runs/distill_<scale>)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--results", default=str(RESULTS), help="where results are written")
+    parser.add_argument("--epochs", type=int, help="override the scale's student epochs")
+    parser.add_argument("--teacher-epochs", type=int, help="override the teacher's epochs")
+    parser.add_argument("--subset", type=int, help="override the training subset")
+    parser.add_argument("--eval-n", type=int, help="override the evaluation size")
+    parser.add_argument("--suite-n", type=int, help="override the standard suite's size")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
+    study = Study(args)
+    if args.sweep:
+        study.run_sweep()
+    else:
+        study.run_study()
+
+
+if __name__ == "__main__":
+    main()
