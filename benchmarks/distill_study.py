@@ -270,9 +270,10 @@ class Study:
                     continue
                 if method == "add":  # named by its settings, so the sweep's run is reused
                     run, info = self.student(model, "add", teacher, ADD.default_tau, ADD_MIX)
+                    info.update(temperature=ADD.default_tau, alpha=round(ADD_MIX, 4))
                 else:
                     run, info = self.student(model, method, teacher)
-                    rows.append(self._row("student", model, method, run, info))
+                rows.append(self._row("student", model, method, run, info))
         self._write(f"distill_{self.args.scale}", rows, started, standard=True)
 
     def run_sweep(self) -> None:

@@ -178,3 +178,16 @@ def test_iad_switches_on_its_introspective_term_after_the_warm_up(teacher_run):
     # Epoch 0 and 1 are the warm-up (plain ARD, same loss); epoch 2 adds a positive term.
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
     assert losses[2] > losses[1]
+
+
+@pytest.mark.parametrize("method", ["kd", "dd", "ard", "rslad", "add"])
+def test_teacher_runs_once_per_batch(method, teacher_run):
+    """The teacher's soft labels are computed once per batch and reused by attack and loss."""
+    _, teacher_dir = teacher_run
+    teacher = load_model(teacher_dir)
+    seen = []
+    teacher.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape[0]))
+    m = DISTILL_METHODS[method](teacher=teacher, eps=8 / 255, alpha=2 / 255, steps=3)
+    student = create_model("tiny_cnn", num_classes=10).train()
+    m.loss(student, torch.rand(8, 3, 16, 16), torch.arange(8) % 10).loss.backward()
+    assert seen == [8]
