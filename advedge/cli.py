@@ -363,10 +363,18 @@ class _Bars:
 class _TrainProgress(_Bars):
     """Epoch and batch bars for the training engine's callbacks."""
 
-    def __init__(self, output: Output) -> None:
+    def __init__(
+        self,
+        output: Output,
+        *,
+        batch_status: str = "loss {loss:.4f} acc {acc:.3f}",
+        epoch_status: str = "clean {test_clean_acc:.3f} pgd {test_pgd_acc:.3f}",
+    ) -> None:
         super().__init__(output, remaining=True)
         self.epoch_task: Any = None
         self.batch_task: Any = None
+        self.batch_status = batch_status
+        self.epoch_status = epoch_status
 
     def on_train_start(self, *, start_epoch: int, epochs: int, batches_per_epoch: int) -> None:
         self.epoch_task = self.progress.add_task(
@@ -379,7 +387,7 @@ class _TrainProgress(_Bars):
             self.batch_task,
             completed=batch + 1,
             description=f"epoch {epoch + 1}",
-            status=f"loss {loss:.4f} acc {acc:.3f}",
+            status=self.batch_status.format(loss=loss, acc=acc),
         )
 
     def on_eval_start(self, *, epoch: int) -> None:
@@ -389,9 +397,124 @@ class _TrainProgress(_Bars):
         self.progress.update(
             self.epoch_task,
             completed=int(row["epoch"]),
-            status=f"clean {row['test_clean_acc']:.3f} pgd {row['test_pgd_acc']:.3f}",
+            status=self.epoch_status.format(**row),
         )
         self.progress.reset(self.batch_task)
+
+
+# ----------------------------------------------------------------------------------- purifier
+purifier_app = typer.Typer(
+    help="Train input purifiers (IPCM, APE-GAN, HGD) to put in front of a classifier.",
+    no_args_is_help=True,
+)
+app.add_typer(purifier_app, name="purifier")
+
+
+@purifier_app.command("train")
+def purifier_train_cmd(
+    classifier: Annotated[
+        str, typer.Option(help="Frozen classifier: run directory or model.safetensors.")
+    ],
+    data: Annotated[str, typer.Option(help="Dataset directory, or cifar10/cifar100/mnist.")],
+    epochs: Annotated[int, typer.Option(help="Number of epochs.")],
+    out: Annotated[Path, typer.Option(help="Run directory to write.")],
+    method: Annotated[str, typer.Option(help="ipcm, ape-gan or hgd.")] = "ipcm",
+    eps: Annotated[str, typer.Option(help="Largest training-attack eps, e.g. 8/255.")] = "8/255",
+    eps_r: Annotated[
+        str | None, typer.Option(help="Bound of the inverse perturbation [default: 1.25*eps].")
+    ] = None,
+    steps: Annotated[int, typer.Option(help="PGD steps of the training attacks.")] = 10,
+    width: Annotated[int, typer.Option(help="Generator width (channels of level 1).")] = 16,
+    depth: Annotated[int, typer.Option(help="Generator downsamplings.")] = 2,
+    w_inv: Annotated[float, typer.Option(help="Weight of ||r + delta||^2.")] = 1.0,
+    w_pix: Annotated[float, typer.Option(help="Weight of |x_hat - x|.")] = 1.0,
+    w_ce: Annotated[float, typer.Option(help="Weight of CE(f(x_hat), y).")] = 1.0,
+    w_kl: Annotated[float, typer.Option(help="Weight of KL(f(x) || f(x_hat)).")] = 1.0,
+    w_adv: Annotated[float, typer.Option(help="Weight of the GAN loss.")] = 0.01,
+    w_feat: Annotated[float, typer.Option(help="Weight of feature guidance.")] = 1.0,
+    gan: Annotated[str, typer.Option(help="lsgan or nsgan.")] = "lsgan",
+    guidance: Annotated[str, typer.Option(help="logits or features (HGD-style).")] = "logits",
+    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 128,
+    lr: Annotated[float, typer.Option(help="Generator learning rate (Adam).")] = 1e-3,
+    lr_d: Annotated[float, typer.Option(help="Discriminator learning rate (Adam).")] = 2e-4,
+    subset: Annotated[int | None, typer.Option(help="Stratified sample of N images.")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    eval_n: Annotated[int, typer.Option(help="Held-out images scored each epoch.")] = 256,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Train a purifier G against a frozen classifier; writes purifier.safetensors."""
+    from advedge.engine import check_run_dir
+    from advedge.purifier.train import PurifierConfig, train_purifier
+    from advedge.utils import parse_eps
+
+    output = Output(json_out)
+    cfg = PurifierConfig(
+        classifier=classifier,
+        data=data,
+        method=method,
+        epochs=epochs,
+        out=str(out),
+        eps=parse_eps(eps, name="--eps"),
+        eps_r=None if eps_r is None else _parse_eps_r(eps_r),
+        steps=steps,
+        width=width,
+        depth=depth,
+        w_inv=w_inv,
+        w_pix=w_pix,
+        w_ce=w_ce,
+        w_kl=w_kl,
+        w_adv=w_adv,
+        w_feat=w_feat,
+        gan=gan,
+        guidance=guidance,
+        batch_size=batch_size,
+        lr=lr,
+        lr_d=lr_d,
+        subset=subset,
+        seed=seed,
+        device=device,
+        eval_n=eval_n,
+    )
+    check_run_dir(out, resume)
+    dataset = _load_data(data, output)
+    progress = _TrainProgress(
+        output,
+        batch_status="G {loss:.4f} inv {acc:.4f}",
+        epoch_status="clean via G {test_clean_acc:.3f} grey-box PGD {test_greybox_pgd_acc:.3f}",
+    )
+    with progress:
+        result = train_purifier(cfg, resume=resume, callbacks=progress, dataset=dataset)
+    final = result.metrics[-1] if result.metrics else {}
+    payload = {
+        "schema": "advedge.purifier/1",
+        "out": str(result.out),
+        "purifier_path": str(result.purifier_path),
+        "method": method,
+        "classifier": classifier,
+        "epochs": epochs,
+        "resumed_from_epoch": result.resumed_from,
+        "final": final,
+        "metrics": result.metrics,
+    }
+    table = Table(*list(final or {}), title=f"advedge purifier train ({method}) → {result.out}")
+    for row in result.metrics:
+        table.add_row(*[str(row.get(k, "")) for k in final])
+    output.result(payload, human=table)
+
+
+def _parse_eps_r(text: str) -> float:
+    """``--eps-r``: a fraction or decimal > 0 (a clear error for 0 or negatives)."""
+    from advedge.utils import parse_eps
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is not None and value <= 0:
+        raise UsageError(f"--eps-r must be > 0, got {text}")
+    return parse_eps(text, name="--eps-r")
 
 
 # --------------------------------------------------------------------------------------- eval
@@ -427,6 +550,13 @@ def eval_cmd(
     resume: Annotated[
         bool, typer.Option(help="Continue from OUT.state.json (same settings only).")
     ] = False,
+    purifier: Annotated[
+        str | None,
+        typer.Option(
+            help="Purifier run (or purifier.safetensors) in front of the model: grey-box, "
+            "adaptive, BPDA (and EOT) attacks."
+        ),
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Clean and robust accuracy; the headline is the per-example worst case over all attacks."""
@@ -449,6 +579,12 @@ def eval_cmd(
         out=out,
         amp=amp,
     )
+    if purifier is not None:  # a bad purifier fails before any data is loaded
+        from advedge.checkpoint import read_metadata
+        from advedge.purifier import load_purifier
+        from advedge.purifier.evaluate import check_purifier_fits
+
+        check_purifier_fits(load_purifier(purifier), read_metadata(model), str(purifier))
     dataset = _load_data(data, output)
     progress = _EvalProgress(output)
     with progress:
@@ -472,16 +608,23 @@ def eval_cmd(
             resume=resume,
             flags_n=flags_n,
             progress=progress,
+            purifier=purifier,
         )
     title = (
         f"advedge eval {result.get('suite') or ''} (eps={result['eps']:.5g}, {result['norm']}, "
         f"n={result['n_examples']})"
     )
     table = Table("attack", "kind", "robust acc", "seconds", title=title)
-    table.add_row("clean", "-", f"{result['clean_acc']:.4f}", "")
+    if "clean_acc_no_purifier" in result:
+        table.add_row("clean, no purifier", "-", f"{result['clean_acc_no_purifier']:.4f}", "")
+        table.add_row("clean, through purifier", "-", f"{result['clean_acc']:.4f}", "")
+    else:
+        table.add_row("clean", "-", f"{result['clean_acc']:.4f}", "")
     for entry in result["attacks"]:
         name = entry["name"] + (" (cumulative)" if entry.get("cumulative") else "")
         table.add_row(name, entry["kind"], f"{entry['robust_acc']:.4f}", f"{entry['seconds']:.1f}")
+    for setting, acc in result.get("worst_case_by_setting", {}).items():
+        table.add_row(f"worst case, {setting}", "per-example", f"{acc:.4f}", "")
     table.add_row(
         "worst case", "per-example", f"{result['worst_case_acc']:.4f}", f"{result['seconds']:.1f}"
     )

@@ -788,9 +788,11 @@ def channels_last_is_faster(model: nn.Module, x: Tensor, *, repeats: int = 2) ->
     return t_nhwc < 0.95 * t_nchw
 
 
-def write_metrics_csv(path: Path, rows: list[dict[str, float]]) -> None:
-    """Write ``metrics.csv`` (one row per epoch, :data:`METRIC_COLUMNS` first), atomically."""
-    columns = list(METRIC_COLUMNS) + sorted({k for r in rows for k in r} - set(METRIC_COLUMNS))
+def write_metrics_csv(
+    path: Path, rows: list[dict[str, float]], columns: tuple[str, ...] = METRIC_COLUMNS
+) -> None:
+    """Write ``metrics.csv`` (one row per epoch, ``columns`` first), atomically."""
+    columns = list(columns) + sorted({k for r in rows for k in r} - set(columns))
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
     writer.writeheader()

@@ -511,6 +511,7 @@ def evaluate_checkpoint(
     resume: bool = False,
     flags_n: int = 100,
     progress: EvalProgress | None = None,
+    purifier: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Load a checkpoint and a dataset, check they fit together, and :func:`evaluate`.
 
@@ -523,13 +524,16 @@ def evaluate_checkpoint(
     With ``out``, the results JSON is written there atomically, and the per-example state that
     ``resume`` continues from is kept beside it as ``<out>.state.json``.
 
+    With ``purifier`` (a purifier run directory or ``purifier.safetensors``), the defended model
+    ``f(G(x))`` is evaluated under the purifier protocol: grey-box, adaptive white-box, BPDA and
+    (for a random purifier) EOT; see :func:`advedge.purifier.evaluate.evaluate_purified`.
+
     Raises:
         UsageError: bad eps/alpha/steps/n/attack or suite names, ``resume`` without ``out``,
             resuming with other settings.
         CheckpointError: missing or corrupt checkpoint.
         DataError: missing data, or data that does not fit the model (classes, shape).
     """
-    from advedge.attacks import build_attack
     from advedge.checkpoint import load_model, resolve_checkpoint
     from advedge.data import load_dataset
     from advedge.errors import DataError
@@ -576,36 +580,22 @@ def evaluate_checkpoint(
             "evaluate on the dataset the model was trained on",
         )
     seed_everything(seed)
-    if suite is not None:
-        built = build_suite(
-            suite,
-            model,
+
+    def build(target: nn.Module) -> list[Attack]:
+        return _build_attacks(
+            target,
+            suite=suite,
+            names=names,
             eps=eps_v,
             norm=norm,
             steps=steps,
             alpha=alpha_v,
+            restarts=restarts,
             n_queries=n_queries,
             seed=seed,
+            device=dev,
         )
-    else:
-        built = []
-        for name in names:
-            # PGD/CW take the eps/4 step and restarts; MI-FGSM keeps its own eps/steps rule.
-            pgd_like = name in ("pgd", "cw")
-            built.append(
-                build_attack(
-                    name,
-                    model,
-                    eps=eps_v,
-                    norm=norm,
-                    steps=steps,
-                    alpha=alpha_v if pgd_like else None,
-                    restarts=restarts if pgd_like else None,
-                    seed=seed,
-                    n_queries=n_queries,
-                    generator=torch.Generator(device=dev).manual_seed(seed) if pgd_like else None,
-                )
-            )
+
     model_info = {
         "path": str(path),
         "sha256": sha256_file(path),
@@ -616,10 +606,37 @@ def evaluate_checkpoint(
         "train_eps": meta.get("eps"),
     }
     dataset_info = {"name": dataset.name, "root": str(dataset.root), "format": dataset.format}
+    if purifier is not None:
+        from advedge.purifier.evaluate import evaluate_purified
+
+        result = evaluate_purified(
+            model,
+            purifier,
+            dataset,
+            build,
+            eps=eps_v,
+            norm=norm,
+            steps=steps,
+            n=n,
+            batch_size=batch_size,
+            device=dev,
+            model_info=model_info,
+            dataset_info=dataset_info,
+            progress=progress,
+            amp=amp,
+            seed=seed,
+            suite=suite,
+            out=out,
+            resume=resume,
+            flags_n=flags_n,
+        )
+        if out is not None:
+            write_results(out, result)
+        return result
     result = evaluate(
         model,
         dataset.test,
-        built,
+        build(model),
         eps=eps_v,
         norm=norm,
         n=n,
@@ -641,6 +658,55 @@ def evaluate_checkpoint(
     if out is not None:
         write_results(out, result)
     return result
+
+
+def _build_attacks(
+    target: nn.Module,
+    *,
+    suite: str | None,
+    names: Sequence[str],
+    eps: float,
+    norm: str,
+    steps: int,
+    alpha: float | None,
+    restarts: int,
+    n_queries: int,
+    seed: int,
+    device: torch.device,
+) -> list[Attack]:
+    """The attacks of ``suite``, or the named ones, against ``target``."""
+    from advedge.attacks import build_attack
+
+    if suite is not None:
+        return build_suite(
+            suite,
+            target,
+            eps=eps,
+            norm=norm,
+            steps=steps,
+            alpha=alpha,
+            n_queries=n_queries,
+            seed=seed,
+        )
+    built = []
+    for name in names:
+        # PGD/CW take the eps/4 step and restarts; MI-FGSM keeps its own eps/steps rule.
+        pgd_like = name in ("pgd", "cw")
+        built.append(
+            build_attack(
+                name,
+                target,
+                eps=eps,
+                norm=norm,
+                steps=steps,
+                alpha=alpha if pgd_like else None,
+                restarts=restarts if pgd_like else None,
+                seed=seed,
+                n_queries=n_queries,
+                generator=torch.Generator(device=device).manual_seed(seed) if pgd_like else None,
+            )
+        )
+    return built
 
 
 def write_results(path: str | os.PathLike[str], result: dict[str, Any]) -> None:

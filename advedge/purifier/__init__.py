@@ -9,6 +9,7 @@ baselines' losses (APE-GAN, HGD) live here too.
 
 from __future__ import annotations
 
+from advedge.purifier.checkpoint import PURIFIER_FILE, load_purifier, save_purifier
 from advedge.purifier.losses import (
     GAN_KINDS,
     PIXEL_KINDS,
@@ -25,6 +26,7 @@ from advedge.purifier.networks import UPSAMPLE_MODES, Discriminator, Generator
 __all__ = [
     "GAN_KINDS",
     "PIXEL_KINDS",
+    "PURIFIER_FILE",
     "UPSAMPLE_MODES",
     "Discriminator",
     "Generator",
@@ -34,5 +36,7 @@ __all__ = [
     "g_adv_loss",
     "guidance_loss",
     "inverse_perturbation_loss",
+    "load_purifier",
     "pixel_loss",
+    "save_purifier",
 ]

@@ -1,0 +1,95 @@
+"""Purifier checkpoints: ``purifier.safetensors`` holds the generator and its metadata.
+
+The format is the classifiers' (:mod:`advedge.checkpoint`): safetensors with string metadata,
+written atomically, rebuilt from the file alone. The architecture is ``purifier-generator``
+and ``arch_kwargs`` are :meth:`Generator.config`; ``kind`` is ``purifier``. The discriminator is
+not in it (it lives in the run's ``state.pt``, for resuming).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from advedge import __version__
+from advedge.checkpoint import FORMAT, check_state_matches, read_metadata
+from advedge.errors import CheckpointError, UsageError
+from advedge.purifier.networks import Generator
+from advedge.utils import atomic_path
+
+__all__ = ["ARCHITECTURE", "PURIFIER_FILE", "load_purifier", "resolve_purifier", "save_purifier"]
+
+PURIFIER_FILE = "purifier.safetensors"
+ARCHITECTURE = "purifier-generator"
+
+
+def save_purifier(
+    gen: Generator, path: str | os.PathLike[str], *, metadata: dict[str, Any] | None = None
+) -> Path:
+    """Write the generator's weights and metadata to ``path`` atomically."""
+    meta = {
+        "format": FORMAT,
+        "architecture": ARCHITECTURE,
+        "arch_kwargs": json.dumps(gen.config(), sort_keys=True),
+        "kind": "purifier",
+        "advedge_version": __version__,
+    }
+    for key, value in (metadata or {}).items():
+        if value is not None:
+            meta[key] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in gen.state_dict().items()}
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+    return path
+
+
+def resolve_purifier(path: str | os.PathLike[str]) -> Path:
+    """A purifier run directory or file -> the ``purifier.safetensors`` to load."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / PURIFIER_FILE
+    if not p.is_file():
+        raise CheckpointError(
+            f"purifier not found: {p}", "pass a purifier run directory or its purifier.safetensors"
+        )
+    return p
+
+
+def load_purifier(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> Generator:
+    """Rebuild the generator from its checkpoint alone, in eval mode.
+
+    The decoded metadata is kept in ``gen.checkpoint_metadata``.
+
+    Raises:
+        CheckpointError: missing, truncated or corrupt file; a classifier checkpoint; tensors
+            that do not match the recorded generator.
+    """
+    p = resolve_purifier(path)
+    meta = read_metadata(p)
+    if meta.get("architecture") != ARCHITECTURE:
+        raise CheckpointError(
+            f"{p} holds a {meta.get('architecture')} classifier, not a purifier",
+            "pass a run directory written by advedge purifier train",
+        )
+    kwargs = meta.get("arch_kwargs")
+    if not isinstance(kwargs, dict):
+        raise CheckpointError(f"{p} has invalid arch_kwargs metadata")
+    try:
+        gen = Generator(**kwargs)
+    except (UsageError, TypeError) as exc:
+        raise CheckpointError(f"{p}: cannot rebuild the generator ({exc})") from None
+    try:
+        state = load_file(str(p), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{p} is not a readable safetensors file ({exc})") from None
+    check_state_matches(gen, state, source=str(p))
+    gen.load_state_dict(state)
+    gen.checkpoint_metadata = meta
+    return gen.to(device).eval()
