@@ -248,3 +248,21 @@ def test_purifier_needs_a_matching_classifier(setup, tmp_path, capsys):
     assert main(argv) == 2
     assert "classes" in capsys.readouterr().err
     assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7])
+def test_training_batches_mix_attacks_and_clean_images_within_eps(setup, n):
+    cfg = PurifierConfig(
+        classifier=str(setup["clf"]), data=str(setup["data"]), out="unused", steps=1
+    )
+    trainer = PurifierTrainer(cfg)
+    x = torch.rand(n, 3, 16, 16)
+    y = torch.arange(n) % 10
+    x_in = trainer._attacked_batch(x, y)
+    assert x_in.shape == x.shape
+    delta = (x_in - x).abs().flatten(1).amax(1)
+    assert bool((delta <= cfg.eps + 1e-6).all())
+    clean = n - 2 * n // 3
+    assert bool((delta[n - clean :] == 0).all())  # the last third stays clean
+    if n >= 3:
+        assert bool((delta[: n - clean] > 0).all())

@@ -239,11 +239,12 @@ class PurifierTrainer:
         n = x.shape[0]
         a, b = n // 3, 2 * n // 3
         eps_fgsm, eps_pgd = (float(e) * cfg.eps for e in 1 - torch.rand(2))  # in (0, eps]
-        parts = [
-            FGSM(f, eps=eps_fgsm)(x[:a], y[:a]),
-            PGD(f, eps=eps_pgd, alpha=2.5 * eps_pgd / cfg.steps, steps=cfg.steps)(x[a:b], y[a:b]),
-            x[b:],
-        ]
+        parts = [x[b:]]
+        if b > a:  # a batch of one or two images stays clean
+            pgd = PGD(f, eps=eps_pgd, alpha=2.5 * eps_pgd / cfg.steps, steps=cfg.steps)
+            parts.insert(0, pgd(x[a:b], y[a:b]))
+        if a > 0:
+            parts.insert(0, FGSM(f, eps=eps_fgsm)(x[:a], y[:a]))
         return torch.cat(parts)
 
     def _guidance(self, x_hat: Tensor, x: Tensor, y: Tensor) -> Tensor:
