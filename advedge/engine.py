@@ -318,33 +318,13 @@ class Trainer:
     # ----------------------------------------------------------------------------- setup
     def _distill_method(self) -> Method:
         """Load the teacher, check it fits the data, and build the distillation method."""
-        from advedge.checkpoint import load_model, resolve_checkpoint
         from advedge.distillation import build_distill_method
-        from advedge.utils import sha256_file
 
         cfg = self.config
         assert cfg.teacher is not None
-        path = resolve_checkpoint(cfg.teacher)
-        teacher = load_model(path, device=self.device)
-        meta = getattr(teacher, "checkpoint_metadata", {})
-        k = int(meta.get("num_classes", 0))
-        if k != self.dataset.num_classes:
-            raise UsageError(
-                f"the teacher predicts {k} classes but the data has {self.dataset.num_classes}",
-                "distil on the dataset the teacher was trained on",
-            )
-        shape = meta.get("input_shape")
-        if shape and list(shape) != list(self.dataset.input_shape):
-            raise UsageError(
-                f"the teacher takes inputs of shape {list(shape)} but the data has "
-                f"{list(self.dataset.input_shape)}"
-            )
-        self.extra_metadata["teacher"] = {
-            "path": str(path),
-            "sha256": sha256_file(path),
-            "architecture": meta.get("architecture"),
-            "method": meta.get("method"),
-        }
+        teacher, self.extra_metadata["teacher"] = load_frozen_model(
+            cfg.teacher, self.dataset, self.device, role="teacher"
+        )
         return build_distill_method(
             cfg.method,
             teacher=teacher,
@@ -672,6 +652,50 @@ class Trainer:
         save_state(state, self.out / STATE_FILE)
         save_model(raw, self.out / MODEL_FILE, metadata=self._checkpoint_metadata(epochs_done))
         write_metrics_csv(self.out / "metrics.csv", metrics)
+
+
+def load_frozen_model(
+    path: str, dataset: Dataset, device: torch.device, *, role: str
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Load a frozen model (a distillation teacher, a purifier's classifier) for ``dataset``.
+
+    Its parameters stop taking gradients and it stays in eval mode.
+
+    Returns:
+        ``(model, record)``; the record (path, sha256, architecture, method) goes into the
+        checkpoint trained against it.
+
+    Raises:
+        CheckpointError: missing or corrupt file.
+        UsageError: its classes or input shape differ from the data's (``role`` names it).
+    """
+    from advedge.checkpoint import load_model, resolve_checkpoint
+    from advedge.utils import sha256_file
+
+    ckpt = resolve_checkpoint(path)
+    model = load_model(ckpt, device=device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    meta = getattr(model, "checkpoint_metadata", {})
+    k = int(meta.get("num_classes") or 0)
+    if k != dataset.num_classes:
+        raise UsageError(
+            f"the {role} predicts {k} classes but the data has {dataset.num_classes}",
+            f"use the dataset the {role} was trained on",
+        )
+    shape = meta.get("input_shape")
+    if shape and list(shape) != list(dataset.input_shape):
+        raise UsageError(
+            f"the {role} takes inputs of shape {list(shape)} but the data has "
+            f"{list(dataset.input_shape)}"
+        )
+    record = {
+        "path": str(ckpt),
+        "sha256": sha256_file(ckpt),
+        "architecture": meta.get("architecture"),
+        "method": meta.get("method"),
+    }
+    return model, record
 
 
 def check_run_dir(out: Path, resume: bool) -> bool:

@@ -34,20 +34,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from advedge import __version__
 from advedge.attacks import FGSM, PGD
 from advedge.checkpoint import (
     STATE_FILE,
-    load_model,
     load_state,
-    resolve_checkpoint,
     save_state,
 )
 from advedge.config import config_to_dict, write_yaml
 from advedge.data import BatchLoader, Dataset, load_dataset, stratified_subset, to_tensor
-from advedge.engine import TrainCallbacks, _epoch_seed, check_run_dir, write_metrics_csv
+from advedge.engine import (
+    TrainCallbacks,
+    _epoch_seed,
+    check_run_dir,
+    load_frozen_model,
+    write_metrics_csv,
+)
 from advedge.errors import AdvedgeError, UsageError, did_you_mean
 from advedge.purifier.checkpoint import PURIFIER_FILE, save_purifier
 from advedge.purifier.losses import (
@@ -61,7 +65,7 @@ from advedge.purifier.losses import (
     pixel_loss,
 )
 from advedge.purifier.networks import Discriminator, Generator
-from advedge.utils import resolve_device, seed_everything, sha256_file
+from advedge.utils import resolve_device, seed_everything
 
 logger = logging.getLogger(__name__)
 
@@ -186,36 +190,6 @@ class PurifierResult:
     generator: Generator | None = None
 
 
-def load_classifier_for(
-    path: str, dataset: Dataset, device: torch.device
-) -> tuple[nn.Module, dict[str, Any]]:
-    """Load the frozen classifier and check it fits the data (classes, input shape)."""
-    ckpt = resolve_checkpoint(path)
-    model = load_model(ckpt, device=device)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    meta = getattr(model, "checkpoint_metadata", {})
-    k = int(meta.get("num_classes") or 0)
-    if k != dataset.num_classes:
-        raise UsageError(
-            f"the classifier predicts {k} classes but the data has {dataset.num_classes}",
-            "train the purifier on the classifier's dataset",
-        )
-    shape = meta.get("input_shape")
-    if shape and list(shape) != list(dataset.input_shape):
-        raise UsageError(
-            f"the classifier takes inputs of shape {list(shape)} but the data has "
-            f"{list(dataset.input_shape)}"
-        )
-    info = {
-        "path": str(ckpt),
-        "sha256": sha256_file(ckpt),
-        "architecture": meta.get("architecture"),
-        "method": meta.get("method"),
-    }
-    return model, info
-
-
 class PurifierTrainer:
     """Runs one :class:`PurifierConfig` (the engine behind ``advedge purifier train``)."""
 
@@ -225,8 +199,8 @@ class PurifierTrainer:
         self.dataset = dataset if dataset is not None else load_dataset(config.data)
         if self.dataset.train is None:
             raise AdvedgeError(f"dataset {self.dataset.root} has no training split")
-        self.classifier, self.classifier_info = load_classifier_for(
-            config.classifier, self.dataset, self.device
+        self.classifier, self.classifier_info = load_frozen_model(
+            config.classifier, self.dataset, self.device, role="classifier"
         )
         self.out = Path(config.out)
 
