@@ -322,10 +322,7 @@ def _run_training(
         "final": final,
         "metrics": result.metrics,
     }
-    table = Table(*list(final or {}), title=f"{title} → {result.out}")
-    for row in result.metrics:
-        table.add_row(*[str(v) for v in row.values()])
-    output.result(payload, human=table)
+    output.result(payload, human=_metrics_table(f"{title} → {result.out}", result.metrics))
 
 
 class _Bars:
@@ -498,10 +495,17 @@ def purifier_train_cmd(
         "final": final,
         "metrics": result.metrics,
     }
-    table = Table(*list(final or {}), title=f"advedge purifier train ({method}) → {result.out}")
-    for row in result.metrics:
-        table.add_row(*[str(row.get(k, "")) for k in final])
-    output.result(payload, human=table)
+    title = f"advedge purifier train ({method}) → {result.out}"
+    output.result(payload, human=_metrics_table(title, result.metrics))
+
+
+def _metrics_table(title: str, metrics: list[dict[str, Any]]) -> Any:
+    """The per-epoch metrics rows of a training run as a table (columns of the last row)."""
+    columns = list(metrics[-1]) if metrics else []
+    table = Table(*columns, title=title)
+    for row in metrics:
+        table.add_row(*[str(row.get(k, "")) for k in columns])
+    return table
 
 
 def _parse_eps_r(text: str) -> float:
