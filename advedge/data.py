@@ -37,13 +37,15 @@ import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
-import torch
 
 from advedge.errors import DataError, UsageError, did_you_mean
 from advedge.utils import atomic_path, sha256_file
+
+if TYPE_CHECKING:  # torch is imported where it is used: the deploy side reads data without it
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +147,7 @@ class ImageArrays:
         Raises:
             UsageError: if ``indices`` is neither integers nor a boolean mask.
         """
-        if isinstance(indices, torch.Tensor):
+        if hasattr(indices, "detach"):  # a torch tensor, without importing torch
             indices = indices.detach().cpu().numpy()
         idx = np.asarray(indices)
         if idx.size == 0:
@@ -1069,6 +1071,8 @@ def to_tensor(x_uint8_nhwc: np.ndarray | torch.Tensor) -> torch.Tensor:
     Raises:
         UsageError: if the input is not a 4-D uint8 array.
     """
+    import torch
+
     x = x_uint8_nhwc
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(np.ascontiguousarray(x))
@@ -1108,6 +1112,8 @@ def augment_batch(
     Raises:
         UsageError: for a tensor that is not 4-D or a negative padding.
     """
+    import torch
+
     if x.ndim != 4:
         raise UsageError(f"augment_batch expects [N, C, H, W], got shape {tuple(x.shape)}")
     if padding < 0:
@@ -1181,6 +1187,8 @@ class BatchLoader:
         self.augment = augment
         self.seed = seed
         self.drop_last = drop_last
+        import torch
+
         self.device = torch.device(device)
         self.rank = rank
         self.world_size = world_size
@@ -1205,6 +1213,8 @@ class BatchLoader:
 
     def indices(self) -> torch.Tensor:
         """Return this rank's example indices for the current epoch, in order."""
+        import torch
+
         n = self.num_examples
         if self.shuffle:
             gen = torch.Generator()
@@ -1218,6 +1228,8 @@ class BatchLoader:
         return order[self.rank : total : self.world_size]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        import torch
+
         order = self.indices().to(self.device)
         generator = None
         if self.augment:
