@@ -667,6 +667,242 @@ class _EvalProgress(_Bars):
         )
 
 
+# -------------------------------------------------------------------------------- export / calibrate
+@app.command("export")
+def export_cmd(
+    model: Annotated[str, typer.Option(help="Classifier run directory or model.safetensors.")],
+    out: Annotated[Path, typer.Option(help="Folder to write the artifacts into.")],
+    purifier: Annotated[
+        str | None,
+        typer.Option(help="Purifier run directory: exported beside the classifier, or fused."),
+    ] = None,
+    fuse: Annotated[
+        bool, typer.Option(help="One graph: purifier -> classifier, one input, logits out.")
+    ] = False,
+    precision: Annotated[
+        str, typer.Option(help="fp32, fp16 (FP32 I/O) or int8 (symmetric Q/DQ).")
+    ] = "fp32",
+    data: Annotated[
+        str | None,
+        typer.Option(
+            help="Data directory whose test split feeds the parity gate and the INT8 report "
+            "[default: --calib-data, else the checkpoint's dataset]."
+        ),
+    ] = None,
+    calib_data: Annotated[
+        str | None,
+        typer.Option(help="int8: data directory (training split) or a saved calibration .npz."),
+    ] = None,
+    calib_n: Annotated[int, typer.Option(help="int8: calibration images (stratified).")] = 512,
+    calib_method: Annotated[
+        str, typer.Option(help="int8: entropy, minmax or percentile.")
+    ] = "entropy",
+    calib_mix_adv: Annotated[
+        float,
+        typer.Option(help="int8: fraction of calibration images made adversarial (PGD on FP32)."),
+    ] = 0.0,
+    calib_batch: Annotated[int, typer.Option(help="int8: calibration batch size.")] = 32,
+    keep_fp32: Annotated[
+        str,
+        typer.Option(
+            help="int8: nodes kept in FP32: auto (purifier head, last linear layer), none, or "
+            "comma-separated node names."
+        ),
+    ] = "auto",
+    max_drop: Annotated[
+        float, typer.Option(help="Warn when int8/fp16 loses more clean accuracy (points).")
+    ] = 2.0,
+    parity_n: Annotated[
+        int, typer.Option(help="Test images (clean + adversarial) for parity.")
+    ] = 256,
+    report_n: Annotated[int, typer.Option(help="Test images of the accuracy report.")] = 500,
+    eps: Annotated[str | None, typer.Option(help="Attack eps [default: the checkpoint's].")] = None,
+    opset: Annotated[int, typer.Option(help="ONNX opset.")] = 18,
+    trt: Annotated[
+        bool,
+        typer.Option(
+            "--trt",
+            help="Also build a strongly typed TensorRT engine. Build it ON THE DEVICE that will "
+            "run it: engines are tied to the TensorRT version and the GPU.",
+        ),
+    ] = False,
+    min_batch: Annotated[int, typer.Option(help="--trt: profile minimum batch.")] = 1,
+    opt_batch: Annotated[int, typer.Option(help="--trt: profile optimum batch.")] = 8,
+    max_batch: Annotated[int, typer.Option(help="--trt: profile maximum batch.")] = 64,
+    workspace: Annotated[int, typer.Option(help="--trt: workspace limit in MiB.")] = 1024,
+    timing_cache: Annotated[
+        Path | None, typer.Option(help="--trt: timing cache file [default: OUT/timing.cache].")
+    ] = None,
+    trt_calibrator: Annotated[
+        str,
+        typer.Option(
+            help="--trt int8: qdq (explicit, default) or LEGACY implicit calibration "
+            "legacy-entropy / legacy-minmax (TensorRT 10 only; removed in 11)."
+        ),
+    ] = "qdq",
+    cache_dir: Annotated[
+        Path | None, typer.Option(help="Calibration-range cache [default: ~/.cache/advedge].")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of image selection and attacks.")] = 0,
+    json_out: JsonOpt = False,
+) -> None:
+    """Export to ONNX (parity-gated), FP16 or INT8 Q/DQ, and optionally a TensorRT engine."""
+    from advedge.export.pipeline import ExportOptions, export_artifacts
+    from advedge.utils import parse_eps
+
+    output = Output(json_out)
+    opts = ExportOptions(
+        model=model,
+        out=str(out),
+        purifier=purifier,
+        fuse=fuse,
+        precision=precision,
+        data=data,
+        calib_data=calib_data,
+        calib_n=calib_n,
+        calib_method=calib_method,
+        calib_mix_adv=calib_mix_adv,
+        calib_batch=calib_batch,
+        keep_fp32=keep_fp32,
+        opset=opset,
+        parity_n=parity_n,
+        report_n=report_n,
+        max_drop=max_drop,
+        eps=None if eps is None else parse_eps(eps),
+        seed=seed,
+        trt=trt,
+        min_batch=min_batch,
+        opt_batch=opt_batch,
+        max_batch=max_batch,
+        workspace_mib=workspace,
+        timing_cache=None if timing_cache is None else str(timing_cache),
+        trt_calibrator=trt_calibrator,
+        cache_dir=None if cache_dir is None else str(cache_dir),
+    )
+    report = export_artifacts(opts, status=output.info)
+    for warning in report.warnings:
+        output.err.print(f"[bold red]WARNING[/]: {warning}", highlight=False)
+    table = Table(
+        "artifact", "kind", "precision", "size", "parity (adv)", "clean acc", "transfer acc"
+    )
+    for a in report.artifacts:
+        parity = a.get("parity", {}).get("figures", {}).get("adversarial")
+        acc = a.get("accuracy_report", {}).get("accuracy", {}).get(a["precision"], {})
+        table.add_row(
+            Path(a["path"]).name,
+            a["kind"],
+            a["precision"],
+            f"{a['bytes'] / 1e6:.2f} MB",
+            ""
+            if not parity
+            else f"max|Δ| {parity['max_abs']:.2g}, {100 * parity['agreement']:.1f}%",
+            f"{acc['clean_acc']:.4f}" if acc else "",
+            f"{acc['transfer_robust_acc']:.4f}" if acc else "",
+        )
+    output.result(report.to_dict(), human=table)
+
+
+@app.command("calibrate")
+def calibrate_cmd(
+    onnx: Annotated[Path, typer.Option("--onnx", help="FP32 ONNX exported by advedge export.")],
+    data: Annotated[
+        str, typer.Option(help="Data directory (training split) or a saved calibration .npz.")
+    ],
+    out: Annotated[Path, typer.Option(help="QDQ INT8 ONNX to write.")],
+    method: Annotated[str, typer.Option(help="entropy, minmax or percentile.")] = "entropy",
+    n: Annotated[int, typer.Option(help="Calibration images (stratified).")] = 512,
+    mix_adv: Annotated[
+        float, typer.Option(help="Fraction made adversarial (PGD on --model); needs --model.")
+    ] = 0.0,
+    model: Annotated[
+        str | None, typer.Option(help="FP32 model run directory, for --mix-adv.")
+    ] = None,
+    eps: Annotated[str, typer.Option(help="eps of the adversarial calibration images.")] = "8/255",
+    batch_size: Annotated[int, typer.Option(help="Calibration batch size.")] = 32,
+    keep_fp32: Annotated[
+        str, typer.Option(help="auto, none, or comma-separated node names kept in FP32.")
+    ] = "auto",
+    save_set: Annotated[
+        Path | None, typer.Option(help="Also save the calibration set (.npz) here.")
+    ] = None,
+    cache_dir: Annotated[
+        Path | None, typer.Option(help="Calibration-range cache [default: ~/.cache/advedge].")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the image selection.")] = 0,
+    json_out: JsonOpt = False,
+) -> None:
+    """Quantise an existing FP32 ONNX to explicit INT8 (symmetric Q/DQ, per-channel weights)."""
+    from advedge.calibration import (
+        build_calibration_set,
+        load_calibration_set,
+        quantize_qdq,
+        save_calibration_set,
+    )
+    from advedge.export.graph import check_onnx, read_onnx_metadata, sidecar_path, write_sidecar
+    from advedge.export.pipeline import CALIB_METHODS
+    from advedge.utils import parse_eps
+
+    output = Output(json_out)
+    if method not in CALIB_METHODS:
+        raise UsageError(
+            f"unknown calibration method {method!r}", "choose entropy, minmax or percentile"
+        )
+    if mix_adv > 0 and model is None:
+        raise UsageError("--mix-adv needs --model (the FP32 model the examples are crafted on)")
+    if out.suffix != ".onnx":
+        raise UsageError(f"--out must name a .onnx file, got {out}")
+    if not onnx.is_file():
+        raise UsageError(f"--onnx {onnx} does not exist")
+    check_onnx(onnx)
+    if data.endswith(".npz"):
+        calib = load_calibration_set(data)
+    else:
+        torch_model = None
+        if model is not None:
+            from advedge.checkpoint import load_model
+
+            torch_model = load_model(model)
+        output.info(f"building the calibration set: {n} training images, {mix_adv:.0%} adversarial")
+        calib = build_calibration_set(
+            data, n=n, seed=seed, mix_adv=mix_adv, model=torch_model, eps=parse_eps(eps)
+        )
+    keep: Any = (
+        keep_fp32 if keep_fp32 in ("auto", "none") else [s for s in keep_fp32.split(",") if s]
+    )
+    result = quantize_qdq(
+        onnx,
+        out,
+        calib,
+        method=method,
+        batch_size=batch_size,
+        keep_fp32=keep,
+        cache_dir=None if cache_dir is None else str(cache_dir),
+    )
+    if save_set is not None:
+        save_calibration_set(calib, save_set)
+    meta = read_onnx_metadata(onnx)
+    payload = {
+        "schema": "advedge.calibrate/1",
+        "onnx": str(out),
+        "source_onnx": str(onnx),
+        "bytes": out.stat().st_size,
+        "method": result.method,
+        "n": len(calib),
+        "calib_sha256": result.calib_sha256,
+        "model_sha256": result.model_sha256,
+        "fp32_nodes": list(result.excluded_nodes),
+        "qdq_pairs": result.n_qdq_pairs,
+        "cache": None if result.cache_path is None else str(result.cache_path),
+        "cache_hit": result.cache_hit,
+        "seconds": round(result.seconds, 2),
+    }
+    write_sidecar(sidecar_path(out), {**meta, "precision": "int8", "calibration": payload})
+    table = Table("field", "value", title=f"advedge calibrate -> {out.name}")
+    for key in ("method", "n", "qdq_pairs", "fp32_nodes", "cache_hit", "seconds"):
+        table.add_row(key, str(payload[key]))
+    output.result(payload, human=table)
+
+
 # --------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: run the app and map errors to one line and an exit code."""

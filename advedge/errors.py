@@ -12,6 +12,7 @@ __all__ = [
     "AdvedgeError",
     "CheckpointError",
     "DataError",
+    "ExportError",
     "MissingDependencyError",
     "UsageError",
     "did_you_mean",
@@ -49,6 +50,14 @@ class DataError(AdvedgeError):
 
 class CheckpointError(AdvedgeError):
     """A checkpoint that is missing, corrupt, unsafe or of another architecture: exit code 1."""
+
+
+class ExportError(AdvedgeError):
+    """An export, calibration or engine build that failed or was refused: exit code 1.
+
+    Parity failures, ONNX files that fail the checker, unsafe external-data paths, calibration
+    sets that do not fit the model and engines built for another TensorRT or GPU land here.
+    """
 
 
 class MissingDependencyError(AdvedgeError, ImportError):

@@ -1,0 +1,631 @@
+"""``advedge export``: checkpoint(s) -> checked ONNX (+ FP16 / QDQ INT8) -> optional engine.
+
+For each artifact (a classifier; a purifier and a classifier side by side; or both fused into one
+graph, purifier -> classifier, one input, logits out):
+
+1. export the FP32 ONNX (opset 18, dynamic batch, constants folded, full checker);
+2. the parity gate against PyTorch on real test images, clean and adversarial (PGD-20 crafted
+   on the FP32 PyTorch model being exported; for a purifier alone, on its classifier);
+3. FP16: convert with onnxconverter-common (FP32 I/O), check, gate;
+   INT8: build (or load) the calibration set, quantise to symmetric QDQ, check, gate, then the
+   on-the-spot accuracy report: clean and transfer-robust accuracy of FP32 vs INT8 under ONNX
+   Runtime, with a loud warning (also written into the sidecar) when INT8 loses more than
+   ``max_drop`` points;
+4. with ``trt``: a strongly typed TensorRT engine from that ONNX.
+
+Everything is written into a hidden staging folder inside ``out`` and moved into place only when
+every step has passed: a failure leaves no partial artifact, and earlier artifacts in ``out`` are
+replaced only by complete new ones. torch is imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import advedge
+from advedge.errors import DataError, ExportError, UsageError
+from advedge.utils import sha256_file
+
+from ._deps import require
+from .graph import check_onnx, read_onnx_metadata, set_onnx_metadata, sidecar_path, write_sidecar
+from .parity import compare_outputs, gate
+from .runtime import OrtRunner, TorchRunner
+
+__all__ = ["PRECISIONS", "TRT_CALIBRATORS", "ExportOptions", "export_artifacts"]
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "fp16", "int8")
+TRT_CALIBRATORS = ("qdq", "legacy-entropy", "legacy-minmax")
+CALIB_METHODS = ("entropy", "minmax", "percentile")
+
+
+@dataclass
+class ExportOptions:
+    """Every option of ``advedge export`` (see its ``--help``)."""
+
+    model: str
+    out: str
+    purifier: str | None = None
+    fuse: bool = False
+    precision: str = "fp32"
+    data: str | None = None
+    calib_data: str | None = None
+    calib_n: int = 512
+    calib_method: str = "entropy"
+    calib_mix_adv: float = 0.0
+    calib_batch: int = 32
+    keep_fp32: str = "auto"
+    opset: int = 18
+    parity_n: int = 256
+    report_n: int = 500
+    max_drop: float = 2.0
+    attack_steps: int = 20
+    eps: float | None = None
+    seed: int = 0
+    trt: bool = False
+    min_batch: int = 1
+    opt_batch: int = 8
+    max_batch: int = 64
+    workspace_mib: int = 1024
+    timing_cache: str | None = None
+    trt_calibrator: str = "qdq"
+    cache_dir: str | None = None
+
+    def validate(self) -> None:
+        """Refuse bad option values before any work (exit code 2)."""
+        if self.precision not in PRECISIONS:
+            raise UsageError(
+                f"precision {self.precision!r} is not available for ONNX artifacts",
+                "choose fp32, fp16 or int8",
+            )
+        if self.calib_method not in CALIB_METHODS:
+            raise UsageError(
+                f"unknown calibration method {self.calib_method!r}",
+                "choose entropy, minmax or percentile",
+            )
+        if self.trt_calibrator not in TRT_CALIBRATORS:
+            raise UsageError(
+                f"unknown TensorRT calibrator {self.trt_calibrator!r}",
+                "choose qdq, legacy-entropy or legacy-minmax",
+            )
+        if self.trt_calibrator != "qdq" and (self.precision != "int8" or not self.trt):
+            raise UsageError("a legacy calibrator needs --precision int8 and --trt")
+        if self.precision == "int8" and not self.calib_data:
+            raise UsageError(
+                "int8 needs calibration data",
+                "pass --calib-data DIR (a data directory or a saved calibration .npz)",
+            )
+        if self.fuse and not self.purifier:
+            raise UsageError("--fuse needs --purifier")
+        if not 0.0 <= self.calib_mix_adv <= 1.0:
+            raise UsageError(f"--calib-mix-adv must be in [0, 1], got {self.calib_mix_adv}")
+        for name in ("calib_n", "calib_batch", "parity_n", "report_n", "attack_steps"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.max_drop < 0:
+            raise UsageError("--max-drop must be >= 0")
+
+
+@dataclass
+class _Target:
+    name: str
+    kind: str  # classifier, purifier, fused
+    module: Any
+    output: str  # logits or pixels
+    metadata: dict[str, Any]
+    attack_module: Any  # what the adversarial inputs are crafted on
+    classifier: Any  # torch classifier (labels for pixel outputs)
+
+
+@dataclass
+class ExportReport:
+    """What ``advedge export`` wrote and measured."""
+
+    out: Path
+    artifacts: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": "advedge.export/1",
+            "out": str(self.out),
+            "artifacts": self.artifacts,
+            "warnings": self.warnings,
+            "seconds": round(self.seconds, 2),
+        }
+
+
+@contextlib.contextmanager
+def _staging(out: Path) -> Iterator[Path]:
+    """A hidden folder in ``out``; removed whatever happens (moved-out files survive)."""
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".advedge-export-", dir=out))
+    ok = False
+    try:
+        yield stage
+        ok = True
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+        if not ok and created:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only if empty: never removes earlier work
+
+
+def _load_targets(opts: ExportOptions) -> tuple[list[_Target], dict[str, Any]]:
+    from advedge.checkpoint import load_model, resolve_checkpoint
+    from advedge.purifier import load_purifier
+    from advedge.purifier.checkpoint import resolve_purifier
+    from advedge.purifier.evaluate import Purified, check_purifier_fits
+
+    ckpt = resolve_checkpoint(opts.model)
+    model = load_model(ckpt)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    meta = dict(model.checkpoint_metadata)
+    arch = meta["architecture"]
+    common = {
+        "classes": meta.get("class_names") or int(meta.get("num_classes") or 0),
+        "input_shape": meta.get("input_shape"),
+        "eps": opts.eps if opts.eps is not None else meta.get("eps"),
+        "dataset": meta.get("dataset"),
+        "advedge_version": advedge.__version__,
+    }
+    cls_meta = {
+        **common,
+        "kind": "classifier",
+        "architecture": arch,
+        "method": meta.get("method"),
+        "source_sha256": sha256_file(ckpt),
+    }
+    if not opts.purifier:
+        return [_Target(arch, "classifier", model, "logits", cls_meta, model, model)], meta
+    pfile = resolve_purifier(opts.purifier)
+    gen = load_purifier(pfile)
+    for p in gen.parameters():
+        p.requires_grad_(False)
+    check_purifier_fits(gen, meta, str(pfile))
+    gmeta = dict(gen.checkpoint_metadata)
+    pur_meta = {
+        **common,
+        "kind": "purifier",
+        "architecture": "purifier-generator",
+        "method": gmeta.get("method"),
+        "eps_r": gmeta.get("eps_r"),
+        "source_sha256": sha256_file(pfile),
+        "classifier_sha256": cls_meta["source_sha256"],
+    }
+    if opts.fuse:
+        fused = Purified(gen, model).eval()
+        fmeta = {
+            **common,
+            "kind": "fused",
+            "architecture": f"purifier-generator+{arch}",
+            "method": f"{gmeta.get('method')}+{meta.get('method')}",
+            "eps_r": gmeta.get("eps_r"),
+            "source_sha256": {
+                "purifier": pur_meta["source_sha256"],
+                "classifier": cls_meta["source_sha256"],
+            },
+        }
+        return [_Target(f"{arch}-purified", "fused", fused, "logits", fmeta, fused, model)], meta
+    return [
+        _Target(arch, "classifier", model, "logits", cls_meta, model, model),
+        _Target("purifier", "purifier", gen, "pixels", pur_meta, model, model),
+    ], meta
+
+
+def _load_test_images(opts: ExportOptions, meta: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    from advedge.data import load_dataset, stratified_subset
+
+    source = opts.data
+    if source is None and opts.calib_data and Path(opts.calib_data).is_dir():
+        source = opts.calib_data
+    if source is None:
+        source = meta.get("dataset")
+    if not source:
+        raise UsageError("no test data for the parity gate", "pass --data DIR")
+    try:
+        ds = load_dataset(source, download=False)
+    except DataError as exc:
+        raise DataError(
+            f"{exc.message} (test images are needed for the parity gate)", "pass --data DIR"
+        ) from None
+    want = list(meta.get("input_shape") or [])
+    if want and list(ds.input_shape) != want:
+        raise ExportError(
+            f"the data's images are {list(ds.input_shape)} but the model takes {want}"
+        )
+    test = stratified_subset(ds.test, max(opts.parity_n, opts.report_n), opts.seed)
+    x = test.x.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+    return np.ascontiguousarray(x), test.y.astype(np.int64)
+
+
+def _pgd(
+    module: Any, x: np.ndarray, y: np.ndarray, *, eps: float, steps: int, seed: int
+) -> np.ndarray:
+    """PGD-``steps`` (L∞, step 2.5·eps/steps, uniform start) on the FP32 PyTorch module."""
+    torch = require("torch", purpose="crafting adversarial examples")
+    from advedge.attacks import PGD
+
+    gen = torch.Generator().manual_seed(seed)
+    attack = PGD(module, eps=eps, steps=steps, generator=gen)
+    out = []
+    for i in range(0, len(x), 128):
+        xb = torch.from_numpy(x[i : i + 128])
+        yb = torch.from_numpy(y[i : i + 128])
+        out.append(attack(xb, yb).detach().numpy())
+    return np.concatenate(out).astype(np.float32)
+
+
+def _labels(classifier: Any, x: np.ndarray) -> np.ndarray:
+    return TorchRunner(classifier).run(x, 256).argmax(axis=1)
+
+
+def _parity(
+    target: _Target,
+    onnx_path: Path,
+    precision: str,
+    inputs: dict[str, np.ndarray],
+    ref: dict[str, np.ndarray],
+    ref_labels: dict[str, np.ndarray],
+) -> dict[str, Any]:
+    runner = OrtRunner(onnx_path)
+    figures = {}
+    for kind, x in inputs.items():
+        cand = runner.run(x, 256)
+        if target.output == "pixels":
+            figures[kind] = compare_outputs(
+                ref[kind],
+                cand,
+                reference_labels=ref_labels[kind],
+                candidate_labels=_labels(target.classifier, cand),
+            )
+        else:
+            figures[kind] = compare_outputs(ref[kind], cand)
+    n = len(next(iter(inputs.values())))
+    return gate(
+        figures, precision=precision, output=target.output, n=n, artifact=onnx_path.name
+    ).to_dict()
+
+
+def _accuracy_report(
+    fp32_path: Path,
+    low_path: Path,
+    precision: str,
+    x: np.ndarray,
+    y: np.ndarray,
+    x_adv: np.ndarray,
+    *,
+    max_drop: float,
+    attack: dict[str, Any],
+) -> dict[str, Any]:
+    """Clean and transfer-robust accuracy of FP32 vs the low-precision artifact (ONNX Runtime)."""
+    acc = {}
+    for label, path in (("fp32", fp32_path), (precision, low_path)):
+        runner = OrtRunner(path)
+        acc[label] = {
+            "clean_acc": float(np.mean(runner.run(x, 256).argmax(1) == y)),
+            "transfer_robust_acc": float(np.mean(runner.run(x_adv, 256).argmax(1) == y)),
+        }
+    drop_clean = 100 * (acc["fp32"]["clean_acc"] - acc[precision]["clean_acc"])
+    drop_robust = 100 * (acc["fp32"]["transfer_robust_acc"] - acc[precision]["transfer_robust_acc"])
+    report = {
+        "runtime": "onnxruntime-cpu",
+        "n": len(y),
+        "accuracy": acc,
+        "drop_points": {"clean": round(drop_clean, 2), "transfer_robust": round(drop_robust, 2)},
+        "max_drop_points": max_drop,
+        "transfer_attack": {**attack, "kind": "transfer", "crafted_on": "fp32 pytorch model"},
+        "warning": None,
+    }
+    if drop_clean > max_drop:
+        report["warning"] = (
+            f"{precision} loses {drop_clean:.1f} points of clean accuracy against fp32 "
+            f"(limit {max_drop:g}); try --calib-method, a larger --calib-n or --keep-fp32"
+        )
+    return report
+
+
+def _artifact_entry(path: Path, kind: str, precision: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "path": path.name,
+        "kind": kind,
+        "precision": precision,
+        "bytes": path.stat().st_size,
+        "sha256": sha256_file(path),
+        **extra,
+    }
+
+
+def export_artifacts(
+    opts: ExportOptions, *, status: Callable[[str], None] | None = None
+) -> ExportReport:
+    """Run the export described in the module docstring; returns what was written.
+
+    Raises:
+        UsageError: bad options (before any work).
+        MissingDependencyError: onnx/onnxruntime, or TensorRT with ``trt``, not installed
+            (checked before any work).
+        CheckpointError, DataError, ExportError (incl. ParityError): nothing is written.
+    """
+    say = status or (lambda msg: logger.info(msg))
+    start = time.perf_counter()
+    opts.validate()
+    for mod in ("onnx", "onnxruntime", "onnxscript"):
+        require(mod, purpose="advedge export")
+    trt_mod = None
+    if opts.trt:
+        from .tensorrt import BatchProfile, has_legacy_calibrator, load_tensorrt
+
+        BatchProfile(opts.min_batch, opts.opt_batch, opts.max_batch)
+        trt_mod = load_tensorrt()
+        if opts.trt_calibrator != "qdq" and not has_legacy_calibrator(trt_mod):
+            raise UsageError(
+                f"TensorRT {trt_mod.__version__} has no implicit INT8 calibrator (removed in 11)",
+                "use --trt-calibrator qdq (the explicit Q/DQ ONNX)",
+            )
+    out = Path(opts.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a directory")
+    targets, meta = _load_targets(opts)
+    eps = float(opts.eps if opts.eps is not None else (meta.get("eps") or 8 / 255))
+    input_shape = list(meta.get("input_shape") or [])
+
+    calib = None
+    if opts.precision == "int8":
+        calib = _calibration_set(opts, targets, eps, input_shape, say)
+
+    say(f"loading test images for the parity gate ({max(opts.parity_n, opts.report_n)})")
+    x, y = _load_test_images(opts, meta)
+    report = ExportReport(out=out)
+    attack = {"name": "pgd", "eps": eps, "steps": opts.attack_steps, "norm": "Linf", "n": len(y)}
+    with _staging(out) as stage:
+        written: list[Path] = []
+        adv_cache: dict[int, np.ndarray] = {}
+        for target in targets:
+            key = id(target.attack_module)
+            if key not in adv_cache:
+                say(
+                    f"crafting PGD-{opts.attack_steps} examples on the FP32 {target.metadata['architecture'] if target.kind != 'purifier' else 'classifier'} ({len(y)} images)"
+                )
+                adv_cache[key] = _pgd(
+                    target.attack_module, x, y, eps=eps, steps=opts.attack_steps, seed=opts.seed
+                )
+            x_adv = adv_cache[key]
+            inputs = {"clean": x[: opts.parity_n], "adversarial": x_adv[: opts.parity_n]}
+            torch_runner = TorchRunner(target.module)
+            ref = {k: torch_runner.run(v, 256) for k, v in inputs.items()}
+            ref_labels = (
+                {k: _labels(target.classifier, v) for k, v in ref.items()}
+                if target.output == "pixels"
+                else {}
+            )
+
+            say(f"exporting {target.name} (fp32, opset {opts.opset})")
+            fp32 = stage / f"{target.name}.fp32.onnx"
+            from .onnx_export import export_onnx
+
+            export_onnx(
+                target.module,
+                fp32,
+                input_shape=input_shape,
+                output_name="purified" if target.output == "pixels" else "logits",
+                opset=opts.opset,
+                metadata={**target.metadata, "precision": "fp32"},
+            )
+            parity32 = _parity(target, fp32, "fp32", inputs, ref, ref_labels)
+            say(f"parity fp32 ok: {_fmt(parity32)}")
+            files = [(fp32, "fp32", {"parity": parity32})]
+            final = fp32
+            if opts.precision == "fp16":
+                from .fp16 import convert_fp16
+
+                final = convert_fp16(fp32, stage / f"{target.name}.fp16.onnx")
+                files.append(
+                    (
+                        final,
+                        "fp16",
+                        {"parity": _parity(target, final, "fp16", inputs, ref, ref_labels)},
+                    )
+                )
+                say(f"parity fp16 ok: {_fmt(files[-1][2]['parity'])}")
+            elif opts.precision == "int8":
+                final, extra = _quantize(opts, target, fp32, stage, calib)
+                extra["parity"] = _parity(target, final, "int8", inputs, ref, ref_labels)
+                say(f"parity int8 ok: {_fmt(extra['parity'])}")
+                files.append((final, "int8", extra))
+            if opts.precision != "fp32" and target.output == "logits":
+                say(f"accuracy report {opts.precision} vs fp32 on {len(y)} test images")
+                acc = _accuracy_report(
+                    fp32, final, opts.precision, x, y, x_adv, max_drop=opts.max_drop, attack=attack
+                )
+                files[-1][2]["accuracy_report"] = acc
+                if acc["warning"]:
+                    report.warnings.append(f"{target.name}: {acc['warning']}")
+            for path, precision, extra in files:
+                side = {
+                    **read_onnx_metadata(path),
+                    "file": path.name,
+                    "sha256": sha256_file(path),
+                    **extra,
+                }
+                if extra.get("accuracy_report", {}).get("warning"):
+                    side["accuracy_warning"] = extra["accuracy_report"]["warning"]
+                write_sidecar(sidecar_path(path), side)
+                written += [path, sidecar_path(path)]
+                report.artifacts.append(
+                    _artifact_entry(
+                        path,
+                        target.kind,
+                        precision,
+                        **{
+                            k: v
+                            for k, v in extra.items()
+                            if k in ("parity", "accuracy_report", "calibration")
+                        },
+                    )
+                )
+            if opts.trt:
+                written += _build_trt(opts, target, final, fp32, stage, calib, report, say)
+        if calib is not None and not str(opts.calib_data).endswith(".npz"):
+            written.append(stage / "calibration.npz")
+        for path in written:
+            if path.exists():
+                os.replace(path, out / path.name)
+        for entry in report.artifacts:
+            entry["path"] = str(out / entry["path"])
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _fmt(parity: dict[str, Any]) -> str:
+    return "; ".join(
+        f"{k} max|Δ| {v['max_abs']:.2g}, agree {100 * v['agreement']:.1f}%"
+        for k, v in parity["figures"].items()
+    )
+
+
+def _calibration_set(
+    opts: ExportOptions,
+    targets: list[_Target],
+    eps: float,
+    input_shape: list[int],
+    say: Callable[[str], None],
+) -> Any:
+    from advedge.calibration import build_calibration_set, check_fits, load_calibration_set
+
+    src = Path(str(opts.calib_data))
+    if src.suffix == ".npz":
+        calib = load_calibration_set(src)
+        say(f"calibration set {src} ({len(calib)} images, sha256 {calib.sha256[:12]})")
+    else:
+        say(
+            f"building the calibration set: {opts.calib_n} training images, {opts.calib_mix_adv:.0%} adversarial"
+        )
+        calib = build_calibration_set(
+            src,
+            n=opts.calib_n,
+            seed=opts.seed,
+            mix_adv=opts.calib_mix_adv,
+            model=targets[0].attack_module if opts.calib_mix_adv > 0 else None,
+            eps=eps,
+        )
+    check_fits(calib, input_shape, opts.calib_batch)
+    return calib
+
+
+def _quantize(
+    opts: ExportOptions, target: _Target, fp32: Path, stage: Path, calib: Any
+) -> tuple[Path, dict[str, Any]]:
+    from advedge.calibration import quantize_qdq, save_calibration_set
+
+    onnx = require("onnx", purpose="INT8 quantisation")
+    if not (stage / "calibration.npz").exists() and not str(opts.calib_data).endswith(".npz"):
+        save_calibration_set(calib, stage / "calibration.npz")
+    int8 = stage / f"{target.name}.int8.onnx"
+    keep: Any = opts.keep_fp32
+    if keep not in ("auto", "none"):
+        keep = [s for s in keep.split(",") if s]
+    result = quantize_qdq(
+        fp32,
+        int8,
+        calib,
+        method=opts.calib_method,
+        batch_size=opts.calib_batch,
+        keep_fp32=keep,
+        cache_dir=opts.cache_dir,
+    )
+    model = onnx.load(str(int8))
+    set_onnx_metadata(model, {**read_onnx_metadata(fp32), "precision": "int8"})
+    onnx.save_model(model, str(int8))
+    check_onnx(int8)
+    extra = {
+        "calibration": {
+            "method": result.method,
+            "n": len(calib),
+            "calib_sha256": result.calib_sha256,
+            "mix_adv": calib.meta.get("mix_adv"),
+            "fp32_nodes": list(result.excluded_nodes),
+            "qdq_pairs": result.n_qdq_pairs,
+            "cache": str(result.cache_path) if result.cache_path else None,
+            "cache_hit": result.cache_hit,
+            "symmetric": True,
+            "per_channel_weights": True,
+        }
+    }
+    return int8, extra
+
+
+def _build_trt(
+    opts: ExportOptions,
+    target: _Target,
+    final: Path,
+    fp32: Path,
+    stage: Path,
+    calib: Any,
+    report: ExportReport,
+    say: Callable[[str], None],
+) -> list[Path]:
+    from .tensorrt import BatchProfile, build_engine, cuda_backend, load_tensorrt
+
+    trt = load_tensorrt()
+    backend = cuda_backend()
+    profile = BatchProfile(opts.min_batch, opts.opt_batch, opts.max_batch)
+    timing = Path(opts.timing_cache) if opts.timing_cache else Path(opts.out) / "timing.cache"
+    stage_timing = stage / timing.name
+    if timing.is_file():
+        shutil.copyfile(timing, stage_timing)
+    calibrator = None
+    precision = opts.precision
+    source = final
+    if opts.trt_calibrator != "qdq":
+        from advedge.calibration import make_legacy_calibrator
+
+        method = opts.trt_calibrator.split("-", 1)[1]
+        calibrator = make_legacy_calibrator(
+            trt,
+            calib,
+            method=method,
+            cache_file=stage / f"{target.name}.{method}.calib.cache",
+            batch_size=opts.calib_batch,
+            alloc=backend.alloc,
+            copy_to_device=backend.to_device,
+        )
+        precision, source = "int8-legacy", fp32
+    say(
+        f"building the TensorRT {trt.__version__} engine for {target.name} ({precision}, batch {profile.min_batch}-{profile.max_batch})"
+    )
+    build = build_engine(
+        source,
+        stage,
+        name=target.name,
+        precision=precision,
+        profile=profile,
+        workspace_mib=opts.workspace_mib,
+        timing_cache=stage_timing,
+        legacy_calibrator=calibrator,
+        backend=backend,
+    )
+    report.artifacts.append(
+        _artifact_entry(build.engine, target.kind, precision, engine=build.info)
+    )
+    paths = [build.engine, build.layers, build.sidecar]
+    if build.timing_cache:
+        paths.append(build.timing_cache)
+    if calibrator is not None:
+        paths += list(stage.glob(f"{target.name}.*.calib.cache"))
+    return paths
