@@ -116,6 +116,13 @@ class ExportOptions:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
         if self.max_drop < 0:
             raise UsageError("--max-drop must be >= 0")
+        from .onnx_export import DEFAULT_OPSET, SUPPORTED_OPSETS
+
+        if self.opset not in SUPPORTED_OPSETS:
+            raise UsageError(
+                f"opset {self.opset} is not supported",
+                f"use {SUPPORTED_OPSETS.start}-{SUPPORTED_OPSETS.stop - 1} (default {DEFAULT_OPSET})",
+            )
 
 
 @dataclass

@@ -1,0 +1,463 @@
+"""advedge.export: ONNX export, the checker and external-data guard, the parity gate, FP16, the
+``advedge export`` CLI and its refusals (no partial artifacts)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from advedge.export import parity as parity_mod
+from advedge.export.graph import (
+    METADATA_KEYS,
+    check_external_data,
+    check_onnx,
+    read_onnx_metadata,
+    read_sidecar,
+    unfolded_clip_bounds,
+)
+from advedge.export.onnx_export import export_onnx
+from advedge.export.parity import ParityError, Tolerance, compare_outputs, gate
+from advedge.export.runtime import OrtRunner, TorchRunner
+from onnx import TensorProto, helper
+
+from advedge.checkpoint import save_model
+from advedge.cli import main
+from advedge.errors import ExportError
+from advedge.models import create_model
+from advedge.purifier import save_purifier
+from advedge.purifier.evaluate import Purified
+from advedge.purifier.networks import Generator
+
+EPS = 8 / 255
+CIFAR_MEAN, CIFAR_STD = [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]
+
+
+def _classifier(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    m = create_model("tiny_cnn", num_classes=10, in_channels=3, mean=CIFAR_MEAN, std=CIFAR_STD)
+    return m.eval()
+
+
+def _purifier(seed: int = 1) -> Generator:
+    torch.manual_seed(seed)
+    g = Generator(3, 8, eps_r=10 / 255)
+    with torch.no_grad():  # the output conv starts at zero (identity); make G do something
+        for p in g.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return g.eval()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("export_runs")
+    meta = {"dataset": "tiny", "eps": EPS, "input_shape": [3, 32, 32], "method": "natural"}
+    model_dir = root / "classifier"
+    model_dir.mkdir()
+    save_model(_classifier(), model_dir / "model.safetensors", metadata=meta)
+    pur_dir = root / "purifier"
+    pur_dir.mkdir()
+    save_purifier(
+        _purifier(),
+        pur_dir / "purifier.safetensors",
+        metadata={"input_shape": [3, 32, 32], "eps": EPS, "eps_r": 10 / 255, "method": "ipcm"},
+    )
+    return {"model": model_dir, "purifier": pur_dir}
+
+
+def _cli(*args: str) -> int:
+    return main(list(args))
+
+
+# ------------------------------------------------------------------------------ export_onnx
+def test_classifier_export_is_checked_dynamic_and_matches_torch(tmp_path):
+    model = _classifier()
+    path = export_onnx(
+        model,
+        tmp_path / "m.onnx",
+        input_shape=(3, 32, 32),
+        metadata={"kind": "classifier", "precision": "fp32", "eps": EPS},
+    )
+    proto = onnx.load(str(path))
+    assert proto.opset_import[0].version == 18
+    (inp,) = proto.graph.input
+    dims = inp.type.tensor_type.shape.dim
+    assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [3, 32, 32]
+    assert proto.graph.output[0].name == "logits"
+    meta = read_onnx_metadata(proto)
+    assert meta["kind"] == "classifier" and meta["eps"] == pytest.approx(EPS)
+    runner = OrtRunner(path)
+    for n in (1, 5):  # the batch axis is dynamic
+        x = torch.rand(n, 3, 32, 32)
+        ref = model(x).detach().numpy()
+        assert np.abs(runner(x.numpy()) - ref).max() < 1e-4
+
+
+def test_purifier_clip_bounds_are_initializers_and_output_is_bounded(tmp_path):
+    g = _purifier()
+    path = export_onnx(g, tmp_path / "g.onnx", input_shape=(3, 32, 32), output_name="purified")
+    proto = onnx.load(str(path))
+    clips = [n for n in proto.graph.node if n.op_type == "Clip"]
+    assert clips and not unfolded_clip_bounds(proto)
+    assert not [n for n in proto.graph.node if n.op_type == "Constant"]
+    x = np.random.default_rng(0).random((4, 3, 32, 32), dtype=np.float32)
+    out = OrtRunner(path)(x)
+    assert out.min() >= 0.0 and out.max() <= 1.0
+    assert np.abs(out - x).max() <= 10 / 255 + 1e-6
+    assert np.abs(out - x).max() > 1e-4  # G really changes the image
+
+
+def test_fused_graph_is_purifier_then_classifier(tmp_path):
+    f, g = _classifier(), _purifier()
+    path = export_onnx(Purified(g, f), tmp_path / "fused.onnx", input_shape=(3, 32, 32))
+    x = torch.rand(3, 3, 32, 32)
+    ref = f(g(x)).detach().numpy()
+    out = OrtRunner(path)(x.numpy())
+    assert np.abs(out - ref).max() < 1e-4
+    assert np.abs(out - f(x).detach().numpy()).max() > 1e-5  # not the classifier alone
+
+
+def test_bad_opset_is_a_usage_error(tmp_path):
+    from advedge.errors import UsageError
+
+    with pytest.raises(UsageError, match="opset 9"):
+        export_onnx(_classifier(), tmp_path / "m.onnx", input_shape=(3, 32, 32), opset=9)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+# ------------------------------------------------------------------------------ checker, external data
+def _tiny_graph(initializer: TensorProto | None = None, bad: bool = False) -> onnx.ModelProto:
+    inp = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    w = initializer or helper.make_tensor("w", TensorProto.FLOAT, [1, 4], [1.0, 2.0, 3.0, 4.0])
+    node = helper.make_node("Add", ["x", "missing" if bad else "w"], ["y"])
+    graph = helper.make_graph([node], "g", [inp], [out], [w])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_checker_failure_is_one_export_error(tmp_path):
+    path = tmp_path / "bad.onnx"
+    onnx.save(_tiny_graph(bad=True), str(path))
+    with pytest.raises(ExportError, match="fails the ONNX checker"):
+        check_onnx(path)
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"\x00not a protobuf" * 10)
+    with pytest.raises(ExportError):
+        check_onnx(garbage)
+
+
+def _external(location: str) -> TensorProto:
+    t = helper.make_tensor("w", TensorProto.FLOAT, [1, 4], [0.0] * 4)
+    t.ClearField("float_data")
+    t.data_location = TensorProto.EXTERNAL
+    t.external_data.add(key="location", value=location)
+    return t
+
+
+@pytest.mark.parametrize("location", ["../outside.bin", "/etc/passwd", "sub/../../outside.bin"])
+def test_external_data_outside_the_folder_is_refused(tmp_path, location):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (tmp_path / "outside.bin").write_bytes(b"\x00" * 16)
+    path = folder / "m.onnx"
+    onnx.save(_tiny_graph(_external(location)), str(path))
+    with pytest.raises(ExportError, match="points outside its folder"):
+        check_external_data(path)
+    with pytest.raises(ExportError, match="outside"):
+        OrtRunner(path)
+
+
+def test_external_data_through_a_symlink_is_refused(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (tmp_path / "secret.bin").write_bytes(b"\x00" * 16)
+    os.symlink(tmp_path / "secret.bin", folder / "weights.bin")
+    path = folder / "m.onnx"
+    onnx.save(_tiny_graph(_external("weights.bin")), str(path))
+    with pytest.raises(ExportError, match="outside"):
+        check_external_data(path)
+
+
+def test_external_data_inside_the_folder_is_accepted(tmp_path):
+    path = tmp_path / "m.onnx"
+    model = _tiny_graph()
+    onnx.save(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="m.bin",
+        size_threshold=0,
+    )
+    check_onnx(path)
+    out = OrtRunner(path)(np.zeros((1, 4), np.float32))
+    assert out.tolist() == [[1.0, 2.0, 3.0, 4.0]]
+
+
+# ------------------------------------------------------------------------------ parity
+def test_compare_outputs_measures_max_abs_and_agreement():
+    ref = np.array([[1.0, 0.0], [0.0, 1.0], [2.0, 1.0], [0.0, 3.0]])
+    cand = ref.copy()
+    cand[1] = [1.5, 1.0]  # flips the second image's class
+    figs = compare_outputs(ref, cand)
+    assert figs["max_abs"] == pytest.approx(1.5)
+    assert figs["agreement"] == pytest.approx(0.75)
+    assert compare_outputs(ref, np.full_like(ref, np.nan))["max_abs"] == float("inf")
+
+
+def test_gate_names_what_failed_and_by_how_much():
+    figs = {
+        "clean": {"max_abs": 1e-6, "agreement": 1.0},
+        "adversarial": {"max_abs": 0.5, "agreement": 0.9},
+    }
+    with pytest.raises(ParityError) as info:
+        gate(figs, precision="fp32", output="logits", n=10, artifact="m.fp32.onnx")
+    msg = str(info.value)
+    assert "adversarial max|Δ| 0.5 > 0.001" in msg and "90.0% < 99%" in msg
+    assert "clean max" not in msg
+    ok = gate(
+        figs, precision="fp32", output="logits", n=10, artifact="m", tolerance=Tolerance(1, 1, 0.5)
+    )
+    assert ok.passed
+
+
+# ------------------------------------------------------------------------------ CLI
+def test_cli_export_fp32_and_fp16_write_artifacts_and_json(runs, tiny_npz_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = _cli(
+        "export",
+        "--model",
+        str(runs["model"]),
+        "--out",
+        str(out),
+        "--precision",
+        "fp16",
+        "--data",
+        str(tiny_npz_data),
+        "--parity-n",
+        "32",
+        "--report-n",
+        "32",
+        "--json",
+    )
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    names = sorted(Path(a["path"]).name for a in report["artifacts"])
+    assert names == ["tiny_cnn.fp16.onnx", "tiny_cnn.fp32.onnx"]
+    for a in report["artifacts"]:
+        assert a["bytes"] == Path(a["path"]).stat().st_size > 0
+        assert a["parity"]["passed"] and set(a["parity"]["figures"]) == {"clean", "adversarial"}
+    fp16 = next(a for a in report["artifacts"] if a["precision"] == "fp16")
+    acc = fp16["accuracy_report"]
+    assert acc["n"] == 32 and acc["transfer_attack"]["kind"] == "transfer"
+    # FP16 inside, FP32 at the edges
+    proto = onnx.load(str(out / "tiny_cnn.fp16.onnx"))
+    assert proto.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    assert proto.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    assert any(t.data_type == TensorProto.FLOAT16 for t in proto.graph.initializer)
+    side = read_sidecar(out / "tiny_cnn.fp16.json")
+    assert set(METADATA_KEYS) <= set(side) and side["precision"] == "fp16"
+    assert side["sha256"] == fp16["sha256"]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # staging removed
+
+
+def test_cli_export_purifier_beside_and_fused(runs, tiny_npz_data, tmp_path, capsys):
+    out = tmp_path / "pair"
+    assert (
+        _cli(
+            "export",
+            "--model",
+            str(runs["model"]),
+            "--purifier",
+            str(runs["purifier"]),
+            "--out",
+            str(out),
+            "--data",
+            str(tiny_npz_data),
+            "--parity-n",
+            "16",
+            "--report-n",
+            "16",
+            "--json",
+        )
+        == 0
+    )
+    kinds = {a["kind"] for a in json.loads(capsys.readouterr().out)["artifacts"]}
+    assert kinds == {"classifier", "purifier"}
+    pur = read_sidecar(out / "purifier.fp32.json")
+    assert pur["parity"]["output"] == "pixels" and pur["kind"] == "purifier"
+    fused = tmp_path / "fused"
+    assert (
+        _cli(
+            "export",
+            "--model",
+            str(runs["model"]),
+            "--purifier",
+            str(runs["purifier"]),
+            "--fuse",
+            "--out",
+            str(fused),
+            "--data",
+            str(tiny_npz_data),
+            "--parity-n",
+            "16",
+            "--report-n",
+            "16",
+            "--json",
+        )
+        == 0
+    )
+    report = json.loads(capsys.readouterr().out)
+    (art,) = report["artifacts"]
+    assert art["kind"] == "fused" and Path(art["path"]).name == "tiny_cnn-purified.fp32.onnx"
+    meta = read_onnx_metadata(art["path"])
+    assert set(meta["source_sha256"]) == {"purifier", "classifier"}
+
+
+def test_cli_parity_failure_exits_1_and_writes_nothing(
+    runs, tiny_npz_data, tmp_path, capsys, monkeypatch
+):
+    out = tmp_path / "out"
+    out.mkdir()
+    earlier = out / "earlier.txt"
+    earlier.write_text("earlier work")
+    monkeypatch.setitem(parity_mod.TOLERANCES, "fp32", Tolerance(0.0, 0.0, 1.0))
+    # zero tolerance: the float rounding differences between torch and ONNX Runtime fail it
+    rc = _cli(
+        "export",
+        "--model",
+        str(runs["model"]),
+        "--out",
+        str(out),
+        "--data",
+        str(tiny_npz_data),
+        "--parity-n",
+        "8",
+        "--report-n",
+        "8",
+    )
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "parity failed" in err and "max|Δ| " in err and " > 0;" in err and "not written" in err
+    assert sorted(p.name for p in out.iterdir()) == ["earlier.txt"]
+    assert earlier.read_text() == "earlier work"
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "needle"),
+    [
+        (["--precision", "bf16"], 2, "precision 'bf16'"),
+        (["--precision", "int8"], 2, "int8 needs calibration data"),
+        (["--fuse"], 2, "--fuse needs --purifier"),
+        (["--opset", "9"], 2, "opset 9"),
+        (["--trt", "--min-batch", "8", "--max-batch", "4"], 2, "min <= opt <= max"),
+        (["--precision", "fp16", "--trt-calibrator", "legacy-entropy"], 2, "legacy calibrator"),
+    ],
+)
+def test_cli_bad_options_fail_in_one_line_without_output(
+    runs, tiny_npz_data, tmp_path, capsys, args, code, needle
+):
+    out = tmp_path / "never"
+    rc = _cli(
+        "export",
+        "--model",
+        str(runs["model"]),
+        "--out",
+        str(out),
+        "--data",
+        str(tiny_npz_data),
+        "--parity-n",
+        "8",
+        "--report-n",
+        "8",
+        *args,
+    )
+    err = capsys.readouterr().err
+    assert rc == code, err
+    assert needle in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_cli_trt_without_tensorrt_exits_3_with_a_hint(
+    runs, tiny_npz_data, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt -> ImportError
+    out = tmp_path / "out"
+    rc = _cli(
+        "export",
+        "--model",
+        str(runs["model"]),
+        "--out",
+        str(out),
+        "--data",
+        str(tiny_npz_data),
+        "--trt",
+    )
+    err = capsys.readouterr().err
+    assert rc == 3
+    assert "TensorRT" in err and "device that will run the engine" in err
+    assert not out.exists()
+
+
+def test_cli_missing_and_wrong_checkpoints(runs, tiny_npz_data, tmp_path, capsys):
+    rc = _cli("export", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
+    assert rc == 1 and "not found" in capsys.readouterr().err
+    # a purifier given as the classifier
+    rc = _cli(
+        "export",
+        "--model",
+        str(runs["purifier"] / "purifier.safetensors"),
+        "--out",
+        str(tmp_path / "o"),
+        "--data",
+        str(tiny_npz_data),
+    )
+    assert rc == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_data_of_another_shape_is_refused(runs, npz_dataset_factory, tmp_path, capsys):
+    mnistish = npz_dataset_factory("gray", size=28, channels=1)
+    rc = _cli(
+        "export",
+        "--model",
+        str(runs["model"]),
+        "--out",
+        str(tmp_path / "o"),
+        "--data",
+        str(mnistish),
+    )
+    err = capsys.readouterr().err
+    assert rc == 1 and "[1, 28, 28]" in err and "[3, 32, 32]" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_torch_runner_and_ort_runner_agree_in_batches(tmp_path):
+    model = _classifier()
+    path = export_onnx(model, tmp_path / "m.onnx", input_shape=(3, 32, 32))
+    x = np.random.default_rng(1).random((37, 3, 32, 32), dtype=np.float32)
+    a = TorchRunner(model).run(x, batch_size=16)
+    b = OrtRunner(path).run(x, batch_size=16)
+    assert a.shape == b.shape == (37, 10)
+    assert np.abs(a - b).max() < 1e-4
+
+
+def test_ort_runner_runs_without_torch(tmp_path):
+    path = export_onnx(_classifier(), tmp_path / "m.onnx", input_shape=(3, 32, 32))
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "import numpy as np\n"
+        "from advedge.export.runtime import OrtRunner\n"
+        f"r = OrtRunner({str(path)!r})\n"
+        "print(r.run(np.zeros((3, 3, 32, 32), np.float32)).shape)\n"
+        "assert 'torch' not in sys.modules or sys.modules['torch'] is None\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "(3, 10)"
