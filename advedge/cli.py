@@ -743,6 +743,13 @@ def export_cmd(
     cache_dir: Annotated[
         Path | None, typer.Option(help="Calibration-range cache [default: ~/.cache/advedge].")
     ] = None,
+    int8_target: Annotated[
+        str,
+        typer.Option(
+            help="int8: tensorrt (symmetric Q/DQ, portable, default) or onnxruntime-cpu (uint8 "
+            "activations with zero points: fastest on x86 CPUs without VNNI; never an engine)."
+        ),
+    ] = "tensorrt",
     seed: Annotated[int, typer.Option(help="Seed of image selection and attacks.")] = 0,
     json_out: JsonOpt = False,
 ) -> None:
@@ -778,6 +785,7 @@ def export_cmd(
         timing_cache=None if timing_cache is None else str(timing_cache),
         trt_calibrator=trt_calibrator,
         cache_dir=None if cache_dir is None else str(cache_dir),
+        int8_target=int8_target,
     )
     report = export_artifacts(opts, status=output.info)
     for warning in report.warnings:
@@ -828,6 +836,9 @@ def calibrate_cmd(
     cache_dir: Annotated[
         Path | None, typer.Option(help="Calibration-range cache [default: ~/.cache/advedge].")
     ] = None,
+    target: Annotated[
+        str, typer.Option(help="tensorrt (symmetric, default) or onnxruntime-cpu.")
+    ] = "tensorrt",
     seed: Annotated[int, typer.Option(help="Seed of the image selection.")] = 0,
     json_out: JsonOpt = False,
 ) -> None:
@@ -877,6 +888,7 @@ def calibrate_cmd(
         batch_size=batch_size,
         keep_fp32=keep,
         cache_dir=None if cache_dir is None else str(cache_dir),
+        target=target,
     )
     if save_set is not None:
         save_calibration_set(calib, save_set)
@@ -896,7 +908,17 @@ def calibrate_cmd(
         "cache_hit": result.cache_hit,
         "seconds": round(result.seconds, 2),
     }
-    write_sidecar(sidecar_path(out), {**meta, "precision": "int8", "calibration": payload})
+    from advedge.export._deps import require
+    from advedge.export.graph import set_onnx_metadata
+
+    onnx_lib = require("onnx", purpose="advedge calibrate")
+    quantized = onnx_lib.load(str(out))
+    set_onnx_metadata(quantized, {**meta, "precision": "int8", "int8_target": target})
+    onnx_lib.save_model(quantized, str(out))
+    write_sidecar(
+        sidecar_path(out),
+        {**meta, "precision": "int8", "int8_target": target, "calibration": payload},
+    )
     table = Table("field", "value", title=f"advedge calibrate -> {out.name}")
     for key in ("method", "n", "qdq_pairs", "fp32_nodes", "cache_hit", "seconds"):
         table.add_row(key, str(payload[key]))

@@ -1,6 +1,64 @@
 """advedge.calibration: INT8 calibration for deployed artifacts.
 
-It will hold calibration sets, explicit INT8 quantisation as symmetric Q/DQ pairs in the ONNX
-graph, the legacy TensorRT 10 implicit calibrator (where the installed TensorRT still has
-``IInt8EntropyCalibrator2``) and calibration caches. Nothing here imports torch at module level.
+Modules:
+
+* :mod:`~advedge.calibration.sets`: calibration sets. A stratified sample of a dataset's
+  training split, optionally mixed with PGD adversarial examples (``mix_adv``), held as uint8
+  NHWC and identified by a content sha256; saved as an npz file that loads without pickle and
+  is verified against its hash.
+* :mod:`~advedge.calibration.quantize`: explicit INT8. ONNX Runtime static quantisation to
+  symmetric Q/DQ pairs (zero point 0, INT8 weights per channel, FP32 biases), the portable INT8
+  artifact that TensorRT 10 and 11 both build strongly typed. Keeps the purifier's output head
+  and the final linear layer in FP32 (``keep_fp32="auto"``) and caches calibration ranges.
+* :mod:`~advedge.calibration.legacy`: the implicit calibrator of TensorRT 10
+  (``IInt8EntropyCalibrator2`` / ``IInt8MinMaxCalibrator``), offered only where the installed
+  TensorRT still has it.
+
+Torch-free at import: nothing here imports torch, onnx, onnxruntime, TensorRT or CUDA at module
+level. ``onnx``/``onnxruntime`` are imported inside the functions that need them (with an install
+hint when missing), and torch only inside the function that crafts adversarial examples, so a
+device with numpy and ONNX Runtime alone can load calibration sets and quantise.
 """
+
+from __future__ import annotations
+
+from .legacy import LEGACY_METHODS, device_pointer, has_legacy_calibrator, make_legacy_calibrator
+from .quantize import (
+    CACHE_SCHEMA,
+    METHODS,
+    QuantizeResult,
+    default_cache_dir,
+    name_unnamed_nodes,
+    quantize_qdq,
+    select_fp32_nodes,
+    verify_qdq,
+)
+from .sets import (
+    SET_SCHEMA,
+    CalibrationSet,
+    build_calibration_set,
+    check_fits,
+    load_calibration_set,
+    save_calibration_set,
+)
+
+__all__ = [
+    "CACHE_SCHEMA",
+    "LEGACY_METHODS",
+    "METHODS",
+    "SET_SCHEMA",
+    "CalibrationSet",
+    "QuantizeResult",
+    "build_calibration_set",
+    "check_fits",
+    "default_cache_dir",
+    "device_pointer",
+    "has_legacy_calibrator",
+    "load_calibration_set",
+    "make_legacy_calibrator",
+    "name_unnamed_nodes",
+    "quantize_qdq",
+    "save_calibration_set",
+    "select_fp32_nodes",
+    "verify_qdq",
+]

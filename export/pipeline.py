@@ -82,6 +82,7 @@ class ExportOptions:
     timing_cache: str | None = None
     trt_calibrator: str = "qdq"
     cache_dir: str | None = None
+    int8_target: str = "tensorrt"
 
     def validate(self) -> None:
         """Refuse bad option values before any work (exit code 2)."""
@@ -102,6 +103,15 @@ class ExportOptions:
             )
         if self.trt_calibrator != "qdq" and (self.precision != "int8" or not self.trt):
             raise UsageError("a legacy calibrator needs --precision int8 and --trt")
+        if self.int8_target not in ("tensorrt", "onnxruntime-cpu"):
+            raise UsageError(
+                f"unknown INT8 target {self.int8_target!r}", "choose tensorrt or onnxruntime-cpu"
+            )
+        if self.int8_target != "tensorrt" and self.trt:
+            raise UsageError(
+                "--int8-target onnxruntime-cpu cannot be built into a TensorRT engine",
+                "TensorRT needs symmetric int8 Q/DQ: use --int8-target tensorrt with --trt",
+            )
         if self.precision == "int8" and not self.calib_data:
             raise UsageError(
                 "int8 needs calibration data",
@@ -290,7 +300,9 @@ def _parity(
     ref: dict[str, np.ndarray],
     ref_labels: dict[str, np.ndarray],
 ) -> dict[str, Any]:
-    runner = OrtRunner(onnx_path)
+    # INT8 parity checks the Q/DQ arithmetic as written (ONNX Runtime's basic level), which is
+    # what TensorRT computes; ONNX Runtime's fused x86 int8 kernels are the report's business.
+    runner = OrtRunner(onnx_path, optimization="basic" if precision == "int8" else "all")
     figures = {}
     for kind, x in inputs.items():
         cand = runner.run(x, 256)
@@ -320,29 +332,49 @@ def _accuracy_report(
     max_drop: float,
     attack: dict[str, Any],
 ) -> dict[str, Any]:
-    """Clean and transfer-robust accuracy of FP32 vs the low-precision artifact (ONNX Runtime)."""
+    """Clean and transfer-robust accuracy of FP32 vs the low-precision artifact (ONNX Runtime).
+
+    ``accuracy[precision]`` is what an ONNX Runtime CPU session runs by default (for INT8: its
+    fused int8 kernels). For INT8, ``accuracy["int8_reference"]`` is the Q/DQ arithmetic as
+    written (ONNX Runtime's basic optimisation level), which is what TensorRT reproduces; the
+    two differ where ONNX Runtime's x86 kernels saturate. The warning fires when either loses
+    more than ``max_drop`` points of clean accuracy.
+    """
+    runs = [("fp32", fp32_path, "all"), (precision, low_path, "all")]
+    if precision == "int8":
+        runs.append(("int8_reference", low_path, "basic"))
     acc = {}
-    for label, path in (("fp32", fp32_path), (precision, low_path)):
-        runner = OrtRunner(path)
+    for label, path, level in runs:
+        runner = OrtRunner(path, optimization=level)
         acc[label] = {
             "clean_acc": float(np.mean(runner.run(x, 256).argmax(1) == y)),
             "transfer_robust_acc": float(np.mean(runner.run(x_adv, 256).argmax(1) == y)),
         }
-    drop_clean = 100 * (acc["fp32"]["clean_acc"] - acc[precision]["clean_acc"])
-    drop_robust = 100 * (acc["fp32"]["transfer_robust_acc"] - acc[precision]["transfer_robust_acc"])
+    drops = {
+        label: {
+            "clean": round(100 * (acc["fp32"]["clean_acc"] - a["clean_acc"]), 2),
+            "transfer_robust": round(
+                100 * (acc["fp32"]["transfer_robust_acc"] - a["transfer_robust_acc"]), 2
+            ),
+        }
+        for label, a in acc.items()
+        if label != "fp32"
+    }
     report = {
         "runtime": "onnxruntime-cpu",
         "n": len(y),
         "accuracy": acc,
-        "drop_points": {"clean": round(drop_clean, 2), "transfer_robust": round(drop_robust, 2)},
+        "drop_points": drops[precision],
+        "drop_points_by_run": drops,
         "max_drop_points": max_drop,
         "transfer_attack": {**attack, "kind": "transfer", "crafted_on": "fp32 pytorch model"},
         "warning": None,
     }
-    if drop_clean > max_drop:
+    worst = max(drops, key=lambda k: drops[k]["clean"])
+    if drops[worst]["clean"] > max_drop:
         report["warning"] = (
-            f"{precision} loses {drop_clean:.1f} points of clean accuracy against fp32 "
-            f"(limit {max_drop:g}); try --calib-method, a larger --calib-n or --keep-fp32"
+            f"{worst} loses {drops[worst]['clean']:.1f} points of clean accuracy against fp32 "
+            f"(limit {max_drop:g}); try another --calib-method, a larger --calib-n or --keep-fp32"
         )
     return report
 
@@ -543,7 +575,8 @@ def _quantize(
     onnx = require("onnx", purpose="INT8 quantisation")
     if not (stage / "calibration.npz").exists() and not str(opts.calib_data).endswith(".npz"):
         save_calibration_set(calib, stage / "calibration.npz")
-    int8 = stage / f"{target.name}.int8.onnx"
+    cpu = opts.int8_target == "onnxruntime-cpu"
+    int8 = stage / f"{target.name}.{'int8-ortcpu' if cpu else 'int8'}.onnx"
     keep: Any = opts.keep_fp32
     if keep not in ("auto", "none"):
         keep = [s for s in keep.split(",") if s]
@@ -555,9 +588,12 @@ def _quantize(
         batch_size=opts.calib_batch,
         keep_fp32=keep,
         cache_dir=opts.cache_dir,
+        target=opts.int8_target,
     )
     model = onnx.load(str(int8))
-    set_onnx_metadata(model, {**read_onnx_metadata(fp32), "precision": "int8"})
+    set_onnx_metadata(
+        model, {**read_onnx_metadata(fp32), "precision": "int8", "int8_target": opts.int8_target}
+    )
     onnx.save_model(model, str(int8))
     check_onnx(int8)
     extra = {
@@ -570,7 +606,8 @@ def _quantize(
             "qdq_pairs": result.n_qdq_pairs,
             "cache": str(result.cache_path) if result.cache_path else None,
             "cache_hit": result.cache_hit,
-            "symmetric": True,
+            "target": opts.int8_target,
+            "symmetric": not cpu,
             "per_channel_weights": True,
         }
     }
