@@ -247,26 +247,51 @@ class EngineBuild:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+_TYPE_WORDS = (
+    "Int8",
+    "Half",
+    "Float",
+    "BFloat16",
+    "FP8",
+    "Int4",
+    "FP4",
+    "Int32",
+    "Int64",
+    "Bool",
+    "UInt8",
+)
+
+
+def _type_word(text: Any) -> str | None:
+    """The data type named in an inspector string: ``"Int8"`` or ``"Row major linear Int8 format"``."""
+    if not isinstance(text, str):
+        return None
+    for word in text.replace("/", " ").split():
+        if word in _TYPE_WORDS:
+            return word
+    return None
+
+
 def _layer_precisions(inspector_json: str) -> dict[str, int]:
-    """Count layers per precision from the inspector's JSON (10.x and 11.x field names)."""
+    """Count layers per output data type from the engine inspector's JSON.
+
+    The inspector has no per-layer "precision" field: the type is read from the layer's first
+    output, ``"Format/Datatype"`` in TensorRT 10 (e.g. ``"Row major linear Int8 format"``) and
+    ``"DataType"`` in TensorRT 11. Layers listed by name only count as ``"unknown"``.
+    """
     try:
         data = json.loads(inspector_json)
     except json.JSONDecodeError:
         return {}
     counts: Counter[str] = Counter()
     for layer in data.get("Layers", []) if isinstance(data, dict) else []:
-        if not isinstance(layer, dict):
-            continue
         precision = None
-        for key in ("Precision", "LayerPrecision", "DataType"):
-            if isinstance(layer.get(key), str):
-                precision = layer[key]
-                break
-        if precision is None:
+        if isinstance(layer, dict):
             outputs = layer.get("Outputs") or []
-            if outputs and isinstance(outputs[0], dict):
-                fmt = outputs[0].get("DataType") or outputs[0].get("Format/Datatype") or ""
-                precision = str(fmt).split()[0] if fmt else None
+            first = outputs[0] if outputs and isinstance(outputs[0], dict) else {}
+            precision = _type_word(first.get("DataType")) or _type_word(
+                first.get("Format/Datatype")
+            )
         counts[precision or "unknown"] += 1
     return dict(counts)
 

@@ -1,0 +1,387 @@
+"""advedge.export.tensorrt and ``advedge export --trt`` against the TensorRT TEST DOUBLE.
+
+TensorRT cannot be installed here (no GPU, no vendor index). Everything in this file runs against
+``tests/fakes`` (a double of the documented TensorRT 10.x/11.x and pycuda APIs whose engines run
+the embedded ONNX with ONNX Runtime). It shows that advedge calls the documented API the
+documented way and handles its failures; it does not show that an engine builds or runs on a
+real device (see the README's "What was verified where").
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from advedge.export.graph import read_sidecar
+from advedge.export.onnx_export import export_onnx
+from advedge.export.runtime import OrtRunner
+from advedge.export.tensorrt import BatchProfile, TrtRunner, build_engine, engine_filename
+from fakes import install_fake_tensorrt
+
+from advedge.checkpoint import save_model
+from advedge.cli import main
+from advedge.errors import ExportError, UsageError
+from advedge.models import create_model
+
+ENGINE_RE = re.compile(
+    r"^(?P<name>.+)\.(?P<prec>[a-z0-9-]+)\.trt(?P<ver>[\d.]+)\.sm(?P<cc>\d+)\.b(?P<lo>\d+)-(?P<hi>\d+)\.engine$"
+)
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return create_model(
+        "tiny_cnn", num_classes=10, in_channels=3, mean=[0.5] * 3, std=[0.25] * 3
+    ).eval()
+
+
+@pytest.fixture(scope="module")
+def onnx_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("trt") / "tiny.fp32.onnx"
+    return export_onnx(_model(), path, input_shape=(3, 32, 32))
+
+
+@pytest.mark.parametrize("version", ["10.3.0", "11.2.0"])
+def test_strongly_typed_build_writes_named_engine_layers_and_sidecar(
+    monkeypatch, tmp_path, onnx_file, version
+):
+    trt = install_fake_tensorrt(monkeypatch, version=version, compute_capability=(8, 7))
+    profile = BatchProfile(1, 8, 32)
+    cache = tmp_path / "timing.cache"
+    build = build_engine(
+        onnx_file,
+        tmp_path,
+        name="tiny",
+        precision="fp32",
+        profile=profile,
+        workspace_mib=256,
+        timing_cache=cache,
+    )
+    m = ENGINE_RE.match(build.engine.name)
+    assert m and m["name"] == "tiny" and m["ver"] == version and m["cc"] == "87"
+    assert (m["lo"], m["hi"]) == ("1", "32")
+    assert build.engine.name == engine_filename("tiny", "fp32", version, (8, 7), profile)
+    info = read_sidecar(build.sidecar)
+    assert info["tensorrt_version"] == version and info["compute_capability"] == [8, 7]
+    assert info["strongly_typed"] is True and info["workspace_mib"] == 256
+    assert info["profile"]["min_batch"] == 1 and info["profile"]["max_batch"] == 32
+    assert info["layer_precisions"] and "unknown" not in info["layer_precisions"]
+    layers = json.loads(build.layers.read_text())
+    assert layers["Layers"]
+    io_key = "Bindings" if version.startswith("10") else "I/O Tensors"
+    assert io_key in layers
+    assert cache.is_file() and cache.stat().st_size > 0
+    # the network really was created strongly typed
+    assert trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED is not None
+
+
+def test_timing_cache_is_read_back_and_a_corrupt_one_does_not_fail(
+    monkeypatch, tmp_path, onnx_file
+):
+    install_fake_tensorrt(monkeypatch, version="10.3.0")
+    cache = tmp_path / "timing.cache"
+    build_engine(
+        onnx_file,
+        tmp_path / "a",
+        name="t",
+        precision="fp32",
+        profile=BatchProfile(),
+        timing_cache=cache,
+    )
+    first = cache.read_bytes()
+    build_engine(
+        onnx_file,
+        tmp_path / "b",
+        name="t",
+        precision="fp32",
+        profile=BatchProfile(),
+        timing_cache=cache,
+    )
+    assert cache.read_bytes()[:16] == first[:16]  # same cache format, reused
+    cache.write_bytes(b"garbage, not a timing cache")
+    b = build_engine(
+        onnx_file,
+        tmp_path / "c",
+        name="t",
+        precision="fp32",
+        profile=BatchProfile(),
+        timing_cache=cache,
+    )
+    assert b.engine.is_file() and cache.read_bytes() != b"garbage, not a timing cache"
+
+
+@pytest.mark.parametrize("version", ["10.3.0", "11.2.0"])
+def test_runner_matches_onnx_runtime_and_splits_big_batches(
+    monkeypatch, tmp_path, onnx_file, version
+):
+    install_fake_tensorrt(monkeypatch, version=version)
+    build = build_engine(
+        onnx_file, tmp_path, name="tiny", precision="fp32", profile=BatchProfile(1, 4, 8)
+    )
+    runner = TrtRunner(build.engine)
+    assert runner.backend.name == "pycuda"  # torch here has no CUDA
+    x = np.random.default_rng(0).random((21, 3, 32, 32), dtype=np.float32)
+    out = runner.run(x)
+    ref = OrtRunner(onnx_file).run(x)
+    assert out.shape == (21, 10) and np.allclose(out, ref, atol=1e-5)
+
+
+def test_engine_from_another_tensorrt_or_gpu_is_refused_at_load(monkeypatch, tmp_path, onnx_file):
+    install_fake_tensorrt(monkeypatch, version="10.3.0", compute_capability=(8, 7))
+    build = build_engine(onnx_file, tmp_path, name="tiny", precision="fp32", profile=BatchProfile())
+    install_fake_tensorrt(monkeypatch, version="10.4.0", compute_capability=(8, 7))
+    with pytest.raises(ExportError, match=r"built by TensorRT 10\.3\.0; this device has 10\.4\.0"):
+        TrtRunner(build.engine)
+    install_fake_tensorrt(monkeypatch, version="10.3.0", compute_capability=(8, 9))
+    with pytest.raises(ExportError, match="built for sm87; this GPU is sm89"):
+        TrtRunner(build.engine)
+    # a sidecar edited to lie: TensorRT itself refuses to deserialise, still one clear error
+    side = build.sidecar
+    info = json.loads(side.read_text())
+    info["compute_capability"] = [8, 9]
+    side.write_text(json.dumps(info))
+    with pytest.raises(ExportError, match="cannot deserialise"):
+        TrtRunner(build.engine)
+
+
+def test_corrupt_engine_is_one_error(monkeypatch, tmp_path, onnx_file):
+    install_fake_tensorrt(monkeypatch)
+    build = build_engine(onnx_file, tmp_path, name="tiny", precision="fp32", profile=BatchProfile())
+    build.engine.write_bytes(b"\x00" * 100)
+    with pytest.raises(ExportError, match="cannot deserialise"):
+        TrtRunner(build.engine)
+
+
+def test_parser_rejection_is_one_error(monkeypatch, tmp_path):
+    install_fake_tensorrt(monkeypatch)
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not an onnx file")
+    with pytest.raises(ExportError, match=r"parser rejected bad\.onnx"):
+        build_engine(bad, tmp_path, name="bad", precision="fp32", profile=BatchProfile())
+    assert not list(tmp_path.glob("*.engine"))
+
+
+def test_legacy_calibrator_only_where_tensorrt_has_it(monkeypatch, tmp_path, onnx_file):
+    from advedge.calibration import CalibrationSet, make_legacy_calibrator
+    from advedge.export.tensorrt import cuda_backend
+
+    rng = np.random.default_rng(0)
+    calib = CalibrationSet(
+        x=rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8),
+        y=np.arange(64, dtype=np.int64) % 10,
+        is_adv=np.zeros(64, dtype=bool),
+        meta={},
+    )
+    trt = install_fake_tensorrt(monkeypatch, version="10.3.0")
+    backend = cuda_backend()
+    cache = tmp_path / "calib.cache"
+    calibrator = make_legacy_calibrator(
+        trt,
+        calib,
+        method="entropy",
+        cache_file=cache,
+        batch_size=16,
+        alloc=backend.alloc,
+        copy_to_device=backend.to_device,
+    )
+    build = build_engine(
+        onnx_file,
+        tmp_path,
+        name="tiny",
+        precision="int8-legacy",
+        profile=BatchProfile(1, 16, 16),
+        legacy_calibrator=calibrator,
+        backend=backend,
+    )
+    info = read_sidecar(build.sidecar)
+    assert info["strongly_typed"] is False and info["implicit_int8_calibrator"]
+    assert cache.is_file() and cache.stat().st_size > 0  # TensorRT wrote its calibration cache
+    assert info["layer_precisions"].get("Int8", 0) > 0
+    trt11 = install_fake_tensorrt(monkeypatch, version="11.2.0")
+    assert not hasattr(trt11, "IInt8EntropyCalibrator2")
+    with pytest.raises(UsageError, match="no implicit INT8"):
+        make_legacy_calibrator(
+            trt11,
+            calib,
+            method="entropy",
+            cache_file=cache,
+            batch_size=16,
+            alloc=backend.alloc,
+            copy_to_device=backend.to_device,
+        )
+    with pytest.raises(UsageError, match="no implicit INT8"):
+        build_engine(
+            onnx_file,
+            tmp_path,
+            name="t",
+            precision="int8-legacy",
+            profile=BatchProfile(),
+            legacy_calibrator=object(),
+        )
+
+
+# ------------------------------------------------------------------------------ CLI --trt
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("trt_run") / "run"
+    d.mkdir()
+    save_model(
+        _model(),
+        d / "model.safetensors",
+        metadata={"dataset": "tiny", "eps": 8 / 255, "input_shape": [3, 32, 32]},
+    )
+    return d
+
+
+@pytest.mark.parametrize("version", ["10.3.0", "11.2.0"])
+def test_cli_int8_trt_builds_from_the_qdq_onnx(
+    monkeypatch, tmp_path, run_dir, tiny_npz_data, capsys, version
+):
+    install_fake_tensorrt(monkeypatch, version=version)
+    out = tmp_path / "out"
+    rc = main(
+        [
+            "export",
+            "--model",
+            str(run_dir),
+            "--out",
+            str(out),
+            "--precision",
+            "int8",
+            "--calib-data",
+            str(tiny_npz_data),
+            "--calib-n",
+            "64",
+            "--parity-n",
+            "16",
+            "--report-n",
+            "16",
+            "--trt",
+            "--min-batch",
+            "1",
+            "--opt-batch",
+            "4",
+            "--max-batch",
+            "16",
+            "--cache-dir",
+            str(tmp_path / "cc"),
+            "--json",
+        ]
+    )
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    report = json.loads(captured.out)
+    engines = [a for a in report["artifacts"] if a["path"].endswith(".engine")]
+    assert len(engines) == 1
+    eng = engines[0]
+    assert ENGINE_RE.match(Path(eng["path"]).name)["prec"] == "int8"
+    assert eng["engine"]["source_onnx"] == "tiny_cnn.int8.onnx"
+    assert eng["engine"]["layer_precisions"].get("Int8", 0) > 0
+    assert (out / "timing.cache").is_file()
+    stem = Path(eng["path"]).name[: -len(".engine")]
+    assert (out / f"{stem}.layers.json").is_file() and (out / f"{stem}.json").is_file()
+    # the engine runs and agrees with the QDQ ONNX it came from
+    x = np.random.default_rng(0).random((5, 3, 32, 32), dtype=np.float32)
+    got = TrtRunner(eng["path"]).run(x)
+    ref = OrtRunner(out / "tiny_cnn.int8.onnx").run(x)  # the double runs ORT defaults
+    assert np.allclose(got, ref, atol=1e-4)
+
+
+def test_cli_legacy_calibrator_refused_on_tensorrt_11(
+    monkeypatch, tmp_path, run_dir, tiny_npz_data, capsys
+):
+    install_fake_tensorrt(monkeypatch, version="11.2.0")
+    out = tmp_path / "out"
+    rc = main(
+        [
+            "export",
+            "--model",
+            str(run_dir),
+            "--out",
+            str(out),
+            "--precision",
+            "int8",
+            "--calib-data",
+            str(tiny_npz_data),
+            "--trt",
+            "--trt-calibrator",
+            "legacy-entropy",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2 and "no implicit INT8 calibrator" in err
+    assert not out.exists()
+
+
+def test_cli_ortcpu_int8_cannot_become_an_engine(
+    monkeypatch, tmp_path, run_dir, tiny_npz_data, capsys
+):
+    install_fake_tensorrt(monkeypatch, version="10.3.0")
+    rc = main(
+        [
+            "export",
+            "--model",
+            str(run_dir),
+            "--out",
+            str(tmp_path / "o"),
+            "--precision",
+            "int8",
+            "--calib-data",
+            str(tiny_npz_data),
+            "--trt",
+            "--int8-target",
+            "onnxruntime-cpu",
+        ]
+    )
+    assert rc == 2 and "cannot be built into a TensorRT engine" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_legacy_calibrator_on_tensorrt_10(
+    monkeypatch, tmp_path, run_dir, tiny_npz_data, capsys
+):
+    install_fake_tensorrt(monkeypatch, version="10.3.0")
+    out = tmp_path / "out"
+    rc = main(
+        [
+            "export",
+            "--model",
+            str(run_dir),
+            "--out",
+            str(out),
+            "--precision",
+            "int8",
+            "--calib-data",
+            str(tiny_npz_data),
+            "--calib-n",
+            "64",
+            "--calib-batch",
+            "16",
+            "--parity-n",
+            "16",
+            "--report-n",
+            "16",
+            "--trt",
+            "--trt-calibrator",
+            "legacy-minmax",
+            "--max-batch",
+            "16",
+            "--opt-batch",
+            "16",
+            "--cache-dir",
+            str(tmp_path / "cc"),
+            "--json",
+        ]
+    )
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    eng = next(a for a in json.loads(captured.out)["artifacts"] if a["path"].endswith(".engine"))
+    assert ".int8-legacy.trt10.3.0." in eng["path"]
+    assert (
+        eng["engine"]["source_onnx"] == "tiny_cnn.fp32.onnx" and not eng["engine"]["strongly_typed"]
+    )
+    assert list(out.glob("tiny_cnn.minmax.calib.cache"))
