@@ -448,16 +448,210 @@ def test_torch_runner_and_ort_runner_agree_in_batches(tmp_path):
     assert np.abs(a - b).max() < 1e-4
 
 
-def test_ort_runner_runs_without_torch(tmp_path):
+def test_deploy_side_runs_and_calibrates_without_torch(tmp_path):
+    """The import rule: both packages import, run ONNX Runtime and calibrate where torch cannot
+    be imported at all."""
+    from advedge.calibration import CalibrationSet, save_calibration_set
+
     path = export_onnx(_classifier(), tmp_path / "m.onnx", input_shape=(3, 32, 32))
-    code = (
-        "import sys; sys.modules['torch'] = None\n"
-        "import numpy as np\n"
-        "from advedge.export.runtime import OrtRunner\n"
-        f"r = OrtRunner({str(path)!r})\n"
-        "print(r.run(np.zeros((3, 3, 32, 32), np.float32)).shape)\n"
-        "assert 'torch' not in sys.modules or sys.modules['torch'] is None\n"
+    rng = np.random.default_rng(0)
+    calib = CalibrationSet(
+        x=rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8),
+        y=np.arange(64, dtype=np.int64) % 10,
+        is_adv=np.zeros(64, dtype=bool),
+        meta={},
     )
+    npz = save_calibration_set(calib, tmp_path / "calib.npz")
+    code = f"""
+import sys
+sys.modules["torch"] = None  # `import torch` now raises ImportError
+import numpy as np
+import advedge.export, advedge.calibration
+from advedge.export import graph, parity, runtime, tensorrt, fp16, onnx_export, pipeline
+from advedge.calibration import load_calibration_set, quantize_qdq
+from advedge.export.runtime import OrtRunner
+x = np.random.default_rng(1).random((4, 3, 32, 32), dtype=np.float32)
+fp32 = OrtRunner({str(path)!r}).run(x)
+cs = load_calibration_set({str(npz)!r})
+res = quantize_qdq({str(path)!r}, {str(tmp_path / "q.onnx")!r}, cs, method="minmax",
+                   batch_size=16, cache_dir={str(tmp_path / "cache")!r})
+int8 = OrtRunner({str(tmp_path / "q.onnx")!r}, optimization="basic").run(x)
+assert sys.modules["torch"] is None
+print(fp32.shape, int8.shape, res.n_qdq_pairs > 0)
+"""
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == "(3, 10)"
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip() == "(4, 10) (4, 10) True"
+
+
+# ------------------------------------------------------------------------------ int8 and calibrate
+def test_cli_export_int8_reports_accuracy_and_saves_the_set(runs, tiny_npz_data, tmp_path, capsys):
+    out = tmp_path / "q"
+    rc = _cli(
+        "export",
+        "--model",
+        str(runs["model"]),
+        "--out",
+        str(out),
+        "--precision",
+        "int8",
+        "--calib-data",
+        str(tiny_npz_data),
+        "--calib-n",
+        "64",
+        "--calib-mix-adv",
+        "0.25",
+        "--parity-n",
+        "16",
+        "--report-n",
+        "32",
+        "--cache-dir",
+        str(tmp_path / "cc"),
+        "--json",
+    )
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    report = json.loads(captured.out)
+    int8 = next(a for a in report["artifacts"] if a["precision"] == "int8")
+    acc = int8["accuracy_report"]
+    assert set(acc["accuracy"]) == {"fp32", "int8", "int8_reference"}
+    assert acc["n"] == 32 and "clean" in acc["drop_points"]
+    cal = int8["calibration"]
+    assert cal["n"] == 64 and cal["mix_adv"] == 0.25 and cal["symmetric"] and not cal["cache_hit"]
+    assert "node_linear" in cal["fp32_nodes"] or any(
+        "gemm" in n.lower() or "linear" in n.lower() for n in cal["fp32_nodes"]
+    )
+    from advedge.calibration import load_calibration_set
+
+    saved = load_calibration_set(out / "calibration.npz")
+    assert len(saved) == 64 and saved.sha256 == cal["calib_sha256"] and saved.is_adv.sum() == 16
+    # the saved set reproduces the calibration on a second export: the ranges come from the cache
+    rc = _cli(
+        "export",
+        "--model",
+        str(runs["model"]),
+        "--out",
+        str(tmp_path / "q2"),
+        "--precision",
+        "int8",
+        "--calib-data",
+        str(out / "calibration.npz"),
+        "--data",
+        str(tiny_npz_data),
+        "--parity-n",
+        "16",
+        "--report-n",
+        "16",
+        "--cache-dir",
+        str(tmp_path / "cc"),
+        "--json",
+    )
+    again = json.loads(capsys.readouterr().out)
+    cal2 = next(a for a in again["artifacts"] if a["precision"] == "int8")["calibration"]
+    assert rc == 0 and cal2["cache_hit"] and cal2["calib_sha256"] == cal["calib_sha256"]
+    assert (tmp_path / "q2" / "tiny_cnn.int8.onnx").read_bytes() == (
+        out / "tiny_cnn.int8.onnx"
+    ).read_bytes()
+
+
+def test_accuracy_report_warns_when_the_low_precision_model_loses_accuracy(tmp_path):
+    from advedge.export.pipeline import _accuracy_report
+
+    good = export_onnx(_classifier(0), tmp_path / "good.onnx", input_shape=(3, 32, 32))
+    other = export_onnx(_classifier(7), tmp_path / "other.onnx", input_shape=(3, 32, 32))
+    x = np.random.default_rng(0).random((64, 3, 32, 32), dtype=np.float32)
+    y = OrtRunner(good).run(x).argmax(1)  # fp32 is 100% right on its own labels
+    rep = _accuracy_report(good, other, "fp16", x, y, x, max_drop=2.0, attack={"name": "pgd"})
+    assert rep["accuracy"]["fp32"]["clean_acc"] == 1.0
+    assert rep["drop_points"]["clean"] > 2.0
+    assert rep["warning"] and "loses" in rep["warning"] and "limit 2" in rep["warning"]
+    same = _accuracy_report(good, good, "fp16", x, y, x, max_drop=2.0, attack={"name": "pgd"})
+    assert same["warning"] is None and same["drop_points"]["clean"] == 0.0
+
+
+def test_cli_calibrate_quantises_an_existing_onnx(runs, tiny_npz_data, tmp_path, capsys):
+    src = export_onnx(
+        _classifier(),
+        tmp_path / "m.fp32.onnx",
+        input_shape=(3, 32, 32),
+        metadata={"kind": "classifier", "precision": "fp32"},
+    )
+    out = tmp_path / "m.int8.onnx"
+    rc = _cli(
+        "calibrate",
+        "--onnx",
+        str(src),
+        "--data",
+        str(tiny_npz_data),
+        "--out",
+        str(out),
+        "--method",
+        "percentile",
+        "--n",
+        "64",
+        "--save-set",
+        str(tmp_path / "set.npz"),
+        "--cache-dir",
+        str(tmp_path / "cc"),
+        "--json",
+    )
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    payload = json.loads(captured.out)
+    assert payload["method"] == "percentile" and payload["n"] == 64 and payload["qdq_pairs"] > 0
+    meta = read_onnx_metadata(out)
+    assert meta["precision"] == "int8" and meta["kind"] == "classifier"
+    assert (
+        read_sidecar(tmp_path / "m.int8.json")["calibration"]["calib_sha256"]
+        == payload["calib_sha256"]
+    )
+    assert (tmp_path / "set.npz").is_file()
+
+
+@pytest.mark.parametrize(
+    ("extra", "code", "needle"),
+    [
+        (["--n", "8", "--batch-size", "32"], 1, "smaller than the batch"),
+        (["--mix-adv", "0.5"], 2, "--mix-adv needs --model"),
+        (["--method", "kl"], 2, "unknown calibration method"),
+    ],
+)
+def test_cli_calibrate_refusals(tiny_npz_data, tmp_path, capsys, extra, code, needle):
+    src = export_onnx(_classifier(), tmp_path / "m.onnx", input_shape=(3, 32, 32))
+    out = tmp_path / "q.onnx"
+    rc = _cli(
+        "calibrate",
+        "--onnx",
+        str(src),
+        "--data",
+        str(tiny_npz_data),
+        "--out",
+        str(out),
+        "--cache-dir",
+        str(tmp_path / "cc"),
+        *extra,
+    )
+    err = capsys.readouterr().err
+    assert rc == code and needle in err
+    assert not out.exists()
+
+
+def test_cli_calibrate_set_of_another_image_shape(npz_dataset_factory, tmp_path, capsys):
+    gray = npz_dataset_factory("gray", size=28, channels=1)
+    src = export_onnx(_classifier(), tmp_path / "m.onnx", input_shape=(3, 32, 32))
+    rc = _cli(
+        "calibrate",
+        "--onnx",
+        str(src),
+        "--data",
+        str(gray),
+        "--out",
+        str(tmp_path / "q.onnx"),
+        "--n",
+        "32",
+        "--cache-dir",
+        str(tmp_path / "cc"),
+    )
+    err = capsys.readouterr().err
+    assert rc == 1 and "28" in err and "32" in err
+    assert not (tmp_path / "q.onnx").exists()
