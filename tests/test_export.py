@@ -655,3 +655,20 @@ def test_cli_calibrate_set_of_another_image_shape(npz_dataset_factory, tmp_path,
     err = capsys.readouterr().err
     assert rc == 1 and "28" in err and "32" in err
     assert not (tmp_path / "q.onnx").exists()
+
+
+def test_cli_calibrate_refuses_an_onnx_failing_the_checker(tiny_npz_data, tmp_path, capsys):
+    bad = tmp_path / "bad.onnx"
+    onnx.save(_tiny_graph(bad=True), str(bad))
+    rc = _cli(
+        "calibrate",
+        "--onnx",
+        str(bad),
+        "--data",
+        str(tiny_npz_data),
+        "--out",
+        str(tmp_path / "q.onnx"),
+    )
+    err = capsys.readouterr().err
+    assert rc == 1 and "fails the ONNX checker" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "q.onnx").exists()
