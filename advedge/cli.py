@@ -843,81 +843,26 @@ def calibrate_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Quantise an existing FP32 ONNX to explicit INT8 (symmetric Q/DQ, per-channel weights)."""
-    from advedge.calibration import (
-        build_calibration_set,
-        load_calibration_set,
-        quantize_qdq,
-        save_calibration_set,
-    )
-    from advedge.export.graph import check_onnx, read_onnx_metadata, sidecar_path, write_sidecar
-    from advedge.export.pipeline import CALIB_METHODS
+    from advedge.export.pipeline import calibrate_file
     from advedge.utils import parse_eps
 
     output = Output(json_out)
-    if method not in CALIB_METHODS:
-        raise UsageError(
-            f"unknown calibration method {method!r}", "choose entropy, minmax or percentile"
-        )
-    if mix_adv > 0 and model is None:
-        raise UsageError("--mix-adv needs --model (the FP32 model the examples are crafted on)")
-    if out.suffix != ".onnx":
-        raise UsageError(f"--out must name a .onnx file, got {out}")
-    if not onnx.is_file():
-        raise UsageError(f"--onnx {onnx} does not exist")
-    check_onnx(onnx)
-    if data.endswith(".npz"):
-        calib = load_calibration_set(data)
-    else:
-        torch_model = None
-        if model is not None:
-            from advedge.checkpoint import load_model
-
-            torch_model = load_model(model)
-        output.info(f"building the calibration set: {n} training images, {mix_adv:.0%} adversarial")
-        calib = build_calibration_set(
-            data, n=n, seed=seed, mix_adv=mix_adv, model=torch_model, eps=parse_eps(eps)
-        )
-    keep: Any = (
-        keep_fp32 if keep_fp32 in ("auto", "none") else [s for s in keep_fp32.split(",") if s]
-    )
-    result = quantize_qdq(
+    payload = calibrate_file(
         onnx,
+        data,
         out,
-        calib,
         method=method,
+        n=n,
+        mix_adv=mix_adv,
+        model=model,
+        eps=parse_eps(eps),
         batch_size=batch_size,
-        keep_fp32=keep,
+        keep_fp32=keep_fp32,
+        save_set=save_set,
         cache_dir=None if cache_dir is None else str(cache_dir),
         target=target,
-    )
-    if save_set is not None:
-        save_calibration_set(calib, save_set)
-    meta = read_onnx_metadata(onnx)
-    payload = {
-        "schema": "advedge.calibrate/1",
-        "onnx": str(out),
-        "source_onnx": str(onnx),
-        "bytes": out.stat().st_size,
-        "method": result.method,
-        "n": len(calib),
-        "calib_sha256": result.calib_sha256,
-        "model_sha256": result.model_sha256,
-        "fp32_nodes": list(result.excluded_nodes),
-        "qdq_pairs": result.n_qdq_pairs,
-        "cache": None if result.cache_path is None else str(result.cache_path),
-        "cache_hit": result.cache_hit,
-        "seconds": round(result.seconds, 2),
-    }
-    from advedge.export._deps import require
-    from advedge.export.graph import set_onnx_metadata
-
-    onnx_lib = require("onnx", purpose="advedge calibrate")
-    quantized = onnx_lib.load(str(out))
-    set_onnx_metadata(quantized, {**meta, "precision": "int8", "int8_target": target})
-    onnx_lib.save_model(quantized, str(out))
-    write_sidecar(
-        sidecar_path(out),
-        {**meta, "precision": "int8", "int8_target": target, "calibration": payload},
+        seed=seed,
+        status=output.info,
     )
     table = Table("field", "value", title=f"advedge calibrate -> {out.name}")
     for key in ("method", "n", "qdq_pairs", "fp32_nodes", "cache_hit", "seconds"):

@@ -607,6 +607,9 @@ def quantize_qdq(
     fp32_onnx, out_path = Path(fp32_onnx), Path(out_path)
     if not fp32_onnx.is_file():
         raise ExportError(f"ONNX model not found: {fp32_onnx}", "export the FP32 model first")
+    from advedge.export.graph import check_external_data
+
+    check_external_data(fp32_onnx)  # before onnx.load follows any external-data path
     if not isinstance(calib, CalibrationSet):
         calib = load_calibration_set(calib)
     if isinstance(keep_fp32, str) and keep_fp32 not in ("auto", "none"):

@@ -154,6 +154,7 @@ def build_calibration_set(
     steps: int = 10,
     batch_size: int = 128,
     progress: ProgressFn | None = None,
+    download: bool = False,
 ) -> CalibrationSet:
     """Draw a calibration set from a dataset's training split.
 
@@ -180,6 +181,7 @@ def build_calibration_set(
         steps: PGD iterations.
         batch_size: Images per PGD batch.
         progress: Called as ``progress(done, total)`` after each adversarial batch.
+        download: Fetch a named dataset (cifar10, ...) if it is not cached (off by default).
 
     Raises:
         UsageError: ``mix_adv`` outside [0, 1], ``mix_adv > 0`` without a model, or bad ``n``,
@@ -202,7 +204,7 @@ def build_calibration_set(
     if batch_size < 1:
         raise UsageError(f"batch size must be >= 1, got {batch_size}")
 
-    dataset = data if isinstance(data, Dataset) else load_dataset(data)
+    dataset = data if isinstance(data, Dataset) else load_dataset(data, download=download)
     train = dataset.train
     if train is None:
         raise DataError(

@@ -1,7 +1,13 @@
 """advedge.export: the deploy side of advedge.
 
-It will hold ONNX export with a parity gate (classifier, purifier, or both fused), the strongly
-typed TensorRT engine builder, and the runtime runners (torch, ONNX Runtime, TensorRT) used by
-``advedge bench``. Nothing here imports torch at module level: a device that has only numpy,
-ONNX Runtime or TensorRT can run artifacts.
+- :mod:`~advedge.export.onnx_export`: PyTorch -> ONNX (classifier, purifier, or both fused);
+- :mod:`~advedge.export.graph`: the ONNX checker, the external-data guard, metadata and sidecars;
+- :mod:`~advedge.export.parity`: the parity gate (artifact vs PyTorch, clean and adversarial);
+- :mod:`~advedge.export.fp16`: FP16 with FP32 I/O (onnxconverter-common);
+- :mod:`~advedge.export.runtime`: runners with one call convention (PyTorch, ONNX Runtime);
+- :mod:`~advedge.export.tensorrt`: strongly typed TensorRT 10/11 engines and their runner;
+- :mod:`~advedge.export.pipeline`: ``advedge export`` and ``advedge calibrate``.
+
+Nothing here imports torch, onnx, ONNX Runtime, TensorRT or pycuda at module level: a device
+that has only numpy and ONNX Runtime or TensorRT can run artifacts.
 """

@@ -125,10 +125,7 @@ def check_external_data(path: str | os.PathLike[str]) -> None:
             f"{path} is not a readable ONNX file ({type(exc).__name__}: {exc})"
         ) from None
     base = path.resolve().parent
-    tensors = list(model.graph.initializer)
-    for node in model.graph.node:
-        tensors.extend(a.t for a in node.attribute if a.HasField("t"))
-    for tensor in tensors:
+    for tensor in _all_tensors(model.graph):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         location = next((e.value for e in tensor.external_data if e.key == "location"), "")
@@ -143,6 +140,24 @@ def check_external_data(path: str | os.PathLike[str]) -> None:
             raise ExportError(
                 f"{path}: external data file {location!r} of tensor {tensor.name!r} is missing"
             )
+
+
+def _all_tensors(graph: Any) -> list[Any]:
+    """Every TensorProto of a graph: initializers, sparse initializers, node attributes (``t``,
+    ``tensors``) and, recursively, the subgraphs of If/Loop/Scan nodes."""
+    tensors = list(graph.initializer)
+    for sparse in graph.sparse_initializer:
+        tensors.extend((sparse.values, sparse.indices))
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                tensors.append(attr.t)
+            tensors.extend(attr.tensors)
+            if attr.HasField("g"):
+                tensors.extend(_all_tensors(attr.g))
+            for sub in attr.graphs:
+                tensors.extend(_all_tensors(sub))
+    return tensors
 
 
 def check_onnx(path: str | os.PathLike[str]) -> None:

@@ -15,6 +15,7 @@ import contextlib
 import io
 import logging
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,7 @@ def export_onnx(
     module = module.to("cpu").float().eval()
     dummy = torch.rand(2, c, h, w, generator=torch.Generator().manual_seed(0))
     batch = torch.export.Dim("batch", min=1)
+    level = logging.getLogger("torch.onnx").level
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     try:
         with (
@@ -93,8 +95,9 @@ def export_onnx(
                 external_data=False,
             )
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ExportError(f"torch's ONNX exporter failed: {first[:300]}") from None
+        raise ExportError(f"torch's ONNX exporter failed: {_root_cause(exc)}") from None
+    finally:
+        logging.getLogger("torch.onnx").setLevel(level)
     model = program.model_proto
     constants_to_initializers(model)
     bad = unfolded_clip_bounds(model)
@@ -110,3 +113,22 @@ def export_onnx(
         onnx.save_model(model, str(tmp))
         check_onnx(tmp)
     return path
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _root_cause(exc: BaseException, limit: int = 300) -> str:
+    """One line naming the innermost cause of an exporter failure, without colour codes.
+
+    torch's exporter wraps the real error in a banner ("Failed to export the model with
+    torch.export. This is step 1/3 ..."); the cause chain holds the useful message.
+    """
+    inner = exc
+    seen = set()
+    while (inner.__cause__ or inner.__context__) is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        inner = inner.__cause__ or inner.__context__  # type: ignore[assignment]
+    text = _ANSI.sub("", str(inner)).strip()
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return f"{type(inner).__name__}: {first}"[:limit]

@@ -39,7 +39,7 @@ from advedge.utils import sha256_file
 
 from ._deps import require
 from .graph import check_onnx, read_onnx_metadata, set_onnx_metadata, sidecar_path, write_sidecar
-from .parity import compare_outputs, gate
+from .parity import TOLERANCES, Tolerance, compare_outputs, gate
 from .runtime import OrtRunner, TorchRunner
 
 __all__ = ["PRECISIONS", "TRT_CALIBRATORS", "ExportOptions", "export_artifacts"]
@@ -197,7 +197,7 @@ def _load_targets(opts: ExportOptions) -> tuple[list[_Target], dict[str, Any]]:
     common = {
         "classes": meta.get("class_names") or int(meta.get("num_classes") or 0),
         "input_shape": meta.get("input_shape"),
-        "eps": opts.eps if opts.eps is not None else meta.get("eps"),
+        "eps": opts.eps if opts.eps is not None else (meta.get("eps") or 8 / 255),
         "dataset": meta.get("dataset"),
         "advedge_version": advedge.__version__,
     }
@@ -267,6 +267,10 @@ def _load_test_images(opts: ExportOptions, meta: dict[str, Any]) -> tuple[np.nda
             f"the data's images are {list(ds.input_shape)} but the model takes {want}"
         )
     test = stratified_subset(ds.test, max(opts.parity_n, opts.report_n), opts.seed)
+    # stratified_subset keeps the split's order (class by class in an image folder): shuffle, so
+    # that any prefix (the parity images, the report images) covers every class
+    order = np.random.default_rng(opts.seed).permutation(len(test))
+    test = test.subset(order)
     x = test.x.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
     return np.ascontiguousarray(x), test.y.astype(np.int64)
 
@@ -303,6 +307,18 @@ def _parity(
     # INT8 parity checks the Q/DQ arithmetic as written (ONNX Runtime's basic level), which is
     # what TensorRT computes; ONNX Runtime's fused x86 int8 kernels are the report's business.
     runner = OrtRunner(onnx_path, optimization="basic" if precision == "int8" else "all")
+    return _gate_runner(target, runner, onnx_path.name, precision, inputs, ref, ref_labels)
+
+
+def _gate_runner(
+    target: _Target,
+    runner: Any,
+    artifact: str,
+    precision: str,
+    inputs: dict[str, np.ndarray],
+    ref: dict[str, np.ndarray],
+    ref_labels: dict[str, np.ndarray],
+) -> dict[str, Any]:
     figures = {}
     for kind, x in inputs.items():
         cand = runner.run(x, 256)
@@ -316,8 +332,22 @@ def _parity(
         else:
             figures[kind] = compare_outputs(ref[kind], cand)
     n = len(next(iter(inputs.values())))
+    tolerance = None
+    eps_r = target.metadata.get("eps_r")
+    if target.output == "pixels" and eps_r:
+        # the purifier's whole correction is bounded by eps_r: a pixel tolerance near eps_r would
+        # pass a purifier that does nothing, so it is capped at eps_r / 2
+        base = TOLERANCES[precision]
+        tolerance = Tolerance(
+            base.max_abs_logits, min(base.max_abs_pixels, 0.5 * float(eps_r)), base.min_agreement
+        )
     return gate(
-        figures, precision=precision, output=target.output, n=n, artifact=onnx_path.name
+        figures,
+        precision=precision,
+        output=target.output,
+        n=n,
+        artifact=artifact,
+        tolerance=tolerance,
     ).to_dict()
 
 
@@ -370,11 +400,16 @@ def _accuracy_report(
         "transfer_attack": {**attack, "kind": "transfer", "crafted_on": "fp32 pytorch model"},
         "warning": None,
     }
-    worst = max(drops, key=lambda k: drops[k]["clean"])
-    if drops[worst]["clean"] > max_drop:
+    lost = [
+        f"{label} loses {d[kind]:.1f} points of {kind.replace('_', ' ')} accuracy"
+        for label, d in drops.items()
+        for kind in ("clean", "transfer_robust")
+        if d[kind] > max_drop
+    ]
+    if lost:
         report["warning"] = (
-            f"{worst} loses {drops[worst]['clean']:.1f} points of clean accuracy against fp32 "
-            f"(limit {max_drop:g}); try another --calib-method, a larger --calib-n or --keep-fp32"
+            "; ".join(lost) + f" against fp32 (limit {max_drop:g}); try another "
+            "--calib-method, a larger --calib-n, --calib-mix-adv or --keep-fp32"
         )
     return report
 
@@ -407,11 +442,15 @@ def export_artifacts(
     for mod in ("onnx", "onnxruntime", "onnxscript"):
         require(mod, purpose="advedge export")
     trt_mod = None
+    backend = None
     if opts.trt:
         from .tensorrt import BatchProfile, has_legacy_calibrator, load_tensorrt
 
         BatchProfile(opts.min_batch, opts.opt_batch, opts.max_batch)
         trt_mod = load_tensorrt()
+        from .tensorrt import cuda_backend
+
+        backend = cuda_backend()  # no GPU or no buffer library: fail now, not after the export
         if opts.trt_calibrator != "qdq" and not has_legacy_calibrator(trt_mod):
             raise UsageError(
                 f"TensorRT {trt_mod.__version__} has no implicit INT8 calibrator (removed in 11)",
@@ -432,9 +471,13 @@ def export_artifacts(
     x, y = _load_test_images(opts, meta)
     report = ExportReport(out=out)
     attack = {"name": "pgd", "eps": eps, "steps": opts.attack_steps, "norm": "Linf", "n": len(y)}
+    timing = Path(opts.timing_cache) if opts.timing_cache else out / "timing.cache"
     with _staging(out) as stage:
         written: list[Path] = []
         adv_cache: dict[int, np.ndarray] = {}
+        stage_timing = stage / ".timing.cache"
+        if opts.trt and timing.is_file():
+            shutil.copyfile(timing, stage_timing)
         for target in targets:
             key = id(target.attack_module)
             if key not in adv_cache:
@@ -445,6 +488,7 @@ def export_artifacts(
                     target.attack_module, x, y, eps=eps, steps=opts.attack_steps, seed=opts.seed
                 )
             x_adv = adv_cache[key]
+            # x is shuffled (seeded), so the first parity_n images cover every class
             inputs = {"clean": x[: opts.parity_n], "adversarial": x_adv[: opts.parity_n]}
             torch_runner = TorchRunner(target.module)
             ref = {k: torch_runner.run(v, 256) for k, v in inputs.items()}
@@ -488,9 +532,17 @@ def export_artifacts(
                 say(f"parity int8 ok: {_fmt(extra['parity'])}")
                 files.append((final, "int8", extra))
             if opts.precision != "fp32" and target.output == "logits":
-                say(f"accuracy report {opts.precision} vs fp32 on {len(y)} test images")
+                n_rep = min(opts.report_n, len(y))
+                say(f"accuracy report {opts.precision} vs fp32 on {n_rep} test images")
                 acc = _accuracy_report(
-                    fp32, final, opts.precision, x, y, x_adv, max_drop=opts.max_drop, attack=attack
+                    fp32,
+                    final,
+                    opts.precision,
+                    x[:n_rep],
+                    y[:n_rep],
+                    x_adv[:n_rep],
+                    max_drop=opts.max_drop,
+                    attack={**attack, "n": n_rep},
                 )
                 files[-1][2]["accuracy_report"] = acc
                 if acc["warning"]:
@@ -519,12 +571,27 @@ def export_artifacts(
                     )
                 )
             if opts.trt:
-                written += _build_trt(opts, target, final, fp32, stage, calib, report, say)
+                written += _build_trt(
+                    opts,
+                    target,
+                    final,
+                    fp32,
+                    stage,
+                    calib,
+                    report,
+                    say,
+                    backend=backend,
+                    timing=stage_timing,
+                    parity_inputs=(inputs, ref, ref_labels),
+                )
         if calib is not None and not str(opts.calib_data).endswith(".npz"):
             written.append(stage / "calibration.npz")
         for path in written:
             if path.exists():
                 os.replace(path, out / path.name)
+        if opts.trt and stage_timing.is_file():
+            timing.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(stage_timing, timing)
         for entry in report.artifacts:
             entry["path"] = str(out / entry["path"])
     report.seconds = time.perf_counter() - start
@@ -557,6 +624,7 @@ def _calibration_set(
         )
         calib = build_calibration_set(
             src,
+            download=False,
             n=opts.calib_n,
             seed=opts.seed,
             mix_adv=opts.calib_mix_adv,
@@ -623,35 +691,44 @@ def _build_trt(
     calib: Any,
     report: ExportReport,
     say: Callable[[str], None],
+    *,
+    backend: Any,
+    timing: Path,
+    parity_inputs: tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]],
 ) -> list[Path]:
-    from .tensorrt import BatchProfile, build_engine, cuda_backend, load_tensorrt
+    """Build the engine, then gate it like the ONNX: the engine itself runs the parity images."""
+    from .tensorrt import BatchProfile, TrtRunner, build_engine, load_tensorrt
 
     trt = load_tensorrt()
-    backend = cuda_backend()
     profile = BatchProfile(opts.min_batch, opts.opt_batch, opts.max_batch)
-    timing = Path(opts.timing_cache) if opts.timing_cache else Path(opts.out) / "timing.cache"
-    stage_timing = stage / timing.name
-    if timing.is_file():
-        shutil.copyfile(timing, stage_timing)
     calibrator = None
     precision = opts.precision
     source = final
+    cache_file = None
     if opts.trt_calibrator != "qdq":
         from advedge.calibration import make_legacy_calibrator
 
         method = opts.trt_calibrator.split("-", 1)[1]
+        # keyed by the model and the set, so a cache is reused only for what it was made from
+        cache_name = (
+            f"{target.name}.{sha256_file(fp32)[:12]}-{calib.sha256[:12]}.{method}.calib.cache"
+        )
+        cache_file = stage / cache_name
+        if (Path(opts.out) / cache_name).is_file():
+            shutil.copyfile(Path(opts.out) / cache_name, cache_file)
         calibrator = make_legacy_calibrator(
             trt,
             calib,
             method=method,
-            cache_file=stage / f"{target.name}.{method}.calib.cache",
+            cache_file=cache_file,
             batch_size=opts.calib_batch,
             alloc=backend.alloc,
             copy_to_device=backend.to_device,
         )
         precision, source = "int8-legacy", fp32
     say(
-        f"building the TensorRT {trt.__version__} engine for {target.name} ({precision}, batch {profile.min_batch}-{profile.max_batch})"
+        f"building the TensorRT {trt.__version__} engine for {target.name} ({precision}, "
+        f"batch {profile.min_batch}-{profile.max_batch})"
     )
     build = build_engine(
         source,
@@ -660,16 +737,146 @@ def _build_trt(
         precision=precision,
         profile=profile,
         workspace_mib=opts.workspace_mib,
-        timing_cache=stage_timing,
+        timing_cache=timing,
         legacy_calibrator=calibrator,
         backend=backend,
     )
+    inputs, ref, ref_labels = parity_inputs
+    runner = TrtRunner(build.engine, backend=backend)
+    parity = _gate_runner(
+        target,
+        runner,
+        build.engine.name,
+        "int8" if precision.startswith("int8") else precision,
+        inputs,
+        ref,
+        ref_labels,
+    )
+    say(f"parity of the engine ok: {_fmt(parity)}")
+    build.info["parity"] = parity
+    write_sidecar(build.sidecar, build.info)
     report.artifacts.append(
-        _artifact_entry(build.engine, target.kind, precision, engine=build.info)
+        _artifact_entry(build.engine, target.kind, precision, engine=build.info, parity=parity)
     )
     paths = [build.engine, build.layers, build.sidecar]
-    if build.timing_cache:
-        paths.append(build.timing_cache)
-    if calibrator is not None:
-        paths += list(stage.glob(f"{target.name}.*.calib.cache"))
+    if cache_file is not None and cache_file.is_file():
+        paths.append(cache_file)
     return paths
+
+
+def calibrate_file(
+    onnx_path: str | os.PathLike[str],
+    data: str,
+    out: str | os.PathLike[str],
+    *,
+    method: str = "entropy",
+    n: int = 512,
+    mix_adv: float = 0.0,
+    model: str | None = None,
+    eps: float = 8 / 255,
+    batch_size: int = 32,
+    keep_fp32: str = "auto",
+    save_set: str | os.PathLike[str] | None = None,
+    cache_dir: str | None = None,
+    target: str = "tensorrt",
+    seed: int = 0,
+    status: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """``advedge calibrate``: quantise an existing FP32 ONNX to QDQ INT8, all or nothing.
+
+    The QDQ file, its sidecar and the optional saved set are written in a temporary folder
+    beside ``out`` and renamed into place only when all of them exist and the QDQ file passed
+    the checker; a failure leaves nothing behind.
+
+    Raises:
+        UsageError: bad options (checked before any work), ``out`` equal to the source.
+        ExportError, DataError: as :func:`advedge.calibration.quantize_qdq`.
+    """
+    from advedge.calibration import build_calibration_set, load_calibration_set, quantize_qdq
+    from advedge.calibration import save_calibration_set as save_set_fn
+    from advedge.calibration.quantize import TARGETS
+
+    say = status or (lambda msg: logger.info(msg))
+    onnx_path, out = Path(onnx_path), Path(out)
+    if method not in CALIB_METHODS:
+        raise UsageError(
+            f"unknown calibration method {method!r}", "choose entropy, minmax or percentile"
+        )
+    if target not in TARGETS:
+        raise UsageError(f"unknown INT8 target {target!r}", "choose tensorrt or onnxruntime-cpu")
+    if mix_adv > 0 and model is None:
+        raise UsageError("--mix-adv needs --model (the FP32 model the examples are crafted on)")
+    if not 0.0 <= mix_adv <= 1.0:
+        raise UsageError(f"--mix-adv must be in [0, 1], got {mix_adv}")
+    if out.suffix != ".onnx":
+        raise UsageError(f"--out must name a .onnx file, got {out}")
+    if not onnx_path.is_file():
+        raise UsageError(f"--onnx {onnx_path} does not exist")
+    if out.resolve() == onnx_path.resolve():
+        raise UsageError("--out is the FP32 source itself", "write the INT8 model to another file")
+    if save_set is not None and (Path(save_set).is_dir() or Path(save_set).suffix != ".npz"):
+        raise UsageError(f"--save-set must name a .npz file, got {save_set}")
+    onnx = require("onnx", purpose="advedge calibrate")
+    check_onnx(onnx_path)
+    if data.endswith(".npz"):
+        calib = load_calibration_set(data)
+    else:
+        torch_model = None
+        if model is not None:
+            from advedge.checkpoint import load_model
+
+            torch_model = load_model(model)
+        say(f"building the calibration set: {n} training images, {mix_adv:.0%} adversarial")
+        calib = build_calibration_set(
+            data, n=n, seed=seed, mix_adv=mix_adv, model=torch_model, eps=eps
+        )
+    keep: Any = (
+        keep_fp32 if keep_fp32 in ("auto", "none") else [s for s in keep_fp32.split(",") if s]
+    )
+    meta = read_onnx_metadata(onnx_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".advedge-calibrate-", dir=out.parent) as tmp_name:
+        tmp = Path(tmp_name)
+        staged = tmp / out.name
+        result = quantize_qdq(
+            onnx_path,
+            staged,
+            calib,
+            method=method,
+            batch_size=batch_size,
+            keep_fp32=keep,
+            cache_dir=cache_dir,
+            target=target,
+        )
+        quantized = onnx.load(str(staged))
+        set_onnx_metadata(quantized, {**meta, "precision": "int8", "int8_target": target})
+        onnx.save_model(quantized, str(staged))
+        check_onnx(staged)
+        payload = {
+            "schema": "advedge.calibrate/1",
+            "onnx": str(out),
+            "source_onnx": str(onnx_path),
+            "bytes": staged.stat().st_size,
+            "target": target,
+            "method": result.method,
+            "n": len(calib),
+            "calib_sha256": result.calib_sha256,
+            "model_sha256": result.model_sha256,
+            "fp32_nodes": list(result.excluded_nodes),
+            "qdq_pairs": result.n_qdq_pairs,
+            "cache": None if result.cache_path is None else str(result.cache_path),
+            "cache_hit": result.cache_hit,
+            "seconds": round(result.seconds, 2),
+        }
+        side = write_sidecar(
+            tmp / sidecar_path(out).name,
+            {**meta, "precision": "int8", "int8_target": target, "calibration": payload},
+        )
+        staged_set = None
+        if save_set is not None:
+            staged_set = save_set_fn(calib, tmp / "set.npz")
+        os.replace(staged, out)
+        os.replace(side, sidecar_path(out))
+        if staged_set is not None:
+            shutil.move(staged_set, Path(save_set))  # may be on another file system
+    return payload

@@ -33,6 +33,7 @@ Engines must be built on the device that will run them.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections import Counter
@@ -62,6 +63,8 @@ __all__ = [
 ]
 
 ENGINE_SCHEMA = "advedge.engine/1"
+
+logger = logging.getLogger(__name__)
 
 
 def load_tensorrt() -> Any:
@@ -127,7 +130,11 @@ class _TorchCuda:
     def __init__(self, torch: Any, device: int) -> None:
         self.torch = torch
         self.device = torch.device("cuda", device)
-        self.stream = torch.cuda.current_stream(self.device)
+
+    @property
+    def stream(self) -> Any:
+        """The current CUDA stream, fetched at each use (a caller may have switched it)."""
+        return self.torch.cuda.current_stream(self.device)
 
     @property
     def stream_handle(self) -> int:
@@ -159,9 +166,14 @@ class _PyCuda:
 
     def __init__(self, device: int) -> None:
         self.cuda = require("pycuda.driver", purpose="TensorRT I/O buffers without torch")
-        require("pycuda.autoinit", purpose="TensorRT I/O buffers without torch")
-        self.dev = self.cuda.Device(device)
-        self.stream = self.cuda.Stream()
+        try:
+            require("pycuda.autoinit", purpose="TensorRT I/O buffers without torch")
+            self.dev = self.cuda.Device(device)
+            self.stream = self.cuda.Stream()
+        except ImportError:
+            raise
+        except Exception as exc:  # pycuda's driver errors when there is no usable GPU
+            raise ExportError(f"no usable CUDA device {device}: {exc}") from None
 
     @property
     def stream_handle(self) -> int:
@@ -179,7 +191,10 @@ class _PyCuda:
         return _Buffer(int(mem), mem, nbytes)
 
     def to_device(self, buf: _Buffer, array: np.ndarray) -> None:
+        # The source is pageable host memory and the consumer may be TensorRT on its own stream
+        # (the calibrator): wait for the copy to land before handing out the pointer.
         self.cuda.memcpy_htod_async(buf.owner, np.ascontiguousarray(array), self.stream)
+        self.stream.synchronize()
 
     def to_host(self, buf: _Buffer, out: np.ndarray) -> None:
         self.cuda.memcpy_dtoh_async(out, buf.owner, self.stream)
@@ -203,7 +218,7 @@ def cuda_backend(device: int = 0, prefer: str = "auto") -> Any:
         if torch is not None and torch.cuda.is_available():
             return _TorchCuda(torch, device)
         if prefer == "torch":
-            raise ExportError("torch cannot see a CUDA device", "use --buffers pycuda")
+            raise ExportError("torch cannot see a CUDA device", "install pycuda or a CUDA torch")
     return _PyCuda(device)
 
 
@@ -227,6 +242,8 @@ def _make_logger(trt: Any) -> Any:
                 trt.ILogger.Severity.WARNING,
             ):
                 self.messages.append((severity, str(msg)))
+                if severity == trt.ILogger.Severity.WARNING:
+                    logger.warning("TensorRT: %s", msg)
 
         def errors(self) -> list[str]:
             bad = (trt.ILogger.Severity.INTERNAL_ERROR, trt.ILogger.Severity.ERROR)
@@ -262,11 +279,17 @@ _TYPE_WORDS = (
 )
 
 
+_TYPE_ALIASES = {"FP32": "Float", "FP16": "Half", "BF16": "BFloat16", "INT8": "Int8"}
+
+
 def _type_word(text: Any) -> str | None:
-    """The data type named in an inspector string: ``"Int8"`` or ``"Row major linear Int8 format"``."""
+    """The data type named in an inspector string: ``"Int8"``, ``"Row major linear FP32"``,
+    ``"Channel major FP16 format where channel % 8 == 0"``; normalised to TensorRT's DataType
+    names (Float, Half, Int8, ...)."""
     if not isinstance(text, str):
         return None
-    for word in text.replace("/", " ").split():
+    for word in text.replace("/", " ").replace(",", " ").split():
+        word = _TYPE_ALIASES.get(word, word)
         if word in _TYPE_WORDS:
             return word
     return None
@@ -342,15 +365,19 @@ def build_engine(
     backend = backend or cuda_backend(device)
     cc = backend.capability()
     start = time.perf_counter()
-    logger = _make_logger(trt)
-    builder = trt.Builder(logger)
+    trt_logger = _make_logger(trt)
+    builder = trt.Builder(trt_logger)
     strongly_typed = legacy_calibrator is None
     flags = 0
-    typed_flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    typed_flag = getattr(
+        getattr(trt, "NetworkDefinitionCreationFlag", None), "STRONGLY_TYPED", None
+    )
     if strongly_typed and typed_flag is not None:
         flags |= 1 << int(typed_flag)
     network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
+    if typed_flag is not None and hasattr(network, "get_flag"):
+        strongly_typed = bool(network.get_flag(typed_flag)) or not has_legacy_calibrator(trt)
+    parser = trt.OnnxParser(network, trt_logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = [str(parser.get_error(i).desc()) for i in range(parser.num_errors)]
         raise ExportError(
@@ -386,12 +413,16 @@ def build_engine(
     if legacy_calibrator is not None:
         config.set_flag(trt.BuilderFlag.INT8)
         config.int8_calibrator = legacy_calibrator
-        if hasattr(config, "set_calibration_profile"):
-            config.set_calibration_profile(opt_profile)
+        # Calibration runs at the calibration profile's shape: make it the calibrator's batch,
+        # whatever the runtime profile's opt batch is.
+        calib_batch = int(legacy_calibrator.get_batch_size())
+        calib_profile = builder.create_optimization_profile()
+        calib_profile.set_shape(inp.name, *((calib_batch, *chw),) * 3)
+        config.set_calibration_profile(calib_profile)
 
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        errors = logger.errors()
+        errors = trt_logger.errors()
         raise ExportError(
             f"TensorRT could not build an engine from {onnx_path.name}: "
             + ("; ".join(errors[:3]) or "no error message")
@@ -405,10 +436,12 @@ def build_engine(
     layers_path = out_dir / f"{stem}.layers.json"
     sidecar = out_dir / f"{stem}.json"
 
-    runtime = trt.Runtime(logger)
+    runtime = trt.Runtime(trt_logger)
     engine = runtime.deserialize_cuda_engine(engine_bytes)
     if engine is None:
-        raise ExportError(f"TensorRT built an engine it cannot deserialise: {logger.errors()[:1]}")
+        raise ExportError(
+            f"TensorRT built an engine it cannot deserialise: {trt_logger.errors()[:1]}"
+        )
     inspector = engine.create_engine_inspector()
     layer_info = str(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
 

@@ -384,4 +384,79 @@ def test_cli_legacy_calibrator_on_tensorrt_10(
     assert (
         eng["engine"]["source_onnx"] == "tiny_cnn.fp32.onnx" and not eng["engine"]["strongly_typed"]
     )
-    assert list(out.glob("tiny_cnn.minmax.calib.cache"))
+    (cache,) = out.glob("tiny_cnn.*-*.minmax.calib.cache")  # keyed by model and set hashes
+    assert cache.stat().st_size > 0
+    assert eng["parity"]["passed"]  # the engine itself went through the parity gate
+
+
+def test_inspector_type_strings_of_real_tensorrt_are_understood():
+    from advedge.export.tensorrt import _layer_precisions
+
+    layers = {
+        "Layers": [
+            {"Name": "a", "Outputs": [{"Format/Datatype": "Row major linear FP32"}]},
+            {
+                "Name": "b",
+                "Outputs": [
+                    {"Format/Datatype": "Channel major FP16 format where channel % 8 == 0"}
+                ],
+            },
+            {"Name": "c", "Outputs": [{"Format/Datatype": "Row major linear Int8 format"}]},
+            {"Name": "d", "Outputs": [{"DataType": "Half", "Format": "kLINEAR"}]},
+            "e",
+        ]
+    }
+    assert _layer_precisions(json.dumps(layers)) == {"Float": 1, "Half": 2, "Int8": 1, "unknown": 1}
+
+
+def test_cli_trt_writes_the_timing_cache_where_asked_and_legacy_calibrates_at_its_own_batch(
+    monkeypatch, tmp_path, run_dir, tiny_npz_data, capsys
+):
+    install_fake_tensorrt(monkeypatch, version="10.3.0")
+    cache = tmp_path / "elsewhere" / "my.cache"
+    out = tmp_path / "out"
+    args = [
+        "export",
+        "--model",
+        str(run_dir),
+        "--out",
+        str(out),
+        "--precision",
+        "int8",
+        "--calib-data",
+        str(tiny_npz_data),
+        "--calib-n",
+        "64",
+        "--calib-batch",
+        "16",
+        "--parity-n",
+        "16",
+        "--report-n",
+        "16",
+        "--trt",
+        "--trt-calibrator",
+        "legacy-entropy",
+        "--opt-batch",
+        "4",
+        "--max-batch",
+        "32",
+        "--timing-cache",
+        str(cache),
+        "--cache-dir",
+        str(tmp_path / "cc"),
+        "--json",
+    ]
+    rc = main(args)
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert (
+        cache.is_file() and not (out / "my.cache").exists() and not (out / "timing.cache").exists()
+    )
+    (calib_cache,) = out.glob("*.entropy.calib.cache")
+    marked = calib_cache.read_bytes() + b"\n"  # still a valid cache, but recognisable
+    calib_cache.write_bytes(marked)
+    # a rerun finds the calibration cache in --out: TensorRT reads it instead of calibrating
+    # (a recalibration would write a fresh cache without the mark)
+    assert main(args) == 0
+    capsys.readouterr()
+    assert calib_cache.read_bytes() == marked

@@ -14,6 +14,7 @@ it does not show that an engine builds, or performs, on a real device.
 
 from __future__ import annotations
 
+import importlib.machinery
 import sys
 import types
 from typing import Any
@@ -40,6 +41,10 @@ def install_fake_tensorrt(
 
     trt = make_tensorrt(version, compute_capability=compute_capability)
     pycuda, driver, autoinit = make_pycuda(compute_capability=compute_capability)
+    # Real modules have a __spec__; importlib.util.find_spec (which torch.export calls for
+    # optional backends) raises ValueError on a module in sys.modules whose __spec__ is None.
+    for module in (trt, pycuda, driver, autoinit):
+        module.__spec__ = importlib.machinery.ModuleSpec(module.__name__, None)
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     monkeypatch.setitem(sys.modules, "pycuda", pycuda)
     monkeypatch.setitem(sys.modules, "pycuda.driver", driver)
