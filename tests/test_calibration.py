@@ -566,8 +566,13 @@ def test_keep_fp32_list_and_bad_options(tmp_path: Path, models: dict[str, Path])
 
 
 def test_calibration_cache_hit_miss_and_corruption(
-    tmp_path: Path, models: dict[str, Path], caplog: pytest.LogCaptureFixture
+    tmp_path: Path,
+    models: dict[str, Path],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # the CLI's setup_logging (run by earlier tests) stops "advedge" records at its own handler
+    monkeypatch.setattr(logging.getLogger("advedge"), "propagate", True)
     cache = tmp_path / "cache"
     cs = _random_set(48)
     kw = {"method": "entropy", "batch_size": 16, "cache_dir": cache}
