@@ -754,6 +754,19 @@ def _build_trt(
     )
     say(f"parity of the engine ok: {_fmt(parity)}")
     build.info["parity"] = parity
+    # what the engine computes, for bench and report: the ONNX metadata it was built from
+    build.info["artifact"] = {
+        k: target.metadata.get(k)
+        for k in (
+            "kind",
+            "architecture",
+            "classes",
+            "input_shape",
+            "eps",
+            "source_sha256",
+            "method",
+        )
+    }
     write_sidecar(build.sidecar, build.info)
     report.artifacts.append(
         _artifact_entry(build.engine, target.kind, precision, engine=build.info, parity=parity)

@@ -583,6 +583,39 @@ class TrtRunner:
         self.backend.synchronize()
         return out.astype(np.float32, copy=False)
 
+    def timed(self, x: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
+        """Run one batch (within the profile) with each stage timed on its own: host-to-device
+        copy, the engine, device-to-host copy (the stream is synchronised between stages)."""
+        x = np.ascontiguousarray(x, dtype=self.in_dtype)
+        name_in, name_out = self.inputs[0], self.outputs[0]
+        if not self.min_batch <= len(x) <= self.max_batch:
+            raise ExportError(
+                f"batch {len(x)} is outside the engine's profile {self.min_batch}-{self.max_batch}"
+            )
+        if not self.context.set_input_shape(name_in, tuple(x.shape)):
+            raise ExportError(f"input shape {tuple(x.shape)} is outside the engine's profile")
+        out = np.empty(
+            tuple(int(d) for d in self.context.get_tensor_shape(name_out)), self.out_dtype
+        )
+        buf_in, buf_out = self._buffer(name_in, x.nbytes), self._buffer(name_out, out.nbytes)
+        self.context.set_tensor_address(name_in, int(buf_in))
+        self.context.set_tensor_address(name_out, int(buf_out))
+        t0 = time.perf_counter()
+        self.backend.to_device(buf_in, x)
+        self.backend.synchronize()
+        t1 = time.perf_counter()
+        if not self.context.execute_async_v3(self.backend.stream_handle):
+            raise ExportError(
+                f"TensorRT failed to run {self.path.name}: {self.logger.errors()[-1:]}"
+            )
+        self.backend.synchronize()
+        t2 = time.perf_counter()
+        self.backend.to_host(buf_out, out)
+        self.backend.synchronize()
+        t3 = time.perf_counter()
+        times = {"h2d_s": t1 - t0, "compute_s": t2 - t1, "d2h_s": t3 - t2, "total_s": t3 - t0}
+        return out.astype(np.float32, copy=False), times
+
     def __call__(self, x: np.ndarray) -> np.ndarray:
         if len(x) < self.min_batch:
             raise ExportError(f"batch {len(x)} is below the engine's minimum {self.min_batch}")

@@ -1,0 +1,295 @@
+"""``advedge report``: one table, a robustness-latency Pareto plot and training curves.
+
+Inputs are bench directories (holding ``bench.json`` from ``advedge bench``) and training run
+directories (holding ``metrics.csv``). Outputs, in ``--out``:
+
+- ``report.md``: one row per benchmarked artifact: model, precision, purifier or not, size,
+  clean accuracy, worst-case robust accuracy with the attack kinds behind it, p50/p99 latency at
+  batch 1 and the throughput at the best batch size;
+- ``report.json``: the same rows and their sources;
+- ``pareto.png``: worst-case robust accuracy against batch-1 p50 latency, the Pareto front (no
+  other artifact is both faster and more robust) marked;
+- ``training.png``: per run, clean and PGD accuracy on the held-out batch by epoch, and the loss.
+
+Robust accuracy is the per-example worst case the bench measured on the artifact itself
+(transfer and query attacks); where a transfer-only figure exceeds the white-box figure of its
+FP32 parent, the report says so: that is the precision gap, not extra robustness.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from advedge.errors import DataError, MissingDependencyError, UsageError
+from advedge.utils import atomic_path, atomic_write_text, to_jsonable
+
+__all__ = ["build_report", "pareto_front"]
+
+SCHEMA = "advedge.report/1"
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point dominates (lower-or-equal latency and higher-or-equal
+    robustness, one of them strictly), sorted by latency."""
+    front = []
+    for i, (lat, rob) in enumerate(points):
+        dominated = any(
+            (l2 <= lat and r2 >= rob) and (l2 < lat or r2 > rob)
+            for j, (l2, r2) in enumerate(points)
+            if j != i
+        )
+        if not dominated:
+            front.append(i)
+    return sorted(front, key=lambda i: points[i][0])
+
+
+def _rows_from_bench(path: Path) -> list[dict[str, Any]]:
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    if doc.get("schema") != "advedge.bench/1":
+        raise DataError(f"{path} is not an advedge bench.json (schema {doc.get('schema')!r})")
+    rows = []
+    for r in doc["results"]:
+        lats = [lat for lat in r["latency"] if "p50_ms" in lat]
+        b1 = next((lat for lat in lats if lat["batch"] == 1), None)
+        best = max(lats, key=lambda lat: lat["images_per_s"], default=None)
+        robust = r.get("robust") or {}
+        kinds = sorted({a["kind"] for a in robust.get("attacks", [])})
+        rows.append(
+            {
+                "artifact": r["name"],
+                "source": str(path),
+                "kind": r.get("kind"),
+                "purifier": r.get("kind") in ("fused", "purifier"),
+                "precision": r.get("precision"),
+                "backend": r.get("backend"),
+                "size_mb": round(r["bytes"] / 1e6, 3),
+                "clean_acc": r.get("clean_acc"),
+                "worst_case_acc": robust.get("worst_case_acc"),
+                "worst_case_kinds": kinds,
+                "worst_case_transfer_acc": robust.get("worst_case_transfer_acc"),
+                "p50_b1_ms": b1["p50_ms"] if b1 else None,
+                "p99_b1_ms": b1["p99_ms"] if b1 else None,
+                "best_batch": best["batch"] if best else None,
+                "best_images_per_s": best["images_per_s"] if best else None,
+                "device": doc.get("environment", {}).get("gpu")
+                or doc.get("environment", {}).get("cpu"),
+            }
+        )
+    return rows
+
+
+def _read_metrics(run: Path) -> list[dict[str, float]]:
+    with open(run / "metrics.csv", newline="", encoding="utf-8") as fh:
+        out = []
+        for row in csv.DictReader(fh):
+            parsed = {}
+            for k, v in row.items():
+                try:
+                    parsed[k] = float(v)
+                except (TypeError, ValueError):
+                    continue
+            out.append(parsed)
+    return out
+
+
+def _fmt(v: Any, pct: bool = False) -> str:
+    if v is None:
+        return "-"
+    return f"{100 * v:.1f}" if pct else f"{v:g}"
+
+
+def _markdown(rows: list[dict[str, Any]], runs: dict[str, list[dict[str, float]]]) -> str:
+    lines = [
+        "# advedge report",
+        "",
+        "Robust accuracy: per-example worst case over the attacks run on the artifact itself "
+        "(kinds in brackets). Latency: batch 1, p50 / p99.",
+        "",
+        "| artifact | precision | purifier | size MB | clean % | worst-case robust % | p50 ms (b1) | p99 ms (b1) | best images/s (batch) | device |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        kinds = f" [{', '.join(r['worst_case_kinds'])}]" if r["worst_case_kinds"] else ""
+        best = f"{_fmt(r['best_images_per_s'])} ({r['best_batch']})" if r["best_batch"] else "-"
+        lines.append(
+            f"| {r['artifact']} | {r['precision'] or '-'} | {'yes' if r['purifier'] else 'no'} | "
+            f"{r['size_mb']} | {_fmt(r['clean_acc'], True)} | {_fmt(r['worst_case_acc'], True)}{kinds} | "
+            f"{_fmt(r['p50_b1_ms'])} | {_fmt(r['p99_b1_ms'])} | {best} | {r['device']} |"
+        )
+    notes = [r for r in rows if r["worst_case_kinds"] == ["transfer"]]
+    if notes:
+        lines += [
+            "",
+            "Rows measured with transfer attacks only overstate robustness: examples crafted at FP32 transfer poorly to another precision.",
+        ]
+    if runs:
+        lines += [
+            "",
+            "## Training runs",
+            "",
+            "| run | epochs | last clean % | last PGD % |",
+            "| --- | --- | --- | --- |",
+        ]
+        for name, m in runs.items():
+            last = m[-1] if m else {}
+            lines.append(
+                f"| {name} | {len(m)} | {_fmt(last.get('test_clean_acc'), True)} | {_fmt(last.get('test_pgd_acc'), True)} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def _plt() -> Any:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise MissingDependencyError(
+            "advedge report needs matplotlib", "pip install 'advedge[report]'"
+        ) from None
+    return plt
+
+
+def _pareto_png(rows: list[dict[str, Any]], path: Path) -> bool:
+    pts = [
+        (r["p50_b1_ms"], r["worst_case_acc"])
+        for r in rows
+        if r["p50_b1_ms"] is not None and r["worst_case_acc"] is not None
+    ]
+    named = [r for r in rows if r["p50_b1_ms"] is not None and r["worst_case_acc"] is not None]
+    if not pts:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    front = pareto_front(pts)
+    for i, (r, (lat, rob)) in enumerate(zip(named, pts, strict=True)):
+        marker = "s" if r["purifier"] else "o"
+        ax.scatter(
+            lat,
+            100 * rob,
+            marker=marker,
+            s=60,
+            color="tab:red" if i in front else "tab:gray",
+            zorder=3,
+        )
+        ax.annotate(
+            f"{r['artifact']}",
+            (lat, 100 * rob),
+            textcoords="offset points",
+            xytext=(5, 4),
+            fontsize=7,
+        )
+    fx = [pts[i][0] for i in front]
+    fy = [100 * pts[i][1] for i in front]
+    ax.step(fx, fy, where="post", color="tab:red", lw=1.2, label="Pareto front")
+    ax.set_xscale("log")
+    ax.set_xlabel("latency, batch 1, p50 (ms, log scale)")
+    ax.set_ylabel("worst-case robust accuracy (%)")
+    ax.set_title("robustness vs latency (circles: classifier, squares: with purifier)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return True
+
+
+def _training_png(runs: dict[str, list[dict[str, float]]], path: Path) -> bool:
+    if not runs:
+        return False
+    plt = _plt()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
+    for name, m in runs.items():
+        ep = [r.get("epoch") for r in m]
+        if any("test_clean_acc" in r for r in m):
+            line = ax1.plot(
+                ep, [100 * r.get("test_clean_acc", float("nan")) for r in m], label=f"{name} clean"
+            )[0]
+            ax1.plot(
+                ep,
+                [100 * r.get("test_pgd_acc", float("nan")) for r in m],
+                ls="--",
+                color=line.get_color(),
+                label=f"{name} PGD",
+            )
+        loss_key = next((k for k in ("train_loss", "g_loss") if any(k in r for r in m)), None)
+        if loss_key:
+            ax2.plot(ep, [r.get(loss_key, float("nan")) for r in m], label=f"{name} {loss_key}")
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("held-out accuracy (%)")
+    ax1.set_title("clean (solid) and PGD (dashed)")
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel("training loss")
+    for ax in (ax1, ax2):
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return True
+
+
+def build_report(
+    inputs: list[str | os.PathLike[str]], out: str | os.PathLike[str]
+) -> dict[str, Any]:
+    """Write report.md, report.json, pareto.png and training.png; returns report.json's document.
+
+    Raises:
+        UsageError: no inputs, or an input that is neither a bench nor a run directory.
+        DataError: an unreadable bench.json or metrics.csv.
+    """
+    if not inputs:
+        raise UsageError("give at least one bench or run directory")
+    rows: list[dict[str, Any]] = []
+    runs: dict[str, list[dict[str, float]]] = {}
+    for item in inputs:
+        p = Path(item)
+        bench = p / "bench.json" if p.is_dir() else p
+        if bench.name == "bench.json" and bench.is_file():
+            try:
+                rows += _rows_from_bench(bench)
+            except (OSError, json.JSONDecodeError, KeyError) as exc:
+                raise DataError(f"unreadable bench file {bench}: {exc}") from None
+        elif p.is_dir() and (p / "metrics.csv").is_file():
+            try:
+                runs[p.name] = _read_metrics(p)
+            except OSError as exc:
+                raise DataError(f"unreadable metrics {p / 'metrics.csv'}: {exc}") from None
+        else:
+            raise UsageError(
+                f"{p} is neither a bench directory (bench.json) nor a run directory (metrics.csv)"
+            )
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"markdown": str(out / "report.md"), "json": str(out / "report.json")}
+    if _pareto_png(rows, out / "pareto.png"):
+        files["pareto"] = str(out / "pareto.png")
+    if _training_png(runs, out / "training.png"):
+        files["training"] = str(out / "training.png")
+    pts = [
+        (r["p50_b1_ms"], r["worst_case_acc"])
+        for r in rows
+        if r["p50_b1_ms"] is not None and r["worst_case_acc"] is not None
+    ]
+    named = [
+        r["artifact"]
+        for r in rows
+        if r["p50_b1_ms"] is not None and r["worst_case_acc"] is not None
+    ]
+    doc = {
+        "schema": SCHEMA,
+        "rows": rows,
+        "pareto_front": [named[i] for i in pareto_front(pts)],
+        "runs": {k: v for k, v in runs.items()},
+        "files": files,
+    }
+    atomic_write_text(out / "report.md", _markdown(rows, runs))
+    atomic_write_text(out / "report.json", json.dumps(to_jsonable(doc), indent=2) + "\n")
+    return doc

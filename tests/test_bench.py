@@ -1,0 +1,416 @@
+"""advedge.export.runners, advedge bench and advedge report (CPU; TensorRT only via the double)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from advedge.export.bench import latency_stats, load_transfer_set
+from advedge.export.onnx_export import export_onnx
+from advedge.export.runners import artifact_kind, open_runner
+
+from advedge.checkpoint import save_model
+from advedge.cli import main
+from advedge.errors import ExportError, MissingDependencyError, UsageError
+from advedge.models import create_model
+from advedge.report import pareto_front
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _model(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return create_model(
+        "tiny_cnn", num_classes=10, in_channels=3, mean=[0.5] * 3, std=[0.25] * 3
+    ).eval()
+
+
+@pytest.fixture(scope="module")
+def arts(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bench")
+    out = {}
+    for name, seed in (("a", 0), ("b", 1)):
+        run = root / f"run_{name}"
+        run.mkdir()
+        model = _model(seed)
+        save_model(
+            model,
+            run / "model.safetensors",
+            metadata={"dataset": "tiny", "eps": 8 / 255, "input_shape": [3, 32, 32]},
+        )
+        from advedge.utils import sha256_file
+
+        onnx_path = export_onnx(
+            model,
+            root / f"{name}.fp32.onnx",
+            input_shape=(3, 32, 32),
+            metadata={
+                "kind": "classifier",
+                "precision": "fp32",
+                "input_shape": [3, 32, 32],
+                "source_sha256": sha256_file(run / "model.safetensors"),
+            },
+        )
+        out[f"run_{name}"], out[f"onnx_{name}"] = run, onnx_path
+    return out
+
+
+def test_artifact_kind_and_backend_choice(arts, tmp_path):
+    assert artifact_kind(arts["onnx_a"]) == "onnx"
+    assert artifact_kind(arts["run_a"]) == "checkpoint"
+    with pytest.raises(ExportError, match="not found"):
+        artifact_kind(tmp_path / "nope.onnx")
+    (tmp_path / "m.pt").write_bytes(b"x")
+    with pytest.raises(ExportError, match=r"unknown artifact type \.pt"):
+        artifact_kind(tmp_path / "m.pt")
+    with pytest.raises(UsageError, match="cannot run"):
+        open_runner(arts["onnx_a"], backend="torch")
+    with pytest.raises(MissingDependencyError, match="CUDAExecutionProvider"):
+        open_runner(arts["onnx_a"], backend="onnxruntime-cuda")
+    with pytest.raises(MissingDependencyError, match="CUDA graphs"):
+        open_runner(arts["run_a"], backend="torch-cudagraph", device="cpu")
+
+
+def test_torch_and_onnx_runners_agree_and_split_stages(arts):
+    x = np.random.default_rng(0).random((6, 3, 32, 32), dtype=np.float32)
+    t = open_runner(arts["run_a"], device="cpu")
+    o = open_runner(arts["onnx_a"])
+    assert np.abs(t.run(x) - o.run(x)).max() < 1e-4
+    _, times = t.timed(x)
+    assert {"h2d_s", "compute_s", "d2h_s", "total_s"} <= set(times)
+    assert times["total_s"] >= times["compute_s"] > 0
+    assert o.metadata()["backend"] == "onnxruntime" and o.metadata()["bytes"] > 0
+
+
+def test_latency_stats_formulas():
+    s = latency_stats([0.001, 0.002, 0.003, 0.004], batch=8)
+    assert s["mean_ms"] == pytest.approx(2.5)
+    assert s["p50_ms"] == pytest.approx(2.5)
+    assert s["images_per_s"] == pytest.approx(8 / 0.0025)
+    assert s["cv"] == pytest.approx(np.std([1, 2, 3, 4]) / 2.5, rel=1e-3)
+
+
+def test_bench_cli_latency_accuracy_files(arts, tiny_npz_data, tmp_path, capsys):
+    out = tmp_path / "b"
+    rc = main(
+        [
+            "bench",
+            "--artifact",
+            str(arts["onnx_a"]),
+            "--artifact",
+            str(arts["run_a"]),
+            "--data",
+            str(tiny_npz_data),
+            "--batch-sizes",
+            "1,4",
+            "--warmup",
+            "2",
+            "--iters",
+            "5",
+            "--n",
+            "32",
+            "--out",
+            str(out),
+            "--json",
+        ]
+    )
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    doc = json.loads(captured.out)
+    assert doc["schema"] == "advedge.bench/1" and doc["environment"]["cpu"]
+    onnx_r, torch_r = doc["results"]
+    assert onnx_r["backend"] == "onnxruntime" and torch_r["backend"] == "torch"
+    assert onnx_r["clean_acc"] == torch_r["clean_acc"]  # the same model, run two ways
+    for r in doc["results"]:
+        assert [lat["batch"] for lat in r["latency"]] == [1, 4]
+        for lat in r["latency"]:
+            assert lat["p50_ms"] <= lat["p90_ms"] <= lat["p99_ms"] and lat["iters"] == 5
+    assert json.loads((out / "bench.json").read_text())["results"][0]["name"] == "a.fp32.onnx"
+    with open(out / "bench.csv") as fh:
+        assert len(list(csv.DictReader(fh))) == 4
+
+
+def test_bench_robust_transfer_query_and_worst_case(arts, tiny_npz_data, tmp_path, capsys):
+    out = tmp_path / "r"
+    rc = main(
+        [
+            "bench",
+            "--artifact",
+            str(arts["onnx_a"]),
+            "--data",
+            str(tiny_npz_data),
+            "--batch-sizes",
+            "8",
+            "--warmup",
+            "1",
+            "--iters",
+            "2",
+            "--n",
+            "24",
+            "--robust",
+            "--model",
+            str(arts["run_a"]),
+            "--query-n",
+            "12",
+            "--n-queries",
+            "30",
+            "--out",
+            str(out),
+            "--json",
+        ]
+    )
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    r = json.loads(captured.out)["results"][0]
+    rob = r["robust"]
+    kinds = {a["name"]: a["kind"] for a in rob["attacks"]}
+    assert kinds == {"pgd20": "transfer", "apgd-ce": "transfer", "square": "query"}
+    square = next(a for a in rob["attacks"] if a["name"] == "square")
+    assert square["n"] == 12 and rob["worst_case_n"] == 12
+    assert rob["worst_case_acc"] <= square["robust_acc"]  # per example over the query subset
+    assert rob["worst_case_transfer_acc"] <= r["clean_acc"]
+    assert rob["worst_case_transfer_acc"] <= min(
+        a["robust_acc"] for a in rob["attacks"] if a["kind"] == "transfer"
+    )
+    (tset,) = out.glob("transfer-*.npz")
+    x, _, advs, meta = load_transfer_set(tset)
+    assert set(advs) == {"pgd20", "apgd-ce"} and meta["n"] == 24
+    assert np.abs(advs["pgd20"] - x).max() <= 8 / 255 + 1e-6
+    # the same set evaluated without crafting (as on a device without torch)
+    rc = main(
+        [
+            "bench",
+            "--artifact",
+            str(arts["onnx_a"]),
+            "--data",
+            str(tiny_npz_data),
+            "--batch-sizes",
+            "8",
+            "--warmup",
+            "0",
+            "--iters",
+            "1",
+            "--n",
+            "24",
+            "--transfer-set",
+            str(tset),
+            "--query-n",
+            "4",
+            "--n-queries",
+            "5",
+            "--json",
+        ]
+    )
+    again = json.loads(capsys.readouterr().out)["results"][0]["robust"]
+    assert rc == 0 and again["worst_case_transfer_acc"] == rob["worst_case_transfer_acc"]
+
+
+def test_bench_refuses_a_transfer_set_of_another_model_or_tampered(
+    arts, tiny_npz_data, tmp_path, capsys
+):
+    out = tmp_path / "r"
+    assert (
+        main(
+            [
+                "bench",
+                "--artifact",
+                str(arts["onnx_a"]),
+                "--data",
+                str(tiny_npz_data),
+                "--batch-sizes",
+                "8",
+                "--warmup",
+                "0",
+                "--iters",
+                "1",
+                "--n",
+                "16",
+                "--robust",
+                "--model",
+                str(arts["run_a"]),
+                "--query-n",
+                "2",
+                "--n-queries",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    (tset,) = out.glob("transfer-*.npz")
+    rc = main(
+        [
+            "bench",
+            "--artifact",
+            str(arts["onnx_b"]),
+            "--data",
+            str(tiny_npz_data),
+            "--n",
+            "16",
+            "--batch-sizes",
+            "8",
+            "--warmup",
+            "0",
+            "--iters",
+            "1",
+            "--transfer-set",
+            str(tset),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert rc == 1 and "crafted on another model" in err
+    with np.load(tset) as z:
+        data = {k: z[k] for k in z.files}
+    data["adv_pgd20"] = np.clip(data["adv_pgd20"] + 0.01, 0, 1)
+    np.savez(tmp_path / "tampered.npz", **data)
+    rc = main(
+        [
+            "bench",
+            "--artifact",
+            str(arts["onnx_a"]),
+            "--data",
+            str(tiny_npz_data),
+            "--n",
+            "16",
+            "--batch-sizes",
+            "8",
+            "--warmup",
+            "0",
+            "--iters",
+            "1",
+            "--transfer-set",
+            str(tmp_path / "tampered.npz"),
+        ]
+    )
+    assert rc == 1 and "sha256" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "needle"),
+    [
+        (["--artifact", "missing.onnx"], 1, "artifact not found"),
+        (["--batch-sizes", "1,x"], 2, "comma-separated integers"),
+        (["--robust"], 2, "--robust needs --model"),
+        (["--backend", "onnxruntime-cuda"], 3, "CUDAExecutionProvider"),
+    ],
+)
+def test_bench_bad_input(arts, tiny_npz_data, tmp_path, capsys, args, code, needle):
+    base = ["bench", "--data", str(tiny_npz_data), "--out", str(tmp_path / "o")]
+    if "--artifact" not in args:
+        base += ["--artifact", str(arts["onnx_a"])]
+    rc = main([*base, *args])
+    err = capsys.readouterr().err
+    assert rc == code and needle in err
+    assert not (tmp_path / "o" / "bench.json").exists()
+
+
+def test_bench_refuses_data_of_another_shape(arts, npz_dataset_factory, capsys):
+    gray = npz_dataset_factory("gray", size=28, channels=1)
+    rc = main(["bench", "--artifact", str(arts["onnx_a"]), "--data", str(gray)])
+    err = capsys.readouterr().err
+    assert rc == 1 and "[1, 28, 28]" in err and "[3, 32, 32]" in err
+
+
+def test_bench_engine_through_the_tensorrt_double_times_stages(
+    arts, tiny_npz_data, monkeypatch, tmp_path, capsys
+):
+    from advedge.export.tensorrt import BatchProfile, build_engine
+    from fakes import install_fake_tensorrt
+
+    install_fake_tensorrt(monkeypatch, version="11.2.0")
+    build = build_engine(
+        arts["onnx_a"], tmp_path, name="a", precision="fp32", profile=BatchProfile(1, 4, 8)
+    )
+    info = json.loads(build.sidecar.read_text())
+    info["artifact"] = {"kind": "classifier", "input_shape": [3, 32, 32]}
+    build.sidecar.write_text(json.dumps(info))
+    rc = main(
+        [
+            "bench",
+            "--artifact",
+            str(build.engine),
+            "--data",
+            str(tiny_npz_data),
+            "--batch-sizes",
+            "1,8,16",
+            "--warmup",
+            "1",
+            "--iters",
+            "3",
+            "--n",
+            "16",
+            "--json",
+        ]
+    )
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    r = json.loads(captured.out)["results"][0]
+    assert r["backend"] == "tensorrt"
+    lat = {lat["batch"]: lat for lat in r["latency"]}
+    assert set(lat[1]["stages_ms"]) == {"h2d", "compute", "d2h"}
+    assert "outside the engine's profile" in lat[16]["skipped"]
+    onnx_acc = json.loads(json.dumps(r))["clean_acc"]
+    assert 0.0 <= onnx_acc <= 1.0
+
+
+def test_pareto_front():
+    pts = [(1.0, 0.2), (2.0, 0.5), (3.0, 0.4), (0.5, 0.1), (2.0, 0.3)]
+    assert pareto_front(pts) == [3, 0, 1]
+
+
+def test_report_writes_table_json_and_pngs(arts, tiny_npz_data, tmp_path, capsys):
+    bench_dir = tmp_path / "bench"
+    assert (
+        main(
+            [
+                "bench",
+                "--artifact",
+                str(arts["onnx_a"]),
+                "--data",
+                str(tiny_npz_data),
+                "--batch-sizes",
+                "1,8",
+                "--warmup",
+                "1",
+                "--iters",
+                "3",
+                "--n",
+                "16",
+                "--robust",
+                "--model",
+                str(arts["run_a"]),
+                "--query-n",
+                "4",
+                "--n-queries",
+                "5",
+                "--out",
+                str(bench_dir),
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.csv").write_text(
+        "epoch,train_loss,test_clean_acc,test_pgd_acc\n1,2.0,0.3,0.1\n2,1.5,0.4,0.2\n"
+    )
+    out = tmp_path / "report"
+    rc = main(["report", str(bench_dir), str(run), "--out", str(out), "--json"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    doc = json.loads(captured.out)
+    assert doc["rows"][0]["worst_case_kinds"] == ["query", "transfer"]
+    assert doc["pareto_front"] == ["a.fp32.onnx"]
+    md = (out / "report.md").read_text()
+    assert "| a.fp32.onnx | fp32 | no |" in md and "## Training runs" in md
+    for png in ("pareto.png", "training.png"):
+        assert (out / png).read_bytes()[:8] == PNG and (out / png).stat().st_size > 5000
+    rc = main(["report", str(tmp_path / "nothing"), "--out", str(out)])
+    assert rc == 2 and "neither a bench directory" in capsys.readouterr().err
