@@ -999,6 +999,78 @@ def report_cmd(
     output.result(doc, human=table)
 
 
+# ------------------------------------------------------------------------------ pipeline
+class _PipelineProgress(_Bars):
+    """One bar over the stages; the status shows the current stage's epoch and batch."""
+
+    def __init__(self, output: Output, stages: tuple[str, ...]) -> None:
+        super().__init__(output, remaining=False)
+        self.stages = stages
+        self.task = self.progress.add_task("pipeline", total=len(stages), status="")
+        self.stage = ""
+        self.epochs = 0
+        self.batches = 0
+
+    def on_stage(self, stage: str, message: str) -> None:
+        if stage != self.stage:
+            if self.stage:
+                self.progress.advance(self.task)
+            self.stage = stage
+        self.progress.update(self.task, description=f"pipeline: {stage}", status=message[:70])
+
+    def finish(self) -> None:
+        self.progress.update(self.task, completed=len(self.stages), status="done")
+
+    # training-engine hooks (teacher, student, purifier)
+    def on_train_start(self, *, start_epoch: int, epochs: int, batches_per_epoch: int) -> None:
+        self.epochs, self.batches = epochs, batches_per_epoch
+
+    def on_batch_end(
+        self, *, epoch: int, batch: int, loss: float = 0.0, acc: float = 0.0, **_: Any
+    ) -> None:
+        self.progress.update(
+            self.task, status=f"epoch {epoch + 1}/{self.epochs} batch {batch + 1}/{self.batches}"
+        )
+
+    def on_eval_start(self, *, epoch: int) -> None:
+        self.progress.update(self.task, status=f"epoch {epoch + 1}/{self.epochs}: held-out eval")
+
+    def on_epoch_end(self, row: dict[str, float]) -> None:
+        self.progress.update(
+            self.task, status=f"epoch {int(row.get('epoch', 0))}/{self.epochs} done"
+        )
+
+
+@app.command("pipeline")
+def pipeline_cmd(
+    data: Annotated[str, typer.Option(help="Dataset directory, or cifar10/cifar100/mnist.")],
+    out: Annotated[Path, typer.Option(help="Folder for every stage's outputs.")],
+    preset: Annotated[
+        str, typer.Option(help="quick (a 2-core CPU, < 20 min) or full (a GPU).")
+    ] = "quick",
+    config: Annotated[
+        Path | None, typer.Option(help="YAML file overriding preset options.")
+    ] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Teacher -> ADD student -> purifier -> export -> bench -> report; reruns skip finished stages."""
+    from advedge.pipeline import STAGES, load_preset, run_pipeline
+
+    output = Output(json_out)
+    chosen = load_preset(preset, None if config is None else str(config))
+    progress = _PipelineProgress(output, STAGES)
+    with progress:
+        summary = run_pipeline(
+            data, str(out), preset=chosen, status=progress.on_stage, train_callbacks=progress
+        )
+        progress.finish()
+    table = Table("stage", "status", "seconds", title=f"advedge pipeline -> {out}")
+    for name, info in summary["stages"].items():
+        table.add_row(name, "skipped" if info.get("skipped") else "ran", str(info.get("seconds")))
+    output.result(summary, human=table)
+    output.info(f"report: {summary['report']}")
+
+
 # --------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: run the app and map errors to one line and an exit code."""
