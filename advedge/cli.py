@@ -750,6 +750,12 @@ def export_cmd(
             "activations with zero points: fastest on x86 CPUs without VNNI; never an engine)."
         ),
     ] = "tensorrt",
+    parity_min_agree: Annotated[
+        float | None, typer.Option(help="Override the parity gate's minimum top-1 agreement (0-1).")
+    ] = None,
+    parity_max_abs: Annotated[
+        float | None, typer.Option(help="Override the parity gate's maximum |Δ| of outputs.")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of image selection and attacks.")] = 0,
     json_out: JsonOpt = False,
 ) -> None:
@@ -786,6 +792,8 @@ def export_cmd(
         trt_calibrator=trt_calibrator,
         cache_dir=None if cache_dir is None else str(cache_dir),
         int8_target=int8_target,
+        parity_min_agree=parity_min_agree,
+        parity_max_abs=parity_max_abs,
     )
     report = export_artifacts(opts, status=output.info)
     for warning in report.warnings:

@@ -83,6 +83,8 @@ class ExportOptions:
     trt_calibrator: str = "qdq"
     cache_dir: str | None = None
     int8_target: str = "tensorrt"
+    parity_min_agree: float | None = None
+    parity_max_abs: float | None = None
 
     def validate(self) -> None:
         """Refuse bad option values before any work (exit code 2)."""
@@ -126,6 +128,10 @@ class ExportOptions:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
         if self.max_drop < 0:
             raise UsageError("--max-drop must be >= 0")
+        if self.parity_min_agree is not None and not 0 <= self.parity_min_agree <= 1:
+            raise UsageError(f"--parity-min-agree must be in [0, 1], got {self.parity_min_agree}")
+        if self.parity_max_abs is not None and not self.parity_max_abs > 0:
+            raise UsageError(f"--parity-max-abs must be > 0, got {self.parity_max_abs}")
         from .onnx_export import DEFAULT_OPSET, SUPPORTED_OPSETS
 
         if self.opset not in SUPPORTED_OPSETS:
@@ -144,6 +150,7 @@ class _Target:
     metadata: dict[str, Any]
     attack_module: Any  # what the adversarial inputs are crafted on
     classifier: Any  # torch classifier (labels for pixel outputs)
+    overrides: dict[str, Any] = field(default_factory=dict)  # parity tolerance from the CLI
 
 
 @dataclass
@@ -332,15 +339,18 @@ def _gate_runner(
         else:
             figures[kind] = compare_outputs(ref[kind], cand)
     n = len(next(iter(inputs.values())))
-    tolerance = None
+    base = TOLERANCES[precision]
+    max_logits, max_pixels, min_agree = base.max_abs_logits, base.max_abs_pixels, base.min_agreement
     eps_r = target.metadata.get("eps_r")
     if target.output == "pixels" and eps_r:
         # the purifier's whole correction is bounded by eps_r: a pixel tolerance near eps_r would
         # pass a purifier that does nothing, so it is capped at eps_r / 2
-        base = TOLERANCES[precision]
-        tolerance = Tolerance(
-            base.max_abs_logits, min(base.max_abs_pixels, 0.5 * float(eps_r)), base.min_agreement
-        )
+        max_pixels = min(max_pixels, 0.5 * float(eps_r))
+    if target.overrides.get("max_abs") is not None:
+        max_logits = max_pixels = float(target.overrides["max_abs"])
+    if target.overrides.get("min_agree") is not None:
+        min_agree = float(target.overrides["min_agree"])
+    tolerance = Tolerance(max_logits, max_pixels, min_agree)
     return gate(
         figures,
         precision=precision,
@@ -460,6 +470,8 @@ def export_artifacts(
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a directory")
     targets, meta = _load_targets(opts)
+    for t in targets:
+        t.overrides = {"max_abs": opts.parity_max_abs, "min_agree": opts.parity_min_agree}
     eps = float(opts.eps if opts.eps is not None else (meta.get("eps") or 8 / 255))
     input_shape = list(meta.get("input_shape") or [])
 
