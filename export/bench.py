@@ -487,19 +487,23 @@ def _robust(
         )
     attacks: list[dict[str, Any]] = []
     worst = clean_ok.copy()
+    # crafted on this very FP32 PyTorch model, the "transfer" set is a white-box attack on it
+    white_box = meta["backend"].startswith("torch") and source == tmeta.get("source_sha256")
     for name, adv in advs.items():
         ok = _predict(runner, adv, step) == y
         worst &= ok
         attacks.append(
             {
                 "name": name,
-                "kind": "transfer",
+                "kind": "white-box" if white_box else "transfer",
                 "crafted_on": "fp32 pytorch",
                 "n": len(y),
                 "robust_acc": float(ok.mean()),
             }
         )
     result: dict[str, Any] = {
+        "source_sha256": source,
+        "white_box": white_box,
         "transfer_set": {"path": str(tpath), "sha256": tmeta["sha256"]},
         "attacks": attacks,
         "worst_case_transfer_acc": float(worst.mean()),

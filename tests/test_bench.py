@@ -372,6 +372,8 @@ def test_report_writes_table_json_and_pngs(arts, tiny_npz_data, tmp_path, capsys
                 "bench",
                 "--artifact",
                 str(arts["onnx_a"]),
+                "--artifact",
+                str(arts["run_a"]),
                 "--data",
                 str(tiny_npz_data),
                 "--batch-sizes",
@@ -406,10 +408,16 @@ def test_report_writes_table_json_and_pngs(arts, tiny_npz_data, tmp_path, capsys
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     doc = json.loads(captured.out)
-    assert doc["rows"][0]["worst_case_kinds"] == ["query", "transfer"]
-    assert doc["pareto_front"] == ["a.fp32.onnx"]
+    rows = {r["artifact"]: r for r in doc["rows"]}
+    assert rows["a.fp32.onnx"]["worst_case_kinds"] == ["query", "transfer"]
+    assert rows["run_a"]["worst_case_kinds"] == ["query", "white-box"]  # crafted on itself
+    assert set(doc["pareto_front"]) <= {"a.fp32.onnx", "run_a"} and doc["pareto_front"]
+    (ships,) = doc["robustness_of_what_ships"]
+    assert ships["artifact"] == "a.fp32.onnx" and ships["parent"] == "run_a"
+    assert ships["white_box_parent_acc"] == rows["run_a"]["worst_case_acc"]
     md = (out / "report.md").read_text()
     assert "| a.fp32.onnx | fp32 | no |" in md and "## Training runs" in md
+    assert "## Robustness of what ships" in md
     for png in ("pareto.png", "training.png"):
         assert (out / png).read_bytes()[:8] == PNG and (out / png).stat().st_size > 5000
     rc = main(["report", str(tmp_path / "nothing"), "--out", str(out)])
