@@ -246,6 +246,8 @@ def _pareto_png(rows: list[dict[str, Any]], path: Path) -> bool:
     fy = [100 * pts[i][1] for i in front]
     ax.step(fx, fy, where="post", color="tab:red", lw=1.2, label="Pareto front")
     ax.set_xscale("log")
+    ax.margins(x=0.25)  # room for the labels on the right
+    ax.set_ylim(0, max(5.0, 115 * max(r for _, r in pts)))
     ax.set_xlabel("latency, batch 1, p50 (ms, log scale)")
     ax.set_ylabel("worst-case robust accuracy (%)")
     ax.set_title("robustness vs latency (circles: classifier, squares: with purifier)")
