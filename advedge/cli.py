@@ -903,7 +903,10 @@ def bench_cmd(
         bool, typer.Option("--robust", help="Transfer (PGD-20, APGD) and query (Square) attacks.")
     ] = False,
     n: Annotated[int, typer.Option(help="Test images for accuracy and the transfer set.")] = 1000,
-    query_n: Annotated[int, typer.Option(help="--robust: images for the Square attack.")] = 200,
+    query_n: Annotated[
+        int | None,
+        typer.Option(help="--robust: Square on the first N images only [default: all --n]."),
+    ] = None,
     n_queries: Annotated[int, typer.Option(help="--robust: Square's query budget.")] = 1000,
     eps: Annotated[str, typer.Option(help="--robust: L-inf eps.")] = "8/255",
     model: Annotated[

@@ -42,15 +42,15 @@ class Preset:
     """Every knob of the pipeline; ``--config FILE.yaml`` overrides any of them."""
 
     teacher_model: str = "resnet20"
-    teacher_epochs: int = 4
+    teacher_epochs: int = 8
     teacher_steps: int = 3
     student_model: str = "resnet8"
-    student_epochs: int = 4
+    student_epochs: int = 8
     student_steps: int = 3
-    subset: int | None = 2000
+    subset: int | None = 4000
     batch_size: int = 128
     eps: float = 8 / 255
-    purifier_epochs: int = 2
+    purifier_epochs: int = 3
     purifier_width: int = 16
     purifier_steps: int = 3
     calib_n: int = 256
@@ -60,8 +60,8 @@ class Preset:
     bench_batch_sizes: list[int] = field(default_factory=lambda: [1, 32])
     bench_warmup: int = 10
     bench_iters: int = 50
-    query_n: int = 100
-    n_queries: int = 200
+    query_n: int | None = None  # the Square attack on all bench_n images
+    n_queries: int = 300
     seed: int = 0
     device: str = "auto"
 
@@ -88,7 +88,6 @@ PRESETS: dict[str, Preset] = {
         bench_batch_sizes=[1, 8, 32, 128],
         bench_warmup=50,
         bench_iters=500,
-        query_n=500,
         n_queries=5000,
     ),
 }

@@ -16,7 +16,9 @@ With ``robust``:
     saved as ``transfer-<sha>.npz`` with their sha256 and the source checkpoint's sha256, so a
     device without torch evaluates the same set; a set made for another model is refused;
 (b) **query**: the Square attack run against the artifact's runner directly (no gradients);
-(c) the per-example worst case over clean-correct, transfer and query: the headline.
+(c) the per-example worst case over clean-correct, transfer and query: the headline. It is
+    taken over the images the query attack ran on (all ``n`` by default; ``query_n`` restricts
+    the query attack, and the headline, to the first ``query_n``).
 
 Transfer examples overstate the robustness of a quantised artifact (they were crafted at another
 precision); the query attack does not have that gap. Everything is written to ``bench.json``
@@ -66,7 +68,7 @@ class BenchOptions:
     iters: int = 500
     robust: bool = False
     n: int = 1000
-    query_n: int = 200
+    query_n: int | None = None  # None: every one of the n images
     n_queries: int = 1000
     eps: float = 8 / 255
     model: str | None = None
@@ -508,7 +510,7 @@ def _robust(
         "attacks": attacks,
         "worst_case_transfer_acc": float(worst.mean()),
     }
-    q = min(opts.query_n, len(y))
+    q = len(y) if opts.query_n is None else min(opts.query_n, len(y))
     try:
         __import__("torch")
     except ImportError:
