@@ -414,7 +414,8 @@ def test_report_writes_table_json_and_pngs(arts, tiny_npz_data, tmp_path, capsys
     assert set(doc["pareto_front"]) <= {"a.fp32.onnx", "run_a"} and doc["pareto_front"]
     (ships,) = doc["robustness_of_what_ships"]
     assert ships["artifact"] == "a.fp32.onnx" and ships["parent"] == "run_a"
-    assert ships["white_box_parent_acc"] == rows["run_a"]["worst_case_acc"]
+    assert ships["white_box_parent_acc"] == rows["run_a"]["worst_case_transfer_acc"]
+    assert ships["precision_gap"] is False  # the FP32 ONNX is the same model: same figure
     md = (out / "report.md").read_text()
     assert "| a.fp32.onnx | fp32 | no |" in md and "## Training runs" in md
     assert "## Robustness of what ships" in md
