@@ -37,7 +37,7 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=300)
     p.add_argument("--n", type=int, default=500)
     p.add_argument("--robust", action="store_true")
-    p.add_argument("--query-n", type=int, default=200)
+    p.add_argument("--query-n", type=int, default=None, help="Square on the first N images [all]")
     p.add_argument("--n-queries", type=int, default=500)
     p.add_argument("--tag", default="cpu")
     args = p.parse_args()
