@@ -7,7 +7,7 @@ Stages, each a call into advedge's own API, each writing under ``--out``:
 3. ``purifier``  IPCM purifier guarding the student (``advedge purifier train``) -> ``purifier/``
 4. ``export``    fp32, fp16 and int8 (QDQ) ONNX of the student and of the fused
                  purifier + student (``advedge export``)                  -> ``export/``
-5. ``bench``     latency and robust accuracy of every artifact and of the PyTorch student
+5. ``bench``     latency and robust accuracy of every artifact and of their PyTorch parents
                  (``advedge bench --robust``)                             -> ``bench/``
 6. ``report``    table, Pareto plot, training curves (``advedge report``) -> ``report/``
 
@@ -392,7 +392,8 @@ def _bench_stage(
 ) -> tuple[list[Path], dict[str, Any]]:
     from advedge.export.bench import BenchOptions, run_bench
 
-    arts = [str(root / "student")]
+    # the PyTorch student and purifier + student are the white-box parents of the ONNX artifacts
+    arts = [str(root / "student"), str(root / "purifier")]
     for label in ("student", "fused"):
         arts += sorted(str(f) for f in (root / "export" / label).glob("*.onnx"))
     opts = BenchOptions(

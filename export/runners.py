@@ -66,6 +66,8 @@ def artifact_kind(path: str | os.PathLike[str]) -> str:
     if p.is_dir():
         if (p / "model.safetensors").is_file():
             return "checkpoint"
+        if (p / "purifier.safetensors").is_file():
+            return "checkpoint"  # a purifier run: run in front of the classifier it guards
         raise ExportError(
             f"{p} is a folder without model.safetensors", "pass an artifact file or a run directory"
         )
@@ -122,8 +124,11 @@ class _Base:
 
 
 def _dir_size(path: Path) -> int:
-    f = path / "model.safetensors"
-    return f.stat().st_size if f.is_file() else 0
+    return sum(
+        f.stat().st_size
+        for f in (path / "model.safetensors", path / "purifier.safetensors")
+        if f.is_file()
+    )
 
 
 class OrtBackend(_Base):
@@ -157,6 +162,42 @@ class OrtBackend(_Base):
         }
 
 
+def _purified_from_run(path: Path, device: Any) -> tuple[Any, dict[str, Any]]:
+    """A purifier run directory -> ``f(G(x))`` with the classifier its checkpoint records.
+
+    The metadata says what the fused ONNX export would say (kind ``fused``, both sha256), so
+    bench treats it as the FP32 PyTorch parent of the fused artifacts.
+    """
+    from advedge.checkpoint import load_model
+    from advedge.errors import CheckpointError
+    from advedge.purifier import load_purifier
+    from advedge.purifier.evaluate import Purified
+    from advedge.utils import sha256_file
+
+    gen = load_purifier(path, device=device)
+    gmeta = dict(gen.checkpoint_metadata)
+    clf = (gmeta.get("classifier") or {}).get("path")
+    if not clf or not Path(clf).is_file():
+        raise CheckpointError(
+            f"{path}: the classifier this purifier was trained against is not at {clf!r}",
+            "bench the fused ONNX instead, or restore the classifier run",
+        )
+    if sha256_file(clf) != (gmeta.get("classifier") or {}).get("sha256"):
+        raise CheckpointError(
+            f"{path}: the classifier at {clf} changed since the purifier was trained"
+        )
+    model = Purified(gen, load_model(clf, device=device)).eval()
+    meta = {
+        "kind": "fused",
+        "input_shape": gmeta.get("input_shape"),
+        "source_sha256": {
+            "purifier": sha256_file(path / "purifier.safetensors"),
+            "classifier": sha256_file(clf),
+        },
+    }
+    return model, meta
+
+
 class TorchBackend(_Base):
     """A checkpoint in PyTorch: eager, ``torch.compile`` or CUDA graphs."""
 
@@ -173,8 +214,11 @@ class TorchBackend(_Base):
             raise MissingDependencyError(
                 "CUDA graphs need a CUDA device", "run on a GPU or use --backend torch"
             )
-        self.model = load_model(path, device=self.device)
-        self.meta = dict(getattr(self.model, "checkpoint_metadata", {}))
+        if path.is_dir() and (path / "purifier.safetensors").is_file():
+            self.model, self.meta = _purified_from_run(path, self.device)
+        else:
+            self.model = load_model(path, device=self.device)
+            self.meta = dict(getattr(self.model, "checkpoint_metadata", {}))
         self.fn = torch.compile(self.model) if backend == "torch-compile" else self.model
         self._graphs: dict[tuple[int, ...], Any] = {}
 

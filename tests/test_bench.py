@@ -423,3 +423,90 @@ def test_report_writes_table_json_and_pngs(arts, tiny_npz_data, tmp_path, capsys
         assert (out / png).read_bytes()[:8] == PNG and (out / png).stat().st_size > 5000
     rc = main(["report", str(tmp_path / "nothing"), "--out", str(out)])
     assert rc == 2 and "neither a bench directory" in capsys.readouterr().err
+
+
+def test_purifier_run_is_the_white_box_parent_of_fused_artifacts(
+    arts, tiny_npz_data, tmp_path, capsys
+):
+    from advedge.purifier import save_purifier
+    from advedge.purifier.evaluate import Purified
+    from advedge.purifier.networks import Generator
+    from advedge.utils import sha256_file
+
+    clf = arts["run_a"] / "model.safetensors"
+    torch.manual_seed(3)
+    gen = Generator(3, 4, eps_r=10 / 255).eval()
+    pur = tmp_path / "purifier_run"
+    pur.mkdir()
+    save_purifier(
+        gen,
+        pur / "purifier.safetensors",
+        metadata={
+            "input_shape": [3, 32, 32],
+            "classifier": {"path": str(clf), "sha256": sha256_file(clf)},
+        },
+    )
+    source = {"purifier": sha256_file(pur / "purifier.safetensors"), "classifier": sha256_file(clf)}
+    fused = export_onnx(
+        Purified(gen, _model(0)),
+        tmp_path / "fused.fp32.onnx",
+        input_shape=(3, 32, 32),
+        metadata={
+            "kind": "fused",
+            "precision": "fp32",
+            "input_shape": [3, 32, 32],
+            "source_sha256": source,
+        },
+    )
+    bench = tmp_path / "bench"
+    rc = main(
+        [
+            "bench",
+            "--artifact",
+            str(pur),
+            "--artifact",
+            str(fused),
+            "--data",
+            str(tiny_npz_data),
+            "--batch-sizes",
+            "4",
+            "--warmup",
+            "0",
+            "--iters",
+            "2",
+            "--n",
+            "16",
+            "--robust",
+            "--model",
+            str(arts["run_a"]),
+            "--purifier",
+            str(pur),
+            "--n-queries",
+            "3",
+            "--out",
+            str(bench),
+        ]
+    )
+    assert rc == 0, capsys.readouterr().err
+    capsys.readouterr()
+    doc = json.loads((bench / "bench.json").read_text())
+    parent, onnx_row = doc["results"]
+    assert parent["kind"] == "fused" and parent["robust"]["white_box"] is True
+    assert onnx_row["robust"]["white_box"] is False
+    assert parent["clean_acc"] == onnx_row["clean_acc"]  # the same f(G(x)), run two ways
+    assert main(["report", str(bench), "--out", str(tmp_path / "rep"), "--json"]) == 0
+    (ships,) = json.loads(capsys.readouterr().out)["robustness_of_what_ships"]
+    assert (
+        ships["artifact"] == "fused.fp32.onnx"
+        and ships["parent"] == "purifier_run"
+        and ships["purifier"]
+    )
+    # a purifier whose classifier moved is one clear error
+    (tmp_path / "moved").mkdir()
+    save_purifier(
+        gen,
+        tmp_path / "moved" / "purifier.safetensors",
+        metadata={"classifier": {"path": str(tmp_path / "gone.safetensors"), "sha256": "0"}},
+    )
+    rc = main(["bench", "--artifact", str(tmp_path / "moved"), "--data", str(tiny_npz_data)])
+    assert rc == 1 and "not at" in capsys.readouterr().err
