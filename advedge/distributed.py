@@ -9,6 +9,7 @@ share one run. Each process finds ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MA
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 from collections.abc import Iterator
@@ -83,7 +84,20 @@ def init_distributed(device: str = "auto") -> bool:
     if use_cuda:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    # A group left alive at interpreter exit can abort the process from gloo's or NCCL's
+    # destructors ("terminate called without an active exception"); callers of the Python API
+    # (train() straight under torchrun) rarely destroy it, so do it at exit for them.
+    atexit.register(_destroy_if_initialized)
     return True
+
+
+def _destroy_if_initialized() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        # no barrier here: a rank exiting on an error must not wait for peers that may be stuck
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
 
 
 @contextlib.contextmanager
