@@ -279,34 +279,31 @@ def _train_stage(kind: str) -> Callable[..., tuple[list[Path], dict[str, Any]]]:
 
         out = root / kind
         resume = check_run_dir(out, resume=True)
+        shared = {
+            "data": str(ds().root),
+            "out": str(out),
+            "eps": p.eps,
+            "subset": p.subset,
+            "batch_size": p.batch_size,
+            "seed": p.seed,
+            "device": p.device,
+        }
         if kind == "teacher":
             cfg = TrainConfig(
-                data=str(ds().root),
                 model=p.teacher_model,
                 method="pgd-at",
                 epochs=p.teacher_epochs,
-                out=str(out),
-                eps=p.eps,
                 steps=p.teacher_steps,
-                subset=p.subset,
-                batch_size=p.batch_size,
-                seed=p.seed,
-                device=p.device,
+                **shared,
             )
         else:
             cfg = TrainConfig(
-                data=str(ds().root),
                 model=p.student_model,
                 method="add",
                 epochs=p.student_epochs,
-                out=str(out),
-                eps=p.eps,
                 steps=p.student_steps,
-                subset=p.subset,
-                batch_size=p.batch_size,
-                seed=p.seed,
-                device=p.device,
                 teacher=str(root / "teacher"),
+                **shared,
             )
         say(
             kind,
