@@ -24,6 +24,7 @@ no TensorRT) raises MissingDependencyError (exit 3) with a hint. Torch-free at i
 
 from __future__ import annotations
 
+import abc
 import os
 import time
 from pathlib import Path
@@ -100,14 +101,17 @@ def _check_backend_fits(kind: str, backend: str, path: Path) -> None:
         raise UsageError(f"backend {backend} cannot run {path.name} (a {kind})")
 
 
-class _Base:
+class _Base(abc.ABC):
+    """What every runner shares: ``timed`` from ``run``, and ``metadata``."""
+
     backend = ""
 
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def run(self, batch: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """Logits of a float32 NCHW batch in [0, 1]."""
 
     def timed(self, batch: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
         """The output and its wall time (``total_s``); subclasses split it where they can."""

@@ -48,3 +48,19 @@ def npz_dataset_factory(tmp_path: Path) -> Callable[..., Path]:
 def tiny_npz_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A session-wide tiny npz dataset: 10 classes, 128 train / 64 test 32x32 RGB images."""
     return write_npz_dataset(tmp_path_factory.mktemp("tiny_npz") / "data")
+
+
+def argv(*words: str, **options: object) -> list[str]:
+    """A command line from keyword options: ``argv("bench", batch_sizes="1,8", json=True)`` ->
+    ``["bench", "--batch-sizes", "1,8", "--json"]``; a list value repeats the flag."""
+    out = list(words)
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            out.append(flag)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                out += [flag, str(item)]
+        else:
+            out += [flag, str(value)]
+    return out

@@ -12,6 +12,7 @@ import torch
 from advedge.export.bench import latency_stats, load_transfer_set
 from advedge.export.onnx_export import export_onnx
 from advedge.export.runners import artifact_kind, open_runner
+from conftest import argv
 
 from advedge.checkpoint import save_model
 from advedge.cli import main
@@ -97,26 +98,17 @@ def test_latency_stats_formulas():
 def test_bench_cli_latency_accuracy_files(arts, tiny_npz_data, tmp_path, capsys):
     out = tmp_path / "b"
     rc = main(
-        [
+        argv(
             "bench",
-            "--artifact",
-            str(arts["onnx_a"]),
-            "--artifact",
-            str(arts["run_a"]),
-            "--data",
-            str(tiny_npz_data),
-            "--batch-sizes",
-            "1,4",
-            "--warmup",
-            "2",
-            "--iters",
-            "5",
-            "--n",
-            "32",
-            "--out",
-            str(out),
-            "--json",
-        ]
+            artifact=[str(arts["onnx_a"]), str(arts["run_a"])],
+            data=str(tiny_npz_data),
+            batch_sizes="1,4",
+            warmup="2",
+            iters="5",
+            n="32",
+            out=str(out),
+            json=True,
+        )
     )
     captured = capsys.readouterr()
     assert rc == 0, captured.err
@@ -137,31 +129,21 @@ def test_bench_cli_latency_accuracy_files(arts, tiny_npz_data, tmp_path, capsys)
 def test_bench_robust_transfer_query_and_worst_case(arts, tiny_npz_data, tmp_path, capsys):
     out = tmp_path / "r"
     rc = main(
-        [
+        argv(
             "bench",
-            "--artifact",
-            str(arts["onnx_a"]),
-            "--data",
-            str(tiny_npz_data),
-            "--batch-sizes",
-            "8",
-            "--warmup",
-            "1",
-            "--iters",
-            "2",
-            "--n",
-            "24",
-            "--robust",
-            "--model",
-            str(arts["run_a"]),
-            "--query-n",
-            "12",
-            "--n-queries",
-            "30",
-            "--out",
-            str(out),
-            "--json",
-        ]
+            artifact=str(arts["onnx_a"]),
+            data=str(tiny_npz_data),
+            batch_sizes="8",
+            warmup="1",
+            iters="2",
+            n="24",
+            robust=True,
+            model=str(arts["run_a"]),
+            query_n="12",
+            n_queries="30",
+            out=str(out),
+            json=True,
+        )
     )
     captured = capsys.readouterr()
     assert rc == 0, captured.err
@@ -182,28 +164,19 @@ def test_bench_robust_transfer_query_and_worst_case(arts, tiny_npz_data, tmp_pat
     assert np.abs(advs["pgd20"] - x).max() <= 8 / 255 + 1e-6
     # the same set evaluated without crafting (as on a device without torch)
     rc = main(
-        [
+        argv(
             "bench",
-            "--artifact",
-            str(arts["onnx_a"]),
-            "--data",
-            str(tiny_npz_data),
-            "--batch-sizes",
-            "8",
-            "--warmup",
-            "0",
-            "--iters",
-            "1",
-            "--n",
-            "24",
-            "--transfer-set",
-            str(tset),
-            "--query-n",
-            "4",
-            "--n-queries",
-            "5",
-            "--json",
-        ]
+            artifact=str(arts["onnx_a"]),
+            data=str(tiny_npz_data),
+            batch_sizes="8",
+            warmup="0",
+            iters="1",
+            n="24",
+            transfer_set=str(tset),
+            query_n="4",
+            n_queries="5",
+            json=True,
+        )
     )
     again = json.loads(capsys.readouterr().out)["results"][0]["robust"]
     assert rc == 0 and again["worst_case_transfer_acc"] == rob["worst_case_transfer_acc"]
@@ -215,53 +188,36 @@ def test_bench_refuses_a_transfer_set_of_another_model_or_tampered(
     out = tmp_path / "r"
     assert (
         main(
-            [
+            argv(
                 "bench",
-                "--artifact",
-                str(arts["onnx_a"]),
-                "--data",
-                str(tiny_npz_data),
-                "--batch-sizes",
-                "8",
-                "--warmup",
-                "0",
-                "--iters",
-                "1",
-                "--n",
-                "16",
-                "--robust",
-                "--model",
-                str(arts["run_a"]),
-                "--query-n",
-                "2",
-                "--n-queries",
-                "2",
-                "--out",
-                str(out),
-            ]
+                artifact=str(arts["onnx_a"]),
+                data=str(tiny_npz_data),
+                batch_sizes="8",
+                warmup="0",
+                iters="1",
+                n="16",
+                robust=True,
+                model=str(arts["run_a"]),
+                query_n="2",
+                n_queries="2",
+                out=str(out),
+            )
         )
         == 0
     )
     capsys.readouterr()
     (tset,) = out.glob("transfer-*.npz")
     rc = main(
-        [
+        argv(
             "bench",
-            "--artifact",
-            str(arts["onnx_b"]),
-            "--data",
-            str(tiny_npz_data),
-            "--n",
-            "16",
-            "--batch-sizes",
-            "8",
-            "--warmup",
-            "0",
-            "--iters",
-            "1",
-            "--transfer-set",
-            str(tset),
-        ]
+            artifact=str(arts["onnx_b"]),
+            data=str(tiny_npz_data),
+            n="16",
+            batch_sizes="8",
+            warmup="0",
+            iters="1",
+            transfer_set=str(tset),
+        )
     )
     err = capsys.readouterr().err
     assert rc == 1 and "crafted on another model" in err
@@ -270,23 +226,16 @@ def test_bench_refuses_a_transfer_set_of_another_model_or_tampered(
     data["adv_pgd20"] = np.clip(data["adv_pgd20"] + 0.01, 0, 1)
     np.savez(tmp_path / "tampered.npz", **data)
     rc = main(
-        [
+        argv(
             "bench",
-            "--artifact",
-            str(arts["onnx_a"]),
-            "--data",
-            str(tiny_npz_data),
-            "--n",
-            "16",
-            "--batch-sizes",
-            "8",
-            "--warmup",
-            "0",
-            "--iters",
-            "1",
-            "--transfer-set",
-            str(tmp_path / "tampered.npz"),
-        ]
+            artifact=str(arts["onnx_a"]),
+            data=str(tiny_npz_data),
+            n="16",
+            batch_sizes="8",
+            warmup="0",
+            iters="1",
+            transfer_set=str(tmp_path / "tampered.npz"),
+        )
     )
     assert rc == 1 and "sha256" in capsys.readouterr().err
 
@@ -312,7 +261,7 @@ def test_bench_bad_input(arts, tiny_npz_data, tmp_path, capsys, args, code, need
 
 def test_bench_refuses_data_of_another_shape(arts, npz_dataset_factory, capsys):
     gray = npz_dataset_factory("gray", size=28, channels=1)
-    rc = main(["bench", "--artifact", str(arts["onnx_a"]), "--data", str(gray)])
+    rc = main(argv("bench", artifact=str(arts["onnx_a"]), data=str(gray)))
     err = capsys.readouterr().err
     assert rc == 1 and "[1, 28, 28]" in err and "[3, 32, 32]" in err
 
@@ -331,22 +280,16 @@ def test_bench_engine_through_the_tensorrt_double_times_stages(
     info["artifact"] = {"kind": "classifier", "input_shape": [3, 32, 32]}
     build.sidecar.write_text(json.dumps(info))
     rc = main(
-        [
+        argv(
             "bench",
-            "--artifact",
-            str(build.engine),
-            "--data",
-            str(tiny_npz_data),
-            "--batch-sizes",
-            "1,8,16",
-            "--warmup",
-            "1",
-            "--iters",
-            "3",
-            "--n",
-            "16",
-            "--json",
-        ]
+            artifact=str(build.engine),
+            data=str(tiny_npz_data),
+            batch_sizes="1,8,16",
+            warmup="1",
+            iters="3",
+            n="16",
+            json=True,
+        )
     )
     captured = capsys.readouterr()
     assert rc == 0, captured.err
@@ -368,32 +311,20 @@ def test_report_writes_table_json_and_pngs(arts, tiny_npz_data, tmp_path, capsys
     bench_dir = tmp_path / "bench"
     assert (
         main(
-            [
+            argv(
                 "bench",
-                "--artifact",
-                str(arts["onnx_a"]),
-                "--artifact",
-                str(arts["run_a"]),
-                "--data",
-                str(tiny_npz_data),
-                "--batch-sizes",
-                "1,8",
-                "--warmup",
-                "1",
-                "--iters",
-                "3",
-                "--n",
-                "16",
-                "--robust",
-                "--model",
-                str(arts["run_a"]),
-                "--query-n",
-                "4",
-                "--n-queries",
-                "5",
-                "--out",
-                str(bench_dir),
-            ]
+                artifact=[str(arts["onnx_a"]), str(arts["run_a"])],
+                data=str(tiny_npz_data),
+                batch_sizes="1,8",
+                warmup="1",
+                iters="3",
+                n="16",
+                robust=True,
+                model=str(arts["run_a"]),
+                query_n="4",
+                n_queries="5",
+                out=str(bench_dir),
+            )
         )
         == 0
     )
@@ -460,32 +391,20 @@ def test_purifier_run_is_the_white_box_parent_of_fused_artifacts(
     )
     bench = tmp_path / "bench"
     rc = main(
-        [
+        argv(
             "bench",
-            "--artifact",
-            str(pur),
-            "--artifact",
-            str(fused),
-            "--data",
-            str(tiny_npz_data),
-            "--batch-sizes",
-            "4",
-            "--warmup",
-            "0",
-            "--iters",
-            "2",
-            "--n",
-            "16",
-            "--robust",
-            "--model",
-            str(arts["run_a"]),
-            "--purifier",
-            str(pur),
-            "--n-queries",
-            "3",
-            "--out",
-            str(bench),
-        ]
+            artifact=[str(pur), str(fused)],
+            data=str(tiny_npz_data),
+            batch_sizes="4",
+            warmup="0",
+            iters="2",
+            n="16",
+            robust=True,
+            model=str(arts["run_a"]),
+            purifier=str(pur),
+            n_queries="3",
+            out=str(bench),
+        )
     )
     assert rc == 0, capsys.readouterr().err
     capsys.readouterr()
@@ -508,5 +427,5 @@ def test_purifier_run_is_the_white_box_parent_of_fused_artifacts(
         tmp_path / "moved" / "purifier.safetensors",
         metadata={"classifier": {"path": str(tmp_path / "gone.safetensors"), "sha256": "0"}},
     )
-    rc = main(["bench", "--artifact", str(tmp_path / "moved"), "--data", str(tiny_npz_data)])
+    rc = main(argv("bench", artifact=str(tmp_path / "moved"), data=str(tiny_npz_data)))
     assert rc == 1 and "not at" in capsys.readouterr().err

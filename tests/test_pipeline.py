@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import argv
 
 from advedge.cli import main
 from advedge.errors import UsageError
@@ -42,16 +43,7 @@ def _run(tmp_path: Path, data: Path, cfg: dict, capsys) -> dict:
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
     rc = main(
-        [
-            "pipeline",
-            "--data",
-            str(data),
-            "--out",
-            str(tmp_path / "p"),
-            "--config",
-            str(path),
-            "--json",
-        ]
+        argv("pipeline", data=str(data), out=str(tmp_path / "p"), config=str(path), json=True)
     )
     captured = capsys.readouterr()
     assert rc == 0, captured.err

@@ -20,6 +20,7 @@ from advedge.export.graph import read_sidecar
 from advedge.export.onnx_export import export_onnx
 from advedge.export.runtime import OrtRunner
 from advedge.export.tensorrt import BatchProfile, TrtRunner, build_engine, engine_filename
+from conftest import argv
 from fakes import install_fake_tensorrt
 
 from advedge.checkpoint import save_model
@@ -244,33 +245,22 @@ def test_cli_int8_trt_builds_from_the_qdq_onnx(
     install_fake_tensorrt(monkeypatch, version=version)
     out = tmp_path / "out"
     rc = main(
-        [
+        argv(
             "export",
-            "--model",
-            str(run_dir),
-            "--out",
-            str(out),
-            "--precision",
-            "int8",
-            "--calib-data",
-            str(tiny_npz_data),
-            "--calib-n",
-            "64",
-            "--parity-n",
-            "16",
-            "--report-n",
-            "16",
-            "--trt",
-            "--min-batch",
-            "1",
-            "--opt-batch",
-            "4",
-            "--max-batch",
-            "16",
-            "--cache-dir",
-            str(tmp_path / "cc"),
-            "--json",
-        ]
+            model=str(run_dir),
+            out=str(out),
+            precision="int8",
+            calib_data=str(tiny_npz_data),
+            calib_n="64",
+            parity_n="16",
+            report_n="16",
+            trt=True,
+            min_batch="1",
+            opt_batch="4",
+            max_batch="16",
+            cache_dir=str(tmp_path / "cc"),
+            json=True,
+        )
     )
     captured = capsys.readouterr()
     assert rc == 0, captured.err
@@ -297,20 +287,15 @@ def test_cli_legacy_calibrator_refused_on_tensorrt_11(
     install_fake_tensorrt(monkeypatch, version="11.2.0")
     out = tmp_path / "out"
     rc = main(
-        [
+        argv(
             "export",
-            "--model",
-            str(run_dir),
-            "--out",
-            str(out),
-            "--precision",
-            "int8",
-            "--calib-data",
-            str(tiny_npz_data),
-            "--trt",
-            "--trt-calibrator",
-            "legacy-entropy",
-        ]
+            model=str(run_dir),
+            out=str(out),
+            precision="int8",
+            calib_data=str(tiny_npz_data),
+            trt=True,
+            trt_calibrator="legacy-entropy",
+        )
     )
     err = capsys.readouterr().err
     assert rc == 2 and "no implicit INT8 calibrator" in err
@@ -322,20 +307,15 @@ def test_cli_ortcpu_int8_cannot_become_an_engine(
 ):
     install_fake_tensorrt(monkeypatch, version="10.3.0")
     rc = main(
-        [
+        argv(
             "export",
-            "--model",
-            str(run_dir),
-            "--out",
-            str(tmp_path / "o"),
-            "--precision",
-            "int8",
-            "--calib-data",
-            str(tiny_npz_data),
-            "--trt",
-            "--int8-target",
-            "onnxruntime-cpu",
-        ]
+            model=str(run_dir),
+            out=str(tmp_path / "o"),
+            precision="int8",
+            calib_data=str(tiny_npz_data),
+            trt=True,
+            int8_target="onnxruntime-cpu",
+        )
     )
     assert rc == 2 and "cannot be built into a TensorRT engine" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
@@ -347,35 +327,23 @@ def test_cli_legacy_calibrator_on_tensorrt_10(
     install_fake_tensorrt(monkeypatch, version="10.3.0")
     out = tmp_path / "out"
     rc = main(
-        [
+        argv(
             "export",
-            "--model",
-            str(run_dir),
-            "--out",
-            str(out),
-            "--precision",
-            "int8",
-            "--calib-data",
-            str(tiny_npz_data),
-            "--calib-n",
-            "64",
-            "--calib-batch",
-            "16",
-            "--parity-n",
-            "16",
-            "--report-n",
-            "16",
-            "--trt",
-            "--trt-calibrator",
-            "legacy-minmax",
-            "--max-batch",
-            "16",
-            "--opt-batch",
-            "16",
-            "--cache-dir",
-            str(tmp_path / "cc"),
-            "--json",
-        ]
+            model=str(run_dir),
+            out=str(out),
+            precision="int8",
+            calib_data=str(tiny_npz_data),
+            calib_n="64",
+            calib_batch="16",
+            parity_n="16",
+            report_n="16",
+            trt=True,
+            trt_calibrator="legacy-minmax",
+            max_batch="16",
+            opt_batch="16",
+            cache_dir=str(tmp_path / "cc"),
+            json=True,
+        )
     )
     captured = capsys.readouterr()
     assert rc == 0, captured.err
