@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import logging
 import os
+import time
 from collections.abc import Iterator
 
 import torch
@@ -20,7 +22,9 @@ from torch import nn
 from advedge.errors import UsageError
 
 __all__ = [
+    "all_reduce",
     "barrier",
+    "broadcast",
     "broadcast_buffers",
     "distributed_session",
     "env_world_size",
@@ -29,7 +33,11 @@ __all__ = [
     "rank_and_world",
 ]
 
+logger = logging.getLogger(__name__)
+
 _TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+# How long a collective waits for the backend to let go of its tensor (see _settled).
+_RELEASE_TIMEOUT_S = 60.0
 
 
 def env_world_size() -> int:
@@ -116,6 +124,72 @@ def distributed_session(device: str = "auto") -> Iterator[tuple[int, int]]:
             dist.destroy_process_group()
 
 
+def all_reduce(tensor: torch.Tensor, op: object = None) -> torch.Tensor:
+    """In-place all-reduce of ``tensor`` over every rank (sum unless ``op`` says otherwise).
+
+    Every collective advedge issues from Python goes through this function or :func:`broadcast`,
+    because a plain ``torch.distributed`` call is not safe at the end of a process: it returns
+    when the result is ready, but the backend's worker thread (gloo's ``pt_gloo_runloop``) still
+    holds its reference to ``tensor`` for a moment. If Python drops the tensor first, that
+    worker later frees a tensor that Python owns, which needs the GIL; if the interpreter has
+    begun to finalise by then (the rank that finishes first, on a loaded machine), the worker
+    is ended inside a destructor and the process aborts with ``terminate called without an
+    active exception``. Destroying the process group does not stop those workers, because a
+    DDP wrapper keeps the group alive. So this function returns only once the backend has let
+    go of ``tensor`` (:func:`_settled`).
+
+    Returns:
+        ``tensor`` (reduced in place).
+    """
+    import torch.distributed as dist
+
+    if rank_and_world()[1] > 1:
+        with _settled(tensor):
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op is None else op)
+    return tensor
+
+
+def broadcast(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """In-place broadcast of rank ``src``'s ``tensor`` to every rank (see :func:`all_reduce`).
+
+    Returns:
+        ``tensor`` (overwritten with rank ``src``'s values).
+    """
+    import torch.distributed as dist
+
+    if rank_and_world()[1] > 1:
+        with _settled(tensor):
+            dist.broadcast(tensor, src)
+    return tensor
+
+
+@contextlib.contextmanager
+def _settled(tensor: torch.Tensor) -> Iterator[None]:
+    """Run a synchronous collective on ``tensor``; exit only when the backend holds no reference.
+
+    The reference count of the tensor's implementation is read before the collective and polled
+    after it (sleeping, so the worker thread can run) until it is back; after
+    ``_RELEASE_TIMEOUT_S`` a warning is logged and the caller goes on.
+    """
+    use_count = getattr(tensor, "_use_count", None)
+    if use_count is None:  # a torch without the counter: nothing to wait on
+        yield
+        return
+    before = use_count()
+    yield
+    deadline = time.monotonic() + _RELEASE_TIMEOUT_S
+    delay = 1e-4
+    while use_count() > before:
+        if time.monotonic() > deadline:
+            logger.warning(
+                "the distributed backend still holds a tensor %.0f s after its collective",
+                _RELEASE_TIMEOUT_S,
+            )
+            return
+        time.sleep(delay)
+        delay = min(delay * 2, 0.01)
+
+
 def barrier() -> None:
     """Wait for every rank (a no-op in a single process)."""
     import torch.distributed as dist
@@ -130,12 +204,11 @@ def broadcast_buffers(model: nn.Module, src: int = 0) -> None:
     DDP synchronises buffers before each training forward, but each rank's last forward still
     updates its own copy; this makes the state identical before it is scored or saved.
     """
-    import torch.distributed as dist
 
     if rank_and_world()[1] <= 1:
         return
     for buf in model.buffers():
-        dist.broadcast(buf.data, src)
+        broadcast(buf.data, src)
 
 
 def parameters_agree(model: nn.Module) -> bool:
@@ -149,8 +222,8 @@ def parameters_agree(model: nn.Module) -> bool:
         return True
     sums = torch.stack([_checksum(t) for t in (*model.parameters(), *model.buffers())])
     hi, lo = sums.clone(), sums.clone()
-    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    all_reduce(hi, op=dist.ReduceOp.MAX)
+    all_reduce(lo, op=dist.ReduceOp.MIN)
     return bool(torch.equal(hi, lo))
 
 

@@ -37,7 +37,9 @@ from advedge.checkpoint import MODEL_FILE, STATE_FILE, load_state, save_model, s
 from advedge.config import config_to_dict, write_yaml
 from advedge.data import BatchLoader, Dataset, ImageArrays, load_dataset, stratified_subset
 from advedge.distributed import (
+    all_reduce,
     barrier,
+    broadcast,
     broadcast_buffers,
     init_distributed,
     parameters_agree,
@@ -398,10 +400,7 @@ class Trainer:
         )
         if self.world_size > 1 and layout is None:
             # Every rank must use the same layout: rank 0's probe decides.
-            import torch.distributed as dist
-
-            flag = torch.tensor([int(channels_last)], device=self.device)
-            dist.broadcast(flag, 0)
+            flag = broadcast(torch.tensor([int(channels_last)], device=self.device), 0)
             if bool(flag.item()) != channels_last:
                 channels_last = bool(flag.item())
                 fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -545,9 +544,7 @@ class Trainer:
             [loss_sum.float(), correct.float(), torch.tensor(float(seen), device=loss_sum.device)]
         )
         if self.world_size > 1:
-            import torch.distributed as dist
-
-            dist.all_reduce(totals)
+            all_reduce(totals)
         loss, corr, n = totals.tolist()
         return loss / max(n, 1), corr / max(n, 1)
 
@@ -584,10 +581,7 @@ class Trainer:
             with torch.no_grad():
                 pgd += int((model(xa).argmax(1) == yb).sum())
         if self.world_size > 1:
-            import torch.distributed as dist
-
-            counts = torch.tensor([clean, pgd], dtype=torch.float64, device=self.device)
-            dist.all_reduce(counts)
+            counts = all_reduce(torch.tensor([clean, pgd], dtype=torch.float64, device=self.device))
             clean, pgd = (int(c) for c in counts.tolist())
         return clean / n_total, pgd / n_total
 

@@ -148,3 +148,65 @@ def test_single_process_helpers_are_no_ops():
     assert rank_and_world() == (0, 1)
     assert init_distributed("cpu") is False
     assert parameters_agree(torch.nn.Linear(2, 2))
+
+
+# --- Section 1 of the reliability issue: a rank must never abort at teardown. -------------------
+# The root cause: gloo's worker thread frees its reference to a collective's tensor a moment after
+# the call returns; when Python had already dropped the tensor and the interpreter was finalising,
+# that free needed the GIL and the rank aborted ("terminate called without an active exception").
+
+
+def _fake_collective(held: list, release_after_s: float | None):
+    """A test double of a backend worker: the result is ready when the call returns, but the
+    worker thread keeps a reference to the tensor for ``release_after_s`` more (forever: None)."""
+    import threading
+
+    def collective(tensor, *args, **kwargs):
+        # An autograd node that saved the tensor holds a C++ reference to it, as a worker does.
+        held.append(torch.ones_like(tensor, requires_grad=True) * tensor)
+        if release_after_s is not None:
+            threading.Timer(release_after_s, held.clear).start()
+
+    return collective
+
+
+@pytest.mark.parametrize("name", ["all_reduce", "broadcast"])
+def test_collective_returns_only_after_the_backend_let_go_of_its_tensor(monkeypatch, name):
+    from advedge import distributed
+
+    held: list = []
+    monkeypatch.setattr(torch.distributed, name, _fake_collective(held, 0.2))
+    monkeypatch.setattr(distributed, "rank_and_world", lambda: (0, 2))
+    t = torch.zeros(3)
+    before = t._use_count()
+    assert getattr(distributed, name)(t) is t
+    assert t._use_count() == before and not held
+
+
+def test_collective_gives_up_waiting_with_a_warning(monkeypatch, caplog):
+    from advedge import distributed
+
+    held: list = []
+    monkeypatch.setattr(torch.distributed, "all_reduce", _fake_collective(held, None))
+    monkeypatch.setattr(distributed, "rank_and_world", lambda: (0, 2))
+    monkeypatch.setattr(distributed, "_RELEASE_TIMEOUT_S", 0.05)
+    with caplog.at_level("WARNING", logger="advedge.distributed"):
+        distributed.all_reduce(torch.zeros(2))
+    assert held and "still holds a tensor" in caplog.text
+
+
+def test_every_collective_goes_through_the_settling_helpers():
+    """A plain torch.distributed collective anywhere else would bring the teardown abort back."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    pattern = re.compile(r"\bdist\.(all_reduce|broadcast|reduce|all_gather|gather|scatter)\(")
+    offenders = [
+        f"{path.relative_to(root)}:{i}"
+        for folder in ("advedge", "export", "calibration")
+        for path in (root / folder).rglob("*.py")
+        if path.name != "distributed.py"
+        for i, line in enumerate(path.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
+    assert not offenders, offenders
