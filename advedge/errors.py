@@ -6,6 +6,8 @@ Exit codes: 0 ok, 1 runtime failure, 2 usage error, 3 missing optional dependenc
 from __future__ import annotations
 
 import difflib
+import errno
+import os
 from collections.abc import Iterable
 
 __all__ = [
@@ -16,6 +18,7 @@ __all__ = [
     "MissingDependencyError",
     "UsageError",
     "did_you_mean",
+    "os_error",
 ]
 
 
@@ -77,3 +80,38 @@ def did_you_mean(name: str, choices: Iterable[str]) -> str:
     if close:
         return "did you mean " + " or ".join(repr(c) for c in close) + "?"
     return "choose one of: " + ", ".join(choices)
+
+
+# errno -> (what it means to a user, what to do about it)
+_OS_REASONS = {
+    errno.ENOSPC: ("the disk is full", "free space or choose another --out"),
+    errno.EDQUOT: ("the disk quota is exceeded", "free space or choose another --out"),
+    errno.EACCES: ("permission denied", "check the path's permissions"),
+    errno.EPERM: ("permission denied", "check the path's permissions"),
+    errno.EROFS: ("the file system is read-only", "choose a writable --out"),
+    errno.ENOTDIR: ("a part of the path is a file, not a folder", "check the path"),
+    errno.EISDIR: ("it is a folder, not a file", "check the path"),
+    errno.ENOENT: ("no such file or folder", "check the path"),
+    errno.ENAMETOOLONG: ("the name is too long", "choose a shorter path"),
+    errno.EMFILE: ("too many open files", "raise the open-file limit (ulimit -n)"),
+}
+
+
+def os_error(exc: OSError, path: object = None, action: str = "write") -> AdvedgeError:
+    """One named error for an ``OSError``: ``cannot write PATH: the disk is full``.
+
+    Args:
+        exc: The operating-system error.
+        path: The file or folder concerned (default: the one the error names).
+        action: ``write`` or ``read``.
+
+    Returns:
+        An :class:`AdvedgeError` (exit code 1) whose message names the path and the reason.
+    """
+    where = path if path is not None else (exc.filename or "a file")
+    reason, hint = _OS_REASONS.get(
+        exc.errno or -1, ((exc.strerror or str(exc)).lower(), "check the path")
+    )
+    if isinstance(where, os.PathLike):
+        where = os.fspath(where)
+    return AdvedgeError(f"cannot {action} {where}: {reason}", hint)
