@@ -109,8 +109,10 @@ def check_external_data(path: str | os.PathLike[str]) -> None:
 
     An ONNX file may keep tensors in side files named by a relative ``location``. A crafted file
     can point that at ``../../etc/shadow`` or an absolute path; loading it would read (and an
-    export copying it would leak) files outside the artifact's folder. This checks every
-    initializer (and Constant attribute tensor) before anything is loaded.
+    export copying it would leak) files outside the artifact's folder. This checks every tensor
+    before anything is loaded: initializers, node attributes (a Constant's ``value``), the
+    subgraphs of If/Loop/Scan, and the same inside every ONNX local function
+    (``model.functions``), which ONNX Runtime inlines and would load too.
 
     Raises:
         ExportError: a location that is absolute, escapes the folder (also through a symlink),
@@ -125,7 +127,7 @@ def check_external_data(path: str | os.PathLike[str]) -> None:
             f"{path} is not a readable ONNX file ({type(exc).__name__}: {exc})"
         ) from None
     base = path.resolve().parent
-    for tensor in _all_tensors(model.graph):
+    for tensor in _all_tensors(model):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         location = next((e.value for e in tensor.external_data if e.key == "location"), "")
@@ -142,21 +144,50 @@ def check_external_data(path: str | os.PathLike[str]) -> None:
             )
 
 
-def _all_tensors(graph: Any) -> list[Any]:
-    """Every TensorProto of a graph: initializers, sparse initializers, node attributes (``t``,
-    ``tensors``) and, recursively, the subgraphs of If/Loop/Scan nodes."""
+def _all_tensors(model: Any) -> list[Any]:
+    """Every TensorProto of a model: those of its main graph and of every ONNX local function
+    (``model.functions``: their nodes' attributes, their default attribute values, and the
+    subgraphs in them), recursively."""
+    tensors = _graph_tensors(model.graph)
+    for function in model.functions:
+        tensors.extend(_nodes_tensors(function.node))
+        for attr in function.attribute_proto:  # default values of the function's attributes
+            tensors.extend(_attribute_tensors(attr))
+    return tensors
+
+
+def _graph_tensors(graph: Any) -> list[Any]:
+    """Every TensorProto of a graph: initializers, sparse initializers and its nodes'."""
     tensors = list(graph.initializer)
     for sparse in graph.sparse_initializer:
         tensors.extend((sparse.values, sparse.indices))
-    for node in graph.node:
+    tensors.extend(_nodes_tensors(graph.node))
+    return tensors
+
+
+def _nodes_tensors(nodes: Any) -> list[Any]:
+    tensors = []
+    for node in nodes:
         for attr in node.attribute:
-            if attr.HasField("t"):
-                tensors.append(attr.t)
-            tensors.extend(attr.tensors)
-            if attr.HasField("g"):
-                tensors.extend(_all_tensors(attr.g))
-            for sub in attr.graphs:
-                tensors.extend(_all_tensors(sub))
+            tensors.extend(_attribute_tensors(attr))
+    return tensors
+
+
+def _attribute_tensors(attr: Any) -> list[Any]:
+    """The tensors of one attribute: ``t``, ``tensors``, sparse tensors, and, recursively, the
+    subgraphs ``g`` / ``graphs`` (If, Loop, Scan bodies)."""
+    tensors = []
+    if attr.HasField("t"):
+        tensors.append(attr.t)
+    tensors.extend(attr.tensors)
+    if attr.HasField("sparse_tensor"):
+        tensors.extend((attr.sparse_tensor.values, attr.sparse_tensor.indices))
+    for sparse in attr.sparse_tensors:
+        tensors.extend((sparse.values, sparse.indices))
+    if attr.HasField("g"):
+        tensors.extend(_graph_tensors(attr.g))
+    for sub in attr.graphs:
+        tensors.extend(_graph_tensors(sub))
     return tensors
 
 
