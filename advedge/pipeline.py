@@ -11,10 +11,15 @@ Stages, each a call into advedge's own API, each writing under ``--out``:
                  (``advedge bench --robust``)                             -> ``bench/``
 6. ``report``    table, Pareto plot, training curves (``advedge report``) -> ``report/``
 
-A stage is skipped when ``.pipeline/<stage>.json`` says it finished with the same config hash
-(the hash covers the stage's options and those of every stage before it, so a change upstream
-reruns everything downstream) and its outputs exist. A training stage killed midway resumes
-from its last epoch on the next run; a stage whose config changed is redone from scratch.
+Every option and the data are checked before any stage is touched. A stage's key is the sha256
+of its options, of the key of the stage before it, and of the sha256 of every file it reads (the
+data, and the outputs of the stages it depends on), so a stage whose inputs changed in any way
+is redone, and with it everything downstream. A stage is skipped when
+``.pipeline/<stage>.json`` records that it finished with the same key and its outputs are there.
+A stage killed midway (its record says ``running`` with the same key) resumes from its last
+epoch. A stage that must be redone keeps its finished outputs in ``.superseded/<stage>/`` until
+the new run has finished, so a failed redo loses nothing; the whole run holds the output lock of
+``--out`` (one writer).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -29,8 +35,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from advedge.errors import UsageError, did_you_mean
-from advedge.utils import atomic_write_text, to_jsonable
+from advedge.errors import AdvedgeError, UsageError, did_you_mean
+from advedge.locks import output_lock
+from advedge.utils import atomic_write_text, sha256_file, to_jsonable
 
 __all__ = ["PRESETS", "STAGES", "Preset", "run_pipeline"]
 
@@ -94,78 +101,203 @@ PRESETS: dict[str, Preset] = {
 
 
 def load_preset(name: str, config: str | None = None) -> Preset:
-    """The named preset, with a YAML file's keys laid over it (unknown keys are refused)."""
+    """The named preset, with a YAML file's keys laid over it.
+
+    Unknown keys are refused with a suggestion, values are type-checked against :class:`Preset`
+    (``teacher_epochs: "2"`` or ``true`` is refused) and range-checked by :func:`check_preset`.
+
+    Raises:
+        UsageError: unknown preset or key, a value of the wrong type or range, unreadable YAML.
+    """
+    from advedge.config import config_from_dict, config_to_dict, load_yaml
+
     if name not in PRESETS:
         raise UsageError(f"unknown preset {name!r}", did_you_mean(name, PRESETS))
     preset = dataclasses.replace(PRESETS[name])
-    if config is None:
-        return preset
-    import yaml
+    if config is not None:
+        data = load_yaml(config)
+        names = {f.name for f in dataclasses.fields(Preset)}
+        for key in data:
+            if str(key) not in names:
+                raise UsageError(
+                    f"unknown pipeline option {key!r} in {config}", did_you_mean(str(key), names)
+                )
+        preset = config_from_dict(Preset, {**config_to_dict(preset), **data})
+    check_preset(preset)
+    return preset
 
-    try:
-        data = yaml.safe_load(Path(config).read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        raise UsageError(f"--config {config} does not exist") from None
-    except (OSError, yaml.YAMLError) as exc:
-        raise UsageError(f"--config {config} is not readable YAML ({exc})") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"--config {config} must hold a mapping of options")
-    names = {f.name for f in dataclasses.fields(Preset)}
-    for key in data:
-        if key not in names:
+
+def check_preset(p: Preset) -> None:
+    """Range checks of every pipeline option (types are checked when a config is read).
+
+    Raises:
+        UsageError: naming the first option out of range.
+    """
+    from advedge.utils import parse_eps
+
+    positive = (
+        "teacher_epochs",
+        "teacher_steps",
+        "student_epochs",
+        "student_steps",
+        "batch_size",
+        "purifier_epochs",
+        "purifier_width",
+        "purifier_steps",
+        "calib_n",
+        "parity_n",
+        "report_n",
+        "bench_n",
+        "bench_warmup",
+        "bench_iters",
+        "n_queries",
+    )
+    for key in positive:
+        value = getattr(p, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UsageError(f"pipeline option {key} must be a positive integer, got {value!r}")
+    for key in ("subset", "query_n"):
+        value = getattr(p, key)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
             raise UsageError(
-                f"unknown pipeline option {key!r} in {config}", did_you_mean(key, names)
+                f"pipeline option {key} must be a positive integer or null, got {value!r}"
             )
-    return dataclasses.replace(preset, **data)
+    sizes = p.bench_batch_sizes
+    if (
+        not isinstance(sizes, list)
+        or not sizes
+        or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in sizes)
+    ):
+        raise UsageError(
+            f"pipeline option bench_batch_sizes must be a list of positive integers, got {sizes!r}"
+        )
+    parse_eps(p.eps, name="pipeline option eps")
+    if isinstance(p.seed, bool) or not isinstance(p.seed, int) or not 0 <= p.seed < 2**32:
+        raise UsageError(f"pipeline option seed must be an integer in [0, 2**32), got {p.seed!r}")
+    from advedge.utils import resolve_device
+
+    resolve_device(p.device)
 
 
 def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(to_jsonable(obj), sort_keys=True).encode()).hexdigest()
 
 
+# The stages whose outputs each stage reads: their files' sha256 enter its key.
+_READS: dict[str, tuple[str, ...]] = {
+    "teacher": (),
+    "student": ("teacher",),
+    "purifier": ("student",),
+    "export": ("student", "purifier"),
+    "bench": ("student", "purifier", "export"),
+    "report": ("teacher", "student", "purifier", "bench"),
+}
+SUPERSEDED = ".superseded"
+
+
 class _Stage:
-    def __init__(self, root: Path, name: str, config: dict[str, Any], upstream: str) -> None:
+    """One stage's record (``.pipeline/<name>.json``), key and folder."""
+
+    def __init__(self, root: Path, name: str, config: dict[str, Any], inputs: dict[str, str]):
         self.root, self.name = root, name
         self.config = config
-        self.hash = _hash({"stage": name, "config": config, "upstream": upstream})
-        self.record = root / ".pipeline" / f"{name}.json"
+        self.inputs = inputs
+        self.key = _hash({"stage": name, "config": config, "inputs": inputs})
+        self.record_path = root / ".pipeline" / f"{name}.json"
         self.dir = root / name
+        self.superseded = root / SUPERSEDED / name
+
+    def record(self) -> dict[str, Any] | None:
+        try:
+            rec = json.loads(self.record_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return rec if isinstance(rec, dict) else None
 
     def done(self) -> bool:
-        try:
-            rec = json.loads(self.record.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            return False
-        return rec.get("hash") == self.hash and all(
-            Path(p).exists() for p in rec.get("outputs", [])
+        """Finished with this key, and every recorded output is still there."""
+        rec = self.record()
+        return (
+            rec is not None
+            and rec.get("hash") == self.key
+            and rec.get("status", "finished") == "finished"
+            and all(Path(o).exists() for o in rec.get("outputs", []))
         )
 
-    def stale(self) -> bool:
-        """A record for another config: the stage's old outputs must go."""
-        try:
-            rec = json.loads(self.record.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
+    def resumable(self) -> bool:
+        """A run of this very key was cut short: its folder is continued, not set aside."""
+        rec = self.record()
+        return rec is not None and rec.get("hash") == self.key and rec.get("status") == "running"
+
+    def set_aside(self) -> bool:
+        """Move the folder of another key (or of unknown origin) to ``.superseded/<name>``.
+
+        Finished outputs are never deleted here: an older superseded copy is replaced only by a
+        newer finished one, and an unfinished folder never replaces a finished copy.
+
+        Returns:
+            True when something was set aside.
+        """
+        if not self.dir.exists():
             return False
-        return rec.get("hash") != self.hash
+        rec = self.record()
+        finished = rec is not None and rec.get("status", "finished") == "finished"
+        # an unfinished folder goes beside the finished copy, never over it
+        target = self.superseded if finished else self.superseded.with_name(self.name + ".partial")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            shutil.rmtree(target)  # replaced by a newer folder of the same kind (see above)
+        os.replace(self.dir, target)
+        if finished and rec is not None:
+            atomic_write_text(target / ".record.json", json.dumps(rec, indent=2) + "\n")
+        return True
+
+    def start(self) -> None:
+        self._write({"status": "running"})
 
     def finish(self, outputs: list[Path], seconds: float, summary: dict[str, Any]) -> None:
-        atomic_write_text(
-            self.record,
-            json.dumps(
-                to_jsonable(
-                    {
-                        "stage": self.name,
-                        "hash": self.hash,
-                        "config": self.config,
-                        "outputs": [str(p) for p in outputs],
-                        "seconds": round(seconds, 1),
-                        "summary": summary,
-                    }
-                ),
-                indent=2,
-            )
-            + "\n",
+        self._write(
+            {
+                "status": "finished",
+                "outputs": [str(p) for p in outputs],
+                "seconds": round(seconds, 1),
+                "summary": summary,
+            }
         )
+        # the replacement exists now: the superseded copies may go
+        for old in (self.superseded, self.superseded.with_name(self.name + ".partial")):
+            if old.exists():
+                shutil.rmtree(old)
+
+    def _write(self, fields: dict[str, Any]) -> None:
+        rec = {"stage": self.name, "hash": self.key, "config": self.config, "inputs": self.inputs}
+        atomic_write_text(
+            self.record_path, json.dumps(to_jsonable({**rec, **fields}), indent=2) + "\n"
+        )
+
+
+def _stage_inputs(root: Path, name: str, data_key: str) -> dict[str, str]:
+    """sha256 of every file ``name`` reads: the data's key and the upstream stages' files."""
+    inputs = {"data": data_key}
+    for up in _READS[name]:
+        for f in sorted((root / up).rglob("*")):
+            if f.is_file() and not f.name.startswith("."):
+                inputs[str(f.relative_to(root))] = sha256_file(f)
+    return inputs
+
+
+def data_key(path: Path) -> str:
+    """A content key of a dataset folder: sha256 over its files' names, sizes and contents."""
+    import hashlib
+
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())
+    for f in files:
+        h.update(f"{f.relative_to(path) if f != path else f.name}\0{f.stat().st_size}\0".encode())
+        h.update(sha256_file(f).encode())
+    return h.hexdigest()
 
 
 def run_pipeline(
@@ -179,7 +311,13 @@ def run_pipeline(
     """Run (or continue) the pipeline; returns a summary with every stage's outcome.
 
     ``status(stage, message)`` is called as work progresses; ``train_callbacks`` receives the
-    training engine's per-batch hooks.
+    training engine's per-batch hooks. Every option and the data are checked before any stage
+    is touched; the run holds the output lock of ``out``.
+
+    Raises:
+        UsageError: an option out of range, ``out`` a file.
+        DataError: the data cannot be loaded.
+        OutputLockedError: another process is writing ``out``.
     """
     from advedge.data import load_dataset
 
@@ -187,24 +325,53 @@ def run_pipeline(
     root = Path(out)
     if root.exists() and not root.is_dir():
         raise UsageError(f"--out {root} is a file")
-    root.mkdir(parents=True, exist_ok=True)
     p = preset
-    dataset = None
+    check_preset(p)
+    with output_lock(root):
+        # before any stage is touched: a mistyped --data or a bad option loses nothing
+        dataset = load_dataset(data)
+        _check_stage_options(root, p, dataset)
+        key = data_key(Path(dataset.root))
+        root.mkdir(parents=True, exist_ok=True)
+        configs = _stage_configs(p, str(data))
+        summary: dict[str, Any] = {
+            "schema": "advedge.pipeline/1",
+            "out": str(root),
+            "preset": asdict(p),
+            "stages": {},
+        }
+        upstream = ""
+        for name in STAGES:
+            config = {**configs[name], "upstream": upstream}
+            stage = _Stage(root, name, config, _stage_inputs(root, name, key))
+            upstream = stage.key
+            if stage.done():
+                rec = stage.record() or {}
+                summary["stages"][name] = {
+                    "skipped": True,
+                    "seconds": rec.get("seconds"),
+                    **rec.get("summary", {}),
+                }
+                say(name, "up to date, skipped")
+                continue
+            if not stage.resumable() and stage.set_aside():
+                say(
+                    name,
+                    f"its inputs or options changed: redoing it (old outputs kept in {SUPERSEDED}/)",
+                )
+            stage.start()
+            t0 = time.perf_counter()
+            outputs, info = _STAGE_FNS[name](root, p, lambda: dataset, say, train_callbacks)
+            seconds = time.perf_counter() - t0
+            stage.finish(outputs, seconds, info)
+            summary["stages"][name] = {"skipped": False, "seconds": round(seconds, 1), **info}
+        summary["report"] = str(root / "report" / "report.md")
+        return summary
 
-    def ds() -> Any:
-        nonlocal dataset
-        if dataset is None:
-            dataset = load_dataset(data)
-        return dataset
 
-    common = {
-        "data": str(data),
-        "eps": p.eps,
-        "seed": p.seed,
-        "subset": p.subset,
-        "batch_size": p.batch_size,
-    }
-    configs = {
+def _stage_configs(p: Preset, data: str) -> dict[str, dict[str, Any]]:
+    common = {"eps": p.eps, "seed": p.seed, "subset": p.subset, "batch_size": p.batch_size}
+    return {
         "teacher": {
             **common,
             "model": p.teacher_model,
@@ -240,35 +407,54 @@ def run_pipeline(
         },
         "report": {},
     }
-    summary: dict[str, Any] = {
-        "schema": "advedge.pipeline/1",
-        "out": str(root),
-        "preset": asdict(p),
-        "stages": {},
+
+
+def _check_stage_options(root: Path, p: Preset, dataset: Any) -> None:
+    """Build every training stage's config once, so a bad model name or value fails now."""
+    from advedge.engine import TrainConfig
+    from advedge.purifier.train import PurifierConfig
+
+    shared = {
+        "data": str(dataset.root),
+        "eps": p.eps,
+        "subset": p.subset,
+        "batch_size": p.batch_size,
+        "seed": p.seed,
+        "device": p.device,
     }
-    upstream = ""
-    for name in STAGES:
-        stage = _Stage(root, name, configs[name], upstream)
-        upstream = stage.hash
-        if stage.done():
-            rec = json.loads(stage.record.read_text(encoding="utf-8"))
-            summary["stages"][name] = {
-                "skipped": True,
-                "seconds": rec.get("seconds"),
-                **rec.get("summary", {}),
-            }
-            say(name, "up to date, skipped")
-            continue
-        if stage.stale() and stage.dir.exists():
-            say(name, "its config changed: redoing it")
-            shutil.rmtree(stage.dir)
-        t0 = time.perf_counter()
-        outputs, info = _STAGE_FNS[name](root, p, ds, say, train_callbacks)
-        seconds = time.perf_counter() - t0
-        stage.finish(outputs, seconds, info)
-        summary["stages"][name] = {"skipped": False, "seconds": round(seconds, 1), **info}
-    summary["report"] = str(root / "report" / "report.md")
-    return summary
+    TrainConfig(
+        model=p.teacher_model,
+        method="pgd-at",
+        epochs=p.teacher_epochs,
+        steps=p.teacher_steps,
+        out=str(root / "teacher"),
+        **shared,
+    )
+    TrainConfig(
+        model=p.student_model,
+        method="add",
+        epochs=p.student_epochs,
+        steps=p.student_steps,
+        teacher=str(root / "teacher"),
+        out=str(root / "student"),
+        **shared,
+    )
+    PurifierConfig(
+        classifier=str(root / "student"),
+        data=str(dataset.root),
+        method="ipcm",
+        epochs=p.purifier_epochs,
+        out=str(root / "purifier"),
+        eps=p.eps,
+        steps=p.purifier_steps,
+        width=p.purifier_width,
+        subset=p.subset,
+        batch_size=p.batch_size,
+        seed=p.seed,
+        device=p.device,
+    )
+    if dataset.train is None:
+        raise AdvedgeError(f"dataset {dataset.root} has no training split", "the pipeline trains")
 
 
 def _train_stage(kind: str) -> Callable[..., tuple[list[Path], dict[str, Any]]]:

@@ -93,3 +93,158 @@ def test_pipeline_config_errors(tmp_path):
     with pytest.raises(UsageError, match="unknown preset"):
         load_preset("fastest")
     assert load_preset("full").subset is None
+
+
+# --- Nothing lost, nothing stale (the reliability issue, section 2). -----------------------------
+
+
+def _run_rc(tmp_path: Path, data: Path, cfg: dict, capsys) -> tuple[int, str]:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    rc = main(argv("pipeline", data=str(data), out=str(tmp_path / "p"), config=str(path)))
+    return rc, capsys.readouterr().err
+
+
+def _teacher_files(out: Path) -> dict[str, bytes]:
+    return {f: (out / "teacher" / f).read_bytes() for f in ("model.safetensors", "state.pt")}
+
+
+@pytest.fixture(scope="module")
+def _finished_once(tmp_path_factory, tiny_npz_data) -> Path:
+    root = tmp_path_factory.mktemp("finished")
+    path = root / "cfg.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    assert main(argv("pipeline", data=str(tiny_npz_data), out=str(root / "p"), config=path)) == 0
+    return root / "p"
+
+
+@pytest.fixture
+def finished_pipeline(tmp_path, _finished_once) -> Path:
+    """A finished tiny pipeline in ``tmp_path/p`` (one run per module, copied per test; the
+    recorded output paths are absolute, so the copy's records are rewritten to point at it)."""
+    import shutil
+
+    out = tmp_path / "p"
+    shutil.copytree(_finished_once, out)
+    for rec in (out / ".pipeline").glob("*.json"):
+        rec.write_text(rec.read_text().replace(str(_finished_once), str(out)))
+    return out
+
+
+def test_bad_data_or_option_on_rerun_deletes_nothing(
+    tmp_path, tiny_npz_data, capsys, finished_pipeline
+):
+    before = _teacher_files(finished_pipeline)
+    records = sorted((finished_pipeline / ".pipeline").iterdir())
+    # a mistyped --data with changed options: refused before any stage is touched
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump({**TINY, "teacher_epochs": 2}))
+    rc = main(
+        argv("pipeline", data=str(tmp_path / "no-such"), out=str(finished_pipeline), config=path)
+    )
+    assert rc == 1 and "redoing" not in capsys.readouterr().err
+    # a value of the wrong type: a usage error, nothing touched
+    rc, err = _run_rc(tmp_path, tiny_npz_data, {**TINY, "teacher_epochs": "2"}, capsys)
+    assert rc == 2 and "teacher_epochs" in err and len(err.strip().splitlines()) == 1
+    for bad in ({"teacher_epochs": True}, {"bench_batch_sizes": []}, {"teacher_model": "nope"}):
+        rc, err = _run_rc(tmp_path, tiny_npz_data, {**TINY, **bad}, capsys)
+        assert rc == 2, (bad, err)
+    assert _teacher_files(finished_pipeline) == before
+    assert sorted((finished_pipeline / ".pipeline").iterdir()) == records
+    assert not (finished_pipeline / ".superseded").exists()
+
+
+def test_failed_redo_keeps_the_finished_stage_until_its_replacement_exists(
+    tmp_path, tiny_npz_data, capsys, monkeypatch, finished_pipeline
+):
+    import advedge.engine
+
+    before = _teacher_files(finished_pipeline)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("killed in the middle of the redo")
+
+    monkeypatch.setattr(advedge.engine, "train", broken)
+    rc, _ = _run_rc(tmp_path, tiny_npz_data, {**TINY, "teacher_epochs": 2}, capsys)
+    assert rc == 1
+    kept = finished_pipeline / ".superseded" / "teacher"
+    assert {f: (kept / f).read_bytes() for f in before} == before
+    monkeypatch.undo()
+    rc, err = _run_rc(tmp_path, tiny_npz_data, {**TINY, "teacher_epochs": 2}, capsys)
+    assert rc == 0, err
+    assert not kept.exists()  # dropped once the new teacher had finished
+    assert _teacher_files(finished_pipeline) != before
+
+
+def test_retrained_teacher_redoes_everything_downstream(
+    tmp_path, tiny_npz_data, capsys, finished_pipeline
+):
+    from advedge.checkpoint import read_metadata
+    from advedge.utils import sha256_file
+
+    again = _run(tmp_path, tiny_npz_data, {**TINY, "teacher_epochs": 2}, capsys)
+    assert not any(s["skipped"] for s in again["stages"].values())
+    teacher_sha = sha256_file(finished_pipeline / "teacher" / "model.safetensors")
+    assert read_metadata(finished_pipeline / "student")["teacher"]["sha256"] == teacher_sha
+
+
+def test_stage_key_follows_the_files_it_reads(tmp_path, tiny_npz_data, capsys, finished_pipeline):
+    # another teacher's weights put in place by hand: the student and all after it are stale
+    other = tmp_path / "other"
+    from advedge.engine import TrainConfig, train
+
+    train(
+        TrainConfig(
+            data=str(tiny_npz_data),
+            model="tiny_cnn",
+            method="natural",
+            epochs=1,
+            out=str(other),
+            batch_size=32,
+            eval_n=16,
+            eval_steps=1,
+            seed=7,
+            device="cpu",
+        )
+    )
+    (finished_pipeline / "teacher" / "model.safetensors").write_bytes(
+        (other / "model.safetensors").read_bytes()
+    )
+    again = _run(tmp_path, tiny_npz_data, TINY, capsys)
+    ran = {k for k, s in again["stages"].items() if not s["skipped"]}
+    assert ran == {"student", "purifier", "export", "bench", "report"}
+
+
+def test_second_pipeline_into_the_same_out_is_refused(tmp_path, tiny_npz_data, capsys):
+    from advedge.locks import output_lock
+
+    out = tmp_path / "p"
+    with output_lock(out):
+        import subprocess
+        import sys
+
+        path = tmp_path / "cfg.yaml"
+        path.write_text(yaml.safe_dump(TINY))
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "advedge",
+                "pipeline",
+                "--data",
+                str(tiny_npz_data),
+                "--out",
+                str(out),
+                "--config",
+                str(path),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    assert proc.returncode == 1
+    assert [ln for ln in proc.stderr.splitlines() if "error" in ln.lower()] == [
+        proc.stderr.strip().splitlines()[-1]
+    ]
+    assert "being written by another advedge process" in proc.stderr
+    assert not out.exists()
