@@ -106,14 +106,46 @@ def models_cmd(json_out: JsonOpt = False) -> None:
 
 # --------------------------------------------------------------------------------------- train
 def _parse_model_args(items: list[str] | None) -> dict[str, Any]:
+    """``["width_mult=0.5", "pretrained=false"]`` -> ``{"width_mult": 0.5, "pretrained": False}``.
+
+    Values are read as YAML scalars by advedge's safe loader (no tags such as ``!!python``, no
+    aliases); only an int, a finite float, a bool or a string is accepted.
+    """
+    import math
+
     import yaml
+
+    from advedge.config import parse_yaml
+
+    def shown(obj: object) -> str:
+        text = repr(obj)
+        return text if len(text) <= 60 else text[:57] + "..."
 
     parsed: dict[str, Any] = {}
     for item in items or []:
         if "=" not in item:
-            raise UsageError(f"--model-arg expects key=value, got {item!r}")
-        key, value = item.split("=", 1)
-        parsed[key.strip()] = yaml.safe_load(value)
+            raise UsageError(f"--model-arg expects key=value, got {shown(item)}")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        if not key.isidentifier():
+            raise UsageError(
+                f"--model-arg {shown(item)}: the key must be an argument name, got {shown(key)}"
+            )
+        try:
+            value = parse_yaml(text)
+        except (yaml.YAMLError, ValueError, RecursionError):
+            raise UsageError(
+                f"--model-arg {shown(item)}: the value is not a plain number, true/false or text"
+            ) from None
+        ok = isinstance(value, (bool, int, str)) or (
+            isinstance(value, float) and math.isfinite(value)
+        )
+        if not ok:
+            raise UsageError(
+                f"--model-arg {shown(item)}: the value must be a finite number, true/false or "
+                f"text, got {shown(value)}"
+            )
+        parsed[key] = value
     return parsed
 
 

@@ -147,8 +147,12 @@ class TrainConfig:
     mix_alpha: float | None = None
 
     def __post_init__(self) -> None:
+        from advedge.config import SEED_MAX, check_fields
         from advedge.distillation import DISTILL_METHODS
 
+        # Types first (a bool is not an int, floats are finite), then ranges: every later
+        # check may compare and hash the values.
+        check_fields(self)
         known = {**METHODS, **DISTILL_METHODS}
         if self.method not in known:
             raise UsageError(f"unknown method {self.method!r}", did_you_mean(self.method, known))
@@ -164,16 +168,27 @@ class TrainConfig:
             raise UsageError(
                 f"unknown model {self.model!r}", did_you_mean(self.model, list_models())
             )
+        # Integers are bounded so that an untrusted config can never drive a huge allocation.
+        bounded = (
+            ("epochs", self.epochs, 1, 100_000),
+            ("steps", self.steps, 1, 10_000),
+            ("batch_size", self.batch_size, 1, 65_536),
+            ("subset", self.subset, 1, 10**9),
+            ("seed", self.seed, 0, SEED_MAX),
+            ("eval_n", self.eval_n, 1, 10**9),
+            ("eval_steps", self.eval_steps, 1, 10_000),
+        )
         checks = [
-            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
+            (v is None or lo <= v <= hi, f"{name} must lie in [{lo}, {hi}], got {v}")
+            for name, v, lo, hi in bounded
+        ]
+        checks += [
             (0 < self.eps <= 1, f"eps must lie in (0, 1], got {self.eps}"),
             (
                 self.alpha is None or 0 < self.alpha <= 1,
                 f"alpha must lie in (0, 1], got {self.alpha}",
             ),
-            (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
             (self.norm in NORMS, f"norm must be Linf or L2, got {self.norm!r}"),
-            (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
             (self.weight_decay >= 0, f"weight decay must be >= 0, got {self.weight_decay}"),
             (0 <= self.momentum < 1, f"momentum must lie in [0, 1), got {self.momentum}"),
@@ -183,13 +198,10 @@ class TrainConfig:
                 self.schedule in ("cosine", "multistep", "constant"),
                 f"schedule must be cosine, multistep or constant, got {self.schedule!r}",
             ),
-            (self.subset is None or self.subset >= 1, f"subset must be >= 1, got {self.subset}"),
             (
                 self.amp in ("auto", "bf16", "fp16", "off"),
                 f"amp must be auto, bf16, fp16 or off, got {self.amp!r}",
             ),
-            (self.eval_n >= 1, f"eval_n must be >= 1, got {self.eval_n}"),
-            (self.eval_steps >= 1, f"eval_steps must be >= 1, got {self.eval_steps}"),
             (all(0 < m < 1 for m in self.milestones), "milestones are fractions in (0, 1)"),
         ]
         for ok, message in checks:

@@ -9,6 +9,7 @@ import math
 import os
 import platform
 import random
+import re
 import tempfile
 from collections.abc import Iterator
 from fractions import Fraction
@@ -33,8 +34,17 @@ __all__ = [
 ]
 
 
+# A plain decimal number (no sign other than a leading one, no underscores, no inf or nan) and
+# ``a/b`` of two such numbers.
+_NUMBER = r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d{1,4})?"
+_FRACTION = re.compile(rf"(?P<num>{_NUMBER})(?:\s*/\s*(?P<den>{_NUMBER}))?")
+
+
 def parse_fraction(value: str | float | int, *, name: str = "value") -> float:
     """Parse ``"8/255"``, ``"0.03"`` or a number into a float.
+
+    Text must be a plain number or exactly ``a/b`` with ``a`` and ``b`` plain numbers:
+    ``8/255/2`` and ``8/(255)`` are refused, not read some other way.
 
     Raises:
         UsageError: if the value is not a number or a fraction ``a/b`` with ``b != 0``.
@@ -42,19 +52,25 @@ def parse_fraction(value: str | float | int, *, name: str = "value") -> float:
     if isinstance(value, bool):
         raise UsageError(f"{name} must be a number, got {value!r}")
     if isinstance(value, (int, float)):
-        out = float(value)
+        try:
+            out = float(value)
+        except OverflowError:  # an int beyond float's range
+            raise UsageError(f"{name} must be finite, got an integer beyond float range") from None
     else:
         text = str(value).strip()
+        match = _FRACTION.fullmatch(text) if len(text) <= 200 else None
+        if match is None:
+            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+            raise UsageError(f"{name} must be a number or a fraction such as 8/255, got {shown}")
+        num, den = match.group("num"), match.group("den")
         try:
-            if "/" in text:
-                num, den = text.split("/", 1)
-                out = float(Fraction(num.strip()) / Fraction(den.strip()))
-            else:
-                out = float(text)
-        except (ValueError, ZeroDivisionError):
-            raise UsageError(
-                f"{name} must be a number or a fraction such as 8/255, got {value!r}"
-            ) from None
+            # Exact (8/255 is the float nearest 8/255); exponents have at most 4 digits, so
+            # Fraction never builds a huge integer.
+            out = float(num) if den is None else float(Fraction(num) / Fraction(den))
+        except ZeroDivisionError:
+            raise UsageError(f"{name} must not divide by zero, got {value!r}") from None
+        except OverflowError:
+            raise UsageError(f"{name} must be finite, got {value!r}") from None
     if not math.isfinite(out):
         raise UsageError(f"{name} must be finite, got {value!r}")
     return out

@@ -136,6 +136,9 @@ class PurifierConfig:
     eval_n: int = 256
 
     def __post_init__(self) -> None:
+        from advedge.config import SEED_MAX, check_fields
+
+        check_fields(self)  # types first: a bool is not an int, every float is finite
         if self.method not in PURIFIER_METHODS:
             raise UsageError(
                 f"unknown purifier method {self.method!r}",
@@ -147,14 +150,25 @@ class PurifierConfig:
             raise UsageError(f"guidance must be logits or features, got {self.guidance!r}")
         if self.eps_r is not None and not (math.isfinite(self.eps_r) and 0 < self.eps_r <= 1):
             raise UsageError(f"eps_r must lie in (0, 1], got {self.eps_r}")
+        # Integers are bounded so that an untrusted config can never drive a huge allocation;
+        # width and depth as the Generator accepts them.
+        bounded = (
+            ("epochs", self.epochs, 1, 100_000),
+            ("steps", self.steps, 1, 10_000),
+            ("width", self.width, 4, 256),
+            ("depth", self.depth, 1, 4),
+            ("batch_size", self.batch_size, 3, 65_536),
+            ("subset", self.subset, 1, 10**9),
+            ("seed", self.seed, 0, SEED_MAX),
+            ("eval_n", self.eval_n, 1, 10**9),
+        )
         checks = [
-            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
+            (v is None or lo <= v <= hi, f"{name} must lie in [{lo}, {hi}], got {v}")
+            for name, v, lo, hi in bounded
+        ]
+        checks += [
             (0 < self.eps <= 1, f"eps must lie in (0, 1], got {self.eps}"),
-            (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
-            (self.batch_size >= 3, f"batch size must be >= 3, got {self.batch_size}"),
             (self.lr > 0 and self.lr_d > 0, "learning rates must be > 0"),
-            (self.subset is None or self.subset >= 1, f"subset must be >= 1, got {self.subset}"),
-            (self.eval_n >= 1, f"eval_n must be >= 1, got {self.eval_n}"),
         ]
         for name in ("w_inv", "w_pix", "w_ce", "w_kl", "w_adv", "w_feat"):
             value = getattr(self, name)
