@@ -788,6 +788,14 @@ def export_cmd(
     parity_max_abs: Annotated[
         float | None, typer.Option(help="Override the parity gate's maximum |Δ| of outputs.")
     ] = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Export into an --out holding another model's artifacts: once the new ones "
+            "passed their gates, that model's files of the same names are removed.",
+        ),
+    ] = False,
     seed: Annotated[int, typer.Option(help="Seed of image selection and attacks.")] = 0,
     json_out: JsonOpt = False,
 ) -> None:
@@ -826,6 +834,7 @@ def export_cmd(
         int8_target=int8_target,
         parity_min_agree=parity_min_agree,
         parity_max_abs=parity_max_abs,
+        overwrite=overwrite,
     )
     report = export_artifacts(opts, status=output.info)
     for warning in report.warnings:

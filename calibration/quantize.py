@@ -26,8 +26,9 @@ the calibration set's content sha256, the method, the options that change ranges
 Runtime version (see :func:`default_cache_dir` for where). A hit skips calibration and yields a
 byte-identical model. A corrupt cache file is logged and recomputed, never fatal.
 
-ONNX Runtime prints progress with ``print()``; those calls run with stdout redirected to stderr
-so that ``--json`` output on stdout stays clean. Torch-free; ``onnx`` and ``onnxruntime`` are
+ONNX Runtime prints progress with ``print()``, logs with ANSI colours straight to stderr and lets
+numpy warn; all of it runs under :func:`quiet_onnxruntime`, which logs it at debug instead, so
+``--json`` output on stdout stays clean and an error on stderr stays one line. Torch-free; ``onnx`` and ``onnxruntime`` are
 imported inside the functions.
 """
 
@@ -35,13 +36,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,11 +61,13 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "CACHE_SCHEMA",
     "METHODS",
+    "ORT_QUIET_SEVERITY",
     "TARGETS",
     "QuantizeResult",
     "default_cache_dir",
     "name_unnamed_nodes",
     "quantize_qdq",
+    "quiet_onnxruntime",
     "select_fp32_nodes",
     "verify_qdq",
 ]
@@ -429,20 +433,122 @@ def _make_reader(ortq: Any, input_name: str, images: np.ndarray, batch_size: int
     return _Reader()
 
 
-@contextlib.contextmanager
-def _quiet_ort() -> Iterator[None]:
-    """Send ORT's ``print()`` progress to stderr, and undo its ``logging`` root set-up.
+class _DebugLines(io.TextIOBase):
+    """A text stream that logs every complete line at debug (ONNX Runtime's ``print()``)."""
 
-    ONNX Runtime's quantiser calls ``logging.warning``/``logging.info`` at module level, which
-    installs a handler on the root logger when it has none; that would make a later
-    ``logging.basicConfig`` in the CLI a silent no-op, so handlers it adds are removed.
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self._prefix = prefix
+        self._buf = ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self._buf += text
+        while "\n" in self._buf:
+            line, self._buf = self._buf.split("\n", 1)
+            if line.strip():
+                logger.debug("%s%s", self._prefix, line.rstrip())
+        return len(text)
+
+    def flush(self) -> None:
+        if self._buf.strip():
+            logger.debug("%s%s", self._prefix, self._buf.rstrip())
+        self._buf = ""
+
+
+class _ToDebug(logging.Handler):
+    """Forward another library's log records to advedge's logger at debug."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name.startswith("advedge"):
+            # ours (never forwarded again: no loop). On the root logger this handler stands in
+            # for Python's last resort, which would have printed advedge's warnings when
+            # nothing else is configured: keep doing that.
+            lone = not logging.getLogger("advedge").handlers
+            if lone and record.levelno >= logging.WARNING and logging.lastResort is not None:
+                logging.lastResort.handle(record)
+            return
+        try:
+            text = record.getMessage()
+        except Exception:  # a malformed record must not break the caller
+            text = str(record.msg)
+        logger.debug("%s %s: %s", record.name, record.levelname.lower(), text)
+
+
+_QUIET_DEPTH = 0
+#: ONNX Runtime's default logger severity while quiet: 4 is fatal only. The sessions ONNX
+#: Runtime's quantiser creates itself (pre-processing, calibration) log warnings and errors as
+#: ANSI-coloured lines straight to stderr; every such failure also comes back as a Python
+#: exception, which advedge reports in one line.
+ORT_QUIET_SEVERITY = 4
+_ORT_DEFAULT_SEVERITY = 2  # ONNX Runtime's own default (warning)
+
+
+@contextlib.contextmanager
+def quiet_onnxruntime(*, capture_prints: bool = False) -> Iterator[None]:
+    """Keep ONNX Runtime's and numpy's chatter off stderr; errors then stay one line.
+
+    While active:
+
+    * ONNX Runtime's default logger severity is :data:`ORT_QUIET_SEVERITY` (restored to ONNX
+      Runtime's default, warning, when the outermost context exits); sessions created with
+      their own ``log_severity_level`` keep theirs;
+    * Python warnings (numpy's ``RuntimeWarning``, ONNX Runtime's deprecations) are recorded
+      and logged at debug on advedge's logger instead of printed;
+    * records of the ``onnxruntime`` loggers, and of the root logger when it has no handler
+      (ONNX Runtime's quantiser calls ``logging.warning`` at module level, which would
+      otherwise install a root handler printing to stderr), are logged at debug; handlers
+      added to the root logger meanwhile are removed;
+    * with ``capture_prints``, ``print()`` output (ONNX Runtime's calibration progress) is
+      logged at debug, line by line, so stdout stays clean for ``--json``.
+
+    Nests: only the outermost context changes and restores ONNX Runtime's severity.
     """
+    global _QUIET_DEPTH
     root = logging.getLogger()
     before = list(root.handlers)
+    ort_logger = logging.getLogger("onnxruntime")
+    forward = _ToDebug()
+    ort_logger.addHandler(forward)
+    propagate, ort_logger.propagate = ort_logger.propagate, False
+    root_forward = None
+    if not root.handlers:
+        root_forward = _ToDebug()
+        root.addHandler(root_forward)
+    ort = None
+    if _QUIET_DEPTH == 0:
+        try:
+            import onnxruntime as ort
+
+            ort.set_default_logger_severity(ORT_QUIET_SEVERITY)
+        except Exception:  # not installed, or an ORT without the call: nothing to quiet
+            ort = None
+    _QUIET_DEPTH += 1
+    prints = _DebugLines("onnxruntime: ") if capture_prints else None
     try:
-        with contextlib.redirect_stdout(sys.stderr):
-            yield
+        with contextlib.ExitStack() as stack:
+            caught = stack.enter_context(warnings.catch_warnings(record=True))
+            warnings.simplefilter("default")
+            if prints is not None:
+                stack.enter_context(contextlib.redirect_stdout(prints))
+            try:
+                yield
+            finally:
+                for w in caught:
+                    logger.debug(
+                        "%s: %s (%s:%s)", w.category.__name__, w.message, w.filename, w.lineno
+                    )
     finally:
+        if prints is not None:
+            prints.flush()
+        _QUIET_DEPTH -= 1
+        if ort is not None:
+            with contextlib.suppress(Exception):
+                ort.set_default_logger_severity(_ORT_DEFAULT_SEVERITY)
+        ort_logger.removeHandler(forward)
+        ort_logger.propagate = propagate
         for handler in list(root.handlers):
             if handler not in before:
                 root.removeHandler(handler)
@@ -673,7 +779,7 @@ def quantize_qdq(
         onnx.save(model, str(named))
         del model
         try:
-            with _quiet_ort():
+            with quiet_onnxruntime(capture_prints=True):
                 shape_inference.quant_pre_process(str(named), str(pre))
         except Exception as exc:
             raise ExportError(
@@ -699,7 +805,7 @@ def quantize_qdq(
 
         def run_quantizer() -> None:
             reader = _make_reader(ortq, name, images, batch_size, fixed_batch is not None)
-            with _quiet_ort():
+            with quiet_onnxruntime(capture_prints=True):
                 ortq.quantize_static(
                     str(pre),
                     str(qdq),

@@ -15,16 +15,26 @@ graph, purifier -> classifier, one input, logits out):
 
 Everything is written into a hidden staging folder inside ``out`` and moved into place only when
 every step has passed: a failure leaves no partial artifact, and earlier artifacts in ``out`` are
-replaced only by complete new ones. torch is imported inside the functions.
+replaced only by complete new ones. ``out`` itself is created only when the first file is staged.
+Before any work, ``out`` is checked (not under a file, writable), the output lock
+(:func:`advedge.locks.output_lock`) is taken, so a second writer is refused at once, and what
+``out`` already holds is checked against what the export would write (see
+:func:`export_artifacts`: no folder ever holds a mix of two models' artifacts of one name).
+Staging folders left by an export that was killed are removed by the next export into ``out``.
+ONNX Runtime's log lines and numpy's warnings are logged at debug, not printed, so an error stays
+one line; a full disk is reported as ``cannot write PATH: the disk is full``. torch is imported
+inside the functions.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -36,7 +46,8 @@ from typing import Any
 import numpy as np
 
 import advedge
-from advedge.errors import DataError, ExportError, UsageError
+from advedge.errors import AdvedgeError, DataError, ExportError, UsageError, os_error
+from advedge.locks import output_lock
 from advedge.utils import sha256_file
 
 from ._deps import require
@@ -89,6 +100,7 @@ class ExportOptions:
     int8_target: str = "tensorrt"
     parity_min_agree: float | None = None
     parity_max_abs: float | None = None
+    overwrite: bool = False
 
     def validate(self) -> None:
         """Refuse bad option values before any work (exit code 2)."""
@@ -165,6 +177,8 @@ class ExportReport:
     artifacts: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    # another model's files of this export's names that --overwrite deleted (not replaced)
+    removed: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -172,16 +186,25 @@ class ExportReport:
             "out": str(self.out),
             "artifacts": self.artifacts,
             "warnings": self.warnings,
+            "removed": self.removed,
             "seconds": round(self.seconds, 2),
         }
 
 
+STAGING_PREFIX = ".advedge-export-"
+
+
 @contextlib.contextmanager
-def _staging(out: Path) -> Iterator[Path]:
-    """A hidden folder in ``out``; removed whatever happens (moved-out files survive)."""
-    created = not out.exists()
+def _staging(out: Path, *, owned: bool = False) -> Iterator[Path]:
+    """A hidden folder in ``out``; removed whatever happens (moved-out files survive).
+
+    ``out`` is created here, when the first file is about to be staged; on failure it is
+    removed again if this export created it (or ``owned``: it held only a killed export's
+    leftovers) and it is still empty.
+    """
+    created = owned or not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=".advedge-export-", dir=out))
+    stage = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
     ok = False
     try:
         yield stage
@@ -191,6 +214,237 @@ def _staging(out: Path) -> Iterator[Path]:
         if not ok and created:
             with contextlib.suppress(OSError):
                 out.rmdir()  # only if empty: never removes earlier work
+
+
+def _remove_stale_staging(out: Path, say: Callable[[str], None]) -> bool:
+    """Remove the staging folders a killed export left in ``out``; call it under the lock.
+
+    Only an export holding the output lock of ``out`` stages there, so under the lock every
+    staging folder in ``out`` is a leftover. Returns True when ``out`` is empty afterwards and
+    held nothing but leftovers (a failed export may then remove it, as if it had created it).
+    """
+    if not out.is_dir():
+        return False
+    stale = [
+        p
+        for p in out.iterdir()
+        if p.name.startswith(STAGING_PREFIX) and p.is_dir() and not p.is_symlink()
+    ]
+    for folder in stale:
+        shutil.rmtree(folder, ignore_errors=True)
+    if stale:
+        say(f"removed {len(stale)} staging folder(s) left in {out} by an export that was killed")
+    return bool(stale) and not any(out.iterdir())
+
+
+def check_output_path(path: Path, *, folder: bool, option: str = "--out") -> None:
+    """Refuse an output path that cannot be written, before any work (creates nothing).
+
+    Args:
+        path: The output folder (``folder``) or file.
+        folder: Whether ``path`` names a folder (export) or a file (calibrate).
+        option: The option's name, for the message.
+
+    Raises:
+        UsageError: ``path`` exists as the wrong kind (a file for a folder, a folder for a
+            file), or lies under a file (exit code 2).
+        AdvedgeError: the folder that would hold it (or the lock file beside it) is read-only
+            or not writable (exit code 1), named by :func:`advedge.errors.os_error`.
+    """
+    if path.exists():
+        if folder and not path.is_dir():
+            raise UsageError(f"{option} {path} exists and is not a directory")
+        if not folder and path.is_dir():
+            raise UsageError(f"{option} {path} is a folder", "name the file to write")
+    # the nearest folder that exists: it will hold the output (or the folders made for it)
+    anchor = path.parent
+    while not os.path.lexists(anchor) and anchor.parent != anchor:
+        anchor = anchor.parent
+    if not anchor.is_dir():
+        raise UsageError(
+            f"{option} {path} lies under {anchor}, which is a file, not a folder",
+            f"choose another {option}",
+        )
+    checks = [anchor]
+    if folder and path.is_dir():
+        checks.append(path)  # the staging folder and the artifacts go inside it
+    for where in checks:
+        code = _unwritable(where)
+        if code is not None:
+            raise os_error(OSError(code, os.strerror(code)), path) from None
+
+
+def _unwritable(folder: Path) -> int | None:
+    """``errno.EROFS`` / ``errno.EACCES`` when files cannot be created in ``folder``."""
+    try:
+        if os.statvfs(folder).f_flag & os.ST_RDONLY:
+            return errno.EROFS
+    except (OSError, AttributeError):
+        pass
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return errno.EACCES
+    return None
+
+
+def _write_error(exc: OSError, out: Path) -> AdvedgeError:
+    """One line for an OSError while staging or installing: names the final file when known."""
+    where: Path = out
+    name = exc.filename
+    if isinstance(name, (str, os.PathLike)) and name:
+        p = Path(os.fsdecode(name))
+        staged = [part for part in p.parts if part.startswith(STAGING_PREFIX)]
+        if staged:
+            where = out if p.name.startswith(STAGING_PREFIX) else out / _final_name(p.name)
+        else:
+            where = p
+    return os_error(exc, where)
+
+
+def _final_name(name: str) -> str:
+    """``.tiny_cnn.fp32.onnx.k2j4x8.tmp`` (an atomic write's temporary) -> ``tiny_cnn.fp32.onnx``."""
+    if name.startswith(".") and name.endswith(".tmp"):
+        inner = name[1:-4]
+        return inner.rsplit(".", 1)[0] if "." in inner else inner
+    return name.lstrip(".")
+
+
+# ------------------------------------------------------------------------------ what out holds
+# An artifact of name family NAME: NAME.<precision>[-variant].<rest>, e.g. tiny_cnn.fp32.onnx,
+# tiny_cnn.int8-ortcpu.json, tiny_cnn.int8.trt10.3.sm87.b1-64.engine (+ .layers.json, .json).
+_PRECISION_TAG = re.compile(r"(fp32|fp16|int8)(-[a-z0-9]+)?\.")
+_UNIT_SUFFIXES = (".layers.json", ".onnx", ".engine", ".json")
+
+
+@dataclass
+class _Unit:
+    """One artifact already in ``out``: ``STEM.onnx`` or ``STEM.engine`` with its sidecar."""
+
+    stem: str
+    files: list[Path]
+    source: Any  # the recorded source_sha256 (str, dict) or None when unknown
+
+
+def _source_of(data: Any) -> Any:
+    if not isinstance(data, dict):
+        return None
+    src = data.get("source_sha256")
+    if src is None and isinstance(data.get("artifact"), dict):
+        src = data["artifact"].get("source_sha256")  # an engine's sidecar
+    return src
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+
+
+def _unit_source(out: Path, stem: str) -> tuple[Any, Any]:
+    """(source_sha256, the sidecar's data) of artifact ``stem`` in ``out``."""
+    data = _read_json(out / f"{stem}.json") if (out / f"{stem}.json").is_file() else None
+    src = _source_of(data)
+    if src is None and (out / f"{stem}.onnx").is_file():
+        try:
+            src = read_onnx_metadata(out / f"{stem}.onnx").get("source_sha256")
+        except Exception:  # not a readable ONNX: unknown origin
+            src = None
+    return src, data
+
+
+def _key(source: Any) -> str | None:
+    return None if source is None else json.dumps(source, sort_keys=True)
+
+
+def _hashes(source: Any, data: Any = None) -> set[str]:
+    """The checkpoint hashes an artifact comes from (a fused one: purifier and classifier)."""
+    found = set()
+    if isinstance(source, str):
+        found.add(source)
+    elif isinstance(source, dict):
+        found |= {v for v in source.values() if isinstance(v, str)}
+    if isinstance(data, dict) and isinstance(data.get("classifier_sha256"), str):
+        found.add(data["classifier_sha256"])  # a purifier made for that classifier
+    return found
+
+
+def _units(out: Path) -> dict[str, _Unit]:
+    """Every artifact unit in ``out`` (top level, hidden files skipped), by stem."""
+    units: dict[str, _Unit] = {}
+    if not out.is_dir():
+        return units
+    for f in sorted(out.iterdir()):
+        if f.name.startswith(".") or not f.is_file() or f.name.endswith(".calib.cache"):
+            continue
+        suffix = next((x for x in _UNIT_SUFFIXES if f.name.endswith(x)), None)
+        if suffix is None:
+            continue
+        stem = f.name[: -len(suffix)]
+        units.setdefault(stem, _Unit(stem, [], None)).files.append(f)
+    for unit in units.values():
+        unit.source, _ = _unit_source(out, unit.stem)
+    return units
+
+
+def _family(stem: str, name: str) -> bool:
+    """Whether artifact ``stem`` belongs to name family ``name`` (``tiny_cnn.int8`` -> yes)."""
+    return stem.startswith(f"{name}.") and bool(_PRECISION_TAG.match(stem[len(name) + 1 :] + "."))
+
+
+def _check_existing(out: Path, targets: list[_Target], opts: ExportOptions) -> list[Path]:
+    """Refuse an ``out`` whose artifacts would mix with this export's; see export_artifacts.
+
+    Returns the files to remove once the new artifacts are staged and verified (only with
+    ``--overwrite``: the conflicting artifacts of this export's name families).
+    """
+    units = _units(out)
+    ours = {_key(t.metadata["source_sha256"]) for t in targets}
+    mine: set[str] = set()
+    for t in targets:
+        mine |= _hashes(t.metadata["source_sha256"], t.metadata)
+    conflicts: list[Path] = []
+    stale: list[Path] = []
+    same_source = False
+    claimed: set[str] = set()
+    for t in targets:
+        key = _key(t.metadata["source_sha256"])
+        for stem, unit in units.items():
+            if not _family(stem, t.name):
+                continue
+            claimed.add(stem)
+            if unit.source is not None and _key(unit.source) == key:
+                same_source = True  # the same model: refreshed or kept, never a mix
+                continue
+            conflicts += unit.files
+            stale += unit.files
+    for stem, unit in units.items():
+        if stem in claimed or unit.source is None:
+            continue  # not an advedge artifact of a known source: not this export's business
+        if _key(unit.source) in ours:
+            same_source = True
+            continue
+        _, data = _unit_source(out, stem)
+        if not _hashes(unit.source, data) & mine:
+            conflicts += unit.files  # another model altogether lives in out
+    calib = out / "calibration.npz"
+    if (
+        opts.precision == "int8"
+        and not str(opts.calib_data).endswith(".npz")
+        and calib.is_file()
+        and not same_source
+    ):
+        conflicts.append(calib)  # would be replaced, and belongs to no artifact of this model
+    if not conflicts:
+        return []
+    if opts.overwrite:
+        return stale
+    names = sorted({p.name for p in conflicts})
+    shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+    raise ExportError(
+        f"{out} already holds artifacts of another model (or of unknown origin): {shown}",
+        "pass --overwrite to replace them (that model's files of the same name are then "
+        "removed), or choose another --out",
+    )
 
 
 def _load_targets(opts: ExportOptions) -> tuple[list[_Target], dict[str, Any]]:
@@ -444,11 +698,51 @@ def export_artifacts(
 ) -> ExportReport:
     """Run the export described in the module docstring; returns what was written.
 
+    Order: the options, the dependencies and ``out`` are checked first (``out`` not under a
+    file, its folder writable); then the output lock of ``out`` is taken and held to the end
+    (a second export into the same ``out`` is refused at once), staging folders a killed
+    export left in ``out`` are removed, the checkpoints are loaded and what ``out`` already
+    holds is checked (below); only then come the test images, the calibration set, the
+    attack, the export and the gates. ``out`` is created when the first file is staged.
+
+    **What ``out`` may already hold.** Artifacts are grouped by *name family*: the files
+    ``NAME.<precision>...`` (``.onnx``, ``.engine``, ``.layers.json`` and their ``.json``
+    sidecar) of one target ``NAME`` (``tiny_cnn``, ``purifier``, ``tiny_cnn-purified``). The
+    origin of an artifact is the ``source_sha256`` its sidecar records (an engine's:
+    ``artifact.source_sha256``; without a readable sidecar, the ONNX file's own metadata).
+
+    * An artifact of one of this export's families whose origin equals the target's (the same
+      checkpoint(s)) is no conflict: the files this export writes replace it, the others stay.
+      So the same model can be exported into one folder at several precisions (``fp32`` and
+      ``int8``, then ``fp16``, as ``advedge pipeline`` does).
+    * An artifact of one of this export's families from another origin, or of unknown origin
+      (no sidecar, no metadata), is a conflict: the folder would hold one model's
+      ``tiny_cnn.fp32.onnx`` beside another's ``tiny_cnn.int8.onnx``.
+    * An advedge artifact of another family is a conflict when it shares no checkpoint with
+      this export (another model lives in ``out``); a purifier made for this classifier, or a
+      fused graph containing it, is not. Files that record no origin are not looked at.
+    * ``calibration.npz``, when this export would write one, is a conflict unless ``out``
+      holds an artifact of this export's origin (it then belongs to this model's exports).
+    * Hidden files, ``timing.cache`` and legacy ``*.calib.cache`` files (keyed by content)
+      are never conflicts.
+
+    Without ``overwrite`` any conflict refuses the export before any work (ExportError, exit
+    code 1) naming the files. With ``overwrite`` the export runs; once every new artifact is
+    staged and has passed its gates, the conflicting artifacts of this export's families are
+    deleted first and the new files moved in next, so no family ever holds files of two
+    origins (artifacts of other families are left as they are; their sidecars name their
+    origin). The deleted files are listed in :attr:`ExportReport.removed`.
+
     Raises:
-        UsageError: bad options (before any work).
+        UsageError: bad options, ``out`` a file or under a file (before any work).
+        OutputLockedError: another process is writing ``out``.
+        AdvedgeError: ``out`` cannot be written (read-only, no permission: before any work) or
+            the disk filled up while writing (``cannot write PATH: the disk is full``); no
+            partial file is left and earlier artifacts are intact.
         MissingDependencyError: onnx/onnxruntime, or TensorRT with ``trt``, not installed
             (checked before any work).
-        CheckpointError, DataError, ExportError (incl. ParityError): nothing is written.
+        CheckpointError, DataError, ExportError (incl. ParityError, conflicts with what ``out``
+            holds): nothing is written.
     """
     say = status or (lambda msg: logger.info(msg))
     start = time.perf_counter()
@@ -471,24 +765,70 @@ def export_artifacts(
                 "use --trt-calibrator qdq (the explicit Q/DQ ONNX)",
             )
     out = Path(opts.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} exists and is not a directory")
-    targets, meta = _load_targets(opts)
-    for t in targets:
-        t.overrides = {"max_abs": opts.parity_max_abs, "min_agree": opts.parity_min_agree}
-    eps = float(opts.eps if opts.eps is not None else (meta.get("eps") or 8 / 255))
-    input_shape = list(meta.get("input_shape") or [])
+    check_output_path(out, folder=True)
+    if opts.timing_cache:
+        check_output_path(Path(opts.timing_cache), folder=False, option="--timing-cache")
+    from advedge.calibration.quantize import quiet_onnxruntime
 
-    calib = None
-    if opts.precision == "int8":
-        calib = _calibration_set(opts, targets, eps, input_shape, say)
+    with quiet_onnxruntime(), output_lock(out):
+        owned = _remove_stale_staging(out, say)
+        targets, meta = _load_targets(opts)
+        for t in targets:
+            t.overrides = {"max_abs": opts.parity_max_abs, "min_agree": opts.parity_min_agree}
+        eps = float(opts.eps if opts.eps is not None else (meta.get("eps") or 8 / 255))
+        input_shape = list(meta.get("input_shape") or [])
+        stale = _check_existing(out, targets, opts)
 
-    say(f"loading test images for the parity gate ({max(opts.parity_n, opts.report_n)})")
-    x, y = _load_test_images(opts, meta)
-    report = ExportReport(out=out)
+        # the cheap inputs first: a wrong --data fails before the calibration set is built
+        say(f"loading test images for the parity gate ({max(opts.parity_n, opts.report_n)})")
+        x, y = _load_test_images(opts, meta)
+        calib = None
+        if opts.precision == "int8":
+            calib = _calibration_set(opts, targets, eps, input_shape, say)
+
+        report = ExportReport(out=out)
+        try:
+            _stage_and_install(
+                opts,
+                out,
+                targets,
+                x,
+                y,
+                eps=eps,
+                input_shape=input_shape,
+                calib=calib,
+                report=report,
+                say=say,
+                backend=backend,
+                owned=owned,
+                stale=stale,
+            )
+        except OSError as exc:  # a full disk, a folder made read-only meanwhile
+            raise _write_error(exc, out) from None
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _stage_and_install(
+    opts: ExportOptions,
+    out: Path,
+    targets: list[_Target],
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    eps: float,
+    input_shape: list[int],
+    calib: Any,
+    report: ExportReport,
+    say: Callable[[str], None],
+    backend: Any,
+    owned: bool,
+    stale: list[Path],
+) -> None:
+    """Stage every artifact, gate it, then remove ``stale`` and move the new files into ``out``."""
     attack = {"name": "pgd", "eps": eps, "steps": opts.attack_steps, "norm": "Linf", "n": len(y)}
     timing = Path(opts.timing_cache) if opts.timing_cache else out / "timing.cache"
-    with _staging(out) as stage:
+    with _staging(out, owned=owned) as stage:
         written: list[Path] = []
         adv_cache: dict[Any, np.ndarray] = {}
         stage_timing = stage / ".timing.cache"
@@ -620,6 +960,15 @@ def export_artifacts(
                 )
         if calib is not None and not str(opts.calib_data).endswith(".npz"):
             written.append(stage / "calibration.npz")
+        # everything is staged and has passed its gates: only now may anything in out change
+        new_names = {path.name for path in written if path.exists()}
+        for path in stale:  # all of them first, also those about to be replaced: never a mix
+            if path.is_file():
+                path.unlink()
+                if path.name not in new_names:
+                    report.removed.append(path.name)
+        if report.removed:
+            say(f"removed another model's {', '.join(report.removed)} (--overwrite)")
         for path in written:
             if path.exists():
                 os.replace(path, out / path.name)
@@ -628,8 +977,6 @@ def export_artifacts(
             os.replace(stage_timing, timing)
         for entry in report.artifacts:
             entry["path"] = str(out / entry["path"])
-    report.seconds = time.perf_counter() - start
-    return report
 
 
 def _fmt(parity: dict[str, Any]) -> str:
@@ -831,17 +1178,34 @@ def calibrate_file(
 ) -> dict[str, Any]:
     """``advedge calibrate``: quantise an existing FP32 ONNX to QDQ INT8, all or nothing.
 
-    The QDQ file, its sidecar and the optional saved set are written in a temporary folder
-    beside ``out`` and renamed into place only when all of them exist and the QDQ file passed
-    the checker; a failure leaves nothing behind.
+    Order: the options, the paths (``--onnx`` exists and passes the checker; ``--out`` and
+    ``--save-set`` are files that can be written: not under a file, their folders writable),
+    the data (a saved set: loaded and verified; a data directory: loaded, its training split
+    large enough, its images of the model's shape) and the checkpoint of ``--mix-adv`` are all
+    checked before anything is created. Then the output lock of ``out`` is held (a second
+    writer is refused at once), the set is built and the model quantised in a temporary
+    folder of the system. Only then is the parent folder of ``out`` (and of ``save_set``)
+    created and the QDQ file, its sidecar and the optional saved set copied beside their
+    destinations and renamed into place together; a failure at any step (a full disk
+    included: ``cannot write PATH: the disk is full``) leaves no file and no new folder behind,
+    and an earlier ``out`` intact.
 
     Raises:
-        UsageError: bad options (checked before any work), ``out`` equal to the source.
-        ExportError, DataError: as :func:`advedge.calibration.quantize_qdq`.
+        UsageError: bad options or paths (checked before any work), ``out`` equal to the
+            source, under a file or a folder.
+        OutputLockedError: another process is writing ``out``.
+        AdvedgeError: a folder that is read-only or not writable, or a full disk.
+        ExportError, DataError, CheckpointError: as :func:`advedge.calibration.quantize_qdq`,
+            :func:`advedge.data.load_dataset` and :func:`advedge.checkpoint.load_model`.
     """
-    from advedge.calibration import build_calibration_set, load_calibration_set, quantize_qdq
+    from advedge.calibration import (
+        build_calibration_set,
+        check_fits,
+        load_calibration_set,
+        quantize_qdq,
+    )
     from advedge.calibration import save_calibration_set as save_set_fn
-    from advedge.calibration.quantize import TARGETS
+    from advedge.calibration.quantize import TARGETS, quiet_onnxruntime
 
     say = status or (lambda msg: logger.info(msg))
     onnx_path, out = Path(onnx_path), Path(out)
@@ -855,75 +1219,224 @@ def calibrate_file(
         raise UsageError("--mix-adv needs --model (the FP32 model the examples are crafted on)")
     if not 0.0 <= mix_adv <= 1.0:
         raise UsageError(f"--mix-adv must be in [0, 1], got {mix_adv}")
+    for name, value in (("--n", n), ("--batch-size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UsageError(f"{name} must be a positive integer, got {value!r}")
     if out.suffix != ".onnx":
         raise UsageError(f"--out must name a .onnx file, got {out}")
     if not onnx_path.is_file():
         raise UsageError(f"--onnx {onnx_path} does not exist")
     if out.resolve() == onnx_path.resolve():
         raise UsageError("--out is the FP32 source itself", "write the INT8 model to another file")
-    if save_set is not None and (Path(save_set).is_dir() or Path(save_set).suffix != ".npz"):
-        raise UsageError(f"--save-set must name a .npz file, got {save_set}")
+    check_output_path(out, folder=False)
+    set_path = None if save_set is None else Path(save_set)
+    if set_path is not None:
+        if set_path.suffix != ".npz":
+            raise UsageError(f"--save-set must name a .npz file, got {set_path}")
+        check_output_path(set_path, folder=False, option="--save-set")
     onnx = require("onnx", purpose="advedge calibrate")
-    check_onnx(onnx_path)
-    if data.endswith(".npz"):
-        calib = load_calibration_set(data)
-    else:
-        torch_model = None
-        if model is not None:
-            from advedge.checkpoint import load_model
-
-            torch_model = load_model(model)
-        say(f"building the calibration set: {n} training images, {mix_adv:.0%} adversarial")
-        calib = build_calibration_set(
-            data, n=n, seed=seed, mix_adv=mix_adv, model=torch_model, eps=eps
-        )
     keep: Any = (
         keep_fp32 if keep_fp32 in ("auto", "none") else [s for s in keep_fp32.split(",") if s]
     )
-    meta = read_onnx_metadata(onnx_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".advedge-calibrate-", dir=out.parent) as tmp_name:
-        tmp = Path(tmp_name)
-        staged = tmp / out.name
-        result = quantize_qdq(
-            onnx_path,
-            staged,
-            calib,
-            method=method,
-            batch_size=batch_size,
-            keep_fp32=keep,
-            cache_dir=cache_dir,
-            target=target,
-        )
-        quantized = onnx.load(str(staged))
-        set_onnx_metadata(quantized, {**meta, "precision": "int8", "int8_target": target})
-        onnx.save_model(quantized, str(staged))
-        check_onnx(staged)
-        payload = {
-            "schema": "advedge.calibrate/1",
-            "onnx": str(out),
-            "source_onnx": str(onnx_path),
-            "bytes": staged.stat().st_size,
-            "target": target,
-            "method": result.method,
-            "n": len(calib),
-            "calib_sha256": result.calib_sha256,
-            "model_sha256": result.model_sha256,
-            "fp32_nodes": list(result.excluded_nodes),
-            "qdq_pairs": result.n_qdq_pairs,
-            "cache": None if result.cache_path is None else str(result.cache_path),
-            "cache_hit": result.cache_hit,
-            "seconds": round(result.seconds, 2),
-        }
-        side = write_sidecar(
-            tmp / sidecar_path(out).name,
-            {**meta, "precision": "int8", "int8_target": target, "calibration": payload},
-        )
-        staged_set = None
-        if save_set is not None:
-            staged_set = save_set_fn(calib, tmp / "set.npz")
-        os.replace(staged, out)
-        os.replace(side, sidecar_path(out))
-        if staged_set is not None:
-            shutil.move(staged_set, Path(save_set))  # may be on another file system
+
+    with quiet_onnxruntime():
+        check_onnx(onnx_path)
+        meta = read_onnx_metadata(onnx_path)
+        want = _onnx_image_shape(onnx, onnx_path)
+        # the data, before anything is created
+        calib = dataset = torch_model = None
+        if data.endswith(".npz"):
+            calib = load_calibration_set(data)
+            check_fits(calib, want, batch_size)
+        else:
+            from advedge.data import load_dataset
+
+            dataset = load_dataset(data, download=False)
+            _check_calibration_source(dataset, want, n=n, batch_size=batch_size)
+            if model is not None and mix_adv > 0:
+                from advedge.checkpoint import load_model
+
+                torch_model = load_model(model)
+
+        with output_lock(out):
+            _remove_stale_temps(out)
+            if calib is None:
+                say(f"building the calibration set: {n} training images, {mix_adv:.0%} adversarial")
+                calib = build_calibration_set(
+                    dataset, n=n, seed=seed, mix_adv=mix_adv, model=torch_model, eps=eps
+                )
+                check_fits(calib, want, batch_size)
+            # everything is computed away from out: its folder appears only with the file
+            with tempfile.TemporaryDirectory(prefix="advedge-calibrate-") as tmp_name:
+                tmp = Path(tmp_name)
+                staged = tmp / out.name
+                result = quantize_qdq(
+                    onnx_path,
+                    staged,
+                    calib,
+                    method=method,
+                    batch_size=batch_size,
+                    keep_fp32=keep,
+                    cache_dir=cache_dir,
+                    target=target,
+                )
+                quantized = onnx.load(str(staged))
+                set_onnx_metadata(quantized, {**meta, "precision": "int8", "int8_target": target})
+                onnx.save_model(quantized, str(staged))
+                check_onnx(staged)
+                payload = {
+                    "schema": "advedge.calibrate/1",
+                    "onnx": str(out),
+                    "source_onnx": str(onnx_path),
+                    "bytes": staged.stat().st_size,
+                    "target": target,
+                    "method": result.method,
+                    "n": len(calib),
+                    "calib_sha256": result.calib_sha256,
+                    "model_sha256": result.model_sha256,
+                    "fp32_nodes": list(result.excluded_nodes),
+                    "qdq_pairs": result.n_qdq_pairs,
+                    "cache": None if result.cache_path is None else str(result.cache_path),
+                    "cache_hit": result.cache_hit,
+                    "seconds": round(result.seconds, 2),
+                }
+                side = write_sidecar(
+                    tmp / sidecar_path(out).name,
+                    {**meta, "precision": "int8", "int8_target": target, "calibration": payload},
+                )
+                files = [(staged, out), (side, sidecar_path(out))]
+                if set_path is not None:
+                    files.append((save_set_fn(calib, tmp / "set.npz"), set_path))
+                install_files(files)
     return payload
+
+
+def _onnx_image_shape(onnx: Any, path: Path) -> list[Any]:
+    """``[C, H, W]`` of the model's image input (symbolic axes as names or None)."""
+    from advedge.calibration.quantize import _graph_input
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # check_onnx read it already; a race or a huge file
+        raise ExportError(f"{path} is not a readable ONNX file ({type(exc).__name__})") from None
+    _, dims = _graph_input(model, None)
+    return dims[1:]
+
+
+def _check_calibration_source(dataset: Any, want: list[Any], *, n: int, batch_size: int) -> None:
+    """What :func:`~advedge.calibration.build_calibration_set` and
+    :func:`~advedge.calibration.check_fits` would refuse, known before the set is drawn."""
+    train = dataset.train
+    if train is None:
+        raise DataError(
+            f"{dataset.root} has no training split to calibrate on",
+            "calibration draws from the training split so the test split stays unseen",
+        )
+    if n > len(train):
+        raise DataError(
+            f"asked for {n} calibration images but the training split of {dataset.root} "
+            f"has only {len(train)}",
+            f"use --n <= {len(train)}",
+        )
+    have = list(dataset.input_shape)
+    fits = len(want) == 3 and all(
+        not isinstance(w, int) or w <= 0 or w == h for w, h in zip(want, have, strict=True)
+    )
+    if not fits:
+        raise ExportError(
+            f"calibration images are {have} (C, H, W) but the model takes {want}",
+            "build the calibration set from the dataset the model was trained on",
+        )
+    if n < batch_size:
+        raise ExportError(
+            f"calibration set of {n} images is smaller than the batch {batch_size}",
+            "use a smaller batch size or a larger calibration set",
+        )
+
+
+def _remove_stale_temps(out: Path) -> None:
+    """Under ``out``'s lock: remove the temporary files a killed writer left beside ``out``."""
+    for dst in (out, sidecar_path(out)):
+        if not dst.parent.is_dir():
+            continue
+        for tmp in dst.parent.glob(f".{glob_escape(dst.name)}.*.tmp"):
+            with contextlib.suppress(OSError):
+                if tmp.is_file() and not tmp.is_symlink():
+                    tmp.unlink()
+
+
+def glob_escape(name: str) -> str:
+    """``name`` with glob's special characters escaped."""
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+def install_files(files: list[tuple[Path, Path]]) -> None:
+    """Put staged files in place, all or nothing: ``[(staged, destination), ...]``.
+
+    Each staged file (possibly on another file system) is first copied to a temporary file
+    beside its destination, creating missing folders; only when every copy is complete are
+    they renamed onto their destinations. On any failure no destination is touched, every
+    temporary file and every folder made here is removed, and the error names the destination
+    (``cannot write PATH: the disk is full``).
+
+    Raises:
+        AdvedgeError: an OSError while writing (via :func:`advedge.errors.os_error`).
+    """
+    made: list[Path] = []
+    temps: list[tuple[Path, Path]] = []
+    ok = False
+    try:
+        for src, dst in files:
+            try:
+                made += _make_folders(dst.parent)
+                fd, name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+                os.close(fd)
+                temps.append((Path(name), dst))
+                shutil.copyfile(src, name)
+                with open(name, "rb+") as fh:
+                    os.fsync(fh.fileno())
+                os.chmod(name, 0o666 & ~_umask())
+            except OSError as exc:
+                raise os_error(exc, dst) from None
+        for tmp, dst in temps:
+            try:
+                os.replace(tmp, dst)
+            except OSError as exc:
+                raise os_error(exc, dst) from None
+        ok = True
+    finally:
+        if not ok:
+            for tmp, _ in temps:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+            for folder in reversed(made):
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only if empty
+
+
+def _make_folders(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; return the ones made, outermost first."""
+    missing = []
+    p = folder
+    while not p.exists() and p.parent != p:
+        missing.append(p)
+        p = p.parent
+    made = []
+    for q in reversed(missing):
+        try:
+            q.mkdir()
+        except FileExistsError:
+            continue
+        except OSError:
+            for r in reversed(made):
+                with contextlib.suppress(OSError):
+                    r.rmdir()
+            raise
+        made.append(q)
+    return made
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
