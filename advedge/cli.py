@@ -969,6 +969,9 @@ def bench_cmd(
     ] = "auto",
     out: Annotated[Path | None, typer.Option(help="Write bench.json and bench.csv here.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of image selection and attacks.")] = 0,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an earlier bench.json in --out.")
+    ] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Latency (mean, p50/p90/p99) and accuracy measured on the deployed artifact itself."""
@@ -993,6 +996,7 @@ def bench_cmd(
         out=None if out is None else str(out),
         seed=seed,
         transfer_set=transfer_set,
+        overwrite=overwrite,
     )
     doc = run_bench(opts, status=output.info)
     for warning in doc["warnings"]:
@@ -1025,13 +1029,16 @@ def report_cmd(
         list[str], typer.Argument(help="Bench directories and training run directories.")
     ],
     out: Annotated[Path, typer.Option(help="Folder for report.md, report.json and the PNGs.")],
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an earlier report.md in --out.")
+    ] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """One table across artifacts, a robustness-latency Pareto plot and training curves."""
     from advedge.report import build_report
 
     output = Output(json_out)
-    doc = build_report(inputs, out)
+    doc = build_report(inputs, out, overwrite=overwrite)
     table = Table(
         "artifact",
         "precision",

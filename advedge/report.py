@@ -19,17 +19,48 @@ FP32 parent, the report says so: that is the precision gap, not extra robustness
 from __future__ import annotations
 
 import csv
+import html
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
-from advedge.errors import DataError, MissingDependencyError, UsageError
+from advedge.errors import DataError, MissingDependencyError, UsageError, os_error
+from advedge.export.bench import Leftovers, check_out, quiet_warnings, refuse_overwrite
+from advedge.locks import output_lock
 from advedge.utils import atomic_path, atomic_write_text, to_jsonable
 
-__all__ = ["build_report", "pareto_front"]
+__all__ = ["build_report", "md_escape", "pareto_front"]
 
 SCHEMA = "advedge.report/1"
+OUTPUTS = ("report.md", "report.json")
+PLOTS = ("pareto.png", "training.png")
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
+# characters with a meaning in (GitHub-flavoured) Markdown inside a table cell: the cell break,
+# emphasis, code, links and images, headings, strike-through, math, and what starts an autolink
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+!|~:@$])")
+_WWW = re.compile(r"(?i)\b(www)\.")
+
+
+def md_escape(value: Any) -> str:
+    """Any name, label or path as inert text in a Markdown table cell.
+
+    Line breaks and other control characters become one space (a newline would end the table
+    row); ``&``, ``<`` and ``>`` become HTML entities (no tag, ``<script>`` included, survives);
+    every character Markdown gives a meaning to in a cell (``|`` cell breaks, ``[x](url)`` links,
+    ``![x](url)`` images, emphasis, code, math, ``http://``, ``www.`` and e-mail autolinks) is
+    backslash-escaped. Rendered, the cell shows the original text.
+    """
+    text = _CONTROL.sub(" ", str(value)).strip()
+    text = html.escape(text, quote=False)
+    return _WWW.sub(r"\1\\.", _MD_SPECIAL.sub(r"\\\1", text))
+
+
+def _label(value: Any) -> str:
+    """A name as plain text in a Matplotlib label (no mathtext, one line)."""
+    return _CONTROL.sub(" ", str(value)).replace("$", r"\$")
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
@@ -117,12 +148,20 @@ def _markdown(rows: list[dict[str, Any]], runs: dict[str, list[dict[str, float]]
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
-        kinds = f" [{', '.join(r['worst_case_kinds'])}]" if r["worst_case_kinds"] else ""
-        best = f"{_fmt(r['best_images_per_s'])} ({r['best_batch']})" if r["best_batch"] else "-"
+        kinds = (
+            f" \\[{md_escape(', '.join(r['worst_case_kinds']))}\\]" if r["worst_case_kinds"] else ""
+        )
+        best = (
+            f"{_fmt(r['best_images_per_s'])} ({md_escape(r['best_batch'])})"
+            if r["best_batch"]
+            else "-"
+        )
         lines.append(
-            f"| {r['artifact']} | {r['precision'] or '-'} | {'yes' if r['purifier'] else 'no'} | "
-            f"{r['size_mb']} | {_fmt(r['clean_acc'], True)} | {_fmt(r['worst_case_acc'], True)}{kinds} | "
-            f"{_fmt(r['p50_b1_ms'])} | {_fmt(r['p99_b1_ms'])} | {best} | {r['device']} |"
+            f"| {md_escape(r['artifact'])} | {md_escape(r['precision'] or '-')} | "
+            f"{'yes' if r['purifier'] else 'no'} | {_fmt(r['size_mb'])} | "
+            f"{_fmt(r['clean_acc'], True)} | {_fmt(r['worst_case_acc'], True)}{kinds} | "
+            f"{_fmt(r['p50_b1_ms'])} | {_fmt(r['p99_b1_ms'])} | {best} | "
+            f"{md_escape(r['device'] or '-')} |"
         )
     lines += _honesty_section(rows)
     notes = [r for r in rows if r["worst_case_kinds"] == ["transfer"]]
@@ -142,7 +181,8 @@ def _markdown(rows: list[dict[str, Any]], runs: dict[str, list[dict[str, float]]
         for name, m in runs.items():
             last = m[-1] if m else {}
             lines.append(
-                f"| {name} | {len(m)} | {_fmt(last.get('test_clean_acc'), True)} | {_fmt(last.get('test_pgd_acc'), True)} |"
+                f"| {md_escape(name)} | {len(m)} | {_fmt(last.get('test_clean_acc'), True)} | "
+                f"{_fmt(last.get('test_pgd_acc'), True)} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -196,7 +236,8 @@ def _honesty_section(rows: list[dict[str, Any]]) -> list[str]:
     for t in table:
         flag = "precision gap: transfer > white-box" if t["precision_gap"] else ""
         lines.append(
-            f"| {t['artifact']} | {t['precision'] or '-'} | {'yes' if t['purifier'] else 'no'} | "
+            f"| {md_escape(t['artifact'])} | {md_escape(t['precision'] or '-')} | "
+            f"{'yes' if t['purifier'] else 'no'} | "
             f"{_fmt(t['white_box_parent_acc'], True)} | {_fmt(t['transfer_acc'], True)} | "
             f"{_fmt(t['worst_case_acc'], True)} | {flag} |"
         )
@@ -239,7 +280,7 @@ def _pareto_png(rows: list[dict[str, Any]], path: Path) -> bool:
             zorder=3,
         )
         ax.annotate(
-            f"{r['artifact']}",
+            _label(r["artifact"]),
             (lat, 100 * rob),
             textcoords="offset points",
             xytext=(5, 4),
@@ -272,18 +313,22 @@ def _training_png(runs: dict[str, list[dict[str, float]]], path: Path) -> bool:
         ep = [r.get("epoch") for r in m]
         if any("test_clean_acc" in r for r in m):
             line = ax1.plot(
-                ep, [100 * r.get("test_clean_acc", float("nan")) for r in m], label=f"{name} clean"
+                ep,
+                [100 * r.get("test_clean_acc", float("nan")) for r in m],
+                label=_label(f"{name} clean"),
             )[0]
             ax1.plot(
                 ep,
                 [100 * r.get("test_pgd_acc", float("nan")) for r in m],
                 ls="--",
                 color=line.get_color(),
-                label=f"{name} PGD",
+                label=_label(f"{name} PGD"),
             )
         loss_key = next((k for k in ("train_loss", "g_loss") if any(k in r for r in m)), None)
         if loss_key:
-            ax2.plot(ep, [r.get(loss_key, float("nan")) for r in m], label=f"{name} {loss_key}")
+            ax2.plot(
+                ep, [r.get(loss_key, float("nan")) for r in m], label=_label(f"{name} {loss_key}")
+            )
     ax1.set_xlabel("epoch")
     ax1.set_ylabel("held-out accuracy (%)")
     ax1.set_title("clean (solid) and PGD (dashed)")
@@ -300,16 +345,52 @@ def _training_png(runs: dict[str, list[dict[str, float]]], path: Path) -> bool:
 
 
 def build_report(
-    inputs: list[str | os.PathLike[str]], out: str | os.PathLike[str]
+    inputs: list[str | os.PathLike[str]],
+    out: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Write report.md, report.json, pareto.png and training.png; returns report.json's document.
 
+    Every input is read and ``out`` checked before anything is written; ``out`` is locked
+    while the report is written, created only by its first file, and a failure leaves nothing
+    behind. An earlier report.md or report.json is replaced only with ``overwrite`` (and then a
+    plot the new report does not draw is removed, so no stale PNG stays beside it).
+
     Raises:
-        UsageError: no inputs, or an input that is neither a bench nor a run directory.
+        UsageError: no inputs, an input that is neither a bench nor a run directory, or an
+            ``out`` that is a file or lies under one.
         DataError: an unreadable bench.json or metrics.csv.
+        AdvedgeError: an earlier report without ``overwrite``, an ``out`` that cannot be written.
+        OutputLockedError: another process writes the same ``out``.
     """
-    if not inputs:
-        raise UsageError("give at least one bench or run directory")
+    with quiet_warnings():
+        if not inputs:
+            raise UsageError("give at least one bench or run directory")
+        out = check_out(out)
+        rows, runs = _read_inputs(inputs)
+        if any(r["p50_b1_ms"] is not None and r["worst_case_acc"] is not None for r in rows) or (
+            runs
+        ):
+            _plt()  # matplotlib is there before anything is written
+        with output_lock(out):
+            refuse_overwrite(out, OUTPUTS, overwrite)
+            made = Leftovers(out)
+            try:
+                for name in (*PLOTS, *OUTPUTS):
+                    made.new(out / name)
+                return _write_report(rows, runs, out, replace=overwrite)
+            except OSError as exc:
+                made.remove()
+                raise os_error(exc, out) from None
+            except BaseException:
+                made.remove()
+                raise
+
+
+def _read_inputs(
+    inputs: list[str | os.PathLike[str]],
+) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, float]]]]:
     rows: list[dict[str, Any]] = []
     runs: dict[str, list[dict[str, float]]] = {}
     for item in inputs:
@@ -318,19 +399,31 @@ def build_report(
         if bench.name == "bench.json" and bench.is_file():
             try:
                 rows += _rows_from_bench(bench)
-            except (OSError, json.JSONDecodeError, KeyError) as exc:
-                raise DataError(f"unreadable bench file {bench}: {exc}") from None
+            except DataError:
+                raise
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise DataError(
+                    f"unreadable bench file {bench}: {type(exc).__name__}: {exc}"
+                ) from None
         elif p.is_dir() and (p / "metrics.csv").is_file():
             try:
                 runs[p.name] = _read_metrics(p)
-            except OSError as exc:
+            except (OSError, ValueError, csv.Error) as exc:
                 raise DataError(f"unreadable metrics {p / 'metrics.csv'}: {exc}") from None
         else:
             raise UsageError(
                 f"{p} is neither a bench directory (bench.json) nor a run directory (metrics.csv)"
             )
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    return rows, runs
+
+
+def _write_report(
+    rows: list[dict[str, Any]],
+    runs: dict[str, list[dict[str, float]]],
+    out: Path,
+    *,
+    replace: bool,
+) -> dict[str, Any]:
     files = {"markdown": str(out / "report.md"), "json": str(out / "report.json")}
     if _pareto_png(rows, out / "pareto.png"):
         files["pareto"] = str(out / "pareto.png")
@@ -351,9 +444,12 @@ def build_report(
         "rows": rows,
         "pareto_front": [named[i] for i in pareto_front(pts)],
         "robustness_of_what_ships": honest_robustness(rows),
-        "runs": {k: v for k, v in runs.items()},
+        "runs": dict(runs),
         "files": files,
     }
-    atomic_write_text(out / "report.md", _markdown(rows, runs))
     atomic_write_text(out / "report.json", json.dumps(to_jsonable(doc), indent=2) + "\n")
+    atomic_write_text(out / "report.md", _markdown(rows, runs))
+    for name, key in zip(PLOTS, ("pareto", "training"), strict=True):
+        if replace and key not in files:  # a plot of the earlier report this one does not draw
+            (out / name).unlink(missing_ok=True)
     return doc

@@ -147,10 +147,24 @@ class OrtBackend(_Base):
                 f"ONNX Runtime here has no {provider} (available: {', '.join(ort.get_available_providers())})",
                 "install onnxruntime-gpu on a CUDA machine" if backend != "onnxruntime" else None,
             )
-        from .runtime import OrtRunner
+        from .runtime import OrtRunner, control_flow_nodes
 
+        flow = control_flow_nodes(path)
+        if flow:
+            # Refused rather than run under a timeout: a Loop's trip count and condition (or a
+            # Scan's length) are data, so the graph may never finish; a timeout cannot tell a
+            # slow artifact from an endless one, and ONNX Runtime's native run cannot be stopped
+            # from Python reliably. advedge's artifacts (classifiers, purifiers, both fused) are
+            # feed-forward graphs and never hold one.
+            more = f" and {len(flow) - 3} more" if len(flow) > 3 else ""
+            raise ExportError(
+                f"{path.name} holds control flow ({', '.join(flow[:3])}{more}): refused, "
+                "its run time is not bounded",
+                "bench feed-forward classifier or purifier graphs, as advedge export writes them",
+            )
         self.backend = backend
         self.inner = OrtRunner(path, providers=[provider], threads=threads)
+        _check_onnx_io(path, self.inner)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         return self.inner(batch)
@@ -164,6 +178,31 @@ class OrtBackend(_Base):
             "precision": meta.get("precision"),
             "artifact_metadata": meta,
         }
+
+
+_FLOAT_OUTPUTS = ("tensor(float)", "tensor(float16)", "tensor(double)", "tensor(bfloat16)")
+
+
+def _check_onnx_io(path: Path, inner: Any) -> None:
+    """One float32 NCHW image input and a ``[batch, classes]`` float output, or refuse."""
+    if inner.input_type != "tensor(float)":
+        raise ExportError(
+            f"{path.name} takes {inner.input_type} input; advedge runs artifacts on float32 "
+            "images in [0, 1]",
+            "export the model with advedge export (float32 NCHW input)",
+        )
+    if len(inner.input_shape) != 4:
+        raise ExportError(
+            f"{path.name} takes a rank-{len(inner.input_shape)} input {inner.input_shape}; "
+            "advedge runs artifacts on NCHW image batches"
+        )
+    if inner.output_type not in _FLOAT_OUTPUTS:
+        raise ExportError(f"{path.name} returns {inner.output_type}, not float logits")
+    if len(inner.output_shape) != 2:
+        raise ExportError(
+            f"{path.name} returns a rank-{len(inner.output_shape)} output "
+            f"{inner.output_shape}, not [batch, classes] logits"
+        )
 
 
 def _purified_from_run(path: Path, device: Any) -> tuple[Any, dict[str, Any]]:

@@ -18,7 +18,15 @@ from advedge.errors import ExportError
 from ._deps import require
 from .graph import check_external_data
 
-__all__ = ["OrtRunner", "TorchRunner", "run_batched"]
+__all__ = ["CONTROL_FLOW_OPS", "OrtRunner", "TorchRunner", "control_flow_nodes", "run_batched"]
+
+# Nodes whose work is data-dependent: a Loop's trip count and condition, a Scan's sequence length
+# and an If's branch are computed at run time, so a graph holding one can run without bound.
+CONTROL_FLOW_OPS = frozenset({"Loop", "Scan", "If"})
+
+# ONNX Runtime's logging: 3 is "error", so its warnings (unused initializers, shape notes, ANSI
+# coloured) never reach a user's terminal beside advedge's own one-line messages.
+ORT_LOG_SEVERITY = 3
 
 
 def run_batched(fn: Any, x: np.ndarray, batch_size: int) -> np.ndarray:
@@ -27,6 +35,38 @@ def run_batched(fn: Any, x: np.ndarray, batch_size: int) -> np.ndarray:
         raise ExportError("no images to run")
     outs = [fn(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
     return np.concatenate(outs, axis=0)
+
+
+def control_flow_nodes(path: str | os.PathLike[str]) -> list[str]:
+    """The control-flow nodes (Loop, Scan, If) of an ONNX file, at any depth, as
+    ``"OpType 'name'"``: the main graph, every subgraph and every model-local function.
+
+    Raises:
+        ExportError: an unreadable ONNX file.
+    """
+    onnx = require("onnx", purpose="checking an ONNX file")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and friends
+        raise ExportError(
+            f"{path} is not a readable ONNX file ({type(exc).__name__}: {exc})"
+        ) from None
+    found: list[str] = []
+
+    def walk(nodes: Any) -> None:
+        for node in nodes:
+            if node.op_type in CONTROL_FLOW_OPS:
+                found.append(f"{node.op_type} {node.name or '(unnamed)'!r}")
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    walk(attr.g.node)
+                for sub in attr.graphs:
+                    walk(sub.node)
+
+    walk(model.graph.node)
+    for fn in model.functions:
+        walk(fn.node)
+    return found
 
 
 class OrtRunner:
@@ -52,6 +92,7 @@ class OrtRunner:
         optimization: str = "all",
     ) -> None:
         ort = require("onnxruntime", purpose="running an ONNX artifact")
+        ort.set_default_logger_severity(ORT_LOG_SEVERITY)  # the environment's logger too
         levels = {
             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
             "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -66,7 +107,7 @@ class OrtRunner:
         check_external_data(self.path)
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(threads)
-        options.log_severity_level = 3
+        options.log_severity_level = ORT_LOG_SEVERITY
         options.graph_optimization_level = levels[optimization]
         try:
             self.session = ort.InferenceSession(
@@ -80,7 +121,23 @@ class OrtRunner:
             raise ExportError(f"{self.path} has {len(inputs)} inputs; advedge artifacts have one")
         self.input_name = inputs[0].name
         self.input_shape = list(inputs[0].shape)
-        self.output_name = self.session.get_outputs()[0].name
+        self.input_type = str(inputs[0].type)  # e.g. "tensor(float)"
+        output = self.session.get_outputs()[0]
+        self.output_name = output.name
+        self.output_shape = list(output.shape)
+        self.output_type = str(output.type)
+
+    @property
+    def min_batch(self) -> int:
+        """The smallest batch the graph takes: its fixed batch size, or 1 when it is dynamic."""
+        b = self.input_shape[0] if self.input_shape else None
+        return b if isinstance(b, int) and b > 0 else 1
+
+    @property
+    def max_batch(self) -> int | None:
+        """The largest batch the graph takes: its fixed batch size, or None when it is dynamic."""
+        b = self.input_shape[0] if self.input_shape else None
+        return b if isinstance(b, int) and b > 0 else None
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
