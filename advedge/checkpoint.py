@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import pickle
 from pathlib import Path
@@ -38,6 +39,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from advedge import __version__
+from advedge.data import MAX_ARRAY_ELEMENTS, MAX_CLASSES, MIN_IMAGE_SIZE
 from advedge.errors import CheckpointError, UsageError
 from advedge.utils import atomic_path
 
@@ -60,6 +62,15 @@ MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
 
 _JSON_KEYS = ("arch_kwargs", "mean", "std", "input_shape")
+
+MAX_INPUT_SIDE = 8192
+"""The largest image height or width a checkpoint's ``input_shape`` may state.
+
+Exporters and benchmarks allocate inputs of that shape; 8192 is far beyond any classifier
+input, and ``C * H * W`` must also stay within :data:`advedge.data.MAX_ARRAY_ELEMENTS`."""
+
+MAX_EPOCHS = 1_000_000
+"""The largest ``epochs`` count a checkpoint may state."""
 
 
 def _encode(value: Any) -> str:
@@ -163,9 +174,117 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
             continue
         try:
             meta[key] = json.loads(value)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             meta[key] = value
+    _check_metadata(path, meta)
     return meta
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_metadata(path: Path, meta: dict[str, Any]) -> None:
+    """Refuse metadata numbers that are out of bounds, before anything is built from them.
+
+    ``num_classes`` (top level and in ``arch_kwargs``) must be an integer in
+    ``[2, MAX_CLASSES]``, ``arch_kwargs.in_channels`` 1 or 3, ``input_shape`` ``[C, H, W]`` with C
+    1 or 3 and H, W in ``[MIN_IMAGE_SIZE, MAX_INPUT_SIDE]``, ``eps`` a number in [0, 1],
+    ``epochs`` an integer in ``[0, MAX_EPOCHS]``, ``class_names`` at most ``MAX_CLASSES`` names,
+    and every number anywhere in the metadata finite. Fields that are absent are not required
+    here. The architecture's own arguments are bounded by :func:`create_model`.
+
+    Raises:
+        CheckpointError: naming the field and the value.
+    """
+
+    def bad(field: str, value: Any, rule: str) -> CheckpointError:
+        shown = repr(value)
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        return CheckpointError(
+            f"{path}: metadata {field} is {shown}; {rule}",
+            "the checkpoint is corrupt or was altered; re-export or retrain it",
+        )
+
+    for key, value in meta.items():
+        where = _non_finite(value)
+        if where is not None:
+            field = key + where
+            raise bad(field, "a non-finite number", "every number must be finite")
+    classes_rule = f"it must be an integer from 2 to {MAX_CLASSES}"
+    if "num_classes" in meta:
+        k = meta["num_classes"]
+        if not _is_int(k) or not 2 <= k <= MAX_CLASSES:
+            raise bad("num_classes", k, classes_rule)
+    kwargs = meta.get("arch_kwargs")
+    if isinstance(kwargs, dict):
+        if "num_classes" in kwargs:
+            k = kwargs["num_classes"]
+            if not _is_int(k) or not 2 <= k <= MAX_CLASSES:
+                raise bad("arch_kwargs.num_classes", k, classes_rule)
+            if "num_classes" in meta and meta["num_classes"] != k:
+                raise bad(
+                    "num_classes",
+                    meta["num_classes"],
+                    f"arch_kwargs.num_classes says {k}; the two must agree",
+                )
+        if "in_channels" in kwargs:
+            c = kwargs["in_channels"]
+            if not _is_int(c) or c not in (1, 3):
+                raise bad("arch_kwargs.in_channels", c, "it must be 1 or 3")
+    if "input_shape" in meta and meta["input_shape"] is not None:
+        shape = meta["input_shape"]
+        rule = (
+            f"it must be [C, H, W] with C 1 or 3 and H, W from {MIN_IMAGE_SIZE} to {MAX_INPUT_SIDE}"
+        )
+        if (
+            not isinstance(shape, list)
+            or len(shape) != 3
+            or not all(_is_int(v) for v in shape)
+            or shape[0] not in (1, 3)
+            or not all(MIN_IMAGE_SIZE <= v <= MAX_INPUT_SIDE for v in shape[1:])
+            or math.prod(shape) > MAX_ARRAY_ELEMENTS
+        ):
+            raise bad("input_shape", shape, rule)
+        if (
+            isinstance(kwargs, dict)
+            and "in_channels" in kwargs
+            and kwargs["in_channels"] != shape[0]
+        ):
+            raise bad(
+                "input_shape",
+                shape,
+                f"arch_kwargs.in_channels says {kwargs['in_channels']} channels; they must agree",
+            )
+    if meta.get("eps") is not None:
+        eps = meta["eps"]
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps <= 1:
+            raise bad("eps", eps, "it must be a number from 0 to 1 (pixel units)")
+    if meta.get("epochs") is not None:
+        epochs = meta["epochs"]
+        if not _is_int(epochs) or not 0 <= epochs <= MAX_EPOCHS:
+            raise bad("epochs", epochs, f"it must be an integer from 0 to {MAX_EPOCHS}")
+    names = meta.get("class_names")
+    if isinstance(names, list) and len(names) > MAX_CLASSES:
+        raise bad("class_names", f"a list of {len(names)}", f"at most {MAX_CLASSES} names")
+
+
+def _non_finite(value: Any, where: str = "") -> str | None:
+    """The path (``.key[3]``) of the first NaN or infinity inside ``value``, or None."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else where
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _non_finite(item, f"{where}[{i}]")
+            if found is not None:
+                return found
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            found = _non_finite(item, f"{where}.{key}")
+            if found is not None:
+                return found
+    return None
 
 
 def load_model(
@@ -207,7 +326,10 @@ def load_model(
     try:
         model = create_model(arch, **kwargs)
     except UsageError as exc:
-        raise CheckpointError(f"{path}: cannot rebuild {arch}: {exc.message}") from None
+        raise CheckpointError(
+            f"{path}: cannot rebuild {arch} from metadata arch_kwargs: {exc.message}",
+            "the checkpoint is corrupt or was altered; re-export or retrain it",
+        ) from None
     try:
         from safetensors.torch import load_file
 

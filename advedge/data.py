@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from advedge.errors import DataError, UsageError, did_you_mean
+from advedge.errors import DataError, UsageError, did_you_mean, os_error
 from advedge.utils import atomic_path, sha256_file
 
 if TYPE_CHECKING:  # torch is imported where it is used: the deploy side reads data without it
@@ -52,6 +52,9 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "FORMATS",
     "IMAGE_EXTENSIONS",
+    "MAX_ARRAY_ELEMENTS",
+    "MAX_CLASSES",
+    "MIN_IMAGE_SIZE",
     "NAMED_DATASETS",
     "BatchLoader",
     "Dataset",
@@ -75,6 +78,26 @@ ProgressCallback = Callable[[int, int | None], None]
 """``progress(bytes_done, bytes_total_or_None)``, called while a named dataset downloads."""
 
 DOWNLOAD_TIMEOUT_S = 60.0
+
+# Bounds on what untrusted files may ask for. Every number below is checked when a dataset is
+# loaded, before any array is allocated (npz headers) and before any model is built.
+MAX_CLASSES = 100_000
+"""The most classes a dataset may have, from ``class_names`` or derived as ``max(y) + 1``.
+
+ImageNet-21k has about 21,800 classes; 100,000 leaves room for any real classification set
+while keeping a classifier head (``feature_dim x num_classes`` weights) to a few hundred MB. A
+label of ``1e9`` without ``class_names`` would otherwise ask for a billion-class model."""
+
+MAX_ARRAY_ELEMENTS = 2**31
+"""The most elements one array of an npz file may declare in its header (2 GiB of uint8)."""
+
+MIN_IMAGE_SIZE = 2
+"""The smallest image height and width a dataset may have.
+
+It is the smallest input the forward pass of every registered model accepts (``tiny_cnn``
+max-pools by 2; a 1x1 image makes its pooled map empty). Each architecture's own minimum, which
+can be larger in training mode, is checked against the data by
+:func:`advedge.models.registry.check_input_size`."""
 _CHUNK = 1 << 16
 
 _LOOKED_FOR = (
@@ -309,7 +332,11 @@ def load_dataset(
             dataset cannot be downloaded (the message then names the directory to put it in).
     """
     path = Path(spec).expanduser()
-    if path.exists():
+    try:
+        exists = path.exists()
+    except OSError as exc:  # e.g. a parent folder that may not be searched
+        raise _read_error(exc, path) from None
+    if exists:
         return _load_directory(path, name=path.resolve().name)
     key = str(spec).strip().lower()
     if key in NAMED_DATASETS:
@@ -322,13 +349,21 @@ def load_dataset(
 
 
 def _load_directory(path: Path, *, name: str) -> Dataset:
-    fmt = detect_format(path)
-    if fmt == "npz":
-        train, test = _read_npz_dir(path)
-    elif fmt == "cifar-python":
-        train, test = _read_cifar_dir(path)
-    else:
-        train, test = _read_image_folder(path)
+    try:
+        if path.is_dir() and not os.access(path, os.R_OK | os.X_OK):
+            raise DataError(
+                f"cannot read {path}: permission denied",
+                "check the folder's permissions (it needs read and execute: chmod u+rx)",
+            )
+        fmt = detect_format(path)
+        if fmt == "npz":
+            train, test = _read_npz_dir(path)
+        elif fmt == "cifar-python":
+            train, test = _read_cifar_dir(path)
+        else:
+            train, test = _read_image_folder(path)
+    except OSError as exc:  # a file or folder of the dataset that cannot be read
+        raise _read_error(exc, path) from None
     dataset = _assemble(name, path, fmt, train, test)
     logger.info(
         "loaded %s from %s (%s): %d train / %d test images, %d classes, shape %s",
@@ -343,10 +378,21 @@ def _load_directory(path: Path, *, name: str) -> Dataset:
     return dataset
 
 
+def _read_error(exc: OSError, path: Path) -> DataError:
+    """One line for an ``OSError`` met while reading ``path`` (or the file the error names)."""
+    err = os_error(exc, exc.filename or path, action="read")
+    return DataError(err.message, err.hint)
+
+
 def _assemble(
     name: str, root: Path, fmt: str, train: _Split | None, test: _Split | None
 ) -> Dataset:
-    """Validate both splits against each other and build the :class:`Dataset`."""
+    """Validate both splits against each other and build the :class:`Dataset`.
+
+    Every bound on untrusted numbers is checked here, when the dataset is loaded: the image
+    size (at least :data:`MIN_IMAGE_SIZE`), no negative label, and at most :data:`MAX_CLASSES`
+    classes, whether listed in ``class_names`` or derived from the largest label.
+    """
     if test is None:
         raise DataError(
             f"{root} has no test split ({fmt} format)",
@@ -360,6 +406,14 @@ def _assemble(
             raise DataError(
                 f"{split.source}: {len(split.x)} images but {len(split.y)} labels",
                 "x and y must have the same length",
+            )
+        height, width = int(split.x.shape[1]), int(split.x.shape[2])
+        if height < MIN_IMAGE_SIZE or width < MIN_IMAGE_SIZE:
+            raise DataError(
+                f"{split.source}: images are {height}x{width} (HxW), smaller than the minimum "
+                f"{MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE}",
+                "the models need images of at least "
+                f"{MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE} pixels (32x32 is usual); resize them",
             )
     if train is not None and train.x.shape[1:] != test.x.shape[1:]:
         raise DataError(
@@ -378,15 +432,33 @@ def _assemble(
         num_classes = len(class_names)
         if num_classes == 0:
             raise DataError(f"{named[0].source}: class_names is empty")
+        if num_classes > MAX_CLASSES:
+            raise DataError(
+                f"{named[0].source}: class_names lists {num_classes} classes, more than the "
+                f"{MAX_CLASSES} advedge supports",
+                "class_names must list one name per class",
+            )
     else:
-        num_classes = max(int(s.y.max()) for s in splits) + 1
+        top = max(splits, key=lambda s: int(s.y.max()))
+        largest = int(top.y.max())
+        if largest >= MAX_CLASSES:
+            raise DataError(
+                f"{top.source}: label {largest} would make {largest + 1} classes, more than "
+                f"the {MAX_CLASSES} advedge supports",
+                "labels must be class indices 0..K-1; store class_names to say K",
+            )
+        num_classes = largest + 1
     for split in splits:
-        bad = int(np.count_nonzero((split.y < 0) | (split.y >= num_classes)))
+        outside = (split.y < 0) | (split.y >= num_classes)
+        bad = int(np.count_nonzero(outside))
         if bad:
             where = f"class_names lists {num_classes}" if class_names is not None else "labels"
+            value = int(split.y[np.argmax(outside)])
+            what = f"label {value}" + (", negative" if value < 0 else "")
+            last = num_classes - 1 if num_classes > 0 else "K-1"
             raise DataError(
-                f"{split.source}: {bad} labels outside [0, {num_classes})",
-                f"{where}; labels must be class indices 0..{num_classes - 1}",
+                f"{split.source}: {bad} labels outside [0, {num_classes}) (e.g. {what})",
+                f"{where}; labels must be class indices 0..{last}",
             )
     names = class_names if class_names is not None else tuple(str(i) for i in range(num_classes))
     return Dataset(
@@ -445,7 +517,107 @@ def _join_npz(parts: list[_Split]) -> _Split:
     )
 
 
+_NPZ_KEYS = ("x", "y", "class_names")
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available to this process now, or None where that cannot be told."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _check_npz_headers(path: Path) -> None:
+    """Read the headers of the arrays an npz holds and refuse absurd ones before loading.
+
+    An ``.npy`` header states the shape and dtype, and numpy allocates the whole array from
+    them before reading a byte of data: a 1 KB file can ask for terabytes. Each of ``x``, ``y``
+    and ``class_names`` must declare at most :data:`MAX_ARRAY_ELEMENTS` elements, no object
+    dtype, no more data than its zip member holds, and all of them together must fit in the
+    memory available now. A file that is not a zip is left to ``np.load`` to refuse.
+
+    Raises:
+        DataError: naming the file and the array, for the first header out of bounds.
+    """
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, EOFError, ValueError):
+        return  # np.load says what is wrong with it
+    total = 0
+    with archive:
+        members = {info.filename: info for info in archive.infolist()}
+        for key in _NPZ_KEYS:
+            if key in members:  # np.load would hand the raw bytes over, however many
+                raise DataError(
+                    f"{path}: member {key!r} is not a numpy array (no .npy suffix)",
+                    "write the file with np.savez",
+                )
+            info = members.get(f"{key}.npy")
+            if info is None:
+                continue
+            try:
+                with archive.open(info) as fh:
+                    version = np.lib.format.read_magic(fh)
+                    if version == (1, 0):
+                        shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
+                    else:  # (2, 0) and (3, 0) share the layout; headers here are ASCII
+                        shape, _, dtype = np.lib.format.read_array_header_2_0(fh)
+                    header_size = fh.tell()
+            except (
+                ValueError,
+                EOFError,
+                SyntaxError,
+                NotImplementedError,
+                RuntimeError,
+                zipfile.BadZipFile,
+                zlib.error,
+            ) as exc:
+                raise DataError(
+                    f"cannot read {path}: array {key!r} has a broken header ({_one_line(exc)})",
+                    "the file is truncated, corrupt or not an npz written by numpy",
+                ) from None
+            dims = tuple(int(d) for d in shape)
+            if any(d < 0 for d in dims):
+                raise DataError(f"{path}: array {key!r} declares the shape {dims}")
+            if dtype.hasobject:
+                raise DataError(
+                    f"{path}: array {key!r} holds Python objects (dtype {dtype})",
+                    "object arrays need pickle, which is never allowed; store plain arrays",
+                )
+            count = math.prod(dims)
+            if count > MAX_ARRAY_ELEMENTS:
+                raise DataError(
+                    f"{path}: array {key!r} declares the shape {dims}, {count:,} elements, more "
+                    f"than the {MAX_ARRAY_ELEMENTS:,} an array may hold",
+                    "split the data into train-*.npz shards",
+                )
+            nbytes = count * dtype.itemsize
+            if nbytes > info.file_size - header_size:
+                raise DataError(
+                    f"{path}: array {key!r} declares the shape {dims} ({nbytes:,} bytes) but "
+                    f"holds only {max(0, info.file_size - header_size):,} bytes",
+                    "the file is truncated or was altered",
+                )
+            total += nbytes
+    available = _available_memory()
+    if available is not None and total > available:
+        raise DataError(
+            f"{path}: its arrays need {total / 2**30:.1f} GiB but only "
+            f"{available / 2**30:.1f} GiB of memory is available",
+            "split the data into smaller train-*.npz shards or free memory",
+        )
+
+
 def _read_npz(path: Path) -> _Split:
+    _check_npz_headers(path)
     try:
         with np.load(path, allow_pickle=False) as archive:
             missing = [k for k in ("x", "y") if k not in archive.files]
@@ -459,18 +631,34 @@ def _read_npz(path: Path) -> _Split:
             names = archive["class_names"] if "class_names" in archive.files else None
     except DataError:
         raise
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
-        raise DataError(
-            f"cannot read {path}: {type(exc).__name__}: {_one_line(exc)}",
-            "the file is truncated, corrupt or not an npz written by numpy (object arrays "
-            "need pickle, which is never allowed)",
-        ) from None
+    except OSError as exc:
+        if exc.errno is not None:  # the operating system's: permission, missing file, ...
+            raise _read_error(exc, path) from None
+        raise _corrupt_npz(path, exc) from None
+    except (
+        ValueError,
+        EOFError,
+        KeyError,
+        NotImplementedError,
+        RuntimeError,
+        zipfile.BadZipFile,
+        zlib.error,
+    ) as exc:
+        raise _corrupt_npz(path, exc) from None
     class_names = None
     if names is not None:
         if names.ndim != 1:
             raise DataError(f"{path}: class_names must be 1-D, got shape {names.shape}")
         class_names = tuple(str(n) for n in names.tolist())
     return _Split(_as_images(x, str(path)), _as_labels(y, str(path)), class_names, str(path))
+
+
+def _corrupt_npz(path: Path, exc: BaseException) -> DataError:
+    return DataError(
+        f"cannot read {path}: {type(exc).__name__}: {_one_line(exc)}",
+        "the file is truncated, corrupt or not an npz written by numpy (object arrays "
+        "need pickle, which is never allowed)",
+    )
 
 
 def _as_images(x: np.ndarray, source: str) -> np.ndarray:
@@ -561,6 +749,8 @@ def _unpickle(path: Path) -> Any:
         ) from None
     except (pickle.UnpicklingError, EOFError, OSError, ValueError, TypeError, AttributeError,
             IndexError, KeyError, MemoryError) as exc:  # fmt: skip
+        if isinstance(exc, OSError) and exc.errno is not None:  # permission, missing file, ...
+            raise _read_error(exc, path) from None
         raise DataError(
             f"cannot read CIFAR batch {path}: {type(exc).__name__}: {_one_line(exc)}",
             "the file is truncated or corrupt; download it again",
@@ -663,7 +853,19 @@ def _read_image_split(
                     img.load()
                     mode = "L" if img.mode == "L" else "RGB"
                     pixels = np.asarray(img.convert(mode) if img.mode != mode else img)
-            except (OSError, ValueError, SyntaxError, UnidentifiedImageError) as exc:
+            except OSError as exc:
+                if exc.errno is not None:  # the operating system's: permission, ...
+                    raise _read_error(exc, file) from None
+                raise DataError(
+                    f"cannot read image {file}: {_one_line(exc)}",
+                    "the file is corrupt or not an image; remove or replace it",
+                ) from None
+            except Image.DecompressionBombError as exc:
+                raise DataError(
+                    f"refusing to decode image {file}: {_one_line(exc)}",
+                    "the image is far larger than any classifier input; resize it",
+                ) from None
+            except (ValueError, SyntaxError, UnidentifiedImageError) as exc:
                 raise DataError(
                     f"cannot read image {file}: {_one_line(exc)}",
                     "the file is corrupt or not an image; remove or replace it",

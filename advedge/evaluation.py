@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from advedge.attacks import Attack
 from advedge.data import Dataset, ImageArrays, to_tensor
 from advedge.engine import autocast_context
-from advedge.errors import UsageError, did_you_mean
+from advedge.errors import AdvedgeError, DataError, UsageError, did_you_mean
 from advedge.utils import atomic_write_text, environment, to_jsonable
 
 logger = logging.getLogger(__name__)
@@ -65,15 +65,67 @@ class EvalProgress:
         """Called with the attack's entry of the results JSON."""
 
 
+def non_finite_logits_error(n_bad: int, n_total: int, what: str = "images") -> AdvedgeError:
+    """The one-line error for a model whose logits hold NaN or infinity."""
+    return AdvedgeError(
+        f"the model produces non-finite logits (NaN/inf) on {n_bad} of {n_total} {what}",
+        "its weights are probably NaN or inf (a diverged training run); no accuracy is "
+        "reported for it",
+    )
+
+
 @torch.no_grad()
-def predict(model: nn.Module, x: Tensor, batch_size: int = 256) -> Tensor:
+def predict(model: nn.Module, x: Tensor, batch_size: int = 256, *, what: str = "images") -> Tensor:
     """Arg-max predictions of ``model`` on ``x``, in batches.
+
+    The arg-max of NaN logits is meaningless, so a model whose logits are not all finite is
+    refused rather than scored.
 
     Shape:
         x ``[N, C, H, W]`` -> ``[N]`` int64 on x's device.
+
+    Raises:
+        AdvedgeError: if any image gets a NaN or infinite logit (the message counts them).
     """
-    out = [model(x[i : i + batch_size]).argmax(1) for i in range(0, x.shape[0], batch_size)]
+    out = []
+    n_bad = 0
+    for i in range(0, x.shape[0], batch_size):
+        logits = model(x[i : i + batch_size])
+        n_bad += int((~torch.isfinite(logits)).flatten(1).any(1).sum())
+        out.append(logits.argmax(1))
+    if n_bad:
+        raise non_finite_logits_error(n_bad, int(x.shape[0]), what)
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=x.device)
+
+
+@torch.no_grad()
+def check_model_outputs(
+    model: nn.Module, x: Tensor, num_classes: int, *, exact: bool = True, autocast: Any = None
+) -> None:
+    """Refuse a model whose logits on ``x`` are not ``[N, num_classes]`` or not all finite.
+
+    Run on a first batch before any attack, so that a model with NaN weights or of another
+    number of classes never gets an accuracy. With ``exact=False`` (data without class names,
+    whose class count is only its largest label + 1) the model may output more classes.
+
+    Raises:
+        DataError: the model outputs another number of classes than the data has.
+        AdvedgeError: some logits are NaN or infinite.
+    """
+    ctx = autocast or contextlib.nullcontext
+    with ctx():
+        logits = model(x)
+    k_out = int(logits.shape[1]) if logits.ndim == 2 else -1
+    if k_out < 0 or (k_out != num_classes if exact else k_out < num_classes):
+        shape = tuple(logits.shape)
+        raise DataError(
+            f"the model outputs {k_out if k_out >= 0 else shape} classes but the data has "
+            f"{num_classes}",
+            "evaluate on the dataset the model was trained on",
+        )
+    n_bad = int((~torch.isfinite(logits)).any(1).sum())
+    if n_bad:
+        raise non_finite_logits_error(n_bad, int(x.shape[0]))
 
 
 SUITES = ("standard", "rand", "quick")
@@ -272,6 +324,9 @@ def evaluate(
 
     Raises:
         UsageError: when resuming a state written with other settings.
+        DataError: the model outputs another number of classes than ``data`` has.
+        AdvedgeError: the model's logits are NaN or infinite on some image, clean or
+            adversarial (no accuracy is computed from them).
     """
     from advedge.sanity import run_sanity_checks
 
@@ -300,6 +355,14 @@ def evaluate(
         "amp": amp,
         "attacks": [a.describe() for a in attacks],
     }
+    if total:  # before any attack, and also when resuming: a first clean batch
+        check_model_outputs(
+            model,
+            x_all[:batch_size],
+            data.num_classes,
+            exact=bool(data.class_names),
+            autocast=autocast,
+        )
     state = _State.open(
         Path(state_path) if state_path is not None else None,
         _fingerprint(settings),
@@ -337,7 +400,8 @@ def evaluate(
                 xb, yb = x_all[idx_t], y_all[idx_t]
                 with ctx():
                     x_adv = attack(xb, yb)
-                    ok = (predict(model, x_adv, batch_size) == yb).cpu().numpy()
+                    preds = predict(model, x_adv, batch_size, what=f"{attack.name} examples")
+                    ok = (preds == yb).cpu().numpy()
                 not_broken[idx[~ok]] = False
                 running[idx[~ok]] = False
                 rec["done"].extend(int(i) for i in idx)
@@ -532,11 +596,13 @@ def evaluate_checkpoint(
         UsageError: bad eps/alpha/steps/n/attack or suite names, ``resume`` without ``out``,
             resuming with other settings.
         CheckpointError: missing or corrupt checkpoint.
-        DataError: missing data, or data that does not fit the model (classes, shape).
+        DataError: missing data, or data that does not fit the model (classes, shape, images
+            smaller than the architecture accepts).
+        AdvedgeError: the model's logits are NaN or infinite (see :func:`evaluate`).
     """
     from advedge.checkpoint import load_model, resolve_checkpoint
     from advedge.data import load_dataset
-    from advedge.errors import DataError
+    from advedge.models.registry import min_input_size
     from advedge.utils import resolve_device, seed_everything, sha256_file
 
     eps_v, alpha_v = check_eval_options(
@@ -579,6 +645,17 @@ def evaluate_checkpoint(
             f"{list(dataset.input_shape)}",
             "evaluate on the dataset the model was trained on",
         )
+    height, width = dataset.test.image_size
+    side = min_input_size(model)
+    if side is not None and (height < side or width < side):
+        raise DataError(
+            f"the images of {dataset.root} are {height}x{width} but "
+            f"{meta.get('architecture')} needs at least {side}x{side}",
+            "evaluate on the dataset the model was trained on",
+        )
+    # Before any attack, for the purifier protocol as well: NaN weights, another head.
+    first = to_tensor(dataset.test.x[:batch_size]).to(dev)
+    check_model_outputs(model, first, dataset.num_classes)
     seed_everything(seed)
 
     def build(target: nn.Module) -> list[Attack]:

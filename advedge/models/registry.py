@@ -13,7 +13,9 @@ can rebuild the architecture with ``create_model(model.arch, **model.arch_kwargs
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
+import itertools
 import json
 import logging
 import math
@@ -22,6 +24,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, overload
 
+import torch
+
+from advedge.data import MAX_CLASSES
 from advedge.errors import UsageError, did_you_mean
 from advedge.models.base import ImageClassifier, channel_values
 
@@ -30,11 +35,16 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "COMMON_ARGUMENTS",
     "DEFAULT_STATS",
+    "MAX_ARCH_INT",
+    "MAX_CLASSES",
+    "MAX_PARAMETERS",
     "ModelFactory",
+    "check_input_size",
     "create_model",
     "float_argument",
     "int_argument",
     "list_models",
+    "min_input_size",
     "model_info",
     "register_model",
 ]
@@ -52,6 +62,21 @@ DEFAULT_STATS: dict[int, tuple[tuple[float, ...], tuple[float, ...]]] = {
     1: ((0.1307,), (0.3081,)),  # MNIST
 }
 """Default ``(mean, std)`` per number of input channels, used when none is given."""
+
+MAX_ARCH_INT = 4096
+"""The largest magnitude an integer architecture argument may have.
+
+Integer arguments set sizes (depth, widen factor, channel counts); the registered models use
+values below 50. The bound keeps a checkpoint's ``arch_kwargs`` from asking for a billion layers,
+which would hang Python long before any memory check."""
+
+MAX_PARAMETERS = 2**30
+"""The most elements (parameters and buffers) a model built by :func:`create_model` may have.
+
+About 1.07 billion, 4 GiB in float32; the largest registered default, ``wrn34_10``, has 46
+million. The count is taken on a copy built on the ``meta`` device, which allocates nothing."""
+
+_MAX_PROBE_SIDE = 64  # min_input_size tries square inputs of 1..64 pixels
 
 
 @dataclass(frozen=True)
@@ -249,6 +274,11 @@ def create_model(
     """
     entry = _entry(name)
     num_classes = int_argument(num_classes, "num_classes", 2)
+    if num_classes > MAX_CLASSES:
+        raise UsageError(
+            f"num_classes must be at most {MAX_CLASSES}, got {num_classes}",
+            "a dataset's labels or class_names say how many classes it has",
+        )
     if isinstance(in_channels, bool) or in_channels not in (1, 3):
         raise UsageError(f"in_channels must be 1 or 3, got {in_channels!r}")
     in_channels = int(in_channels)
@@ -273,14 +303,25 @@ def create_model(
             f"arguments of model {name!r} must be plain numbers, strings or lists, "
             f"got {arch_args!r}"
         ) from None
+    for key, value in arch_args.items():
+        _check_arch_value(name, key, value)
 
-    model = entry.factory(
-        num_classes=num_classes,
-        in_channels=in_channels,
-        mean=mean_values,
-        std=std_values,
+    args = {
+        "num_classes": num_classes,
+        "in_channels": in_channels,
+        "mean": mean_values,
+        "std": std_values,
         **arch_args,
-    )
+    }
+    size = _meta_size(entry, args)
+    if size is not None and size > MAX_PARAMETERS:
+        shown = ", ".join(f"{k}={v!r}" for k, v in args.items() if k not in ("mean", "std"))
+        raise UsageError(
+            f"model {name!r} with {shown} would have {size:,} parameters, more than the "
+            f"{MAX_PARAMETERS:,} advedge builds",
+            "lower num_classes or the size arguments (depth, width)",
+        )
+    model = entry.factory(**args)
     if not isinstance(model, ImageClassifier):
         raise TypeError(
             f"model factory {name!r} returned {type(model).__name__}, not ImageClassifier"
@@ -295,3 +336,130 @@ def create_model(
     }
     logger.debug("created model %s with %s", name, model.arch_kwargs)
     return model
+
+
+def _check_arch_value(name: str, key: str, value: Any) -> None:
+    """Refuse integers beyond :data:`MAX_ARCH_INT` and non-finite floats, also inside lists."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return
+    if isinstance(value, int):
+        if abs(value) > MAX_ARCH_INT:
+            raise UsageError(
+                f"argument {key!r} of model {name!r} is {value}, beyond the {MAX_ARCH_INT} "
+                "any architecture argument may take"
+            )
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise UsageError(f"argument {key!r} of model {name!r} must be finite, got {value}")
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _check_arch_value(name, key, item)
+    elif isinstance(value, dict):
+        for sub, item in value.items():
+            _check_arch_value(name, f"{key}.{sub}", item)
+
+
+def _meta_size(entry: _Entry, args: dict[str, Any]) -> int | None:
+    """Parameters plus buffers of the model ``args`` build, counted on the meta device.
+
+    Returns None for a factory that cannot build on the meta device (it is then built for real
+    without the bound). Errors the factory raises for bad arguments propagate.
+    """
+    try:
+        with torch.device("meta"):
+            probe = entry.factory(**args)
+    except (UsageError, TypeError):
+        raise
+    except Exception as exc:  # any failure only means: no estimate
+        logger.debug("cannot build %s on the meta device (%s); size not checked", entry.name, exc)
+        return None
+    if not isinstance(probe, torch.nn.Module):
+        return None
+    return sum(t.numel() for t in itertools.chain(probe.parameters(), probe.buffers()))
+
+
+@functools.lru_cache(maxsize=64)
+def _min_side(name: str, arch_json: str, in_channels: int, training: bool) -> int | None:
+    entry = _entry(name)
+    args = {
+        "num_classes": 2,
+        "in_channels": in_channels,
+        "mean": [0.5] * in_channels,
+        "std": [0.5] * in_channels,
+        **json.loads(arch_json),
+    }
+    try:
+        with torch.device("meta"):
+            model = entry.factory(**args)
+        model.train(training)
+    except Exception as exc:  # no probe, no minimum
+        logger.debug("cannot probe %s on the meta device (%s)", name, exc)
+        return None
+    for side in range(1, _MAX_PROBE_SIDE + 1):
+        try:
+            with torch.no_grad():
+                model(torch.empty(1, in_channels, side, side, device="meta"))
+        except Exception:  # too small for a convolution, a pooling or a norm
+            continue
+        return side
+    return None
+
+
+def min_input_size(
+    model: str | ImageClassifier, *, training: bool = False, **arch_kwargs: Any
+) -> int | None:
+    """The smallest square input side a model accepts, found by a forward pass on meta tensors.
+
+    Args:
+        model: A registered name (with its ``arch_kwargs``, common arguments included or not),
+            or a model built by :func:`create_model` (its own ``arch_kwargs`` are used).
+        training: In training mode a batch of one image must leave every batch norm more than
+            one value per channel, which needs a larger input than evaluation.
+        **arch_kwargs: Arguments of the model, when ``model`` is a name.
+
+    Returns:
+        The side in pixels, or None when it cannot be told (a factory that does not build on
+        the meta device, or no input up to 64x64 works).
+    """
+    if isinstance(model, str):
+        name, kwargs = model, arch_kwargs
+    else:
+        name, kwargs = getattr(model, "arch", ""), dict(getattr(model, "arch_kwargs", {}))
+        if not name:
+            return None
+    entry = _entry(name)
+    in_channels = kwargs.get("in_channels", 3)
+    if in_channels not in (1, 3) or isinstance(in_channels, bool):
+        return None
+    arch = {k: v for k, v in kwargs.items() if k not in COMMON_ARGUMENTS}
+    arch = {**entry.defaults, **arch}
+    try:
+        arch_json = json.dumps(arch, sort_keys=True)
+    except (TypeError, ValueError):
+        return None
+    return _min_side(name, arch_json, int(in_channels), bool(training))
+
+
+def check_input_size(
+    model: str | ImageClassifier,
+    height: int,
+    width: int,
+    *,
+    training: bool = False,
+    **arch_kwargs: Any,
+) -> None:
+    """Refuse images smaller than :func:`min_input_size` of ``model``.
+
+    Raises:
+        UsageError: naming the image size and the model's minimum.
+    """
+    side = min_input_size(model, training=training, **arch_kwargs)
+    if side is None or (height >= side and width >= side):
+        return
+    name = model if isinstance(model, str) else getattr(model, "arch", type(model).__name__)
+    mode = "to train" if training else ""
+    raise UsageError(
+        f"{name} needs images of at least {side}x{side}{' ' + mode if mode else ''}, "
+        f"got {height}x{width}",
+        "resize the images or choose a model that downsamples less (tiny_cnn, resnet8)",
+    )
