@@ -28,8 +28,8 @@ byte-identical model. A corrupt cache file is logged and recomputed, never fatal
 
 ONNX Runtime prints progress with ``print()``, logs with ANSI colours straight to stderr and lets
 numpy warn; all of it runs under :func:`quiet_onnxruntime`, which logs it at debug instead, so
-``--json`` output on stdout stays clean and an error on stderr stays one line. Torch-free; ``onnx`` and ``onnxruntime`` are
-imported inside the functions.
+``--json`` output on stdout stays clean and an error on stderr stays one line. Torch-free;
+``onnx`` and ``onnxruntime`` are imported inside the functions.
 """
 
 from __future__ import annotations

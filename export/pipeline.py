@@ -195,14 +195,13 @@ STAGING_PREFIX = ".advedge-export-"
 
 
 @contextlib.contextmanager
-def _staging(out: Path, *, owned: bool = False) -> Iterator[Path]:
+def _staging(out: Path) -> Iterator[Path]:
     """A hidden folder in ``out``; removed whatever happens (moved-out files survive).
 
     ``out`` is created here, when the first file is about to be staged; on failure it is
-    removed again if this export created it (or ``owned``: it held only a killed export's
-    leftovers) and it is still empty.
+    removed again if this export created it and it is still empty.
     """
-    created = owned or not out.exists()
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
     ok = False
@@ -216,15 +215,15 @@ def _staging(out: Path, *, owned: bool = False) -> Iterator[Path]:
                 out.rmdir()  # only if empty: never removes earlier work
 
 
-def _remove_stale_staging(out: Path, say: Callable[[str], None]) -> bool:
+def _remove_stale_staging(out: Path, say: Callable[[str], None]) -> None:
     """Remove the staging folders a killed export left in ``out``; call it under the lock.
 
     Only an export holding the output lock of ``out`` stages there, so under the lock every
-    staging folder in ``out`` is a leftover. Returns True when ``out`` is empty afterwards and
-    held nothing but leftovers (a failed export may then remove it, as if it had created it).
+    staging folder in ``out`` is a leftover. An ``out`` that held nothing but leftovers was
+    made by the killed export: it is removed too (and made again with the first file).
     """
     if not out.is_dir():
-        return False
+        return
     stale = [
         p
         for p in out.iterdir()
@@ -234,7 +233,9 @@ def _remove_stale_staging(out: Path, say: Callable[[str], None]) -> bool:
         shutil.rmtree(folder, ignore_errors=True)
     if stale:
         say(f"removed {len(stale)} staging folder(s) left in {out} by an export that was killed")
-    return bool(stale) and not any(out.iterdir())
+        if not any(out.iterdir()):
+            with contextlib.suppress(OSError):
+                out.rmdir()
 
 
 def check_output_path(path: Path, *, folder: bool, option: str = "--out") -> None:
@@ -301,7 +302,10 @@ def _write_error(exc: OSError, out: Path) -> AdvedgeError:
 
 
 def _final_name(name: str) -> str:
-    """``.tiny_cnn.fp32.onnx.k2j4x8.tmp`` (an atomic write's temporary) -> ``tiny_cnn.fp32.onnx``."""
+    """An atomic write's temporary -> the file it becomes.
+
+    ``.tiny_cnn.fp32.onnx.k2j4x8.tmp`` -> ``tiny_cnn.fp32.onnx``.
+    """
     if name.startswith(".") and name.endswith(".tmp"):
         inner = name[1:-4]
         return inner.rsplit(".", 1)[0] if "." in inner else inner
@@ -771,7 +775,7 @@ def export_artifacts(
     from advedge.calibration.quantize import quiet_onnxruntime
 
     with quiet_onnxruntime(), output_lock(out):
-        owned = _remove_stale_staging(out, say)
+        _remove_stale_staging(out, say)
         targets, meta = _load_targets(opts)
         for t in targets:
             t.overrides = {"max_abs": opts.parity_max_abs, "min_agree": opts.parity_min_agree}
@@ -800,7 +804,6 @@ def export_artifacts(
                 report=report,
                 say=say,
                 backend=backend,
-                owned=owned,
                 stale=stale,
             )
         except OSError as exc:  # a full disk, a folder made read-only meanwhile
@@ -822,13 +825,12 @@ def _stage_and_install(
     report: ExportReport,
     say: Callable[[str], None],
     backend: Any,
-    owned: bool,
     stale: list[Path],
 ) -> None:
     """Stage every artifact, gate it, then remove ``stale`` and move the new files into ``out``."""
     attack = {"name": "pgd", "eps": eps, "steps": opts.attack_steps, "norm": "Linf", "n": len(y)}
     timing = Path(opts.timing_cache) if opts.timing_cache else out / "timing.cache"
-    with _staging(out, owned=owned) as stage:
+    with _staging(out) as stage:
         written: list[Path] = []
         adv_cache: dict[Any, np.ndarray] = {}
         stage_timing = stage / ".timing.cache"

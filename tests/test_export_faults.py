@@ -356,6 +356,51 @@ def test_same_model_at_another_precision_into_the_same_out_is_not_a_conflict(
     assert {read_sidecar(out / n)["source_sha256"] for n in names if n.endswith(".json")} == {sha}
 
 
+def test_export_refuses_an_out_where_another_model_of_another_name_lives(
+    runs, tiny_npz_data, tmp_path, capsys, monkeypatch
+):
+    import advedge.export.pipeline as pipeline
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "resnet8.int8.onnx").write_bytes(b"onnx")
+    (out / "resnet8.int8.json").write_text(json.dumps({"source_sha256": "deadbeef" * 8}))
+    monkeypatch.setattr(pipeline, "_load_test_images", _no_work)
+    rc = _export(runs["a"], out, tiny_npz_data)
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    assert "resnet8.int8.onnx" in _one_error_line(err) and "--overwrite" in err
+    assert sorted(p.name for p in out.iterdir()) == ["resnet8.int8.json", "resnet8.int8.onnx"]
+
+
+def test_a_purifier_beside_the_same_classifier_is_not_a_conflict(
+    runs, tiny_npz_data, tmp_path, capsys
+):
+    from advedge.purifier import save_purifier
+    from advedge.purifier.networks import Generator
+
+    torch.manual_seed(1)
+    pur = tmp_path / "purifier"
+    pur.mkdir()
+    save_purifier(
+        Generator(3, 8, eps_r=10 / 255).eval(),
+        pur / "purifier.safetensors",
+        metadata={"input_shape": [3, 32, 32], "eps": EPS, "eps_r": 10 / 255, "method": "ipcm"},
+    )
+    out = tmp_path / "out"
+    assert _export(runs["a"], out, tiny_npz_data) == 0
+    rc = _export(runs["a"], out, tiny_npz_data, "--purifier", str(pur))
+    assert rc == 0, capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == [
+        "purifier.fp32.json",
+        "purifier.fp32.onnx",
+        "tiny_cnn.fp32.json",
+        "tiny_cnn.fp32.onnx",
+    ]
+    # and the classifier alone again beside its purifier
+    assert _export(runs["a"], out, tiny_npz_data) == 0, capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------ 3. nothing left
 @pytest.fixture(scope="module")
 def calib_inputs(tmp_path_factory: pytest.TempPathFactory, fp32_onnx: Path) -> dict[str, Path]:
