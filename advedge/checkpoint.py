@@ -39,7 +39,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from advedge import __version__
-from advedge.data import MAX_ARRAY_ELEMENTS, MAX_CLASSES, MIN_IMAGE_SIZE
+from advedge.data import MAX_ARRAY_ELEMENTS, MAX_CLASSES, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
 from advedge.errors import CheckpointError, UsageError
 from advedge.utils import atomic_path
 
@@ -62,12 +62,6 @@ MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
 
 _JSON_KEYS = ("arch_kwargs", "mean", "std", "input_shape")
-
-MAX_INPUT_SIDE = 8192
-"""The largest image height or width a checkpoint's ``input_shape`` may state.
-
-Exporters and benchmarks allocate inputs of that shape; 8192 is far beyond any classifier
-input, and ``C * H * W`` must also stay within :data:`advedge.data.MAX_ARRAY_ELEMENTS`."""
 
 MAX_EPOCHS = 1_000_000
 """The largest ``epochs`` count a checkpoint may state."""
@@ -189,7 +183,7 @@ def _check_metadata(path: Path, meta: dict[str, Any]) -> None:
 
     ``num_classes`` (top level and in ``arch_kwargs``) must be an integer in
     ``[2, MAX_CLASSES]``, ``arch_kwargs.in_channels`` 1 or 3, ``input_shape`` ``[C, H, W]`` with C
-    1 or 3 and H, W in ``[MIN_IMAGE_SIZE, MAX_INPUT_SIDE]``, ``eps`` a number in [0, 1],
+    1 or 3 and H, W in ``[MIN_IMAGE_SIZE, MAX_IMAGE_SIZE]``, ``eps`` a number in [0, 1],
     ``epochs`` an integer in ``[0, MAX_EPOCHS]``, ``class_names`` at most ``MAX_CLASSES`` names,
     and every number anywhere in the metadata finite. Fields that are absent are not required
     here. The architecture's own arguments are bounded by :func:`create_model`.
@@ -236,14 +230,14 @@ def _check_metadata(path: Path, meta: dict[str, Any]) -> None:
     if "input_shape" in meta and meta["input_shape"] is not None:
         shape = meta["input_shape"]
         rule = (
-            f"it must be [C, H, W] with C 1 or 3 and H, W from {MIN_IMAGE_SIZE} to {MAX_INPUT_SIDE}"
+            f"it must be [C, H, W] with C 1 or 3 and H, W from {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE}"
         )
         if (
             not isinstance(shape, list)
             or len(shape) != 3
             or not all(_is_int(v) for v in shape)
             or shape[0] not in (1, 3)
-            or not all(MIN_IMAGE_SIZE <= v <= MAX_INPUT_SIDE for v in shape[1:])
+            or not all(MIN_IMAGE_SIZE <= v <= MAX_IMAGE_SIZE for v in shape[1:])
             or math.prod(shape) > MAX_ARRAY_ELEMENTS
         ):
             raise bad("input_shape", shape, rule)

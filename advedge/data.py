@@ -54,6 +54,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "MAX_ARRAY_ELEMENTS",
     "MAX_CLASSES",
+    "MAX_IMAGE_SIZE",
     "MIN_IMAGE_SIZE",
     "NAMED_DATASETS",
     "BatchLoader",
@@ -90,6 +91,12 @@ label of ``1e9`` without ``class_names`` would otherwise ask for a billion-class
 
 MAX_ARRAY_ELEMENTS = 2**31
 """The most elements one array of an npz file may declare in its header (2 GiB of uint8)."""
+
+MAX_IMAGE_SIZE = 8192
+"""The largest image height and width a dataset (or a checkpoint's ``input_shape``) may have.
+
+Far beyond any classifier input; exporters and benchmarks allocate inputs of the recorded shape,
+and a checkpoint trained on the data must stay loadable."""
 
 MIN_IMAGE_SIZE = 2
 """The smallest image height and width a dataset may have.
@@ -390,8 +397,9 @@ def _assemble(
     """Validate both splits against each other and build the :class:`Dataset`.
 
     Every bound on untrusted numbers is checked here, when the dataset is loaded: the image
-    size (at least :data:`MIN_IMAGE_SIZE`), no negative label, and at most :data:`MAX_CLASSES`
-    classes, whether listed in ``class_names`` or derived from the largest label.
+    size (from :data:`MIN_IMAGE_SIZE` to :data:`MAX_IMAGE_SIZE`), no negative label, and at most
+    :data:`MAX_CLASSES` classes, whether listed in ``class_names`` or derived from the largest
+    label.
     """
     if test is None:
         raise DataError(
@@ -414,6 +422,12 @@ def _assemble(
                 f"{MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE}",
                 "the models need images of at least "
                 f"{MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE} pixels (32x32 is usual); resize them",
+            )
+        if height > MAX_IMAGE_SIZE or width > MAX_IMAGE_SIZE:
+            raise DataError(
+                f"{split.source}: images are {height}x{width} (HxW), larger than the maximum "
+                f"{MAX_IMAGE_SIZE}x{MAX_IMAGE_SIZE}",
+                "resize them to the classifier's input size",
             )
     if train is not None and train.x.shape[1:] != test.x.shape[1:]:
         raise DataError(

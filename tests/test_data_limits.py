@@ -30,7 +30,14 @@ from torch import nn
 from advedge import data as data_module
 from advedge.checkpoint import load_model, read_metadata, save_model
 from advedge.cli import main
-from advedge.data import MAX_ARRAY_ELEMENTS, MAX_CLASSES, MIN_IMAGE_SIZE, ImageArrays, load_dataset
+from advedge.data import (
+    MAX_ARRAY_ELEMENTS,
+    MAX_CLASSES,
+    MAX_IMAGE_SIZE,
+    MIN_IMAGE_SIZE,
+    ImageArrays,
+    load_dataset,
+)
 from advedge.errors import AdvedgeError, CheckpointError, DataError, UsageError
 from advedge.evaluation import evaluate
 from advedge.models import create_model
@@ -340,6 +347,12 @@ def test_one_pixel_images_are_refused_at_load(tmp_path: Path):
         load_dataset(tmp_path)
     message = str(info.value)
     assert "1x1" in message and f"{MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE}" in message
+
+
+def test_images_wider_than_the_bound_are_refused_at_load(tmp_path: Path):
+    _write(tmp_path / "test.npz", np.zeros((2, 2, MAX_IMAGE_SIZE + 1, 1), np.uint8), [0, 1])
+    with pytest.raises(DataError, match=rf"test\.npz: images are 2x{MAX_IMAGE_SIZE + 1}"):
+        load_dataset(tmp_path)
 
 
 def test_training_on_one_pixel_images_fails_cleanly(
