@@ -23,6 +23,18 @@ With ``robust``:
 Transfer examples overstate the robustness of a quantised artifact (they were crafted at another
 precision); the query attack does not have that gap. Everything is written to ``bench.json``
 (``schema: advedge.bench/1``) and ``bench.csv``, with an environment manifest.
+
+Checked before the first timed call or crafted attack (:func:`run_bench`): every option's range
+(batch sizes up to ``MAX_BATCH`` and what half the available memory holds, ``--iters``,
+``--warmup``, ``--n``, ``--query-n``, ``--n-queries``), ``--out`` (not a file, not under one,
+writable, no earlier ``bench.json`` without ``--overwrite``; locked while written, created by its
+first file, emptied of what the run made if it fails), ``--model`` and ``--purifier``, each
+artifact (float32 NCHW input, no Loop/Scan/If: their run time is data and cannot be bounded, so
+they are refused rather than timed out; batch sizes its graph or engine takes; logits on every
+test image finite and one per class of the data) and the transfer set. A transfer set is checked
+wherever it is read (:func:`load_transfer_set`): its sha256, then what it holds
+(:func:`validate_transfer_set`: finite images in [0, 1], every adversarial image within eps of
+its clean one, labels in range, consistent counts, not every image left clean).
 """
 
 from __future__ import annotations
@@ -515,7 +527,10 @@ def validate_transfer_set(
         raise bad(f"labels are {y.dtype} {list(y.shape)}, not integers [{n}]")
     if meta.get("n") is not None and meta.get("n") != n:
         raise bad(f"it records n = {meta.get('n')} but holds {n} images")
-    classes = num_classes if num_classes is not None else meta.get("num_classes")
+    recorded = meta.get("num_classes")
+    classes = num_classes if num_classes is not None else recorded
+    if isinstance(classes, bool) or not isinstance(classes, int) or classes < 1:
+        classes = None  # neither given nor recorded: labels are checked for >= 0 only
     out_of_range = int(((y < 0) | (y >= classes)).sum()) if classes else int((y < 0).sum())
     if out_of_range:
         raise bad(f"{out_of_range} of {n} labels lie outside [0, {classes or 'classes'})")
@@ -653,6 +668,8 @@ class _Feed:
         self.num_classes = num_classes
 
     def run(self, x: np.ndarray) -> np.ndarray:
+        if len(x) == 0:
+            return np.zeros((0, self.num_classes), np.float32)
         outs = []
         for i in range(0, len(x), self.step):
             xb = np.ascontiguousarray(x[i : i + self.step], dtype=np.float32)
@@ -963,7 +980,7 @@ def _open(artifact: str, opts: BenchOptions, x: np.ndarray) -> _Art:
             f"the data's images are {list(x.shape[1:])} but {path.name} takes {list(want)}",
             "pass the dataset the model was trained on",
         )
-    if graph_shape and any(
+    if len(graph_shape) == 3 and any(
         isinstance(d, int) and d != have for d, have in zip(graph_shape, x.shape[1:], strict=True)
     ):
         raise ExportError(

@@ -198,7 +198,7 @@ def _check_onnx_io(path: Path, inner: Any) -> None:
         )
     if inner.output_type not in _FLOAT_OUTPUTS:
         raise ExportError(f"{path.name} returns {inner.output_type}, not float logits")
-    if len(inner.output_shape) != 2:
+    if inner.output_shape and len(inner.output_shape) != 2:  # unknown: checked on the logits
         raise ExportError(
             f"{path.name} returns a rank-{len(inner.output_shape)} output "
             f"{inner.output_shape}, not [batch, classes] logits"

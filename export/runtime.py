@@ -124,7 +124,7 @@ class OrtRunner:
         self.input_type = str(inputs[0].type)  # e.g. "tensor(float)"
         output = self.session.get_outputs()[0]
         self.output_name = output.name
-        self.output_shape = list(output.shape)
+        self.output_shape = list(output.shape or [])  # [] where ONNX Runtime cannot tell
         self.output_type = str(output.type)
 
     @property
