@@ -446,8 +446,7 @@ def _check_existing(out: Path, targets: list[_Target], opts: ExportOptions) -> l
     shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
     raise ExportError(
         f"{out} already holds artifacts of another model (or of unknown origin): {shown}",
-        "pass --overwrite to replace them (that model's files of the same name are then "
-        "removed), or choose another --out",
+        "pass --overwrite to replace that model's files of these names, or choose another --out",
     )
 
 
