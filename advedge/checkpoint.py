@@ -41,7 +41,7 @@ from torch import nn
 from advedge import __version__
 from advedge.data import MAX_ARRAY_ELEMENTS, MAX_CLASSES, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
 from advedge.errors import CheckpointError, UsageError
-from advedge.utils import atomic_path
+from advedge.utils import atomic_path, atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -372,8 +372,13 @@ def save_state(state: dict[str, Any], path: str | os.PathLike[str]) -> None:
     ``state`` must hold only tensors, numbers, strings, lists and dicts, so that it can be read
     back with ``weights_only=True``.
     """
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    import io
+
+    # Serialised in memory first: torch.save writing straight to a full disk fails with an
+    # opaque "unexpected pos" RuntimeError; a plain write raises OSError(ENOSPC) instead.
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def load_state(

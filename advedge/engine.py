@@ -22,6 +22,7 @@ import io
 import json
 import logging
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,7 +46,7 @@ from advedge.distributed import (
     parameters_agree,
     rank_and_world,
 )
-from advedge.errors import AdvedgeError, UsageError, did_you_mean
+from advedge.errors import AdvedgeError, UsageError, did_you_mean, os_error
 from advedge.models import create_model, list_models
 from advedge.objectives import METHODS, Method, MethodOutput, build_method
 from advedge.utils import atomic_write_text, resolve_device, seed_everything
@@ -328,6 +329,8 @@ class Trainer:
             **({"beta": config.beta} if config.method == "trades" else {}),
         )
         self.out = Path(config.out)
+        self.schedule_changes: list[dict[str, Any]] = []
+        self._config_doc: dict[str, Any] = {}
 
     # ----------------------------------------------------------------------------- setup
     def _distill_method(self) -> Method:
@@ -371,7 +374,11 @@ class Trainer:
                 f"model num_classes={kwargs['num_classes']} but the data has "
                 f"{self.dataset.num_classes} classes"
             )
-        return create_model(self.config.model, **kwargs)
+        from advedge.models.registry import check_input_size
+
+        model = create_model(self.config.model, **kwargs)
+        check_input_size(model, *self.dataset.input_shape[1:], training=True)
+        return model
 
     def _check_out_dir(self, resume: bool) -> dict[str, Any] | None:
         """Return the state to resume from, or None; refuse to overwrite a run."""
@@ -393,7 +400,25 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- run
     def run(self, *, resume: bool = False, callbacks: TrainCallbacks | None = None) -> TrainResult:
-        """Train to ``config.epochs``, resuming from ``state.pt`` when ``resume`` is true."""
+        """Train to ``config.epochs``, resuming from ``state.pt`` when ``resume`` is true.
+
+        Holds the output lock of ``config.out`` (one writer). The run folder is created with the
+        first checkpoint (``config.yaml`` is written with it), and a new run that fails before
+        its first checkpoint leaves no folder behind. A full disk or a read-only folder is
+        reported as one named error.
+        """
+        from advedge.locks import output_lock
+
+        with output_lock(self.out):
+            fresh = not self.out.exists()
+            try:
+                return self._run(resume, callbacks)
+            except BaseException:
+                if fresh and self.is_main and not (self.out / STATE_FILE).exists():
+                    shutil.rmtree(self.out, ignore_errors=True)
+                raise
+
+    def _run(self, resume: bool, callbacks: TrainCallbacks | None) -> TrainResult:
         cfg = self.config
         callbacks = callbacks or TrainCallbacks()
         state = self._check_out_dir(resume)
@@ -447,12 +472,10 @@ class Trainer:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
-            # The schedule's length follows the (possibly extended) epoch count.
-            scheduler.lr_lambdas[0] = lr_lambda(
-                cfg.schedule, total_steps, cfg.milestones, cfg.gamma
-            )
             start_epoch = int(state["epoch"])
             metrics = [dict(r) for r in state.get("metrics", [])][:start_epoch]
+            self.schedule_changes = list(state.get("schedule_changes", []))
+            self._relay_schedule(optimizer, scheduler, total_steps, state, start_epoch)
             logger.info("resuming %s from epoch %d", self.out, start_epoch)
 
         train_model: nn.Module = model
@@ -468,9 +491,7 @@ class Trainer:
             scaler.load_state_dict(state["scaler"])
 
         held_x, held_y = self._held_out()
-        if self.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            write_yaml(self.out / "config.yaml", self._resolved_config(len(train_arrays)))
+        self._config_doc = self._resolved_config(len(train_arrays))  # written with the checkpoint
         callbacks.on_train_start(
             start_epoch=start_epoch, epochs=cfg.epochs, batches_per_epoch=len(loader)
         )
@@ -517,6 +538,8 @@ class Trainer:
                 "lr": round(optimizer.param_groups[0]["lr"], 8),
                 "seconds": round(time.perf_counter() - t0, 3),
             }
+            if self.schedule_changes:
+                row["schedule_epochs"] = cfg.epochs
             metrics.append(row)
             if self.is_main:
                 self._write_checkpoint(model, optimizer, scheduler, scaler, epoch + 1, metrics)
@@ -604,6 +627,7 @@ class Trainer:
             "device": str(self.device),
             "world_size": self.world_size,
             "channels_last": self.channels_last,
+            **({"schedule_changes": self.schedule_changes} if self.schedule_changes else {}),
             "dataset": {
                 "name": self.dataset.name,
                 "root": str(self.dataset.root),
@@ -654,10 +678,61 @@ class Trainer:
             "config": config_to_dict(self.config),
             "channels_last": self.channels_last,
         }
+        if self.schedule_changes:
+            state["schedule_changes"] = self.schedule_changes
         # Order matters for crash safety: the state first, then the model, then metrics.
-        save_state(state, self.out / STATE_FILE)
-        save_model(raw, self.out / MODEL_FILE, metadata=self._checkpoint_metadata(epochs_done))
-        write_metrics_csv(self.out / "metrics.csv", metrics)
+        try:
+            write_yaml(self.out / "config.yaml", self._config_doc)
+            save_state(state, self.out / STATE_FILE)
+            save_model(raw, self.out / MODEL_FILE, metadata=self._checkpoint_metadata(epochs_done))
+            write_metrics_csv(self.out / "metrics.csv", metrics)
+        except OSError as exc:
+            raise os_error(exc, self.out) from None
+
+    def _relay_schedule(
+        self,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        total_steps: int,
+        state: dict[str, Any],
+        start_epoch: int,
+    ) -> None:
+        """Lay the LR schedule over the resumed run's epoch count, and restart the LR from it.
+
+        The optimiser's saved LR is the old schedule's last value (0 at the end of a cosine), so
+        without this a run extended with ``--resume --epochs N`` would start its extra epochs
+        from the wrong LR. When the epoch count changed, the change is logged, kept in
+        ``state.pt`` and written to ``config.yaml`` (``resolved.schedule_changes``), and every
+        later metrics row records ``schedule_epochs``: the extended run is not the run a fresh
+        ``--epochs N`` would give (its first epochs followed the shorter schedule).
+        """
+        cfg = self.config
+        lam = lr_lambda(cfg.schedule, total_steps, cfg.milestones, cfg.gamma)
+        scheduler.lr_lambdas[0] = lam
+        step = scheduler.last_epoch
+        for group, base in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
+            group["lr"] = base * lam(step)
+        scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+        old_epochs = int(state.get("config", {}).get("epochs", cfg.epochs))
+        if old_epochs != cfg.epochs and start_epoch < cfg.epochs:
+            change = {
+                "at_epoch": start_epoch,
+                "from_epochs": old_epochs,
+                "to_epochs": cfg.epochs,
+                "lr": round(optimizer.param_groups[0]["lr"], 8),
+            }
+            self.schedule_changes.append(change)
+            logger.warning(
+                "epochs changed from %d to %d on resume: the %s schedule is laid over %d epochs "
+                "and continues at lr %.4g from epoch %d (not the same as a fresh %d-epoch run)",
+                old_epochs,
+                cfg.epochs,
+                cfg.schedule,
+                cfg.epochs,
+                change["lr"],
+                start_epoch + 1,
+                cfg.epochs,
+            )
 
 
 def load_frozen_model(

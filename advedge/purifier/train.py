@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +53,7 @@ from advedge.engine import (
     load_frozen_model,
     write_metrics_csv,
 )
-from advedge.errors import AdvedgeError, UsageError, did_you_mean
+from advedge.errors import AdvedgeError, UsageError, did_you_mean, os_error
 from advedge.purifier.checkpoint import PURIFIER_FILE, save_purifier
 from advedge.purifier.losses import (
     GAN_KINDS,
@@ -217,6 +218,7 @@ class PurifierTrainer:
             config.classifier, self.dataset, self.device, role="classifier"
         )
         self.out = Path(config.out)
+        self._config_doc: dict[str, Any] = {}
 
     # ------------------------------------------------------------------------- batches
     def _attacked_batch(self, x: Tensor, y: Tensor) -> Tensor:
@@ -295,6 +297,21 @@ class PurifierTrainer:
     def run(
         self, *, resume: bool = False, callbacks: TrainCallbacks | None = None
     ) -> PurifierResult:
+        """Train to ``config.epochs`` (resuming when asked) under the output lock of
+        ``config.out``; the run folder appears with the first checkpoint, and a new run that
+        fails before it leaves nothing behind."""
+        from advedge.locks import output_lock
+
+        with output_lock(self.out):
+            fresh = not self.out.exists()
+            try:
+                return self._run(resume, callbacks)
+            except BaseException:
+                if fresh and not (self.out / STATE_FILE).exists():
+                    shutil.rmtree(self.out, ignore_errors=True)
+                raise
+
+    def _run(self, resume: bool, callbacks: TrainCallbacks | None) -> PurifierResult:
         cfg = self.config
         callbacks = callbacks or TrainCallbacks()
         state = self._check_out_dir(resume)
@@ -333,8 +350,7 @@ class PurifierTrainer:
         )
         held = stratified_subset(self.dataset.test, min(cfg.eval_n, len(self.dataset.test)), seed=0)
         hx, hy = to_tensor(held.x).to(self.device), torch.as_tensor(held.y).to(self.device)
-        self.out.mkdir(parents=True, exist_ok=True)
-        write_yaml(self.out / "config.yaml", self._resolved_config(gen, len(train)))
+        self._config_doc = self._resolved_config(gen, len(train))  # written with the checkpoint
         callbacks.on_train_start(
             start_epoch=start, epochs=cfg.epochs, batches_per_epoch=len(loader)
         )
@@ -491,9 +507,13 @@ class PurifierTrainer:
         if disc is not None and opt_d is not None:
             state["discriminator"] = {k: v.detach().cpu() for k, v in disc.state_dict().items()}
             state["opt_d"] = opt_d.state_dict()
-        save_state(state, self.out / STATE_FILE)
-        save_purifier(gen, self.out / PURIFIER_FILE, metadata=self._metadata(gen, epochs))
-        write_metrics_csv(self.out / "metrics.csv", metrics, columns=PURIFIER_COLUMNS)
+        try:
+            write_yaml(self.out / "config.yaml", self._config_doc)
+            save_state(state, self.out / STATE_FILE)
+            save_purifier(gen, self.out / PURIFIER_FILE, metadata=self._metadata(gen, epochs))
+            write_metrics_csv(self.out / "metrics.csv", metrics, columns=PURIFIER_COLUMNS)
+        except OSError as exc:
+            raise os_error(exc, self.out) from None
 
 
 def train_purifier(
