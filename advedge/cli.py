@@ -18,7 +18,7 @@ from rich.table import Table
 
 from advedge import __version__
 from advedge._output import Output, setup_logging
-from advedge.errors import AdvedgeError, UsageError
+from advedge.errors import AdvedgeError, UsageError, os_error
 
 
 def _click_module() -> Any:
@@ -243,10 +243,11 @@ def train_cmd(
         if key not in options or source not in (click.core.ParameterSource.DEFAULT, None):
             options[key] = value
     if model_arg:
-        options["model_kwargs"] = {
-            **options.get("model_kwargs", {}),
-            **_parse_model_args(model_arg),
-        }
+        from advedge.config import check_value
+
+        from_config = options.get("model_kwargs", {})
+        check_value(dict[str, Any], from_config, "config key 'model_kwargs'")
+        options["model_kwargs"] = {**from_config, **_parse_model_args(model_arg)}
     for required in ("data", "model", "out"):
         if options.get(required) in (None, ""):
             raise UsageError(f"missing option --{required}", "give it as a flag or in --config")
@@ -1166,6 +1167,11 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         fail(f"error: {exc}")
         return exc.exit_code
+    except OSError as exc:  # a path the command could not read or write: name it, exit 1
+        if debug:
+            traceback.print_exc()
+        fail(f"error: {os_error(exc, action=_os_action(exc))}")
+        return 1
     except Exception as exc:  # one line, never a traceback unless asked for
         if debug:
             traceback.print_exc()
@@ -1174,6 +1180,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     return 0
+
+
+def _os_action(exc: OSError) -> str:
+    """``read`` for errors that can only come from reading (a missing file), else ``write``."""
+    import errno
+
+    return "read" if exc.errno in (errno.ENOENT, errno.EISDIR) else "write"
 
 
 def _cmd(exc: Any) -> str:

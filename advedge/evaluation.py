@@ -29,6 +29,7 @@ import datetime as _dt
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -205,6 +206,52 @@ def _fingerprint(payload: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(to_jsonable(payload), sort_keys=True).encode()).hexdigest()
 
 
+def _state_problem(data: Any, total: int) -> str | None:
+    """What is wrong with a resumed evaluation state (an edited or foreign file), or None.
+
+    Checks the schema, the per-example clean flags (``total`` of them, 0 or 1) and, for every
+    attack, its index lists (``done`` and ``broken``, within ``[0, total)``, ``broken`` a subset
+    of ``done``), query counts (non-negative integers) and seconds (a finite number >= 0).
+    """
+
+    def indices(v: Any) -> bool:
+        return isinstance(v, list) and all(
+            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < total for i in v
+        )
+
+    if not isinstance(data, dict) or data.get("schema") != "advedge.eval-state/1":
+        return "not an advedge.eval-state/1 document"
+    clean = data.get("clean")
+    if clean is not None and not (
+        isinstance(clean, list) and len(clean) == total and all(c in (0, 1) for c in clean)
+    ):
+        return f"'clean' must hold {total} flags of 0 or 1"
+    attacks = data.get("attacks")
+    if not isinstance(attacks, dict):
+        return "'attacks' must be a mapping"
+    for name, rec in attacks.items():
+        if not isinstance(rec, dict):
+            return f"attack {name!r} is not a mapping"
+        if not indices(rec.get("done")) or not indices(rec.get("broken")):
+            return f"attack {name!r}: 'done' and 'broken' must list example indices below {total}"
+        if not set(rec["broken"]) <= set(rec["done"]):
+            return f"attack {name!r}: an example is broken but not done"
+        queries = rec.get("queries")
+        if not isinstance(queries, list) or not all(
+            isinstance(q, int) and not isinstance(q, bool) and q >= 0 for q in queries
+        ):
+            return f"attack {name!r}: 'queries' must list non-negative integers"
+        seconds = rec.get("seconds")
+        if (
+            isinstance(seconds, bool)
+            or not isinstance(seconds, (int, float))
+            or not math.isfinite(seconds)
+            or seconds < 0
+        ):
+            return f"attack {name!r}: 'seconds' must be a finite number >= 0"
+    return None
+
+
 class _State:
     """Per-example evaluation state on disk, so a long evaluation can resume.
 
@@ -225,7 +272,12 @@ class _State:
 
     @classmethod
     def open(
-        cls, path: Path | None, fingerprint: str, settings: dict[str, Any], resume: bool
+        cls,
+        path: Path | None,
+        fingerprint: str,
+        settings: dict[str, Any],
+        resume: bool,
+        total: int,
     ) -> _State:
         state = cls(path, fingerprint, settings)
         if path is None or not path.exists():
@@ -251,6 +303,12 @@ class _State:
             raise UsageError(
                 f"cannot resume the evaluation in {path}: settings differ ({', '.join(diff) or 'unknown'})",
                 "use the same settings, or drop --resume to start over",
+            )
+        problem = _state_problem(old, total)
+        if problem:
+            raise UsageError(
+                f"cannot resume: {path} is not a valid evaluation state ({problem})",
+                "delete it to start over",
             )
         state.data = old
         logger.info("resuming the evaluation state in %s", path)
@@ -368,6 +426,7 @@ def evaluate(
         _fingerprint(settings),
         settings,
         resume,
+        total,
     )
     if state.data["clean"] is None:
         with ctx():

@@ -594,6 +594,7 @@ def _bench_stage(
         purifier=str(root / "purifier"),
         out=str(root / "bench"),
         seed=p.seed,
+        overwrite=True,  # the pipeline owns bench/: a stage cut short is redone in place
     )
     doc = run_bench(opts, status=lambda m: say("bench", m))
     return [root / "bench" / "bench.json"], {
@@ -609,7 +610,9 @@ def _report_stage(
 
     say("report", "writing report.md, pareto.png and training.png")
     doc = build_report(
-        [root / "bench", root / "teacher", root / "student", root / "purifier"], root / "report"
+        [root / "bench", root / "teacher", root / "student", root / "purifier"],
+        root / "report",
+        overwrite=True,  # the pipeline owns report/
     )
     return [Path(f) for f in doc["files"].values()], {
         "files": doc["files"],
