@@ -128,56 +128,47 @@ def load_preset(name: str, config: str | None = None) -> Preset:
 
 
 def check_preset(p: Preset) -> None:
-    """Range checks of every pipeline option (types are checked when a config is read).
+    """Types and ranges of every pipeline option (bounded, so that no untrusted number can drive
+    a huge allocation or an endless run).
 
     Raises:
-        UsageError: naming the first option out of range.
+        UsageError: naming the first option of the wrong type or out of range.
     """
-    from advedge.utils import parse_eps
+    from advedge.config import SEED_MAX, check_fields
+    from advedge.utils import parse_eps, resolve_device
 
-    positive = (
-        "teacher_epochs",
-        "teacher_steps",
-        "student_epochs",
-        "student_steps",
-        "batch_size",
-        "purifier_epochs",
-        "purifier_width",
-        "purifier_steps",
-        "calib_n",
-        "parity_n",
-        "report_n",
-        "bench_n",
-        "bench_warmup",
-        "bench_iters",
-        "n_queries",
-    )
-    for key in positive:
+    check_fields(p, label="pipeline option {name}")
+    bounds = {
+        "teacher_epochs": 100_000,
+        "student_epochs": 100_000,
+        "purifier_epochs": 100_000,
+        "teacher_steps": 10_000,
+        "student_steps": 10_000,
+        "purifier_steps": 10_000,
+        "batch_size": 65_536,
+        "purifier_width": 256,
+        "subset": 10**9,
+        "calib_n": 10**6,
+        "parity_n": 10**6,
+        "report_n": 10**6,
+        "bench_n": 10**6,
+        "query_n": 10**6,
+        "bench_warmup": 10**6,
+        "bench_iters": 10**6,
+        "n_queries": 10**6,
+    }
+    for key, high in bounds.items():
         value = getattr(p, key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise UsageError(f"pipeline option {key} must be a positive integer, got {value!r}")
-    for key in ("subset", "query_n"):
-        value = getattr(p, key)
-        if value is not None and (
-            isinstance(value, bool) or not isinstance(value, int) or value < 1
-        ):
-            raise UsageError(
-                f"pipeline option {key} must be a positive integer or null, got {value!r}"
-            )
-    sizes = p.bench_batch_sizes
-    if (
-        not isinstance(sizes, list)
-        or not sizes
-        or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in sizes)
-    ):
+        if value is not None and not 1 <= value <= high:
+            raise UsageError(f"pipeline option {key} must lie in [1, {high}], got {value}")
+    if not p.bench_batch_sizes or not all(1 <= b <= 4096 for b in p.bench_batch_sizes):
         raise UsageError(
-            f"pipeline option bench_batch_sizes must be a list of positive integers, got {sizes!r}"
+            "pipeline option bench_batch_sizes must list batch sizes in [1, 4096], "
+            f"got {p.bench_batch_sizes}"
         )
+    if not 0 <= p.seed <= SEED_MAX:
+        raise UsageError(f"pipeline option seed must lie in [0, {SEED_MAX}], got {p.seed}")
     parse_eps(p.eps, name="pipeline option eps")
-    if isinstance(p.seed, bool) or not isinstance(p.seed, int) or not 0 <= p.seed < 2**32:
-        raise UsageError(f"pipeline option seed must be an integer in [0, 2**32), got {p.seed!r}")
-    from advedge.utils import resolve_device
-
     resolve_device(p.device)
 
 

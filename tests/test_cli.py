@@ -598,8 +598,11 @@ def test_resume_continues_a_finished_run(cli, tiny_npz_data: Path, tmp_path: Pat
     assert doc["resumed_from_epoch"] == 1
     lines = metrics_lines(run)
     assert len(lines) == 3
-    assert lines[:2] == lines_before
+    # the extended schedule adds a schedule_epochs column; epoch 1's values are unchanged
+    assert lines[0] == lines_before[0] + ",schedule_epochs"
+    assert lines[1].startswith(lines_before[1] + ",")
     assert [int(r["epoch"]) for r in metrics_rows(run)] == [1, 2]
+    assert metrics_rows(run)[1]["schedule_epochs"] == "2"
     assert int(load_state(run / "state.pt")["epoch"]) == 2
     assert load_model(run).checkpoint_metadata["epochs"] == 2
 
@@ -691,7 +694,14 @@ def _check_checkpoint_and_resume(cli, state: Interrupted) -> None:
     assert json.loads(res.out)["resumed_from_epoch"] == n_state
     rows = metrics_rows(run)
     assert [int(r["epoch"]) for r in rows] == list(range(1, n_state + 2))
-    assert metrics_lines(run)[: n_csv + 1] == lines_now[: n_csv + 1]
+    # the shortened schedule (30 -> n_state + 1 epochs) is recorded in a schedule_epochs column;
+    # the completed epochs' values are unchanged
+    after = metrics_lines(run)
+    assert after[0] == lines_now[0] + ",schedule_epochs"
+    assert all(
+        a.startswith(b + ",") for a, b in zip(after[1 : n_csv + 1], lines_now[1:], strict=True)
+    )
+    assert rows[-1]["schedule_epochs"] == str(n_state + 1)
     assert int(load_state(run / "state.pt")["epoch"]) == n_state + 1
     assert not tmp_files(run)
 
