@@ -172,7 +172,10 @@ def _settled(tensor: torch.Tensor) -> Iterator[None]:
     ``_RELEASE_TIMEOUT_S`` a warning is logged and the caller goes on.
     """
     use_count = getattr(tensor, "_use_count", None)
-    if use_count is None:  # a torch without the counter: nothing to wait on
+    if use_count is None or tensor.device.type != "cpu":
+        # A torch without the counter: nothing to wait on. CUDA tensors go through NCCL, whose
+        # watchdog may keep a finished work (and its tensor) until its next poll, and whose
+        # process-group shutdown joins that watchdog; the abort was seen with gloo's workers.
         yield
         return
     before = use_count()

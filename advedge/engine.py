@@ -382,7 +382,7 @@ class Trainer:
 
     def _check_out_dir(self, resume: bool) -> dict[str, Any] | None:
         """Return the state to resume from, or None; refuse to overwrite a run."""
-        if not check_run_dir(self.out, resume):
+        if not check_run_dir(self.out, resume, clean=True):
             return None
         state = load_state(self.out / STATE_FILE)
         if state.get("fingerprint") != self.config.fingerprint():
@@ -779,10 +779,12 @@ def load_frozen_model(
     return model, record
 
 
-def check_run_dir(out: Path, resume: bool) -> bool:
+def check_run_dir(out: Path, resume: bool, *, clean: bool = False) -> bool:
     """Check that ``out`` may be trained into; return True when there is a run to resume.
 
-    Leftover temporary files of writes cut short by SIGKILL are removed.
+    With ``clean`` (only under the run's output lock: another process's temporary files are
+    its writes in progress), leftover temporary files of writes cut short by SIGKILL are
+    removed.
 
     Raises:
         UsageError: ``out`` is a file; it holds a run and ``resume`` is false; or it holds a
@@ -790,7 +792,7 @@ def check_run_dir(out: Path, resume: bool) -> bool:
     """
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file", "give a run directory")
-    for stale in out.glob(".*.tmp") if out.is_dir() else ():
+    for stale in out.glob(".*.tmp") if clean and out.is_dir() else ():
         stale.unlink(missing_ok=True)
     has_state = (out / STATE_FILE).exists()
     has_model = (out / MODEL_FILE).exists()

@@ -651,7 +651,11 @@ def evaluate_checkpoint(
     ``f(G(x))`` is evaluated under the purifier protocol: grey-box, adaptive white-box, BPDA and
     (for a random purifier) EOT; see :func:`advedge.purifier.evaluate.evaluate_purified`.
 
+    With ``out``, the evaluation holds the output lock of ``out`` (one writer of the results and
+    of the resumable state beside them).
+
     Raises:
+        OutputLockedError: another process is writing ``out``.
         UsageError: bad eps/alpha/steps/n/attack or suite names, ``resume`` without ``out``,
             resuming with other settings.
         CheckpointError: missing or corrupt checkpoint.
@@ -659,6 +663,57 @@ def evaluate_checkpoint(
             smaller than the architecture accepts).
         AdvedgeError: the model's logits are NaN or infinite (see :func:`evaluate`).
     """
+    from advedge.locks import output_lock
+
+    with output_lock(out) if out is not None else contextlib.nullcontext():
+        return _evaluate_checkpoint(
+            model_path,
+            data,
+            attacks=attacks,
+            suite=suite,
+            eps=eps,
+            norm=norm,
+            steps=steps,
+            alpha=alpha,
+            restarts=restarts,
+            n_queries=n_queries,
+            n=n,
+            batch_size=batch_size,
+            seed=seed,
+            device=device,
+            amp=amp,
+            out=out,
+            resume=resume,
+            flags_n=flags_n,
+            progress=progress,
+            purifier=purifier,
+        )
+
+
+def _evaluate_checkpoint(
+    model_path: str | os.PathLike[str],
+    data: str | os.PathLike[str] | Dataset,
+    *,
+    attacks: Sequence[str] | None = None,
+    suite: str | None = None,
+    eps: str | float = 8 / 255,
+    norm: str = "Linf",
+    steps: int = 20,
+    alpha: str | float | None = None,
+    restarts: int = 1,
+    n_queries: int = 5000,
+    n: int | None = None,
+    batch_size: int = 256,
+    seed: int = 0,
+    device: str = "auto",
+    amp: str = "off",
+    out: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    flags_n: int = 100,
+    progress: EvalProgress | None = None,
+    purifier: str | os.PathLike[str] | None = None,
+) -> dict[str, Any]:
+    """:func:`evaluate_checkpoint` without the output lock."""
     from advedge.checkpoint import load_model, resolve_checkpoint
     from advedge.data import load_dataset
     from advedge.models.registry import min_input_size

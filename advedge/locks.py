@@ -2,7 +2,8 @@
 
 Every command that writes (train, distill, purifier train, export, calibrate, bench, report,
 pipeline) holds :func:`output_lock` on its ``--out`` for as long as it writes. The lock is a file
-beside the output, ``PARENT/.NAME.lock``, so it never creates the output folder itself (a failed
+beside the output, ``PARENT/.NAME.lock`` (see :func:`lock_path`), so it never creates the
+output folder itself (a failed
 command leaves no empty folder). It holds one JSON line naming the holder (pid, host, command,
 start time), and it is taken with ``flock``: the kernel releases it when its holder exits, so a
 lock left by a process killed with ``kill -9`` is stale and the next writer takes it over without
@@ -37,8 +38,15 @@ class OutputLockedError(AdvedgeError):
 
 
 def lock_path(out: str | os.PathLike[str]) -> Path:
-    """The lock file of output ``out``: ``PARENT/.NAME.lock`` (absolute)."""
+    """The lock file of output ``out`` (absolute): ``PARENT/.NAME.lock``.
+
+    An output folder that exists and can be written inside a parent that cannot (a shared,
+    read-only scratch folder) holds its lock itself, as ``OUT/.advedge.lock``. Every writer
+    finds the same file: the choice depends only on the parent's permissions.
+    """
     p = Path(os.path.abspath(out))
+    if p.is_dir() and not os.access(p.parent, os.W_OK) and os.access(p, os.W_OK):
+        return p / ".advedge.lock"
     return p.parent / f".{p.name}.lock"
 
 

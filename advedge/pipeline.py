@@ -189,7 +189,11 @@ SUPERSEDED = ".superseded"
 
 
 class _Stage:
-    """One stage's record (``.pipeline/<name>.json``), key and folder."""
+    """One stage's record (``.pipeline/<name>.json``), key and folder.
+
+    Recorded outputs are paths relative to the pipeline's folder, so a moved or copied
+    ``--out`` stays up to date.
+    """
 
     def __init__(self, root: Path, name: str, config: dict[str, Any], inputs: dict[str, str]):
         self.root, self.name = root, name
@@ -214,7 +218,7 @@ class _Stage:
             rec is not None
             and rec.get("hash") == self.key
             and rec.get("status", "finished") == "finished"
-            and all(Path(o).exists() for o in rec.get("outputs", []))
+            and all((self.root / o).exists() for o in rec.get("outputs", []))
         )
 
     def resumable(self) -> bool:
@@ -223,10 +227,11 @@ class _Stage:
         return rec is not None and rec.get("hash") == self.key and rec.get("status") == "running"
 
     def set_aside(self) -> bool:
-        """Move the folder of another key (or of unknown origin) to ``.superseded/<name>``.
+        """Move the folder of another key (or of unknown origin) into ``.superseded/``.
 
-        Finished outputs are never deleted here: an older superseded copy is replaced only by a
-        newer finished one, and an unfinished folder never replaces a finished copy.
+        A finished folder becomes ``.superseded/<name>`` (the older finished copy there, which
+        it had itself replaced, is deleted only once the move is done); any other folder goes
+        to its own ``.superseded/<name>.partial-<time>``, so nothing is ever overwritten.
 
         Returns:
             True when something was set aside.
@@ -235,14 +240,21 @@ class _Stage:
             return False
         rec = self.record()
         finished = rec is not None and rec.get("status", "finished") == "finished"
-        # an unfinished folder goes beside the finished copy, never over it
-        target = self.superseded if finished else self.superseded.with_name(self.name + ".partial")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if target.exists():
-            shutil.rmtree(target)  # replaced by a newer folder of the same kind (see above)
-        os.replace(self.dir, target)
-        if finished and rec is not None:
-            atomic_write_text(target / ".record.json", json.dumps(rec, indent=2) + "\n")
+        self.superseded.parent.mkdir(parents=True, exist_ok=True)
+        if not finished:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            target = self.superseded.with_name(f"{self.name}.partial-{stamp}-{os.getpid()}")
+            os.replace(self.dir, target)
+            return True
+        older = None
+        if self.superseded.exists():
+            older = self.superseded.with_name(f"{self.name}.older-{os.getpid()}")
+            os.replace(self.superseded, older)
+        os.replace(self.dir, self.superseded)
+        if rec is not None:
+            atomic_write_text(self.superseded / ".record.json", json.dumps(rec, indent=2) + "\n")
+        if older is not None:
+            shutil.rmtree(older)
         return True
 
     def start(self) -> None:
@@ -252,14 +264,14 @@ class _Stage:
         self._write(
             {
                 "status": "finished",
-                "outputs": [str(p) for p in outputs],
+                "outputs": [os.path.relpath(o, self.root) for o in outputs],
                 "seconds": round(seconds, 1),
                 "summary": summary,
             }
         )
         # the replacement exists now: the superseded copies may go
-        for old in (self.superseded, self.superseded.with_name(self.name + ".partial")):
-            if old.exists():
+        for old in self.superseded.parent.glob(f"{self.name}*"):
+            if old.name == self.name or old.name.startswith(f"{self.name}."):
                 shutil.rmtree(old)
 
     def _write(self, fields: dict[str, Any]) -> None:
@@ -345,16 +357,18 @@ def run_pipeline(
                 }
                 say(name, "up to date, skipped")
                 continue
-            if not stage.resumable() and stage.set_aside():
-                say(
-                    name,
-                    f"its inputs or options changed: redoing it (old outputs kept in {SUPERSEDED}/)",
-                )
-            stage.start()
-            t0 = time.perf_counter()
-            outputs, info = _STAGE_FNS[name](root, p, lambda: dataset, say, train_callbacks)
-            seconds = time.perf_counter() - t0
-            stage.finish(outputs, seconds, info)
+            with output_lock(stage.dir):  # no standalone command writes it meanwhile
+                if not stage.resumable() and stage.set_aside():
+                    say(
+                        name,
+                        f"its inputs or options changed: redoing it "
+                        f"(old outputs kept in {SUPERSEDED}/)",
+                    )
+                stage.start()
+                t0 = time.perf_counter()
+                outputs, info = _STAGE_FNS[name](root, p, lambda: dataset, say, train_callbacks)
+                seconds = time.perf_counter() - t0
+                stage.finish(outputs, seconds, info)
             summary["stages"][name] = {"skipped": False, "seconds": round(seconds, 1), **info}
         summary["report"] = str(root / "report" / "report.md")
         return summary
@@ -446,6 +460,18 @@ def _check_stage_options(root: Path, p: Preset, dataset: Any) -> None:
     )
     if dataset.train is None:
         raise AdvedgeError(f"dataset {dataset.root} has no training split", "the pipeline trains")
+    # the later stages' own option checks, now rather than after hours of training
+    data = str(dataset.root)
+    for label, _ in _EXPORTS:
+        for precision in _PRECISIONS:
+            _export_options(root, p, data, label, precision).validate()
+    _bench_options(root, p, data, [str(root / "student")]).validate()
+    if p.calib_n > len(dataset.train):
+        raise UsageError(
+            f"pipeline option calib_n {p.calib_n} is more than the {len(dataset.train)} "
+            "training images",
+            "lower calib_n",
+        )
 
 
 def _train_stage(kind: str) -> Callable[..., tuple[list[Path], dict[str, Any]]]:
@@ -527,33 +553,41 @@ def _purifier_stage(
     return [result.purifier_path], {"purifier": str(result.purifier_path)}
 
 
+_EXPORTS = (("student", {}), ("fused", {"fuse": True}))
+_PRECISIONS = ("int8", "fp16")
+
+
+def _export_options(root: Path, p: Preset, data: str, label: str, precision: str) -> Any:
+    from advedge.export.pipeline import ExportOptions
+
+    extra = dict(_EXPORTS)[label]
+    return ExportOptions(
+        model=str(root / "student"),
+        out=str(root / "export" / label),
+        precision=precision,
+        data=data,
+        calib_data=data,
+        calib_n=p.calib_n,
+        parity_n=p.parity_n,
+        report_n=p.report_n,
+        seed=p.seed,
+        **({"purifier": str(root / "purifier"), **extra} if extra else {}),
+    )
+
+
 def _export_stage(
     root: Path, p: Preset, ds: Callable[[], Any], say: Callable[[str, str], None], cb: Any
 ) -> tuple[list[Path], dict[str, Any]]:
-    from advedge.export.pipeline import ExportOptions, export_artifacts
+    from advedge.export.pipeline import export_artifacts
 
     data = str(ds().root)
     outputs: list[Path] = []
     info: dict[str, Any] = {"warnings": []}
-    for label, extra in (
-        ("student", {}),
-        ("fused", {"purifier": str(root / "purifier"), "fuse": True}),
-    ):
-        for precision in ("int8", "fp16"):
-            opts = ExportOptions(
-                model=str(root / "student"),
-                out=str(root / "export" / label),
-                precision=precision,
-                data=data,
-                calib_data=data,
-                calib_n=p.calib_n,
-                parity_n=p.parity_n,
-                report_n=p.report_n,
-                seed=p.seed,
-                **extra,
-            )
+    for label, _ in _EXPORTS:
+        for precision in _PRECISIONS:
             rep = export_artifacts(
-                opts, status=lambda m, label=label: say("export", f"{label}: {m}")
+                _export_options(root, p, data, label, precision),
+                status=lambda m, label=label: say("export", f"{label}: {m}"),
             )
             outputs += [Path(a["path"]) for a in rep.artifacts]
             info["warnings"] += rep.warnings
@@ -561,18 +595,12 @@ def _export_stage(
     return sorted(set(outputs)), info
 
 
-def _bench_stage(
-    root: Path, p: Preset, ds: Callable[[], Any], say: Callable[[str, str], None], cb: Any
-) -> tuple[list[Path], dict[str, Any]]:
-    from advedge.export.bench import BenchOptions, run_bench
+def _bench_options(root: Path, p: Preset, data: str, artifacts: list[str]) -> Any:
+    from advedge.export.bench import BenchOptions
 
-    # the PyTorch student and purifier + student are the white-box parents of the ONNX artifacts
-    arts = [str(root / "student"), str(root / "purifier")]
-    for label in ("student", "fused"):
-        arts += sorted(str(f) for f in (root / "export" / label).glob("*.onnx"))
-    opts = BenchOptions(
-        artifacts=arts,
-        data=str(ds().root),
+    return BenchOptions(
+        artifacts=artifacts,
+        data=data,
         batch_sizes=list(p.bench_batch_sizes),
         warmup=p.bench_warmup,
         iters=p.bench_iters,
@@ -587,7 +615,18 @@ def _bench_stage(
         seed=p.seed,
         overwrite=True,  # the pipeline owns bench/: a stage cut short is redone in place
     )
-    doc = run_bench(opts, status=lambda m: say("bench", m))
+
+
+def _bench_stage(
+    root: Path, p: Preset, ds: Callable[[], Any], say: Callable[[str, str], None], cb: Any
+) -> tuple[list[Path], dict[str, Any]]:
+    from advedge.export.bench import run_bench
+
+    # the PyTorch student and purifier + student are the white-box parents of the ONNX artifacts
+    arts = [str(root / "student"), str(root / "purifier")]
+    for label, _ in _EXPORTS:
+        arts += sorted(str(f) for f in (root / "export" / label).glob("*.onnx"))
+    doc = run_bench(_bench_options(root, p, str(ds().root), arts), status=lambda m: say("bench", m))
     return [root / "bench" / "bench.json"], {
         "artifacts": len(doc["results"]),
         "warnings": doc["warnings"],

@@ -120,15 +120,21 @@ def _finished_once(tmp_path_factory, tiny_npz_data) -> Path:
 
 @pytest.fixture
 def finished_pipeline(tmp_path, _finished_once) -> Path:
-    """A finished tiny pipeline in ``tmp_path/p`` (one run per module, copied per test; the
-    recorded output paths are absolute, so the copy's records are rewritten to point at it)."""
+    """A finished tiny pipeline in ``tmp_path/p`` (one run per module, copied per test)."""
     import shutil
 
     out = tmp_path / "p"
     shutil.copytree(_finished_once, out)
-    for rec in (out / ".pipeline").glob("*.json"):
-        rec.write_text(rec.read_text().replace(str(_finished_once), str(out)))
     return out
+
+
+def test_a_copied_out_is_still_up_to_date(tmp_path, tiny_npz_data, capsys, finished_pipeline):
+    assert (
+        str(finished_pipeline.parent)
+        not in (finished_pipeline / ".pipeline/bench.json").read_text()
+    )
+    again = _run(tmp_path, tiny_npz_data, TINY, capsys)
+    assert all(s["skipped"] for s in again["stages"].values())
 
 
 def test_bad_data_or_option_on_rerun_deletes_nothing(
@@ -169,6 +175,17 @@ def test_failed_redo_keeps_the_finished_stage_until_its_replacement_exists(
     assert rc == 1
     kept = finished_pipeline / ".superseded" / "teacher"
     assert {f: (kept / f).read_bytes() for f in before} == before
+    # a second failed redo, after the stage records were lost: nothing is overwritten either
+    import shutil
+
+    shutil.rmtree(finished_pipeline / ".pipeline")
+    (finished_pipeline / "teacher").mkdir(exist_ok=True)
+    (finished_pipeline / "teacher" / "note.txt").write_text("a user's file")
+    rc, _ = _run_rc(tmp_path, tiny_npz_data, {**TINY, "teacher_epochs": 2}, capsys)
+    assert rc == 1
+    assert {f: (kept / f).read_bytes() for f in before} == before
+    (partial,) = (finished_pipeline / ".superseded").glob("teacher.partial-*")
+    assert (partial / "note.txt").read_text() == "a user's file"
     monkeypatch.undo()
     rc, err = _run_rc(tmp_path, tiny_npz_data, {**TINY, "teacher_epochs": 2}, capsys)
     assert rc == 0, err

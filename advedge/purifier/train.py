@@ -440,7 +440,7 @@ class PurifierTrainer:
             raise UsageError(
                 f"{self.out} has a purifier but no {STATE_FILE}", "choose another --out"
             )
-        if not check_run_dir(self.out, resume):
+        if not check_run_dir(self.out, resume, clean=True):
             if (self.out / PURIFIER_FILE).exists():
                 raise UsageError(
                     f"{self.out} already holds a purifier run",
