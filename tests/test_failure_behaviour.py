@@ -236,3 +236,25 @@ def test_extended_epochs_train_at_the_relaid_schedule(tmp_path, tiny_npz_data, c
     change = yaml.safe_load((run / "config.yaml").read_text())["resolved"]["schedule_changes"]
     assert change == [{"at_epoch": 1, "from_epochs": 1, "to_epochs": 2, "lr": 0.05}]
     assert metrics_rows(run)[-1]["schedule_epochs"] == "2"
+
+
+def test_refused_second_writer_leaves_the_live_runs_temporary_files(tmp_path, tiny_npz_data):
+    run = tmp_path / "run"
+    assert main([str(a) for a in fast_train_flags(tiny_npz_data, run)]) == 0
+    in_progress = run / ".state.pt.abc123.tmp"  # the live run's checkpoint being written
+    in_progress.write_bytes(b"partial")
+    with output_lock(run):
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "advedge",
+                *map(str, fast_train_flags(tiny_npz_data, run, epochs=2)),
+                "--resume",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    assert proc.returncode == 1 and "being written by another" in proc.stderr
+    assert in_progress.read_bytes() == b"partial"

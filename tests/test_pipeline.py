@@ -265,3 +265,37 @@ def test_second_pipeline_into_the_same_out_is_refused(tmp_path, tiny_npz_data, c
     ]
     assert "being written by another advedge process" in proc.stderr
     assert not out.exists()
+
+
+def test_a_stage_folder_in_use_by_another_command_is_not_moved(
+    tmp_path, tiny_npz_data, finished_pipeline
+):
+    import subprocess
+    import sys
+
+    from advedge.locks import output_lock
+
+    before = _teacher_files(finished_pipeline)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump({**TINY, "teacher_epochs": 2}))
+    with output_lock(finished_pipeline / "teacher"):  # e.g. an `advedge train --out p/teacher`
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "advedge",
+                "pipeline",
+                "--data",
+                str(tiny_npz_data),
+                "--out",
+                str(finished_pipeline),
+                "--config",
+                str(path),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    assert proc.returncode == 1 and "being written by another" in proc.stderr
+    assert _teacher_files(finished_pipeline) == before
+    assert not (finished_pipeline / ".superseded").exists()
