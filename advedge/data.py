@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 from advedge.errors import DataError, UsageError, did_you_mean, os_error
-from advedge.utils import atomic_path, sha256_file
+from advedge.utils import atomic_path, available_memory, sha256_file
 
 if TYPE_CHECKING:  # torch is imported where it is used: the deploy side reads data without it
     import torch
@@ -534,21 +534,6 @@ def _join_npz(parts: list[_Split]) -> _Split:
 _NPZ_KEYS = ("x", "y", "class_names")
 
 
-def _available_memory() -> int | None:
-    """Bytes of memory available to this process now, or None where that cannot be told."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
-    except (AttributeError, ValueError, OSError):
-        return None
-
-
 def _check_npz_headers(path: Path) -> None:
     """Read the headers of the arrays an npz holds and refuse absurd ones before loading.
 
@@ -621,7 +606,7 @@ def _check_npz_headers(path: Path) -> None:
                     "the file is truncated or was altered",
                 )
             total += nbytes
-    available = _available_memory()
+    available = available_memory()
     if available is not None and total > available:
         raise DataError(
             f"{path}: its arrays need {total / 2**30:.1f} GiB but only "

@@ -317,7 +317,7 @@ def test_npz_header_declaring_more_data_than_the_member_holds_is_refused(
 def test_npz_arrays_larger_than_available_memory_are_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    monkeypatch.setattr(data_module, "_available_memory", lambda: 100)
+    monkeypatch.setattr(data_module, "available_memory", lambda: 100)
     _write(tmp_path / "test.npz", _images(4), [0, 1, 0, 1])
     with pytest.raises(DataError, match=r"test\.npz: its arrays need .* GiB of memory"):
         load_dataset(tmp_path)
