@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from advedge.errors import DataError, MissingDependencyError, UsageError, os_error
-from advedge.export.bench import Leftovers, check_out, quiet_warnings, refuse_overwrite
 from advedge.locks import output_lock
-from advedge.utils import atomic_path, atomic_write_text, to_jsonable
+from advedge.outputs import Leftovers, StagedFiles, check_out, quiet_warnings, refuse_overwrite
+from advedge.utils import to_jsonable
 
 __all__ = ["build_report", "md_escape", "pareto_front"]
 
@@ -298,9 +298,10 @@ def _pareto_png(rows: list[dict[str, Any]], path: Path) -> bool:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    try:
+        fig.savefig(path, format="png")
+    finally:
+        plt.close(fig)
     return True
 
 
@@ -338,9 +339,10 @@ def _training_png(runs: dict[str, list[dict[str, float]]], path: Path) -> bool:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    try:
+        fig.savefig(path, format="png")
+    finally:
+        plt.close(fig)
     return True
 
 
@@ -354,8 +356,10 @@ def build_report(
 
     Every input is read and ``out`` checked before anything is written; ``out`` is locked
     while the report is written, created only by its first file, and a failure leaves nothing
-    behind. An earlier report.md or report.json is replaced only with ``overwrite`` (and then a
-    plot the new report does not draw is removed, so no stale PNG stays beside it).
+    behind. An earlier report.md or report.json is replaced only with ``overwrite``, all or
+    nothing: every new file is written under a temporary name first and then they are renamed
+    into place in a row, so a failure before the renames leaves the earlier report whole; only
+    after the renames is a plot the new report does not draw removed (no stale PNG beside it).
 
     Raises:
         UsageError: no inputs, an input that is neither a bench nor a run directory, or an
@@ -375,10 +379,8 @@ def build_report(
             _plt()  # matplotlib is there before anything is written
         with output_lock(out):
             refuse_overwrite(out, OUTPUTS, overwrite)
-            made = Leftovers(out)
+            made = Leftovers(out)  # the folders this report creates, removed when empty
             try:
-                for name in (*PLOTS, *OUTPUTS):
-                    made.new(out / name)
                 return _write_report(rows, runs, out, replace=overwrite)
             except OSError as exc:
                 made.remove()
@@ -424,11 +426,30 @@ def _write_report(
     *,
     replace: bool,
 ) -> dict[str, Any]:
+    """Stage every file under a temporary name beside it, then rename them all in a row; only
+    then, with ``replace``, remove a plot of the earlier report that this one does not draw."""
+    with StagedFiles() as staged:
+        doc = _stage_report(rows, runs, out, staged)
+        stale = [out / name for name in PLOTS] if replace else []
+        staged.install(stale=stale)  # removes only the plots not among the new files
+    return doc
+
+
+def _stage_report(
+    rows: list[dict[str, Any]],
+    runs: dict[str, list[dict[str, float]]],
+    out: Path,
+    staged: StagedFiles,
+) -> dict[str, Any]:
     files = {"markdown": str(out / "report.md"), "json": str(out / "report.json")}
-    if _pareto_png(rows, out / "pareto.png"):
-        files["pareto"] = str(out / "pareto.png")
-    if _training_png(runs, out / "training.png"):
-        files["training"] = str(out / "training.png")
+    for name, key, draw, what in (
+        ("pareto.png", "pareto", _pareto_png, rows),
+        ("training.png", "training", _training_png, runs),
+    ):
+        if draw(what, staged.path(out / name)):
+            files[key] = str(out / name)
+        else:
+            staged.drop(out / name)
     pts = [
         (r["p50_b1_ms"], r["worst_case_acc"])
         for r in rows
@@ -447,9 +468,6 @@ def _write_report(
         "runs": dict(runs),
         "files": files,
     }
-    atomic_write_text(out / "report.json", json.dumps(to_jsonable(doc), indent=2) + "\n")
-    atomic_write_text(out / "report.md", _markdown(rows, runs))
-    for name, key in zip(PLOTS, ("pareto", "training"), strict=True):
-        if replace and key not in files:  # a plot of the earlier report this one does not draw
-            (out / name).unlink(missing_ok=True)
+    staged.write_text(out / "report.json", json.dumps(to_jsonable(doc), indent=2) + "\n")
+    staged.write_text(out / "report.md", _markdown(rows, runs))
     return doc

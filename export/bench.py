@@ -25,10 +25,14 @@ precision); the query attack does not have that gap. Everything is written to ``
 (``schema: advedge.bench/1``) and ``bench.csv``, with an environment manifest.
 
 Checked before the first timed call or crafted attack (:func:`run_bench`): every option's range
-(batch sizes up to ``MAX_BATCH`` and what half the available memory holds, ``--iters``,
+(batch sizes up to ``MAX_BATCH`` and what half the available memory holds: their host input
+arrays on every backend, their activations too on a runner that computes on the host, ``--iters``,
 ``--warmup``, ``--n``, ``--query-n``, ``--n-queries``), ``--out`` (not a file, not under one,
 writable, no earlier ``bench.json`` without ``--overwrite``; locked while written, created by its
-first file, emptied of what the run made if it fails), ``--model`` and ``--purifier``, each
+first file, emptied of what the run made if it fails, except a crafted transfer set, which is
+complete once written and reused by the next run; ``bench.json`` and ``bench.csv`` are staged
+and renamed into place together, so an earlier pair stays whole until the new pair replaces it),
+``--model`` and ``--purifier``, each
 artifact (float32 NCHW input, no Loop/Scan/If: their run time is data and cannot be bounded, so
 they are refused rather than timed out; batch sizes its graph or engine takes; logits on every
 test image finite and one per class of the data) and the transfer set. A transfer set is checked
@@ -51,10 +55,8 @@ import platform
 import shutil
 import statistics
 import subprocess
-import tempfile
 import time
-import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,17 +66,22 @@ import numpy as np
 import advedge
 from advedge.errors import AdvedgeError, DataError, ExportError, UsageError, os_error
 from advedge.locks import output_lock
-from advedge.utils import atomic_write_text, sha256_file, to_jsonable
+from advedge.outputs import (
+    Leftovers,
+    StagedFiles,
+    check_out,
+    held_logs,
+    quiet_warnings,
+    refuse_overwrite,
+)
+from advedge.utils import available_memory, sha256_file, to_jsonable
 
 from .runners import BACKENDS, open_runner
 
 __all__ = [
     "BenchOptions",
-    "check_out",
     "environment_manifest",
     "load_transfer_set",
-    "quiet_warnings",
-    "refuse_overwrite",
     "run_bench",
     "validate_transfer_set",
 ]
@@ -94,10 +101,15 @@ MAX_WARMUP = 10_000
 MAX_ITERS = 100_000
 MAX_N = 100_000
 MAX_QUERIES = 100_000
-# Memory one image of a batch takes in flight: its input times this factor, a generous bound on
+# Memory one image of a batch takes in flight on a runner that computes on the host (ONNX
+# Runtime's CPU provider, PyTorch on the CPU): its input times this factor, a generous bound on
 # a classifier's activations (a ResNet-18 on 32x32 inputs needs about 40x its input). A batch
-# whose estimate exceeds half the available memory is refused before it is allocated.
+# whose estimate exceeds half the available memory is refused before it runs. GPU backends keep
+# activations in device memory: for them only the host input arrays are bounded.
 ACTIVATION_FACTOR = 64
+# Host copies of one timing batch whatever the backend: measure_latency's concatenation and its
+# contiguous slice, and the runner's own float32 copy of the input.
+HOST_BATCH_COPIES = 3
 # Transfer sets hold the attacks' float32 images as they came out (never rounded to uint8), so
 # the eps-ball check allows float rounding only.
 TRANSFER_TOL = 1e-6
@@ -161,124 +173,6 @@ class BenchOptions:
 def _bounded(flag: str, value: int, lo: int, hi: int) -> None:
     if not lo <= value <= hi:
         raise UsageError(f"{flag} must lie in [{lo}, {hi}], got {value}")
-
-
-# ------------------------------------------------------------------------------ outputs
-def check_out(out: str | os.PathLike[str]) -> Path:
-    """Refuse an output folder that is a file, lies under a file or cannot be written.
-
-    Nothing is created: the folder itself is made when its first file is written.
-
-    Raises:
-        UsageError: ``out`` is a file, or one of its parents is.
-        AdvedgeError: the folder (or the nearest one that exists) cannot be written.
-    """
-    p = Path(out)
-    if p.exists() and not p.is_dir():
-        raise UsageError(f"--out {p} is a file, not a folder", "choose a folder for the outputs")
-    base = p
-    while not base.exists() and base.parent != base:
-        base = base.parent
-    if not base.is_dir():
-        raise UsageError(f"--out {p} lies under {base}, which is a file", "choose another --out")
-    try:  # a real write: permissions, read-only mounts and immutable folders all show here
-        fd, probe = tempfile.mkstemp(prefix=".advedge-probe-", dir=base)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise os_error(exc, p) from None
-    return p
-
-
-def refuse_overwrite(out: Path, names: Sequence[str], overwrite: bool) -> None:
-    """Refuse to replace an earlier output file in ``out`` unless ``overwrite`` is set.
-
-    Raises:
-        UsageError: one of the names is a folder.
-        AdvedgeError: one of them exists and ``overwrite`` is false (exit 1).
-    """
-    for name in names:
-        f = out / name
-        if f.is_dir():
-            raise UsageError(f"{f} is a folder, not a file", "choose another --out")
-        if (f.exists() or f.is_symlink()) and not overwrite:
-            raise AdvedgeError(
-                f"{f} exists: refusing to overwrite it",
-                "pass --overwrite to replace it, or choose another --out",
-            )
-
-
-class Leftovers:
-    """The files and folders a command created, removed again when it fails.
-
-    Folders are the ones missing when this was made (from ``out`` up); they are removed only
-    when empty, so nothing the command did not create is touched.
-    """
-
-    def __init__(self, out: Path | None) -> None:
-        self.files: list[Path] = []
-        self.dirs: list[Path] = []
-        p = out
-        while p is not None and not p.exists() and p.parent != p:
-            self.dirs.append(p)
-            p = p.parent
-
-    def new(self, path: Path) -> Path:
-        """Register ``path`` as created by this command when it does not exist yet."""
-        if not path.exists() and path not in self.files:
-            self.files.append(path)
-        return path
-
-    def remove(self) -> None:
-        for f in self.files:
-            with contextlib.suppress(OSError):
-                f.unlink()
-        for d in self.dirs:  # innermost first
-            with contextlib.suppress(OSError):
-                d.rmdir()
-
-
-@contextlib.contextmanager
-def quiet_warnings() -> Iterator[None]:
-    """Send Python warnings (NumPy, Matplotlib, ...) to advedge's logger at debug level while
-    the body runs: a command's stderr holds its own lines only, an error exactly one."""
-    log = logging.getLogger("advedge")
-
-    def show(message: Any, category: Any, filename: str, lineno: int, *_: Any) -> None:
-        log.debug("%s: %s (%s:%s)", category.__name__, message, filename, lineno)
-
-    with warnings.catch_warnings():
-        warnings.showwarning = show
-        yield
-
-
-@contextlib.contextmanager
-def _held_logs() -> Iterator[None]:
-    """Hold back what advedge logs (e.g. "loaded data from ...") while the body runs: emitted
-    after it succeeds, dropped when it fails, so a refused command prints one line."""
-    root = logging.getLogger("advedge")
-    held: list[logging.LogRecord] = []
-
-    def hold(record: logging.LogRecord) -> bool:
-        held.append(record)
-        return False
-
-    handlers = list(root.handlers)
-    for h in handlers:
-        h.addFilter(hold)
-    try:
-        yield
-    finally:
-        for h in handlers:
-            h.removeFilter(hold)
-    seen: set[int] = set()
-    for record in held:  # once per record, to the handlers it was meant for
-        if id(record) in seen:
-            continue
-        seen.add(id(record))
-        for h in handlers:
-            if record.levelno >= h.level:
-                h.handle(record)
 
 
 # ------------------------------------------------------------------------------ environment
@@ -732,34 +626,43 @@ def _input_shape(meta: dict[str, Any]) -> list[int] | None:
     return list(shape) if shape else None
 
 
-def _available_memory() -> int | None:
-    """Bytes of memory available now (MemAvailable), or None where it cannot be read."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
+def _computes_on_host(meta: dict[str, Any]) -> bool:
+    """Whether an artifact's runner computes in host memory: ONNX Runtime's CPU provider and
+    PyTorch on the CPU. TensorRT, ONNX Runtime's CUDA/TensorRT providers and PyTorch on a GPU
+    hold their activations in device memory."""
+    backend = str(meta.get("backend") or "")
+    if backend == "onnxruntime":
+        return True
+    if backend in ("torch", "torch-compile"):
+        return str(meta.get("device") or "cpu").startswith("cpu")
+    return False
+
+
+def _memory_budget() -> tuple[int, int] | None:
+    """``(available, budget)``: the bytes available now and the half a run may use."""
+    avail = available_memory()
+    return None if avail is None else (avail, avail // 2)
 
 
 def _check_memory(opts: BenchOptions, image_shape: Sequence[int], n: int) -> None:
-    """Refuse a batch or image count whose float32 arrays cannot fit, before allocating them."""
-    avail = _available_memory()
-    if avail is None:
+    """Refuse an image count or batch whose host arrays cannot fit, before loading them.
+
+    Every backend holds ``n`` test images (and with ``robust`` the attacks' copies) and a
+    timing batch's input arrays in host memory; what a backend needs for activations is
+    checked per artifact (:func:`_check_activations`), where its device is known.
+    """
+    mem = _memory_budget()
+    if mem is None:
         return
-    budget = avail // 2
+    avail, budget = mem
     per_image = 4 * math.prod(image_shape)
     gib = 1024**3
     batch = max(opts.batch_sizes)
-    if batch * per_image * ACTIVATION_FACTOR > budget:
+    if batch * per_image * HOST_BATCH_COPIES > budget:
         raise UsageError(
             f"batch size {batch} of {list(image_shape)} images needs about "
-            f"{batch * per_image * ACTIVATION_FACTOR / gib:.1f} GiB, more than half of the "
-            f"{avail / gib:.1f} GiB available",
+            f"{batch * per_image * HOST_BATCH_COPIES / gib:.1f} GiB of host input arrays, more "
+            f"than half of the {avail / gib:.1f} GiB available",
             "choose smaller --batch-sizes",
         )
     copies = 5 if opts.robust else 2  # images, a timing batch; two attacks and Square's copy
@@ -768,6 +671,27 @@ def _check_memory(opts: BenchOptions, image_shape: Sequence[int], n: int) -> Non
             f"--n {n} images of {list(image_shape)} need about {n * per_image * copies / gib:.1f} "
             f"GiB, more than half of the {avail / gib:.1f} GiB available",
             "choose a smaller --n",
+        )
+
+
+def _check_activations(art: _Art, image_shape: Sequence[int]) -> None:
+    """Refuse a batch whose activations cannot fit in host memory, before it runs: only for
+    runners that compute on the host (:func:`_computes_on_host`); a GPU backend's activations
+    live in device memory, which the runner's own allocation reports."""
+    if not _computes_on_host(art.meta):
+        return
+    mem = _memory_budget()
+    if mem is None:
+        return
+    avail, budget = mem
+    need = art.step * 4 * math.prod(image_shape) * ACTIVATION_FACTOR
+    if need > budget:
+        gib = 1024**3
+        raise UsageError(
+            f"batch size {art.step} of {list(image_shape)} images needs about "
+            f"{need / gib:.1f} GiB on {art.meta.get('backend')} ({art.meta.get('device') or 'cpu'}), "
+            f"more than half of the {avail / gib:.1f} GiB available",
+            "choose smaller --batch-sizes",
         )
 
 
@@ -813,7 +737,8 @@ def run_bench(opts: BenchOptions, *, status: Callable[[str], None] | None = None
     without ``overwrite``), the --model and --purifier checkpoints, each artifact (its input
     type, batch dimension and control flow; its logits on every test image: finite and one per
     class of the data) and the transfer set. ``out`` is locked while the run writes, created
-    only by its first file, and a failed run leaves nothing behind.
+    only by its first file, and a failed run leaves nothing behind but a transfer set it
+    crafted (complete once written; the next run checks and reuses it).
 
     Raises:
         UsageError: bad options, or an --out that is a file.
@@ -830,9 +755,9 @@ def run_bench(opts: BenchOptions, *, status: Callable[[str], None] | None = None
         with output_lock(out_dir) if out_dir is not None else contextlib.nullcontext():
             if out_dir is not None:
                 refuse_overwrite(out_dir, OUTPUTS, opts.overwrite)
-            made = Leftovers(out_dir)
+            made = Leftovers(out_dir)  # the folders this run creates, removed when empty
             try:
-                return _run(opts, out_dir, say, made)
+                return _run(opts, out_dir, say)
             except BaseException:
                 made.remove()
                 raise
@@ -881,6 +806,8 @@ def _check(opts: BenchOptions, out_dir: Path | None) -> _Plan:
         _check_set_fits(given, x, y, opts)
 
     arts = [_open(a, opts, x) for a in opts.artifacts]
+    for art in arts:  # before any batch runs on it
+        _check_activations(art, x.shape[1:])
     for art in arts:  # every artifact on every test image: shapes, classes, finite logits
         art.feed = _Feed(art.runner, art.path.name, art.step, art.lo, num_classes)
         art.clean_ok = art.feed.predict(x) == y
@@ -923,10 +850,8 @@ def _check(opts: BenchOptions, out_dir: Path | None) -> _Plan:
     return _Plan(x, y, num_classes, arts, sets, to_craft)
 
 
-def _run(
-    opts: BenchOptions, out_dir: Path | None, say: Callable[[str], None], made: Leftovers
-) -> dict[str, Any]:
-    with _held_logs():  # a refused run prints its error only, not the checks' progress
+def _run(opts: BenchOptions, out_dir: Path | None, say: Callable[[str], None]) -> dict[str, Any]:
+    with held_logs():  # a refused run prints its error only, not the checks' progress
         plan = _check(opts, out_dir)
     x, y, num_classes, arts = plan.x, plan.y, plan.num_classes, plan.arts
     sets, to_craft = plan.sets, plan.to_craft
@@ -934,7 +859,9 @@ def _run(
     for art in arts:
         results.append(_time(art, opts, x, say))
     for fused, path in to_craft.items():
-        craft_transfer_set(opts, x, y, fused, made.new(path), say)
+        # not a leftover: a set is complete once its atomic write finished, and it is costly;
+        # a later failure (or Ctrl-C) keeps it for the next run, which checks it on load
+        craft_transfer_set(opts, x, y, fused, path, say)
         tx, ty, advs, tmeta = load_transfer_set(path, num_classes=num_classes)
         sets[fused] = _Set(path, tx, ty, advs, tmeta)
     for art, entry in zip(arts, results, strict=True):
@@ -956,12 +883,14 @@ def _run(
             if lat.get("warning")
         ],
     }
-    if out_dir is not None:  # bench.json last: it is what a reader looks for
+    if out_dir is not None:  # both staged, then renamed together: never a new CSV, old JSON
         try:
-            atomic_write_text(made.new(out_dir / "bench.csv"), _csv(results))
-            atomic_write_text(
-                made.new(out_dir / "bench.json"), json.dumps(to_jsonable(doc), indent=2) + "\n"
-            )
+            with StagedFiles() as files:
+                files.write_text(out_dir / "bench.csv", _csv(results))
+                files.write_text(
+                    out_dir / "bench.json", json.dumps(to_jsonable(doc), indent=2) + "\n"
+                )
+                files.install()
         except OSError as exc:
             raise os_error(exc, out_dir) from None
     return doc

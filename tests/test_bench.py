@@ -302,6 +302,38 @@ def test_bench_engine_through_the_tensorrt_double_times_stages(
     assert 0.0 <= onnx_acc <= 1.0
 
 
+def test_bench_bounds_activations_in_host_memory_only_for_host_backends(
+    arts, tiny_npz_data, monkeypatch, tmp_path, capsys
+):
+    """Batch 256 with 64 MiB available: ~200 MB of activations on ONNX Runtime's CPU provider is
+    refused before it runs; a TensorRT engine (the double) keeps its activations on the device,
+    so only its ~9 MB of host input arrays count and it runs."""
+    from advedge.export import bench as bench_mod
+    from advedge.export.tensorrt import BatchProfile, build_engine
+    from fakes import install_fake_tensorrt
+
+    install_fake_tensorrt(monkeypatch, version="11.2.0")
+    build = build_engine(
+        arts["onnx_a"], tmp_path, name="a", precision="fp32", profile=BatchProfile(1, 256, 256)
+    )
+    monkeypatch.setattr(bench_mod, "available_memory", lambda: 64 * 2**20)
+    common = {
+        "data": str(tiny_npz_data),
+        "batch_sizes": "256",
+        "warmup": "0",
+        "iters": "1",
+        "n": "16",
+        "json": True,
+    }
+    capsys.readouterr()
+    assert main(argv("bench", artifact=str(build.engine), **common)) == 0, capsys.readouterr().err
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["results"][0]["latency"][0]["batch"] == 256
+    rc = main(argv("bench", artifact=str(arts["onnx_a"]), **common))
+    err = capsys.readouterr().err
+    assert rc == 2 and "batch size 256" in err and "on onnxruntime (cpu)" in err, err
+
+
 def test_pareto_front():
     pts = [(1.0, 0.2), (2.0, 0.5), (3.0, 0.4), (0.5, 0.1), (2.0, 0.3)]
     assert pareto_front(pts) == [3, 0, 1]

@@ -5,6 +5,7 @@ line, an earlier output is replaced only with --overwrite and one writer holds a
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -24,6 +25,7 @@ from advedge.export.onnx_export import export_onnx
 from conftest import argv
 from onnx import TensorProto, helper, numpy_helper
 
+from advedge import outputs
 from advedge.checkpoint import save_model
 from advedge.cli import main
 from advedge.errors import ExportError, UsageError
@@ -566,13 +568,50 @@ def test_bad_robust_options_leave_no_transfer_set(
     assert list(tmp_path.rglob("transfer-*.npz")) == []
 
 
-def test_a_failure_after_crafting_leaves_nothing_behind(
-    arts, tiny_npz_data, tmp_path, capsys, monkeypatch
+@pytest.mark.parametrize(
+    "failure", [ExportError("the query attack broke"), KeyboardInterrupt()], ids=["error", "ctrl-c"]
+)
+def test_a_failure_after_crafting_keeps_the_transfer_set_for_the_next_run(
+    arts, tiny_npz_data, tmp_path, capsys, monkeypatch, failure
 ):
+    real_query = bench_mod.query_attack
+
     def broken(*args: object, **kwargs: object) -> None:
-        raise ExportError("the query attack broke")
+        raise failure
 
     monkeypatch.setattr(bench_mod, "query_attack", broken)
+    out = tmp_path / "deep" / "out"
+    args = _bench_args(
+        arts["onnx"],
+        tiny_npz_data,
+        out,
+        robust=True,
+        model=str(arts["run"]),
+        query_n="2",
+        n_queries="2",
+    )
+    rc = main(args)
+    assert rc == (130 if isinstance(failure, KeyboardInterrupt) else 1)
+    capsys.readouterr()
+    # the crafted set is complete (written atomically) and stays: no bench files, no temporary
+    tset = _the_set(out)
+    assert sorted(p.name for p in out.iterdir()) == [tset.name]
+    load_transfer_set(tset)
+    sha = sha256_file(tset)
+
+    # the next run checks it and reuses it: nothing is crafted again
+    def no_crafting(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the transfer set was crafted again")
+
+    monkeypatch.setattr(bench_mod, "craft_transfer_set", no_crafting)
+    monkeypatch.setattr(bench_mod, "query_attack", real_query)
+    assert main(args) == 0, capsys.readouterr().err
+    assert sha256_file(tset) == sha
+    doc = json.loads((out / "bench.json").read_text())
+    assert doc["results"][0]["robust"]["transfer_set"]["path"] == str(tset)
+
+
+def test_a_failure_before_crafting_leaves_no_folder(arts, tiny_npz_data, tmp_path, capsys):
     out = tmp_path / "deep" / "out"
     rc = main(
         _bench_args(
@@ -580,13 +619,92 @@ def test_a_failure_after_crafting_leaves_nothing_behind(
             tiny_npz_data,
             out,
             robust=True,
-            model=str(arts["run"]),
+            model=str(tmp_path / "nowhere"),
             query_n="2",
             n_queries="2",
         )
     )
-    assert rc == 1 and "the query attack broke" in capsys.readouterr().err
+    assert rc == 1 and "checkpoint not found" in capsys.readouterr().err
     assert not (tmp_path / "deep").exists()
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    """Every entry of ``folder`` (hidden ones included) with its content."""
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def _fail_writing(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """A full disk while the new ``name`` is staged: after the files staged before it."""
+    real = outputs.StagedFiles.write_text
+
+    def write_text(self: outputs.StagedFiles, dst: Path, text: str) -> Path:
+        if Path(dst).name == name:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
+        return real(self, dst, text)
+
+    monkeypatch.setattr(outputs.StagedFiles, "write_text", write_text)
+
+
+def _fail_renaming(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """An I/O error when the new ``name`` is renamed into place: after the renames before it."""
+    real = os.replace
+
+    def replace(src: object, dst: object, *args: object, **kwargs: object) -> None:
+        if Path(os.fsdecode(dst)).name == name and Path(os.fsdecode(src)).name.startswith("."):
+            raise OSError(errno.EIO, os.strerror(errno.EIO), os.fsdecode(src))
+        real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+
+
+@pytest.mark.parametrize("fault", ["while staging", "while renaming"])
+def test_bench_overwrite_replaces_csv_and_json_together_or_not_at_all(
+    linear, tiny_npz_data, tmp_path, capsys, monkeypatch, fault
+):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "bench.csv").write_text("earlier csv\n")
+    (out / "bench.json").write_text("earlier json\n")
+    before = _files(out)
+    if fault == "while staging":
+        _fail_writing(monkeypatch, "bench.json")  # the CSV is staged already
+    else:
+        _fail_renaming(monkeypatch, "bench.json")  # the CSV is renamed already: undone
+    rc = main(_bench_args(linear["ok"], tiny_npz_data, out, overwrite=True))
+    err = capsys.readouterr().err  # the progress of the work done, then the error
+    (line,) = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert rc == 1 and f"cannot write {out}" in line, err
+    assert _files(out) == before  # the earlier pair, whole; no temporary left
+    monkeypatch.undo()
+    assert main(_bench_args(linear["ok"], tiny_npz_data, out, overwrite=True)) == 0
+    assert json.loads((out / "bench.json").read_text())["schema"] == "advedge.bench/1"
+    assert (out / "bench.csv").read_text().startswith("artifact,")
+    assert sorted(_files(out)) == ["bench.csv", "bench.json"]
+
+
+@pytest.mark.parametrize("fault", ["while staging", "while renaming"])
+def test_report_overwrite_replaces_every_file_together_or_not_at_all(
+    tmp_path, capsys, monkeypatch, fault
+):
+    bench = _bench_json(tmp_path / "bench")
+    out = tmp_path / "report"
+    out.mkdir()
+    for name in ("report.md", "report.json", "pareto.png", "training.png"):
+        (out / name).write_text(f"earlier {name}\n")
+    before = _files(out)
+    if fault == "while staging":
+        _fail_writing(monkeypatch, "report.md")  # the plot and report.json are staged already
+    else:
+        _fail_renaming(monkeypatch, "report.md")  # pareto.png and report.json renamed: undone
+    rc = main(["report", str(bench), "--out", str(out), "--overwrite"])
+    line = _one_line(capsys.readouterr().err)
+    assert rc == 1 and f"cannot write {out}" in line, line
+    assert _files(out) == before  # the earlier report, whole (training.png too); no temporary
+    monkeypatch.undo()
+    assert main(["report", str(bench), "--out", str(out), "--overwrite"]) == 0
+    # the earlier training.png, which this report does not draw, goes only after the renames
+    assert sorted(_files(out)) == ["pareto.png", "report.json", "report.md"]
+    assert (out / "report.md").read_text().startswith("# advedge report")
 
 
 # ------------------------------------------------------------------------------ 7. outputs
@@ -627,11 +745,51 @@ def test_batch_sizes_iters_warmup_and_n_are_bounded_before_allocating(
     line = _one_line(capsys.readouterr().err)
     assert rc == 2 and "batch size 100000 is above the limit" in line, line
     # and by the memory there is: 128 images in flight need more than half of 64 MiB
-    monkeypatch.setattr(bench_mod, "_available_memory", lambda: 64 * 2**20)
+    monkeypatch.setattr(bench_mod, "available_memory", lambda: 64 * 2**20)
     rc = main(_bench_args(linear["ok"], tiny_npz_data, out, batch_sizes="128"))
     line = _one_line(capsys.readouterr().err)
     assert rc == 2 and "more than half of the 0.1 GiB available" in line, line
     assert no_work == [] and not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("backend", "device", "host"),
+    [
+        ("onnxruntime", "cpu", True),
+        ("torch", "cpu", True),
+        ("torch-compile", "cpu", True),
+        ("torch", "cuda:0", False),
+        ("torch-cudagraph", "cuda:0", False),
+        ("onnxruntime-cuda", "cuda", False),
+        ("onnxruntime-trt", "cuda", False),
+        ("tensorrt", "NVIDIA Jetson AGX Orin", False),
+    ],
+)
+def test_activations_are_bounded_on_backends_that_compute_on_the_host_only(
+    monkeypatch, backend, device, host
+):
+    # batch 256 of ImageNet-sized images on a machine with 8 GiB available: activations of
+    # ~9.2 GiB on the host are refused; a GPU backend holds only ~0.4 GiB of host input arrays
+    monkeypatch.setattr(bench_mod, "available_memory", lambda: 8 * 2**30)
+    shape = [3, 224, 224]
+    art = bench_mod._Art(Path("m"), None, {"backend": backend, "device": device}, step=256)
+    if host:
+        with pytest.raises(UsageError, match=r"batch size 256 .* more than half of the 8\.0 GiB"):
+            bench_mod._check_activations(art, shape)
+    else:
+        bench_mod._check_activations(art, shape)
+    opts = BenchOptions(artifacts=["m"], data="d", batch_sizes=[1, 256], n=1000)
+    bench_mod._check_memory(opts, shape, 1000)  # the host arrays fit, whatever the backend
+    # and they are bounded for every backend: 4096 images of 224x224, three copies, ~6.9 GiB
+    big = BenchOptions(artifacts=["m"], data="d", batch_sizes=[4096], n=1000)
+    with pytest.raises(UsageError, match="host input arrays"):
+        bench_mod._check_memory(big, shape, 1000)
+
+
+def test_the_activation_bound_does_not_read_the_machine_when_memory_is_unknown(monkeypatch):
+    monkeypatch.setattr(bench_mod, "available_memory", lambda: None)
+    art = bench_mod._Art(Path("m"), None, {"backend": "onnxruntime", "device": "cpu"}, step=4096)
+    bench_mod._check_activations(art, [3, 224, 224])  # nothing to compare with: no refusal
 
 
 # ------------------------------------------------------------------------------ 9. Markdown
