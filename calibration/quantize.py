@@ -27,29 +27,28 @@ Runtime version (see :func:`default_cache_dir` for where). A hit skips calibrati
 byte-identical model. A corrupt cache file is logged and recomputed, never fatal.
 
 ONNX Runtime prints progress with ``print()``, logs with ANSI colours straight to stderr and lets
-numpy warn; all of it runs under :func:`quiet_onnxruntime`, which logs it at debug instead, so
-``--json`` output on stdout stays clean and an error on stderr stays one line. Torch-free;
-``onnx`` and ``onnxruntime`` are imported inside the functions.
+numpy warn; all of it runs under :func:`advedge.export.runtime.quiet_onnxruntime`, which logs it
+at debug instead, so ``--json`` output on stdout stays clean and an error on stderr stays one
+line. Torch-free; ``onnx`` and ``onnxruntime`` are imported inside the functions.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
 import logging
 import os
 import shutil
 import tempfile
 import time
-import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from advedge.export.graph import graph_input
+from advedge.export.runtime import quiet_onnxruntime
 
 from advedge.errors import ExportError, UsageError, did_you_mean
 from advedge.utils import atomic_path, atomic_write_text, sha256_file
@@ -61,13 +60,11 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "CACHE_SCHEMA",
     "METHODS",
-    "ORT_QUIET_SEVERITY",
     "TARGETS",
     "QuantizeResult",
     "default_cache_dir",
     "name_unnamed_nodes",
     "quantize_qdq",
-    "quiet_onnxruntime",
     "select_fp32_nodes",
     "verify_qdq",
 ]
@@ -433,127 +430,6 @@ def _make_reader(ortq: Any, input_name: str, images: np.ndarray, batch_size: int
     return _Reader()
 
 
-class _DebugLines(io.TextIOBase):
-    """A text stream that logs every complete line at debug (ONNX Runtime's ``print()``)."""
-
-    def __init__(self, prefix: str) -> None:
-        super().__init__()
-        self._prefix = prefix
-        self._buf = ""
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, text: str) -> int:
-        self._buf += text
-        while "\n" in self._buf:
-            line, self._buf = self._buf.split("\n", 1)
-            if line.strip():
-                logger.debug("%s%s", self._prefix, line.rstrip())
-        return len(text)
-
-    def flush(self) -> None:
-        if self._buf.strip():
-            logger.debug("%s%s", self._prefix, self._buf.rstrip())
-        self._buf = ""
-
-
-class _ToDebug(logging.Handler):
-    """Forward another library's log records to advedge's logger at debug."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.name.startswith("advedge"):
-            # ours (never forwarded again: no loop). On the root logger this handler stands in
-            # for Python's last resort, which would have printed advedge's warnings when
-            # nothing else is configured: keep doing that.
-            lone = not logging.getLogger("advedge").handlers
-            if lone and record.levelno >= logging.WARNING and logging.lastResort is not None:
-                logging.lastResort.handle(record)
-            return
-        try:
-            text = record.getMessage()
-        except Exception:  # a malformed record must not break the caller
-            text = str(record.msg)
-        logger.debug("%s %s: %s", record.name, record.levelname.lower(), text)
-
-
-_QUIET_DEPTH = 0
-#: ONNX Runtime's default logger severity while quiet: 4 is fatal only. The sessions ONNX
-#: Runtime's quantiser creates itself (pre-processing, calibration) log warnings and errors as
-#: ANSI-coloured lines straight to stderr; every such failure also comes back as a Python
-#: exception, which advedge reports in one line.
-ORT_QUIET_SEVERITY = 4
-_ORT_DEFAULT_SEVERITY = 2  # ONNX Runtime's own default (warning)
-
-
-@contextlib.contextmanager
-def quiet_onnxruntime(*, capture_prints: bool = False) -> Iterator[None]:
-    """Keep ONNX Runtime's and numpy's chatter off stderr; errors then stay one line.
-
-    While active:
-
-    * ONNX Runtime's default logger severity is :data:`ORT_QUIET_SEVERITY` (restored to ONNX
-      Runtime's default, warning, when the outermost context exits); sessions created with
-      their own ``log_severity_level`` keep theirs;
-    * Python warnings (numpy's ``RuntimeWarning``, ONNX Runtime's deprecations) are recorded
-      and logged at debug on advedge's logger instead of printed;
-    * records of the ``onnxruntime`` loggers, and of the root logger when it has no handler
-      (ONNX Runtime's quantiser calls ``logging.warning`` at module level, which would
-      otherwise install a root handler printing to stderr), are logged at debug; handlers
-      added to the root logger meanwhile are removed;
-    * with ``capture_prints``, ``print()`` output (ONNX Runtime's calibration progress) is
-      logged at debug, line by line, so stdout stays clean for ``--json``.
-
-    Nests: only the outermost context changes and restores ONNX Runtime's severity.
-    """
-    global _QUIET_DEPTH
-    root = logging.getLogger()
-    before = list(root.handlers)
-    ort_logger = logging.getLogger("onnxruntime")
-    forward = _ToDebug()
-    ort_logger.addHandler(forward)
-    propagate, ort_logger.propagate = ort_logger.propagate, False
-    root_forward = None
-    if not root.handlers:
-        root_forward = _ToDebug()
-        root.addHandler(root_forward)
-    ort = None
-    if _QUIET_DEPTH == 0:
-        try:
-            import onnxruntime as ort
-
-            ort.set_default_logger_severity(ORT_QUIET_SEVERITY)
-        except Exception:  # not installed, or an ORT without the call: nothing to quiet
-            ort = None
-    _QUIET_DEPTH += 1
-    prints = _DebugLines("onnxruntime: ") if capture_prints else None
-    try:
-        with contextlib.ExitStack() as stack:
-            caught = stack.enter_context(warnings.catch_warnings(record=True))
-            warnings.simplefilter("default")
-            if prints is not None:
-                stack.enter_context(contextlib.redirect_stdout(prints))
-            try:
-                yield
-            finally:
-                for w in caught:
-                    logger.debug(
-                        "%s: %s (%s:%s)", w.category.__name__, w.message, w.filename, w.lineno
-                    )
-    finally:
-        if prints is not None:
-            prints.flush()
-        _QUIET_DEPTH -= 1
-        if ort is not None:
-            with contextlib.suppress(Exception):
-                ort.set_default_logger_severity(_ORT_DEFAULT_SEVERITY)
-        ort_logger.removeHandler(forward)
-        ort_logger.propagate = propagate
-        for handler in list(root.handlers):
-            if handler not in before:
-                root.removeHandler(handler)
-
-
 def _one_line(exc: BaseException) -> str:
     lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
     text = lines[0] if lines else ""
@@ -632,38 +508,6 @@ def _write_cache(path: Path, key: dict[str, Any], ranges_file: Path) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-def _graph_input(model: Any, input_name: str | None) -> tuple[str, list[int | str | None]]:
-    graph = model.graph
-    inits = {i.name for i in graph.initializer}
-    inputs = [i for i in graph.input if i.name not in inits]
-    if input_name is None:
-        if len(inputs) != 1:
-            raise UsageError(
-                f"the model has {len(inputs)} inputs ({', '.join(i.name for i in inputs)})",
-                "name the image input with input_name",
-            )
-        value = inputs[0]
-    else:
-        match = [i for i in inputs if i.name == input_name]
-        if not match:
-            raise UsageError(
-                f"the model has no input named {input_name!r}",
-                did_you_mean(input_name, [i.name for i in inputs]),
-            )
-        value = match[0]
-    dims: list[int | str | None] = []
-    for d in value.type.tensor_type.shape.dim:
-        if d.HasField("dim_value"):
-            dims.append(int(d.dim_value))
-        else:
-            dims.append(d.dim_param or None)
-    if len(dims) != 4:
-        raise ExportError(
-            f"model input {value.name!r} has shape {dims}; INT8 calibration needs [N, C, H, W]"
-        )
-    return value.name, dims
-
-
 def quantize_qdq(
     fp32_onnx: str | os.PathLike[str],
     out_path: str | os.PathLike[str],
@@ -733,7 +577,7 @@ def quantize_qdq(
         model = onnx.load(str(fp32_onnx))
     except Exception as exc:
         raise ExportError(f"cannot read ONNX model {fp32_onnx}: {_one_line(exc)}") from None
-    name, dims = _graph_input(model, input_name)
+    name, dims = graph_input(model, input_name)
     check_fits(calib, dims[1:], batch_size)
     fixed_batch = dims[0] if isinstance(dims[0], int) and dims[0] > 0 else None
     if fixed_batch is not None and fixed_batch != batch_size:

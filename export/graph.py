@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from advedge.errors import ExportError
+from advedge.errors import ExportError, UsageError, did_you_mean
 from advedge.utils import atomic_write_text, to_jsonable
 
 from ._deps import require
@@ -24,6 +24,7 @@ __all__ = [
     "check_external_data",
     "check_onnx",
     "constants_to_initializers",
+    "graph_input",
     "read_onnx_metadata",
     "read_sidecar",
     "set_onnx_metadata",
@@ -189,6 +190,48 @@ def _attribute_tensors(attr: Any) -> list[Any]:
     for sub in attr.graphs:
         tensors.extend(_graph_tensors(sub))
     return tensors
+
+
+def graph_input(model: Any, input_name: str | None = None) -> tuple[str, list[int | str | None]]:
+    """The image input of an ONNX model: its name and ``[N, C, H, W]`` dims (a symbolic axis
+    as its name, or None).
+
+    Initializers listed as graph inputs are not inputs. With ``input_name`` None the model must
+    have exactly one input.
+
+    Raises:
+        UsageError: several inputs and no ``input_name``, or no input of that name.
+        ExportError: an input that is not four-dimensional.
+    """
+    graph = model.graph
+    inits = {i.name for i in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in inits]
+    if input_name is None:
+        if len(inputs) != 1:
+            raise UsageError(
+                f"the model has {len(inputs)} inputs ({', '.join(i.name for i in inputs)})",
+                "name the image input with input_name",
+            )
+        value = inputs[0]
+    else:
+        match = [i for i in inputs if i.name == input_name]
+        if not match:
+            raise UsageError(
+                f"the model has no input named {input_name!r}",
+                did_you_mean(input_name, [i.name for i in inputs]),
+            )
+        value = match[0]
+    dims: list[int | str | None] = []
+    for d in value.type.tensor_type.shape.dim:
+        if d.HasField("dim_value"):
+            dims.append(int(d.dim_value))
+        else:
+            dims.append(d.dim_param or None)
+    if len(dims) != 4:
+        raise ExportError(
+            f"model input {value.name!r} has shape {dims}; INT8 calibration needs [N, C, H, W]"
+        )
+    return value.name, dims
 
 
 def check_onnx(path: str | os.PathLike[str]) -> None:

@@ -29,7 +29,6 @@ inside the functions.
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import logging
@@ -48,12 +47,20 @@ import numpy as np
 import advedge
 from advedge.errors import AdvedgeError, DataError, ExportError, UsageError, os_error
 from advedge.locks import output_lock
+from advedge.outputs import StagedFiles, check_out, check_out_file, install
 from advedge.utils import sha256_file
 
 from ._deps import require
-from .graph import check_onnx, read_onnx_metadata, set_onnx_metadata, sidecar_path, write_sidecar
+from .graph import (
+    check_onnx,
+    graph_input,
+    read_onnx_metadata,
+    set_onnx_metadata,
+    sidecar_path,
+    write_sidecar,
+)
 from .parity import TOLERANCES, Tolerance, compare_outputs, gate
-from .runtime import OrtRunner, TorchRunner
+from .runtime import OrtRunner, TorchRunner, quiet_onnxruntime
 
 __all__ = ["PRECISIONS", "TRT_CALIBRATORS", "ExportOptions", "export_artifacts"]
 
@@ -236,55 +243,6 @@ def _remove_stale_staging(out: Path, say: Callable[[str], None]) -> None:
         if not any(out.iterdir()):
             with contextlib.suppress(OSError):
                 out.rmdir()
-
-
-def check_output_path(path: Path, *, folder: bool, option: str = "--out") -> None:
-    """Refuse an output path that cannot be written, before any work (creates nothing).
-
-    Args:
-        path: The output folder (``folder``) or file.
-        folder: Whether ``path`` names a folder (export) or a file (calibrate).
-        option: The option's name, for the message.
-
-    Raises:
-        UsageError: ``path`` exists as the wrong kind (a file for a folder, a folder for a
-            file), or lies under a file (exit code 2).
-        AdvedgeError: the folder that would hold it (or the lock file beside it) is read-only
-            or not writable (exit code 1), named by :func:`advedge.errors.os_error`.
-    """
-    if path.exists():
-        if folder and not path.is_dir():
-            raise UsageError(f"{option} {path} exists and is not a directory")
-        if not folder and path.is_dir():
-            raise UsageError(f"{option} {path} is a folder", "name the file to write")
-    # the nearest folder that exists: it will hold the output (or the folders made for it)
-    anchor = path.parent
-    while not os.path.lexists(anchor) and anchor.parent != anchor:
-        anchor = anchor.parent
-    if not anchor.is_dir():
-        raise UsageError(
-            f"{option} {path} lies under {anchor}, which is a file, not a folder",
-            f"choose another {option}",
-        )
-    checks = [anchor]
-    if folder and path.is_dir():
-        checks.append(path)  # the staging folder and the artifacts go inside it
-    for where in checks:
-        code = _unwritable(where)
-        if code is not None:
-            raise os_error(OSError(code, os.strerror(code)), path) from None
-
-
-def _unwritable(folder: Path) -> int | None:
-    """``errno.EROFS`` / ``errno.EACCES`` when files cannot be created in ``folder``."""
-    try:
-        if os.statvfs(folder).f_flag & os.ST_RDONLY:
-            return errno.EROFS
-    except (OSError, AttributeError):
-        pass
-    if not os.access(folder, os.W_OK | os.X_OK):
-        return errno.EACCES
-    return None
 
 
 def _write_error(exc: OSError, out: Path) -> AdvedgeError:
@@ -731,9 +689,11 @@ def export_artifacts(
 
     Without ``overwrite`` any conflict refuses the export before any work (ExportError, exit
     code 1) naming the files. With ``overwrite`` the export runs; once every new artifact is
-    staged and has passed its gates, the conflicting artifacts of this export's families are
-    deleted first and the new files moved in next, so no family ever holds files of two
-    origins (artifacts of other families are left as they are; their sidecars name their
+    staged (under temporary names in ``out``) and has passed its gates, the new files are
+    renamed into place in a row (a rename that fails undoes the ones done, so ``out`` keeps
+    its earlier files), and only then are the conflicting artifacts of this export's families
+    that no new file replaced deleted, so a finished export leaves no family holding files of
+    two origins (artifacts of other families are left as they are; their sidecars name their
     origin). The deleted files are listed in :attr:`ExportReport.removed`.
 
     Raises:
@@ -767,11 +727,9 @@ def export_artifacts(
                 f"TensorRT {trt_mod.__version__} has no implicit INT8 calibrator (removed in 11)",
                 "use --trt-calibrator qdq (the explicit Q/DQ ONNX)",
             )
-    out = Path(opts.out)
-    check_output_path(out, folder=True)
+    out = check_out(opts.out)
     if opts.timing_cache:
-        check_output_path(Path(opts.timing_cache), folder=False, option="--timing-cache")
-    from advedge.calibration.quantize import quiet_onnxruntime
+        check_out_file(opts.timing_cache, option="--timing-cache")
 
     with quiet_onnxruntime(), output_lock(out):
         _remove_stale_staging(out, say)
@@ -826,7 +784,8 @@ def _stage_and_install(
     backend: Any,
     stale: list[Path],
 ) -> None:
-    """Stage every artifact, gate it, then remove ``stale`` and move the new files into ``out``."""
+    """Stage every artifact and gate it; then move the new files into ``out`` and remove the
+    ``stale`` files that no new file replaced."""
     attack = {"name": "pgd", "eps": eps, "steps": opts.attack_steps, "norm": "Linf", "n": len(y)}
     timing = Path(opts.timing_cache) if opts.timing_cache else out / "timing.cache"
     with _staging(out) as stage:
@@ -961,18 +920,15 @@ def _stage_and_install(
                 )
         if calib is not None and not str(opts.calib_data).endswith(".npz"):
             written.append(stage / "calibration.npz")
-        # everything is staged and has passed its gates: only now may anything in out change
-        new_names = {path.name for path in written if path.exists()}
-        for path in stale:  # all of them first, also those about to be replaced: never a mix
-            if path.is_file():
-                path.unlink()
-                if path.name not in new_names:
-                    report.removed.append(path.name)
+        # everything is staged (in out, under temporary names) and has passed its gates: only
+        # now may anything in out change. Every new file is renamed into place in a row (undone
+        # if a rename fails, so out keeps its earlier files); only then are the stale files
+        # that no new file replaced removed.
+        pairs = [(path, out / path.name) for path in written if path.exists()]
+        removed = install(pairs, [path for path in stale if path.is_file()])
+        report.removed += [path.name for path in removed]
         if report.removed:
             say(f"removed another model's {', '.join(report.removed)} (--overwrite)")
-        for path in written:
-            if path.exists():
-                os.replace(path, out / path.name)
         if opts.trt and stage_timing.is_file():
             timing.parent.mkdir(parents=True, exist_ok=True)
             os.replace(stage_timing, timing)
@@ -1206,7 +1162,7 @@ def calibrate_file(
         quantize_qdq,
     )
     from advedge.calibration import save_calibration_set as save_set_fn
-    from advedge.calibration.quantize import TARGETS, quiet_onnxruntime
+    from advedge.calibration.quantize import TARGETS
 
     say = status or (lambda msg: logger.info(msg))
     onnx_path, out = Path(onnx_path), Path(out)
@@ -1229,12 +1185,12 @@ def calibrate_file(
         raise UsageError(f"--onnx {onnx_path} does not exist")
     if out.resolve() == onnx_path.resolve():
         raise UsageError("--out is the FP32 source itself", "write the INT8 model to another file")
-    check_output_path(out, folder=False)
+    check_out_file(out)
     set_path = None if save_set is None else Path(save_set)
     if set_path is not None:
         if set_path.suffix != ".npz":
             raise UsageError(f"--save-set must name a .npz file, got {set_path}")
-        check_output_path(set_path, folder=False, option="--save-set")
+        check_out_file(set_path, option="--save-set")
     onnx = require("onnx", purpose="advedge calibrate")
     keep: Any = (
         keep_fp32 if keep_fp32 in ("auto", "none") else [s for s in keep_fp32.split(",") if s]
@@ -1314,13 +1270,11 @@ def calibrate_file(
 
 def _onnx_image_shape(onnx: Any, path: Path) -> list[Any]:
     """``[C, H, W]`` of the model's image input (symbolic axes as names or None)."""
-    from advedge.calibration.quantize import _graph_input
-
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # check_onnx read it already; a race or a huge file
         raise ExportError(f"{path} is not a readable ONNX file ({type(exc).__name__})") from None
-    _, dims = _graph_input(model, None)
+    _, dims = graph_input(model, None)
     return dims[1:]
 
 
@@ -1376,68 +1330,23 @@ def install_files(files: list[tuple[Path, Path]]) -> None:
 
     Each staged file (possibly on another file system) is first copied to a temporary file
     beside its destination, creating missing folders; only when every copy is complete are
-    they renamed onto their destinations. On any failure no destination is touched, every
+    they renamed onto their destinations in a row (:func:`advedge.outputs.install`: a rename
+    that fails undoes the ones done). On any failure no destination is changed, every
     temporary file and every folder made here is removed, and the error names the destination
     (``cannot write PATH: the disk is full``).
 
     Raises:
         AdvedgeError: an OSError while writing (via :func:`advedge.errors.os_error`).
     """
-    made: list[Path] = []
-    temps: list[tuple[Path, Path]] = []
-    ok = False
-    try:
+    with StagedFiles() as staged:
         for src, dst in files:
             try:
-                made += _make_folders(dst.parent)
-                fd, name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-                os.close(fd)
-                temps.append((Path(name), dst))
-                shutil.copyfile(src, name)
-                with open(name, "rb+") as fh:
-                    os.fsync(fh.fileno())
-                os.chmod(name, 0o666 & ~_umask())
+                staged.copy(src, dst)
             except OSError as exc:
                 raise os_error(exc, dst) from None
-        for tmp, dst in temps:
-            try:
-                os.replace(tmp, dst)
-            except OSError as exc:
-                raise os_error(exc, dst) from None
-        ok = True
-    finally:
-        if not ok:
-            for tmp, _ in temps:
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
-            for folder in reversed(made):
-                with contextlib.suppress(OSError):
-                    folder.rmdir()  # only if empty
-
-
-def _make_folders(folder: Path) -> list[Path]:
-    """Create ``folder`` and its missing parents; return the ones made, outermost first."""
-    missing = []
-    p = folder
-    while not p.exists() and p.parent != p:
-        missing.append(p)
-        p = p.parent
-    made = []
-    for q in reversed(missing):
         try:
-            q.mkdir()
-        except FileExistsError:
-            continue
-        except OSError:
-            for r in reversed(made):
-                with contextlib.suppress(OSError):
-                    r.rmdir()
-            raise
-        made.append(q)
-    return made
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+            staged.install()
+        except OSError as exc:  # name the destination, not its temporary
+            dest = {os.fspath(tmp): dst for tmp, dst in staged.pairs}
+            where = dest.get(os.fspath(exc.filename or ""), files[0][1])
+            raise os_error(exc, where) from None

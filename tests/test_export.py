@@ -672,3 +672,56 @@ def test_cli_calibrate_refuses_an_onnx_failing_the_checker(tiny_npz_data, tmp_pa
     err = capsys.readouterr().err
     assert rc == 1 and "fails the ONNX checker" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "q.onnx").exists()
+
+
+# ------------------------------------------------------------------------------ ONNX Runtime's logs
+class _FakeOrt:
+    """ONNX Runtime's default-logger calls, recorded; a getter only where asked for."""
+
+    def __init__(self, level: int | None) -> None:
+        self.level = 2 if level is None else level
+        self.calls: list[int] = []
+        if level is not None:
+            self.get_default_logger_severity = lambda: self.level
+
+    def set_default_logger_severity(self, level: int) -> None:
+        self.calls.append(level)
+        self.level = level
+
+
+@pytest.mark.parametrize(
+    ("found", "restored"),
+    [(None, 3), (1, 1), (3, 3), (4, 4)],
+    ids=["no getter", "verbose", "advedge's", "quieter"],
+)
+def test_quiet_onnxruntime_restores_the_severity_it_found(monkeypatch, found, restored):
+    from advedge.export.runtime import ORT_LOG_SEVERITY, ORT_QUIET_SEVERITY, quiet_onnxruntime
+
+    fake = _FakeOrt(found)
+    monkeypatch.setitem(sys.modules, "onnxruntime", fake)
+    with quiet_onnxruntime():
+        assert fake.level == ORT_QUIET_SEVERITY
+        with quiet_onnxruntime(capture_prints=True):  # nested: no change, no restore
+            assert fake.level == ORT_QUIET_SEVERITY
+        assert fake.level == ORT_QUIET_SEVERITY
+    # what ONNX Runtime reported; without a getter advedge's own level, never ORT's default 2
+    assert fake.level == restored and fake.calls == [ORT_QUIET_SEVERITY, restored]
+    assert found is not None or restored == ORT_LOG_SEVERITY
+
+
+def test_one_quiet_helper_and_no_calibration_privates_in_export():
+    import ast
+
+    import advedge.calibration.quantize as quantize
+    import advedge.export.pipeline as export_pipeline
+    import advedge.export.runtime as runtime
+
+    assert quantize.quiet_onnxruntime is runtime.quiet_onnxruntime
+    assert export_pipeline.quiet_onnxruntime is runtime.quiet_onnxruntime
+    assert not hasattr(quantize, "_graph_input")
+    root = Path(export_pipeline.__file__).parent
+    for path in root.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and "calibration" in (node.module or ""):
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                assert not private, f"{path.name} imports {private} from {node.module}"

@@ -9,6 +9,7 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -124,24 +125,45 @@ def _one_error_line(err: str) -> str:
 
 @pytest.fixture
 def read_only(monkeypatch: pytest.MonkeyPatch):
-    """``make(folder)``: no file can be created in ``folder`` any more (chmod, and for root,
-    who ignores permission bits, ``os.access`` says so as a read-only mount would)."""
+    """``make(folder)``: no file can be created in ``folder`` any more. chmod, and for root,
+    who ignores permission bits, ``chattr +i`` (an immutable folder); where root cannot set
+    that flag, the kernel's answer is imitated: creating a file or folder in ``folder`` fails
+    with EACCES, as the outputs' write probe would find on a read-only folder."""
     made: list[Path] = []
+    immutable: list[Path] = []
 
     def make(folder: Path) -> None:
         folder.chmod(0o555)
         made.append(folder)
-        if os.geteuid() == 0:
-            real = os.access
+        if os.geteuid() != 0:
+            return
+        if shutil.which("chattr") and (
+            subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0
+        ):
+            immutable.append(folder)
+            return
+        real_open, real_mkdir = os.open, os.mkdir
 
-            def access(path, mode, *args, **kwargs):
-                if mode & os.W_OK and Path(path).resolve() in {m.resolve() for m in made}:
-                    return False
-                return real(path, mode, *args, **kwargs)
+        def refused(path: object) -> bool:
+            parent = Path(os.fsdecode(path)).resolve().parent  # type: ignore[arg-type]
+            return parent in {m.resolve() for m in made}
 
-            monkeypatch.setattr(os, "access", access)
+        def guarded_open(path, flags, *args, **kwargs):
+            if flags & os.O_CREAT and refused(path):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+            return real_open(path, flags, *args, **kwargs)
+
+        def guarded_mkdir(path, *args, **kwargs):
+            if refused(path):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+            return real_mkdir(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, "open", guarded_open)
+        monkeypatch.setattr(os, "mkdir", guarded_mkdir)
 
     yield make
+    for folder in immutable:
+        subprocess.run(["chattr", "-i", str(folder)], capture_output=True)
     for folder in made:
         folder.chmod(0o755)
 
@@ -665,7 +687,7 @@ def test_export_routes_numpy_warnings_to_the_debug_log(
     records: list[logging.LogRecord] = []
     handler = logging.Handler(logging.DEBUG)
     handler.emit = records.append  # type: ignore[method-assign]
-    log = logging.getLogger("advedge.calibration.quantize")
+    log = logging.getLogger("advedge.export.runtime")
     level = log.level
     log.setLevel(logging.DEBUG)
     log.addHandler(handler)
@@ -747,3 +769,57 @@ def test_calibrate_on_a_full_disk_names_the_file_and_keeps_the_earlier_one(
         assert _listing(tmp_path / "new") == before
     else:
         assert not (tmp_path / "new").exists()
+
+
+# ------------------------------------------------------------------------------ 8. all or nothing
+def _fail_renaming_into(monkeypatch, folder: Path, name: str) -> None:
+    """An I/O error when the new ``name`` is renamed into ``folder`` (the install step): after
+    the renames before it. Atomic writes inside the staging folder are not touched."""
+    real = os.replace
+    target = folder.resolve()
+
+    def replace(src, dst, *args, **kwargs):
+        d = Path(os.fsdecode(dst))
+        if d.name == name and d.parent.resolve() == target:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), os.fsdecode(src))
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+
+
+@pytest.mark.parametrize("name", ["tiny_cnn.fp32.onnx", "tiny_cnn.fp32.json"])
+def test_overwrite_keeps_the_earlier_family_whole_when_the_install_fails(
+    runs, tiny_npz_data, tmp_path, capsys, monkeypatch, name
+):
+    out = tmp_path / "out"
+    assert _export(runs["b"], out, tiny_npz_data) == 0
+    assert _export(runs["b"], out, tiny_npz_data, "--precision", "fp16") == 0
+    before = _listing(out)  # model b: fp32 and fp16
+    _fail_renaming_into(monkeypatch, out, name)
+    capsys.readouterr()
+    rc = _export(runs["a"], out, tiny_npz_data, "--overwrite")
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    assert "input/output error" in _one_error_line(err)
+    # nothing of model b was deleted before the renames; a rename done was undone
+    assert _listing(out) == before
+    monkeypatch.undo()
+    rc = _export(runs["a"], out, tiny_npz_data, "--overwrite")
+    assert rc == 0, capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["tiny_cnn.fp32.json", "tiny_cnn.fp32.onnx"]
+
+
+def test_calibrate_keeps_the_earlier_model_and_sidecar_when_the_install_fails(
+    calib_inputs, tmp_path, capsys, monkeypatch
+):
+    out = tmp_path / "q" / "q.int8.onnx"
+    assert _calibrate(calib_inputs["fp32"], calib_inputs["data"], out, tmp_path) == 0
+    (out.parent / "q.int8.json").write_text('{"earlier": true}\n')  # told apart from a new one
+    before = _listing(out.parent)
+    _fail_renaming_into(monkeypatch, out.parent, "q.int8.json")  # after the .onnx was renamed
+    capsys.readouterr()
+    rc = _calibrate(calib_inputs["fp32"], calib_inputs["data"], out, tmp_path, "--n", "64")
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    assert f"cannot write {out.parent / 'q.int8.json'}" in _one_error_line(err)
+    assert _listing(out.parent) == before  # the earlier .onnx beside its own sidecar
