@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import functools
 import hashlib
 import json
 import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -613,6 +614,21 @@ def check_eval_options(
     return eps_v, alpha_v
 
 
+def _holds_out_lock(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run ``fn`` under the output lock of its keyword argument ``out`` (when given)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from advedge.locks import output_lock
+
+        out = kwargs.get("out")
+        with output_lock(out) if out is not None else contextlib.nullcontext():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@_holds_out_lock
 def evaluate_checkpoint(
     model_path: str | os.PathLike[str],
     data: str | os.PathLike[str] | Dataset,
@@ -663,57 +679,6 @@ def evaluate_checkpoint(
             smaller than the architecture accepts).
         AdvedgeError: the model's logits are NaN or infinite (see :func:`evaluate`).
     """
-    from advedge.locks import output_lock
-
-    with output_lock(out) if out is not None else contextlib.nullcontext():
-        return _evaluate_checkpoint(
-            model_path,
-            data,
-            attacks=attacks,
-            suite=suite,
-            eps=eps,
-            norm=norm,
-            steps=steps,
-            alpha=alpha,
-            restarts=restarts,
-            n_queries=n_queries,
-            n=n,
-            batch_size=batch_size,
-            seed=seed,
-            device=device,
-            amp=amp,
-            out=out,
-            resume=resume,
-            flags_n=flags_n,
-            progress=progress,
-            purifier=purifier,
-        )
-
-
-def _evaluate_checkpoint(
-    model_path: str | os.PathLike[str],
-    data: str | os.PathLike[str] | Dataset,
-    *,
-    attacks: Sequence[str] | None = None,
-    suite: str | None = None,
-    eps: str | float = 8 / 255,
-    norm: str = "Linf",
-    steps: int = 20,
-    alpha: str | float | None = None,
-    restarts: int = 1,
-    n_queries: int = 5000,
-    n: int | None = None,
-    batch_size: int = 256,
-    seed: int = 0,
-    device: str = "auto",
-    amp: str = "off",
-    out: str | os.PathLike[str] | None = None,
-    resume: bool = False,
-    flags_n: int = 100,
-    progress: EvalProgress | None = None,
-    purifier: str | os.PathLike[str] | None = None,
-) -> dict[str, Any]:
-    """:func:`evaluate_checkpoint` without the output lock."""
     from advedge.checkpoint import load_model, resolve_checkpoint
     from advedge.data import load_dataset
     from advedge.models.registry import min_input_size

@@ -415,53 +415,14 @@ def _stage_configs(p: Preset, data: str) -> dict[str, dict[str, Any]]:
 
 
 def _check_stage_options(root: Path, p: Preset, dataset: Any) -> None:
-    """Build every training stage's config once, so a bad model name or value fails now."""
-    from advedge.engine import TrainConfig
-    from advedge.purifier.train import PurifierConfig
-
-    shared = {
-        "data": str(dataset.root),
-        "eps": p.eps,
-        "subset": p.subset,
-        "batch_size": p.batch_size,
-        "seed": p.seed,
-        "device": p.device,
-    }
-    TrainConfig(
-        model=p.teacher_model,
-        method="pgd-at",
-        epochs=p.teacher_epochs,
-        steps=p.teacher_steps,
-        out=str(root / "teacher"),
-        **shared,
-    )
-    TrainConfig(
-        model=p.student_model,
-        method="add",
-        epochs=p.student_epochs,
-        steps=p.student_steps,
-        teacher=str(root / "teacher"),
-        out=str(root / "student"),
-        **shared,
-    )
-    PurifierConfig(
-        classifier=str(root / "student"),
-        data=str(dataset.root),
-        method="ipcm",
-        epochs=p.purifier_epochs,
-        out=str(root / "purifier"),
-        eps=p.eps,
-        steps=p.purifier_steps,
-        width=p.purifier_width,
-        subset=p.subset,
-        batch_size=p.batch_size,
-        seed=p.seed,
-        device=p.device,
-    )
+    """Build every stage's options once, so a bad model name or value fails before any work."""
+    data = str(dataset.root)
+    _train_config(root, p, "teacher", data)
+    _train_config(root, p, "student", data)
+    _purifier_config(root, p, data)
     if dataset.train is None:
         raise AdvedgeError(f"dataset {dataset.root} has no training split", "the pipeline trains")
     # the later stages' own option checks, now rather than after hours of training
-    data = str(dataset.root)
     for label, _ in _EXPORTS:
         for precision in _PRECISIONS:
             _export_options(root, p, data, label, precision).validate()
@@ -474,40 +435,65 @@ def _check_stage_options(root: Path, p: Preset, dataset: Any) -> None:
         )
 
 
+def _train_config(root: Path, p: Preset, kind: str, data: str) -> Any:
+    """The teacher's (PGD-AT) or the student's (ADD from the teacher) training options."""
+    from advedge.engine import TrainConfig
+
+    shared = {
+        "data": data,
+        "out": str(root / kind),
+        "eps": p.eps,
+        "subset": p.subset,
+        "batch_size": p.batch_size,
+        "seed": p.seed,
+        "device": p.device,
+    }
+    if kind == "teacher":
+        return TrainConfig(
+            model=p.teacher_model,
+            method="pgd-at",
+            epochs=p.teacher_epochs,
+            steps=p.teacher_steps,
+            **shared,
+        )
+    return TrainConfig(
+        model=p.student_model,
+        method="add",
+        epochs=p.student_epochs,
+        steps=p.student_steps,
+        teacher=str(root / "teacher"),
+        **shared,
+    )
+
+
+def _purifier_config(root: Path, p: Preset, data: str) -> Any:
+    """The IPCM purifier's training options, guarding the student."""
+    from advedge.purifier.train import PurifierConfig
+
+    return PurifierConfig(
+        classifier=str(root / "student"),
+        data=data,
+        method="ipcm",
+        epochs=p.purifier_epochs,
+        out=str(root / "purifier"),
+        eps=p.eps,
+        steps=p.purifier_steps,
+        width=p.purifier_width,
+        subset=p.subset,
+        batch_size=p.batch_size,
+        seed=p.seed,
+        device=p.device,
+    )
+
+
 def _train_stage(kind: str) -> Callable[..., tuple[list[Path], dict[str, Any]]]:
     def run(
         root: Path, p: Preset, ds: Callable[[], Any], say: Callable[[str, str], None], cb: Any
     ) -> tuple[list[Path], dict[str, Any]]:
-        from advedge.engine import TrainConfig, check_run_dir, train
+        from advedge.engine import check_run_dir, train
 
-        out = root / kind
-        resume = check_run_dir(out, resume=True)
-        shared = {
-            "data": str(ds().root),
-            "out": str(out),
-            "eps": p.eps,
-            "subset": p.subset,
-            "batch_size": p.batch_size,
-            "seed": p.seed,
-            "device": p.device,
-        }
-        if kind == "teacher":
-            cfg = TrainConfig(
-                model=p.teacher_model,
-                method="pgd-at",
-                epochs=p.teacher_epochs,
-                steps=p.teacher_steps,
-                **shared,
-            )
-        else:
-            cfg = TrainConfig(
-                model=p.student_model,
-                method="add",
-                epochs=p.student_epochs,
-                steps=p.student_steps,
-                teacher=str(root / "teacher"),
-                **shared,
-            )
+        resume = check_run_dir(root / kind, resume=True)
+        cfg = _train_config(root, p, kind, str(ds().root))
         say(
             kind,
             f"{'resuming' if resume else 'training'} {cfg.model} ({cfg.method}, {cfg.epochs} epochs)",
@@ -527,24 +513,11 @@ def _purifier_stage(
     root: Path, p: Preset, ds: Callable[[], Any], say: Callable[[str, str], None], cb: Any
 ) -> tuple[list[Path], dict[str, Any]]:
     from advedge.engine import check_run_dir
-    from advedge.purifier.train import PurifierConfig, train_purifier
+    from advedge.purifier.train import train_purifier
 
     out = root / "purifier"
     resume = check_run_dir(out, resume=True) or (out / "state.pt").exists()
-    cfg = PurifierConfig(
-        classifier=str(root / "student"),
-        data=str(ds().root),
-        method="ipcm",
-        epochs=p.purifier_epochs,
-        out=str(out),
-        eps=p.eps,
-        steps=p.purifier_steps,
-        width=p.purifier_width,
-        subset=p.subset,
-        batch_size=p.batch_size,
-        seed=p.seed,
-        device=p.device,
-    )
+    cfg = _purifier_config(root, p, str(ds().root))
     say(
         "purifier",
         f"{'resuming' if resume else 'training'} the IPCM purifier ({cfg.epochs} epochs)",
