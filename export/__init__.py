@@ -4,7 +4,8 @@
 - :mod:`~advedge.export.graph`: the ONNX checker, the external-data guard, metadata and sidecars;
 - :mod:`~advedge.export.parity`: the parity gate (artifact vs PyTorch, clean and adversarial);
 - :mod:`~advedge.export.fp16`: FP16 with FP32 I/O (onnxconverter-common);
-- :mod:`~advedge.export.runtime`: runners with one call convention (PyTorch, ONNX Runtime);
+- :mod:`~advedge.export.runtime`: runners with one call convention (PyTorch, ONNX Runtime) and
+  the one helper that keeps ONNX Runtime's console output off stderr;
 - :mod:`~advedge.export.tensorrt`: strongly typed TensorRT 10/11 engines and their runner;
 - :mod:`~advedge.export.pipeline`: ``advedge export`` and ``advedge calibrate``.
 
