@@ -611,6 +611,10 @@ def check_eval_options(
             raise UsageError(f"unknown attack {name!r}", did_you_mean(key, ATTACKS))
     if out is not None and Path(out).is_dir():
         raise UsageError(f"--out {out} is a directory", "give a file name such as results.json")
+    if out is not None:
+        from advedge.outputs import check_out_file
+
+        check_out_file(out)  # under a file, or unwritable: refused before any attack runs
     return eps_v, alpha_v
 
 

@@ -258,3 +258,35 @@ def test_refused_second_writer_leaves_the_live_runs_temporary_files(tmp_path, ti
         )
     assert proc.returncode == 1 and "being written by another" in proc.stderr
     assert in_progress.read_bytes() == b"partial"
+
+
+def test_eval_out_under_a_file_is_refused_before_any_attack(tmp_path, tiny_npz_data, capsys):
+    import advedge.evaluation
+
+    run = tmp_path / "run"
+    assert _run(capsys, *fast_train_flags(tiny_npz_data, run, method="natural"))[0] == 0
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    real = advedge.evaluation.evaluate
+    called = []
+    advedge.evaluation.evaluate = lambda *a, **k: called.append(1) or real(*a, **k)
+    try:
+        code, err = _run(
+            capsys,
+            "eval",
+            "--model",
+            run,
+            "--data",
+            tiny_npz_data,
+            "--attacks",
+            "fgsm",
+            "--n",
+            8,
+            "--out",
+            blocker / "results.json",
+        )
+    finally:
+        advedge.evaluation.evaluate = real
+    assert code == 2 and not called
+    (line,) = _error_lines(err)
+    assert "which is a file" in line
