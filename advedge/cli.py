@@ -1070,8 +1070,17 @@ class _PipelineProgress(_Bars):
         self.stage = ""
         self.epochs = 0
         self.batches = 0
+        self.started = False
+
+    def __enter__(self) -> Any:
+        # shown with the first stage, after every option and the data are checked: a refused
+        # pipeline prints its one error line and nothing else
+        return self
 
     def on_stage(self, stage: str, message: str) -> None:
+        if not self.started:
+            self.progress.start()
+            self.started = True
         if stage != self.stage:
             if self.stage:
                 self.progress.advance(self.task)

@@ -148,7 +148,9 @@ def test_bad_data_or_option_on_rerun_deletes_nothing(
     rc = main(
         argv("pipeline", data=str(tmp_path / "no-such"), out=str(finished_pipeline), config=path)
     )
-    assert rc == 1 and "redoing" not in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert rc == 1 and "redoing" not in err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: ")  # no progress bar
     # a value of the wrong type: a usage error, nothing touched
     rc, err = _run_rc(tmp_path, tiny_npz_data, {**TINY, "teacher_epochs": "2"}, capsys)
     assert rc == 2 and "teacher_epochs" in err and len(err.strip().splitlines()) == 1
