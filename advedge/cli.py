@@ -1077,6 +1077,10 @@ class _PipelineProgress(_Bars):
         # pipeline prints its one error line and nothing else
         return self
 
+    def __exit__(self, *exc: object) -> None:
+        if self.started:
+            self.progress.stop()
+
     def on_stage(self, stage: str, message: str) -> None:
         if not self.started:
             self.progress.start()
