@@ -427,12 +427,9 @@ def _check_stage_options(root: Path, p: Preset, dataset: Any) -> None:
         for precision in _PRECISIONS:
             _export_options(root, p, data, label, precision).validate()
     _bench_options(root, p, data, [str(root / "student")]).validate()
-    if p.calib_n > len(dataset.train):
-        raise UsageError(
-            f"pipeline option calib_n {p.calib_n} is more than the {len(dataset.train)} "
-            "training images",
-            "lower calib_n",
-        )
+    from advedge.calibration.sets import calibration_source
+
+    calibration_source(dataset, p.calib_n, option="pipeline option calib_n")
 
 
 def _train_config(root: Path, p: Preset, kind: str, data: str) -> Any:

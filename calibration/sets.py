@@ -40,6 +40,7 @@ __all__ = [
     "SET_SCHEMA",
     "CalibrationSet",
     "build_calibration_set",
+    "calibration_source",
     "check_fits",
     "load_calibration_set",
     "save_calibration_set",
@@ -143,6 +144,27 @@ def _desc(value: Any) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+def calibration_source(dataset: Any, n: int, *, option: str = "n") -> Any:
+    """The training split that ``n`` calibration images are drawn from.
+
+    Raises:
+        DataError: the dataset has no training split, or fewer than ``n`` training images.
+    """
+    train = dataset.train
+    if train is None:
+        raise DataError(
+            f"{dataset.root} has no training split to calibrate on",
+            "calibration draws from the training split so the test split stays unseen",
+        )
+    if n > len(train):
+        raise DataError(
+            f"asked for {n} calibration images but the training split of {dataset.root} "
+            f"has only {len(train)}",
+            f"use {option} <= {len(train)}",
+        )
+    return train
+
+
 def build_calibration_set(
     data: str | os.PathLike[str] | Dataset,
     *,
@@ -205,18 +227,7 @@ def build_calibration_set(
         raise UsageError(f"batch size must be >= 1, got {batch_size}")
 
     dataset = data if isinstance(data, Dataset) else load_dataset(data, download=download)
-    train = dataset.train
-    if train is None:
-        raise DataError(
-            f"{dataset.root} has no training split to calibrate on",
-            "calibration draws from the training split so the test split stays unseen",
-        )
-    if n > len(train):
-        raise DataError(
-            f"asked for {n} calibration images but the training split of {dataset.root} "
-            f"has only {len(train)}",
-            f"use n <= {len(train)}",
-        )
+    train = calibration_source(dataset, n)
     subset = stratified_subset(train, int(n), seed)
     x = np.array(subset.x, dtype=np.uint8, copy=True)
     y = np.array(subset.y, dtype=np.int64, copy=True)

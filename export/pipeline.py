@@ -1281,18 +1281,9 @@ def _onnx_image_shape(onnx: Any, path: Path) -> list[Any]:
 def _check_calibration_source(dataset: Any, want: list[Any], *, n: int, batch_size: int) -> None:
     """What :func:`~advedge.calibration.build_calibration_set` and
     :func:`~advedge.calibration.check_fits` would refuse, known before the set is drawn."""
-    train = dataset.train
-    if train is None:
-        raise DataError(
-            f"{dataset.root} has no training split to calibrate on",
-            "calibration draws from the training split so the test split stays unseen",
-        )
-    if n > len(train):
-        raise DataError(
-            f"asked for {n} calibration images but the training split of {dataset.root} "
-            f"has only {len(train)}",
-            f"use --n <= {len(train)}",
-        )
+    from advedge.calibration.sets import calibration_source
+
+    calibration_source(dataset, n, option="--n")
     have = list(dataset.input_shape)
     fits = len(want) == 3 and all(
         not isinstance(w, int) or w <= 0 or w == h for w, h in zip(want, have, strict=True)

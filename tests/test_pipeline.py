@@ -157,6 +157,11 @@ def test_bad_data_or_option_on_rerun_deletes_nothing(
     for bad in ({"teacher_epochs": True}, {"bench_batch_sizes": []}, {"teacher_model": "nope"}):
         rc, err = _run_rc(tmp_path, tiny_npz_data, {**TINY, **bad}, capsys)
         assert rc == 2, (bad, err)
+    # a later stage's option that only the data can refute: refused before the first stage too
+    rc, err = _run_rc(
+        tmp_path, tiny_npz_data, {**TINY, "teacher_epochs": 2, "calib_n": 999}, capsys
+    )
+    assert rc == 1 and "calib_n" in err and "redoing" not in err
     assert _teacher_files(finished_pipeline) == before
     assert sorted((finished_pipeline / ".pipeline").iterdir()) == records
     assert not (finished_pipeline / ".superseded").exists()
