@@ -396,6 +396,13 @@ class Trainer:
                 f"({', '.join(diff) or 'unknown'})",
                 "resume with the same options, or choose another --out",
             )
+        done = int(state.get("epoch", 0))
+        if done > self.config.epochs:
+            raise UsageError(
+                f"cannot resume {self.out} with --epochs {self.config.epochs}: it has already "
+                f"trained {done} epochs",
+                f"pass --epochs {done} or more (training does not go back in time)",
+            )
         return state
 
     # ----------------------------------------------------------------------------- run

@@ -290,3 +290,17 @@ def test_eval_out_under_a_file_is_refused_before_any_attack(tmp_path, tiny_npz_d
     assert code == 2 and not called
     (line,) = _error_lines(err)
     assert "which is a file" in line
+
+
+def test_resume_with_fewer_epochs_than_trained_is_refused(tmp_path, tiny_npz_data, capsys):
+    run = tmp_path / "run"
+    assert _run(capsys, *fast_train_flags(tiny_npz_data, run, epochs=2))[0] == 0
+    before = file_bytes(run)
+    code, err = _run(capsys, *fast_train_flags(tiny_npz_data, run, epochs=1), "--resume")
+    assert code == 2
+    (line,) = _error_lines(err)
+    assert "already trained 2 epochs" in line
+    assert file_bytes(run) == before
+    # the same count is a finished run: resuming it is a no-op, not an error
+    assert _run(capsys, *fast_train_flags(tiny_npz_data, run, epochs=2), "--resume")[0] == 0
+    assert file_bytes(run) == before
