@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import shutil
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -64,3 +68,49 @@ def argv(*words: str, **options: object) -> list[str]:
         else:
             out += [flag, str(value)]
     return out
+
+
+@pytest.fixture
+def read_only(monkeypatch: pytest.MonkeyPatch):
+    """``make(folder)``: no file can be created in ``folder`` any more. chmod, and for root,
+    who ignores permission bits, ``chattr +i`` (an immutable folder); where root cannot set
+    that flag, the kernel's answer is imitated: creating a file or folder in ``folder`` fails
+    with EACCES, as the outputs' write probe would find on a read-only folder."""
+    made: list[Path] = []
+    immutable: list[Path] = []
+
+    def make(folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        folder.chmod(0o555)
+        made.append(folder)
+        if os.geteuid() != 0:
+            return
+        if shutil.which("chattr") and (
+            subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0
+        ):
+            immutable.append(folder)
+            return
+        real_open, real_mkdir = os.open, os.mkdir
+
+        def refused(path: object) -> bool:
+            parent = Path(os.fsdecode(path)).resolve().parent  # type: ignore[arg-type]
+            return parent in {m.resolve() for m in made}
+
+        def guarded_open(path, flags, *args, **kwargs):
+            if flags & os.O_CREAT and refused(path):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+            return real_open(path, flags, *args, **kwargs)
+
+        def guarded_mkdir(path, *args, **kwargs):
+            if refused(path):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+            return real_mkdir(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, "open", guarded_open)
+        monkeypatch.setattr(os, "mkdir", guarded_mkdir)
+
+    yield make
+    for folder in immutable:
+        subprocess.run(["chattr", "-i", str(folder)], capture_output=True)
+    for folder in made:
+        folder.chmod(0o755)

@@ -4,7 +4,6 @@ line, an earlier output is replaced only with --overwrite and one writer holds a
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
@@ -12,7 +11,6 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -156,34 +154,6 @@ def _one_line(err: str) -> str:
     lines = err.strip("\n").splitlines()
     assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}: {err!r}"
     return lines[0]
-
-
-@contextlib.contextmanager
-def _read_only(folder: Path) -> Iterator[None]:
-    """Make ``folder`` unwritable even for root (chattr +i), or skip where that is impossible."""
-    folder.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() == 0:
-        made = shutil.which("chattr") is not None and (
-            subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0
-        )
-    else:
-        folder.chmod(0o555)
-        made = True
-    try:
-        try:
-            (folder / "probe").touch()
-            (folder / "probe").unlink()
-            writable = True
-        except OSError:
-            writable = False
-        if not made or writable:
-            pytest.skip("cannot make a read-only folder here")
-        yield
-    finally:
-        if os.geteuid() == 0:
-            subprocess.run(["chattr", "-i", str(folder)], capture_output=True)
-        else:
-            folder.chmod(0o755)
 
 
 @pytest.fixture
@@ -348,20 +318,20 @@ def test_an_out_that_is_a_file_or_lies_under_one_is_named_before_any_work(
 
 @pytest.mark.parametrize("command", ["bench", "report"])
 def test_a_read_only_out_is_named_before_any_work(
-    linear, tiny_npz_data, tmp_path, capsys, no_work, command
+    linear, tiny_npz_data, tmp_path, capsys, no_work, command, read_only
 ):
     bench = _bench_json(tmp_path / "bench")
     ro = tmp_path / "ro"
-    with _read_only(ro):
-        for out in (ro, ro / "new"):
-            if command == "bench":
-                rc = main(_bench_args(linear["ok"], tiny_npz_data, out))
-            else:
-                rc = main(["report", str(bench), "--out", str(out)])
-            line = _one_line(capsys.readouterr().err)
-            assert rc == 1 and f"cannot write {out}" in line, line
-            assert "unexpected" not in line
-        assert list(ro.iterdir()) == []
+    read_only(ro)
+    for out in (ro, ro / "new"):
+        if command == "bench":
+            rc = main(_bench_args(linear["ok"], tiny_npz_data, out))
+        else:
+            rc = main(["report", str(bench), "--out", str(out)])
+        line = _one_line(capsys.readouterr().err)
+        assert rc == 1 and f"cannot write {out}" in line, line
+        assert "unexpected" not in line
+    assert list(ro.iterdir()) == []
     assert no_work == []
 
 

@@ -124,51 +124,6 @@ def _one_error_line(err: str) -> str:
 
 
 @pytest.fixture
-def read_only(monkeypatch: pytest.MonkeyPatch):
-    """``make(folder)``: no file can be created in ``folder`` any more. chmod, and for root,
-    who ignores permission bits, ``chattr +i`` (an immutable folder); where root cannot set
-    that flag, the kernel's answer is imitated: creating a file or folder in ``folder`` fails
-    with EACCES, as the outputs' write probe would find on a read-only folder."""
-    made: list[Path] = []
-    immutable: list[Path] = []
-
-    def make(folder: Path) -> None:
-        folder.chmod(0o555)
-        made.append(folder)
-        if os.geteuid() != 0:
-            return
-        if shutil.which("chattr") and (
-            subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0
-        ):
-            immutable.append(folder)
-            return
-        real_open, real_mkdir = os.open, os.mkdir
-
-        def refused(path: object) -> bool:
-            parent = Path(os.fsdecode(path)).resolve().parent  # type: ignore[arg-type]
-            return parent in {m.resolve() for m in made}
-
-        def guarded_open(path, flags, *args, **kwargs):
-            if flags & os.O_CREAT and refused(path):
-                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
-            return real_open(path, flags, *args, **kwargs)
-
-        def guarded_mkdir(path, *args, **kwargs):
-            if refused(path):
-                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
-            return real_mkdir(path, *args, **kwargs)
-
-        monkeypatch.setattr(os, "open", guarded_open)
-        monkeypatch.setattr(os, "mkdir", guarded_mkdir)
-
-    yield make
-    for folder in immutable:
-        subprocess.run(["chattr", "-i", str(folder)], capture_output=True)
-    for folder in made:
-        folder.chmod(0o755)
-
-
-@pytest.fixture
 def hold_lock():
     """``hold(out)``: take the output lock of ``out`` as another advedge process would."""
     fds: list[int] = []
@@ -747,7 +702,6 @@ def test_export_on_a_full_disk_leaves_no_new_folder(
 def test_calibrate_on_a_full_disk_names_the_file_and_keeps_the_earlier_one(
     calib_inputs, tmp_path, capsys, monkeypatch, earlier
 ):
-    import shutil
 
     out = tmp_path / "new" / "q.int8.onnx"
     if earlier:

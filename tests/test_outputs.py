@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
-import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,35 +13,6 @@ import pytest
 from advedge import outputs
 from advedge.errors import AdvedgeError, UsageError
 from advedge.outputs import StagedFiles, check_out, check_out_file, install
-
-
-@contextlib.contextmanager
-def _read_only(folder: Path) -> Iterator[None]:
-    """``folder`` unwritable, for root too (chattr +i), or skip where that is impossible."""
-    folder.mkdir(parents=True, exist_ok=True)
-    root = os.geteuid() == 0
-    if root:
-        made = shutil.which("chattr") is not None and (
-            subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0
-        )
-    else:
-        folder.chmod(0o555)
-        made = True
-    try:
-        try:
-            (folder / "probe").touch()
-            (folder / "probe").unlink()
-            writable = True
-        except OSError:
-            writable = False
-        if not made or writable:
-            pytest.skip("cannot make a read-only folder here")
-        yield
-    finally:
-        if root:
-            subprocess.run(["chattr", "-i", str(folder)], capture_output=True)
-        else:
-            folder.chmod(0o755)
 
 
 def test_outputs_imports_neither_torch_nor_the_locks():
@@ -80,18 +48,18 @@ def test_check_out_refuses_a_file_and_a_file_parent(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
-def test_the_write_probe_is_a_real_write(tmp_path):
+def test_the_write_probe_is_a_real_write(tmp_path, read_only):
     ro = tmp_path / "ro"
-    with _read_only(ro):
-        for check, path in (
-            (check_out, ro),
-            (check_out, ro / "new" / "out"),
-            (check_out_file, ro / "q.onnx"),
-            (check_out_file, ro / "sub" / "q.onnx"),
-        ):
-            with pytest.raises(AdvedgeError, match=f"cannot write {path}"):
-                check(path)
-        assert list(ro.iterdir()) == []
+    read_only(ro)
+    for check, path in (
+        (check_out, ro),
+        (check_out, ro / "new" / "out"),
+        (check_out_file, ro / "q.onnx"),
+        (check_out_file, ro / "sub" / "q.onnx"),
+    ):
+        with pytest.raises(AdvedgeError, match=f"cannot write {path}"):
+            check(path)
+    assert list(ro.iterdir()) == []
 
 
 def _pair(folder: Path, name: str, text: str) -> tuple[Path, Path]:

@@ -239,33 +239,25 @@ def test_stage_key_follows_the_files_it_reads(tmp_path, tiny_npz_data, capsys, f
     assert ran == {"student", "purifier", "export", "bench", "report"}
 
 
-def test_second_pipeline_into_the_same_out_is_refused(tmp_path, tiny_npz_data, capsys):
+def _pipeline_in_a_subprocess(tmp_path: Path, data: Path, out: Path, cfg: dict):
+    """``advedge pipeline`` as another process (the test process holds a lock meanwhile)."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    cmd = ["pipeline", "--data", str(data), "--out", str(out), "--config", str(path)]
+    return subprocess.run(
+        [sys.executable, "-m", "advedge", *cmd], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_second_pipeline_into_the_same_out_is_refused(tmp_path, tiny_npz_data):
     from advedge.locks import output_lock
 
     out = tmp_path / "p"
     with output_lock(out):
-        import subprocess
-        import sys
-
-        path = tmp_path / "cfg.yaml"
-        path.write_text(yaml.safe_dump(TINY))
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "advedge",
-                "pipeline",
-                "--data",
-                str(tiny_npz_data),
-                "--out",
-                str(out),
-                "--config",
-                str(path),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        proc = _pipeline_in_a_subprocess(tmp_path, tiny_npz_data, out, TINY)
     assert proc.returncode == 1
     assert [ln for ln in proc.stderr.splitlines() if "error" in ln.lower()] == [
         proc.stderr.strip().splitlines()[-1]
@@ -277,31 +269,12 @@ def test_second_pipeline_into_the_same_out_is_refused(tmp_path, tiny_npz_data, c
 def test_a_stage_folder_in_use_by_another_command_is_not_moved(
     tmp_path, tiny_npz_data, finished_pipeline
 ):
-    import subprocess
-    import sys
-
     from advedge.locks import output_lock
 
     before = _teacher_files(finished_pipeline)
-    path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump({**TINY, "teacher_epochs": 2}))
     with output_lock(finished_pipeline / "teacher"):  # e.g. an `advedge train --out p/teacher`
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "advedge",
-                "pipeline",
-                "--data",
-                str(tiny_npz_data),
-                "--out",
-                str(finished_pipeline),
-                "--config",
-                str(path),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=300,
+        proc = _pipeline_in_a_subprocess(
+            tmp_path, tiny_npz_data, finished_pipeline, {**TINY, "teacher_epochs": 2}
         )
     assert proc.returncode == 1 and "being written by another" in proc.stderr
     assert _teacher_files(finished_pipeline) == before
