@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from _common import base_parser, cifar_batch, compare
 
 from advedge.attacks import PGD
-from advedge.engine import autocast_context, prepare_model
 from advedge.models import create_model
+from advedge.training.engine import autocast_context, prepare_model
 from advedge.utils import resolve_device
 
 EPS, ALPHA, STEPS = 8 / 255, 2 / 255, 20

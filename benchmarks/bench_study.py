@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from _common import DATA, RESULTS, stamp, write_results
-from advedge.export.bench import BenchOptions, run_bench
+from advedge.export.runtime.bench import BenchOptions, run_bench
 
 
 def main() -> None:

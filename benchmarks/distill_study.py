@@ -46,10 +46,10 @@ from _common import DATA, RESULTS, stamp, write_results
 
 from advedge.checkpoint import MODEL_FILE, load_model
 from advedge.data import load_dataset
-from advedge.distillation import ADD
-from advedge.engine import TrainConfig, train
 from advedge.evaluation import build_suite, evaluate
 from advedge.models import count_parameters, mflops
+from advedge.training.distillation import ADD
+from advedge.training.engine import TrainConfig, train
 from advedge.utils import atomic_write_text, resolve_device
 
 STUDENT_METHODS = ("natural", "pgd-at", "trades", "kd", "dd", "ard", "iad", "rslad", "adaad", "add")

@@ -29,8 +29,8 @@ from attack_throughput import reference_pgd
 
 from advedge.checkpoint import load_model
 from advedge.data import load_dataset, to_tensor
-from advedge.engine import TrainConfig, train
 from advedge.evaluation import build_suite, evaluate
+from advedge.training.engine import TrainConfig, train
 from advedge.utils import resolve_device
 
 

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 from _common import DATA, RESULTS, stamp, write_results
-from advedge.export.pipeline import ExportOptions, export_artifacts
+from advedge.export.exporter import ExportOptions, export_artifacts
 from advedge.export.runtime import OrtRunner
 
 GOAL = {"speedup_b1": 1.5, "speedup_b64": 2.0, "max_drop_points": 1.0}

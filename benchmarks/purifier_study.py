@@ -37,12 +37,12 @@ from _common import DATA, RESULTS, stamp, write_results
 
 from advedge.checkpoint import load_model, read_metadata
 from advedge.data import load_dataset
-from advedge.engine import TrainConfig, train
 from advedge.evaluation import evaluate_checkpoint
 from advedge.models import count_parameters, mflops
+from advedge.models.purified import Purified
 from advedge.purifier import load_purifier
-from advedge.purifier.evaluate import Purified
 from advedge.purifier.train import PurifierConfig, train_purifier
+from advedge.training.engine import TrainConfig, train
 from advedge.utils import atomic_write_text, resolve_device
 
 PURIFIERS = ("ipcm", "ape-gan", "hgd")

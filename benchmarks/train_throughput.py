@@ -6,7 +6,7 @@ depend on them). Both sides run the same models, batch, data and PGD-10 (eps 8/2
 2/255) inner maximisation followed by one SGD step, in the same process, alternating. The
 reference is the loop research code usually writes: fp32, eager, NCHW, ``torch.autograd.grad``
 for the input gradient, the teacher's logits computed once under no_grad. advedge's side is
-:func:`advedge.engine.training_step` with the engine's own device settings (on CUDA: bf16
+:func:`advedge.training.engine.training_step` with the engine's own device settings (on CUDA: bf16
 autocast, channels_last, optionally torch.compile).
 
     python benchmarks/train_throughput.py [--model resnet18] [--method rslad --teacher resnet18]
@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from _common import base_parser, cifar_batch, compare
 
-from advedge.distillation import build_distill_method
-from advedge.engine import autocast_context, prepare_model, training_step
 from advedge.models import create_model
-from advedge.objectives import build_method
+from advedge.training.distillation import build_distill_method
+from advedge.training.engine import autocast_context, prepare_model, training_step
+from advedge.training.objectives import build_method
 from advedge.utils import resolve_device
 
 EPS, ALPHA, STEPS = 8 / 255, 2 / 255, 10

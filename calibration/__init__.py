@@ -22,8 +22,13 @@ device with numpy and ONNX Runtime alone can load calibration sets and quantise.
 
 from __future__ import annotations
 
-from .legacy import LEGACY_METHODS, device_pointer, has_legacy_calibrator, make_legacy_calibrator
-from .quantize import (
+from advedge.calibration.legacy import (
+    LEGACY_METHODS,
+    device_pointer,
+    has_legacy_calibrator,
+    make_legacy_calibrator,
+)
+from advedge.calibration.quantize import (
     CACHE_SCHEMA,
     METHODS,
     QuantizeResult,
@@ -33,7 +38,7 @@ from .quantize import (
     select_fp32_nodes,
     verify_qdq,
 )
-from .sets import (
+from advedge.calibration.sets import (
     SET_SCHEMA,
     CalibrationSet,
     build_calibration_set,

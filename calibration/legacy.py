@@ -22,11 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from advedge.calibration.sets import CalibrationSet
 
 from advedge.errors import ExportError, UsageError
 from advedge.utils import atomic_write_bytes
-
-from .sets import CalibrationSet
 
 logger = logging.getLogger(__name__)
 

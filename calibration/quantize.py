@@ -47,13 +47,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from advedge.calibration.sets import CalibrationSet, check_fits, load_calibration_set
 from advedge.export.graph import graph_input
 from advedge.export.runtime import quiet_onnxruntime
 
 from advedge.errors import ExportError, UsageError, did_you_mean
 from advedge.utils import atomic_path, atomic_write_text, sha256_file
-
-from .sets import CalibrationSet, check_fits, load_calibration_set
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@
 - :mod:`~advedge.export.runtime`: runners with one call convention (PyTorch, ONNX Runtime) and
   the one helper that keeps ONNX Runtime's console output off stderr;
 - :mod:`~advedge.export.tensorrt`: strongly typed TensorRT 10/11 engines and their runner;
-- :mod:`~advedge.export.pipeline`: ``advedge export`` and ``advedge calibrate``.
+- :mod:`~advedge.export.exporter`: ``advedge export`` and ``advedge calibrate``.
 
 Nothing here imports torch, onnx, ONNX Runtime, TensorRT or pycuda at module level: a device
 that has only numpy and ONNX Runtime or TensorRT can run artifacts.

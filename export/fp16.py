@@ -14,11 +14,11 @@ import os
 import warnings
 from pathlib import Path
 
+from advedge.export._deps import require
+from advedge.export.graph import check_onnx, read_onnx_metadata, set_onnx_metadata
+
 from advedge.errors import ExportError
 from advedge.utils import atomic_path
-
-from ._deps import require
-from .graph import check_onnx, read_onnx_metadata, set_onnx_metadata
 
 __all__ = ["convert_fp16"]
 

@@ -14,10 +14,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from advedge.export._deps import require
+
 from advedge.errors import ExportError, UsageError, did_you_mean
 from advedge.utils import atomic_write_text, to_jsonable
-
-from ._deps import require
 
 __all__ = [
     "METADATA_KEYS",

@@ -20,11 +20,16 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from advedge.export._deps import require
+from advedge.export.graph import (
+    check_onnx,
+    constants_to_initializers,
+    set_onnx_metadata,
+    unfolded_clip_bounds,
+)
+
 from advedge.errors import ExportError, UsageError
 from advedge.utils import atomic_path
-
-from ._deps import require
-from .graph import check_onnx, constants_to_initializers, set_onnx_metadata, unfolded_clip_bounds
 
 __all__ = ["DEFAULT_OPSET", "INPUT_NAME", "export_onnx"]
 

@@ -1,4 +1,4 @@
-"""advedge.export.runners, advedge bench and advedge report (CPU; TensorRT only via the double)."""
+"""advedge.export.runtime.runners, advedge bench and advedge report (CPU; TensorRT only via the double)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from advedge.export.bench import latency_stats, load_transfer_set
 from advedge.export.onnx_export import export_onnx
-from advedge.export.runners import artifact_kind, open_runner
+from advedge.export.runtime.bench import latency_stats, load_transfer_set
+from advedge.export.runtime.runners import artifact_kind, open_runner
 from conftest import argv
 
 from advedge.checkpoint import save_model
@@ -308,7 +308,7 @@ def test_bench_bounds_activations_in_host_memory_only_for_host_backends(
     """Batch 256 with 64 MiB available: ~200 MB of activations on ONNX Runtime's CPU provider is
     refused before it runs; a TensorRT engine (the double) keeps its activations on the device,
     so only its ~9 MB of host input arrays count and it runs."""
-    from advedge.export import bench as bench_mod
+    from advedge.export.runtime import bench as bench_mod
     from advedge.export.tensorrt import BatchProfile, build_engine
     from fakes import install_fake_tensorrt
 
@@ -391,8 +391,8 @@ def test_report_writes_table_json_and_pngs(arts, tiny_npz_data, tmp_path, capsys
 def test_purifier_run_is_the_white_box_parent_of_fused_artifacts(
     arts, tiny_npz_data, tmp_path, capsys
 ):
+    from advedge.models.purified import Purified
     from advedge.purifier import save_purifier
-    from advedge.purifier.evaluate import Purified
     from advedge.purifier.networks import Generator
     from advedge.utils import sha256_file
 

@@ -163,12 +163,12 @@ def test_label_asking_for_too_many_classes_is_refused_at_load(
 def test_label_asking_for_a_billion_classes_fails_train_before_a_model_is_built(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ):
-    import advedge.engine
+    import advedge.training.engine
 
     def no_model(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("a model was built")
 
-    monkeypatch.setattr(advedge.engine, "create_model", no_model)
+    monkeypatch.setattr(advedge.training.engine, "create_model", no_model)
     _no_per_class_work(monkeypatch)  # refused while the data loads, before anything is sized
     _write(tmp_path / "d" / "train.npz", _images(8), [0, 1, 2, 10**9, 0, 1, 2, 3])
     _write(tmp_path / "d" / "test.npz", _images(4), [0, 1, 2, 3])

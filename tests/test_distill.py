@@ -10,9 +10,9 @@ import torch
 
 from advedge.checkpoint import load_model, read_metadata
 from advedge.cli import main
-from advedge.distillation import DISTILL_METHODS, _StudentTeacher
-from advedge.engine import TrainConfig, train
 from advedge.models import create_model
+from advedge.training.distillation import DISTILL_METHODS, _StudentTeacher
+from advedge.training.engine import TrainConfig, train
 
 
 @pytest.fixture(scope="module")

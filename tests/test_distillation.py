@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from advedge.distillation import (
+from advedge.errors import UsageError
+from advedge.training.distillation import (
     adaad_loss,
     add_loss,
     ard_loss,
@@ -16,7 +17,6 @@ from advedge.distillation import (
     rslad_loss,
     soft_kl,
 )
-from advedge.errors import UsageError
 
 
 @pytest.fixture

@@ -30,7 +30,7 @@ _SCRIPT = textwrap.dedent(
     import torch
 
     from advedge.distributed import rank_and_world
-    from advedge.engine import TrainConfig, train
+    from advedge.training.engine import TrainConfig, train
 
     data, out, dumps = sys.argv[1], sys.argv[2], Path(sys.argv[3])
     common = dict(data=data, model="tiny_cnn", method="pgd-at", out=out, batch_size=16,
@@ -82,7 +82,7 @@ def test_two_gloo_ranks_train_resume_and_end_identical(tmp_path, tiny_npz_data):
 
 
 def test_distill_cli_under_torchrun_reports_once(tmp_path, tiny_npz_data):
-    from advedge.engine import TrainConfig, train
+    from advedge.training.engine import TrainConfig, train
 
     teacher = tmp_path / "teacher"
     train(

@@ -12,9 +12,9 @@ import torch
 import yaml
 
 from advedge.checkpoint import load_model, load_state, read_metadata
-from advedge.engine import TrainCallbacks, TrainConfig, Trainer, lr_lambda, train
 from advedge.errors import UsageError
 from advedge.models import create_model
+from advedge.training.engine import TrainCallbacks, TrainConfig, Trainer, lr_lambda, train
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -222,7 +222,7 @@ def test_stale_temporary_files_are_cleaned_on_resume(tmp_path):
 
 
 def test_layout_probe_decides_once_and_resume_keeps_the_choice(tmp_path, monkeypatch):
-    import advedge.engine as engine
+    import advedge.training.engine as engine
     from advedge.config import load_yaml
 
     data = colour_dataset(tmp_path / "data", n_train=64, n_test=16)
@@ -245,7 +245,7 @@ def test_layout_probe_decides_once_and_resume_keeps_the_choice(tmp_path, monkeyp
 
 
 def test_layout_probe_times_both_formats_without_touching_the_model():
-    from advedge.engine import channels_last_is_faster
+    from advedge.training.engine import channels_last_is_faster
 
     model = create_model("tiny_cnn", num_classes=10).train()
     before = {k: v.clone() for k, v in model.state_dict().items()}

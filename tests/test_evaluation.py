@@ -14,7 +14,7 @@ from advedge.attacks import PGD, Attack
 from advedge.data import ImageArrays
 from advedge.errors import UsageError
 from advedge.evaluation import build_suite, evaluate
-from advedge.sanity import black_box_flag, determinism_flag, eps_flag, gradient_flag
+from advedge.evaluation.sanity import black_box_flag, determinism_flag, eps_flag, gradient_flag
 
 K, N = 4, 40
 

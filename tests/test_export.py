@@ -31,8 +31,8 @@ from advedge.checkpoint import save_model
 from advedge.cli import main
 from advedge.errors import ExportError
 from advedge.models import create_model
+from advedge.models.purified import Purified
 from advedge.purifier import save_purifier
-from advedge.purifier.evaluate import Purified
 from advedge.purifier.networks import Generator
 
 EPS = 8 / 255
@@ -555,7 +555,7 @@ def test_cli_export_int8_reports_accuracy_and_saves_the_set(runs, tiny_npz_data,
 
 
 def test_accuracy_report_warns_when_the_low_precision_model_loses_accuracy(tmp_path):
-    from advedge.export.pipeline import _accuracy_report
+    from advedge.export.exporter import _accuracy_report
 
     good = export_onnx(_classifier(0), tmp_path / "good.onnx", input_shape=(3, 32, 32))
     other = export_onnx(_classifier(7), tmp_path / "other.onnx", input_shape=(3, 32, 32))
@@ -713,7 +713,7 @@ def test_one_quiet_helper_and_no_calibration_privates_in_export():
     import ast
 
     import advedge.calibration.quantize as quantize
-    import advedge.export.pipeline as export_pipeline
+    import advedge.export.exporter as export_pipeline
     import advedge.export.runtime as runtime
 
     assert quantize.quiet_onnxruntime is runtime.quiet_onnxruntime

@@ -218,7 +218,7 @@ def test_external_data_guard_walks_subgraphs_inside_local_functions(tmp_path):
 def test_export_refuses_a_second_writer_of_the_same_out(
     runs, tiny_npz_data, tmp_path, capsys, hold_lock, monkeypatch
 ):
-    import advedge.export.pipeline as pipeline
+    import advedge.export.exporter as pipeline
 
     out = tmp_path / "out"
     hold_lock(out)
@@ -336,7 +336,7 @@ def test_same_model_at_another_precision_into_the_same_out_is_not_a_conflict(
 def test_export_refuses_an_out_where_another_model_of_another_name_lives(
     runs, tiny_npz_data, tmp_path, capsys, monkeypatch
 ):
-    import advedge.export.pipeline as pipeline
+    import advedge.export.exporter as pipeline
 
     out = tmp_path / "out"
     out.mkdir()
@@ -450,7 +450,7 @@ def test_calibrate_creates_the_folder_of_out_with_the_file(calib_inputs, tmp_pat
 def test_export_out_under_a_file_is_a_usage_error_before_any_work(
     runs, tiny_npz_data, tmp_path, capsys, monkeypatch
 ):
-    import advedge.export.pipeline as pipeline
+    import advedge.export.exporter as pipeline
 
     (tmp_path / "file.txt").write_text("x")
     monkeypatch.setattr(pipeline, "_load_targets", _no_work)
@@ -474,7 +474,7 @@ def test_calibrate_out_under_a_file_is_a_usage_error(calib_inputs, tmp_path, cap
 def test_export_into_a_read_only_folder_fails_before_any_work(
     runs, tiny_npz_data, tmp_path, capsys, monkeypatch, read_only
 ):
-    import advedge.export.pipeline as pipeline
+    import advedge.export.exporter as pipeline
 
     parent = tmp_path / "ro"
     parent.mkdir()
@@ -491,7 +491,7 @@ def test_export_into_a_read_only_folder_fails_before_any_work(
 def test_export_into_an_existing_read_only_out_fails_before_any_work(
     runs, tiny_npz_data, tmp_path, capsys, monkeypatch, read_only
 ):
-    import advedge.export.pipeline as pipeline
+    import advedge.export.exporter as pipeline
 
     out = tmp_path / "out"
     out.mkdir()
@@ -630,7 +630,7 @@ def test_calibrate_error_stays_one_line_without_onnxruntime_logs_or_numpy_warnin
 def test_export_routes_numpy_warnings_to_the_debug_log(
     runs, tiny_npz_data, tmp_path, capsys, monkeypatch
 ):
-    import advedge.export.pipeline as pipeline
+    import advedge.export.exporter as pipeline
 
     compare = pipeline.compare_outputs
 

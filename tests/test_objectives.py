@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from advedge.errors import UsageError
 from advedge.models import create_model
-from advedge.objectives import (
+from advedge.training.objectives import (
     METHODS,
     build_method,
     natural_loss,

@@ -27,9 +27,9 @@ from advedge.config import (
     load_yaml,
     parse_yaml,
 )
-from advedge.engine import TrainConfig
 from advedge.errors import UsageError
 from advedge.purifier.train import PurifierConfig
+from advedge.training.engine import TrainConfig
 from advedge.utils import parse_eps, parse_fraction
 
 # 9 levels of 9 aliases: 9**9 (387 million) strings from 300 bytes.

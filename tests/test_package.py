@@ -43,7 +43,7 @@ def test_python_dash_m_and_version():
 def test_torchvision_is_not_required():
     code = (
         "import sys; sys.modules['torchvision'] = None; "
-        "import advedge.cli, advedge.engine, advedge.evaluation, advedge.models, advedge.data"
+        "import advedge.cli, advedge.training.engine, advedge.evaluation, advedge.models, advedge.data"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stderr

@@ -12,7 +12,7 @@ from conftest import argv
 
 from advedge.cli import main
 from advedge.errors import UsageError
-from advedge.pipeline import STAGES, load_preset
+from advedge.workflow import STAGES, load_preset
 
 TINY = {
     "teacher_model": "tiny_cnn",
@@ -170,14 +170,14 @@ def test_bad_data_or_option_on_rerun_deletes_nothing(
 def test_failed_redo_keeps_the_finished_stage_until_its_replacement_exists(
     tmp_path, tiny_npz_data, capsys, monkeypatch, finished_pipeline
 ):
-    import advedge.engine
+    import advedge.training.engine
 
     before = _teacher_files(finished_pipeline)
 
     def broken(*args, **kwargs):
         raise RuntimeError("killed in the middle of the redo")
 
-    monkeypatch.setattr(advedge.engine, "train", broken)
+    monkeypatch.setattr(advedge.training.engine, "train", broken)
     rc, _ = _run_rc(tmp_path, tiny_npz_data, {**TINY, "teacher_epochs": 2}, capsys)
     assert rc == 1
     kept = finished_pipeline / ".superseded" / "teacher"
@@ -215,7 +215,7 @@ def test_retrained_teacher_redoes_everything_downstream(
 def test_stage_key_follows_the_files_it_reads(tmp_path, tiny_npz_data, capsys, finished_pipeline):
     # another teacher's weights put in place by hand: the student and all after it are stale
     other = tmp_path / "other"
-    from advedge.engine import TrainConfig, train
+    from advedge.training.engine import TrainConfig, train
 
     train(
         TrainConfig(

@@ -10,10 +10,10 @@ import torch
 
 from advedge.checkpoint import read_metadata
 from advedge.cli import main
-from advedge.engine import TrainConfig, train
+from advedge.models.purified import Purified
 from advedge.purifier import Generator, load_purifier, save_purifier
-from advedge.purifier.evaluate import Purified
 from advedge.purifier.train import PurifierConfig, PurifierTrainer
+from advedge.training.engine import TrainConfig, train
 
 
 @pytest.fixture(scope="module")

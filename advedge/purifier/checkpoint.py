@@ -23,7 +23,14 @@ from advedge.errors import CheckpointError, UsageError
 from advedge.purifier.networks import Generator
 from advedge.utils import atomic_path
 
-__all__ = ["ARCHITECTURE", "PURIFIER_FILE", "load_purifier", "resolve_purifier", "save_purifier"]
+__all__ = [
+    "ARCHITECTURE",
+    "PURIFIER_FILE",
+    "check_purifier_fits",
+    "load_purifier",
+    "resolve_purifier",
+    "save_purifier",
+]
 
 PURIFIER_FILE = "purifier.safetensors"
 ARCHITECTURE = "purifier-generator"
@@ -93,3 +100,25 @@ def load_purifier(path: str | os.PathLike[str], *, device: str | torch.device = 
     gen.load_state_dict(state)
     gen.checkpoint_metadata = meta
     return gen.to(device).eval()
+
+
+def check_purifier_fits(gen: Generator, classifier_meta: dict[str, Any], source: str) -> None:
+    """Refuse a purifier whose channels or input shape differ from the classifier's.
+
+    Raises:
+        UsageError: with both shapes named.
+    """
+    shape = classifier_meta.get("input_shape")
+    p_shape = getattr(gen, "checkpoint_metadata", {}).get("input_shape")
+    if shape and int(shape[0]) != gen.in_channels:
+        raise UsageError(
+            f"the purifier {source} works on {gen.in_channels}-channel images but the "
+            f"classifier takes {shape[0]} channel(s)",
+            "train a purifier on the classifier's dataset",
+        )
+    if shape and p_shape and list(p_shape) != list(shape):
+        raise UsageError(
+            f"the purifier {source} was trained on inputs of shape {list(p_shape)} but the "
+            f"classifier takes {list(shape)}",
+            "train a purifier on the classifier's dataset",
+        )

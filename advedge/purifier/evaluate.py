@@ -30,52 +30,13 @@ from torch import Tensor, nn
 
 from advedge.attacks import BPDA, EOT, PGD, Attack
 from advedge.data import Dataset, to_tensor
-from advedge.errors import UsageError
-from advedge.purifier.checkpoint import load_purifier, resolve_purifier
-from advedge.purifier.networks import Generator
+from advedge.models.purified import Purified
+from advedge.purifier.checkpoint import check_purifier_fits, load_purifier, resolve_purifier
 from advedge.utils import sha256_file
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Purified", "check_purifier_fits", "evaluate_purified", "is_deterministic"]
-
-
-class Purified(nn.Module):
-    """The defended model ``f(G(x))``: a purifier in front of a classifier.
-
-    ``num_classes`` is the classifier's, so suites size their targeted attacks right.
-    """
-
-    def __init__(self, purifier: nn.Module, classifier: nn.Module) -> None:
-        super().__init__()
-        self.purifier = purifier
-        self.classifier = classifier
-        self.num_classes = int(getattr(classifier, "num_classes", 0) or 0)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.classifier(self.purifier(x))
-
-
-def check_purifier_fits(gen: Generator, classifier_meta: dict[str, Any], source: str) -> None:
-    """Refuse a purifier whose channels or input shape differ from the classifier's.
-
-    Raises:
-        UsageError: with both shapes named.
-    """
-    shape = classifier_meta.get("input_shape")
-    p_shape = getattr(gen, "checkpoint_metadata", {}).get("input_shape")
-    if shape and int(shape[0]) != gen.in_channels:
-        raise UsageError(
-            f"the purifier {source} works on {gen.in_channels}-channel images but the "
-            f"classifier takes {shape[0]} channel(s)",
-            "train a purifier on the classifier's dataset",
-        )
-    if shape and p_shape and list(p_shape) != list(shape):
-        raise UsageError(
-            f"the purifier {source} was trained on inputs of shape {list(p_shape)} but the "
-            f"classifier takes {list(shape)}",
-            "train a purifier on the classifier's dataset",
-        )
+__all__ = ["evaluate_purified", "is_deterministic"]
 
 
 @torch.no_grad()

@@ -46,13 +46,6 @@ from advedge.checkpoint import (
 )
 from advedge.config import config_to_dict, write_yaml
 from advedge.data import BatchLoader, Dataset, load_dataset, stratified_subset, to_tensor
-from advedge.engine import (
-    TrainCallbacks,
-    _epoch_seed,
-    check_run_dir,
-    load_frozen_model,
-    write_metrics_csv,
-)
 from advedge.errors import AdvedgeError, UsageError, did_you_mean, os_error
 from advedge.purifier.checkpoint import PURIFIER_FILE, save_purifier
 from advedge.purifier.losses import (
@@ -66,6 +59,13 @@ from advedge.purifier.losses import (
     pixel_loss,
 )
 from advedge.purifier.networks import Discriminator, Generator
+from advedge.training.engine import (
+    TrainCallbacks,
+    _epoch_seed,
+    check_run_dir,
+    load_frozen_model,
+    write_metrics_csv,
+)
 from advedge.utils import resolve_device, seed_everything
 
 logger = logging.getLogger(__name__)

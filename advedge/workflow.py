@@ -338,7 +338,7 @@ def run_pipeline(
         root.mkdir(parents=True, exist_ok=True)
         configs = _stage_configs(p, str(data))
         summary: dict[str, Any] = {
-            "schema": "advedge.pipeline/1",
+            "schema": "advedge.workflow/1",
             "out": str(root),
             "preset": asdict(p),
             "stages": {},
@@ -434,7 +434,7 @@ def _check_stage_options(root: Path, p: Preset, dataset: Any) -> None:
 
 def _train_config(root: Path, p: Preset, kind: str, data: str) -> Any:
     """The teacher's (PGD-AT) or the student's (ADD from the teacher) training options."""
-    from advedge.engine import TrainConfig
+    from advedge.training.engine import TrainConfig
 
     shared = {
         "data": data,
@@ -487,7 +487,7 @@ def _train_stage(kind: str) -> Callable[..., tuple[list[Path], dict[str, Any]]]:
     def run(
         root: Path, p: Preset, ds: Callable[[], Any], say: Callable[[str, str], None], cb: Any
     ) -> tuple[list[Path], dict[str, Any]]:
-        from advedge.engine import check_run_dir, train
+        from advedge.training.engine import check_run_dir, train
 
         resume = check_run_dir(root / kind, resume=True)
         cfg = _train_config(root, p, kind, str(ds().root))
@@ -509,8 +509,8 @@ def _train_stage(kind: str) -> Callable[..., tuple[list[Path], dict[str, Any]]]:
 def _purifier_stage(
     root: Path, p: Preset, ds: Callable[[], Any], say: Callable[[str, str], None], cb: Any
 ) -> tuple[list[Path], dict[str, Any]]:
-    from advedge.engine import check_run_dir
     from advedge.purifier.train import train_purifier
+    from advedge.training.engine import check_run_dir
 
     out = root / "purifier"
     resume = check_run_dir(out, resume=True) or (out / "state.pt").exists()
@@ -528,7 +528,7 @@ _PRECISIONS = ("int8", "fp16")
 
 
 def _export_options(root: Path, p: Preset, data: str, label: str, precision: str) -> Any:
-    from advedge.export.pipeline import ExportOptions
+    from advedge.export.exporter import ExportOptions
 
     extra = dict(_EXPORTS)[label]
     return ExportOptions(
@@ -548,7 +548,7 @@ def _export_options(root: Path, p: Preset, data: str, label: str, precision: str
 def _export_stage(
     root: Path, p: Preset, ds: Callable[[], Any], say: Callable[[str, str], None], cb: Any
 ) -> tuple[list[Path], dict[str, Any]]:
-    from advedge.export.pipeline import export_artifacts
+    from advedge.export.exporter import export_artifacts
 
     data = str(ds().root)
     outputs: list[Path] = []
@@ -566,7 +566,7 @@ def _export_stage(
 
 
 def _bench_options(root: Path, p: Preset, data: str, artifacts: list[str]) -> Any:
-    from advedge.export.bench import BenchOptions
+    from advedge.export.runtime.bench import BenchOptions
 
     return BenchOptions(
         artifacts=artifacts,
@@ -590,7 +590,7 @@ def _bench_options(root: Path, p: Preset, data: str, artifacts: list[str]) -> An
 def _bench_stage(
     root: Path, p: Preset, ds: Callable[[], Any], say: Callable[[str, str], None], cb: Any
 ) -> tuple[list[Path], dict[str, Any]]:
-    from advedge.export.bench import run_bench
+    from advedge.export.runtime.bench import run_bench
 
     # the PyTorch student and purifier + student are the white-box parents of the ONNX artifacts
     arts = [str(root / "student"), str(root / "purifier")]

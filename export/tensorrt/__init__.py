@@ -42,13 +42,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from advedge.export._deps import require
+from advedge.export.graph import read_sidecar, write_sidecar
 
 import advedge
 from advedge.errors import ExportError, UsageError
 from advedge.utils import atomic_write_bytes, atomic_write_text, sha256_file
-
-from ._deps import require
-from .graph import read_sidecar, write_sidecar
 
 __all__ = [
     "BatchProfile",
@@ -62,7 +61,7 @@ __all__ = [
     "load_tensorrt",
 ]
 
-ENGINE_SCHEMA = "advedge.engine/1"
+ENGINE_SCHEMA = "advedge.training.engine/1"
 
 logger = logging.getLogger(__name__)
 

@@ -31,10 +31,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from advedge.export._deps import require
 
 from advedge.errors import ExportError, MissingDependencyError, UsageError, did_you_mean
-
-from ._deps import require
 
 __all__ = ["BACKENDS", "artifact_kind", "open_runner"]
 
@@ -147,7 +146,7 @@ class OrtBackend(_Base):
                 f"ONNX Runtime here has no {provider} (available: {', '.join(ort.get_available_providers())})",
                 "install onnxruntime-gpu on a CUDA machine" if backend != "onnxruntime" else None,
             )
-        from .runtime import OrtRunner, control_flow_nodes
+        from advedge.export.runtime import OrtRunner, control_flow_nodes
 
         flow = control_flow_nodes(path)
         if flow:
@@ -170,7 +169,7 @@ class OrtBackend(_Base):
         return self.inner(batch)
 
     def _extra(self) -> dict[str, Any]:
-        from .graph import read_onnx_metadata
+        from advedge.export.graph import read_onnx_metadata
 
         meta = read_onnx_metadata(self.path)
         return {
@@ -213,8 +212,8 @@ def _purified_from_run(path: Path, device: Any) -> tuple[Any, dict[str, Any]]:
     """
     from advedge.checkpoint import load_model
     from advedge.errors import CheckpointError
+    from advedge.models.purified import Purified
     from advedge.purifier import load_purifier
-    from advedge.purifier.evaluate import Purified
     from advedge.utils import sha256_file
 
     gen = load_purifier(path, device=device)
@@ -319,7 +318,7 @@ class TrtBackend(_Base):
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
-        from .tensorrt import TrtRunner
+        from advedge.export.tensorrt import TrtRunner
 
         self.inner = TrtRunner(path)
 

@@ -17,7 +17,7 @@ from rich.console import Group
 from rich.table import Table
 
 from advedge import __version__
-from advedge._output import Output, setup_logging
+from advedge.cli.output import Output, setup_logging
 from advedge.errors import AdvedgeError, UsageError, os_error
 
 
@@ -205,7 +205,7 @@ def train_cmd(
 ) -> None:
     """Train a robust (or natural) classifier; writes model.safetensors, config.yaml, metrics.csv."""
     from advedge.config import config_from_dict, load_yaml
-    from advedge.engine import TrainConfig
+    from advedge.training.engine import TrainConfig
     from advedge.utils import parse_eps
 
     output = Output(json_out)
@@ -286,7 +286,7 @@ def distill_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Distil a robust teacher into a small student (soft labels guide attack and loss)."""
-    from advedge.engine import TrainConfig
+    from advedge.training.engine import TrainConfig
     from advedge.utils import parse_eps
 
     output = Output(json_out)
@@ -330,7 +330,7 @@ def _run_training(
 ) -> None:
     """Shared tail of train and distill: check --out, load data, train with bars, report."""
     from advedge.distributed import barrier, distributed_session
-    from advedge.engine import check_run_dir, train
+    from advedge.training.engine import check_run_dir, train
 
     with distributed_session(cfg.device) as (rank, _):
         check_run_dir(Path(cfg.out), resume)  # refuse to overwrite before loading any data
@@ -475,8 +475,8 @@ def purifier_train_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Train a purifier G against a frozen classifier; writes purifier.safetensors."""
-    from advedge.engine import check_run_dir
     from advedge.purifier.train import PurifierConfig, train_purifier
+    from advedge.training.engine import check_run_dir
     from advedge.utils import parse_eps
 
     output = Output(json_out)
@@ -619,7 +619,7 @@ def eval_cmd(
     if purifier is not None:  # a bad purifier fails before any data is loaded
         from advedge.checkpoint import read_metadata
         from advedge.purifier import load_purifier
-        from advedge.purifier.evaluate import check_purifier_fits
+        from advedge.purifier.checkpoint import check_purifier_fits
 
         check_purifier_fits(load_purifier(purifier), read_metadata(model), str(purifier))
     dataset = _load_data(data, output)
@@ -801,7 +801,7 @@ def export_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Export to ONNX (parity-gated), FP16 or INT8 Q/DQ, and optionally a TensorRT engine."""
-    from advedge.export.pipeline import ExportOptions, export_artifacts
+    from advedge.export.exporter import ExportOptions, export_artifacts
     from advedge.utils import parse_eps
 
     output = Output(json_out)
@@ -893,7 +893,7 @@ def calibrate_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Quantise an existing FP32 ONNX to explicit INT8 (symmetric Q/DQ, per-channel weights)."""
-    from advedge.export.pipeline import calibrate_file
+    from advedge.export.exporter import calibrate_file
     from advedge.utils import parse_eps
 
     output = Output(json_out)
@@ -976,7 +976,7 @@ def bench_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Latency (mean, p50/p90/p99) and accuracy measured on the deployed artifact itself."""
-    from advedge.export.bench import BenchOptions, run_bench
+    from advedge.export.runtime.bench import BenchOptions, run_bench
     from advedge.utils import parse_eps
 
     output = Output(json_out)
@@ -1127,7 +1127,7 @@ def pipeline_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Teacher -> ADD student -> purifier -> export -> bench -> report; reruns skip finished stages."""
-    from advedge.pipeline import STAGES, load_preset, run_pipeline
+    from advedge.workflow import STAGES, load_preset, run_pipeline
 
     output = Output(json_out)
     chosen = load_preset(preset, None if config is None else str(config))

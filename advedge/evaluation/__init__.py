@@ -43,8 +43,8 @@ from torch import Tensor, nn
 
 from advedge.attacks import Attack
 from advedge.data import Dataset, ImageArrays, to_tensor
-from advedge.engine import autocast_context
 from advedge.errors import AdvedgeError, DataError, UsageError, did_you_mean
+from advedge.training.engine import autocast_context
 from advedge.utils import atomic_write_text, environment, to_jsonable
 
 logger = logging.getLogger(__name__)
@@ -366,7 +366,7 @@ def evaluate(
         dataset_info: Recorded under ``"dataset"``.
         progress: Progress hooks.
         amp: ``off`` (fp32, the default: honest gradients), ``bf16``, ``fp16`` or ``auto``
-            (autocast on CUDA; see :func:`advedge.engine.autocast_context`).
+            (autocast on CUDA; see :func:`advedge.training.engine.autocast_context`).
         cascade: Run each attack only on the examples every earlier attack left robust (the
             suites do); each attack's ``robust_acc`` is then the accuracy after it and all
             earlier ones. Without cascade each attack runs on every clean-correct example and
@@ -387,7 +387,7 @@ def evaluate(
         AdvedgeError: the model's logits are NaN or infinite on some image, clean or
             adversarial (no accuracy is computed from them).
     """
-    from advedge.sanity import run_sanity_checks
+    from advedge.evaluation.sanity import run_sanity_checks
 
     progress = progress or EvalProgress()
     started = time.perf_counter()

@@ -43,15 +43,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-import advedge
-from advedge.errors import AdvedgeError, DataError, ExportError, UsageError, os_error
-from advedge.locks import output_lock
-from advedge.outputs import StagedFiles, check_out, check_out_file, install
-from advedge.utils import sha256_file
-
-from ._deps import require
-from .graph import (
+from advedge.export._deps import require
+from advedge.export.graph import (
     check_onnx,
     graph_input,
     read_onnx_metadata,
@@ -59,8 +52,14 @@ from .graph import (
     sidecar_path,
     write_sidecar,
 )
-from .parity import TOLERANCES, Tolerance, compare_outputs, gate
-from .runtime import OrtRunner, TorchRunner, quiet_onnxruntime
+from advedge.export.parity import TOLERANCES, Tolerance, compare_outputs, gate
+from advedge.export.runtime import OrtRunner, TorchRunner, quiet_onnxruntime
+
+import advedge
+from advedge.errors import AdvedgeError, DataError, ExportError, UsageError, os_error
+from advedge.locks import output_lock
+from advedge.outputs import StagedFiles, check_out, check_out_file, install
+from advedge.utils import sha256_file
 
 __all__ = ["PRECISIONS", "TRT_CALIBRATORS", "ExportOptions", "export_artifacts"]
 
@@ -155,7 +154,7 @@ class ExportOptions:
             raise UsageError(f"--parity-min-agree must be in [0, 1], got {self.parity_min_agree}")
         if self.parity_max_abs is not None and not self.parity_max_abs > 0:
             raise UsageError(f"--parity-max-abs must be > 0, got {self.parity_max_abs}")
-        from .onnx_export import DEFAULT_OPSET, SUPPORTED_OPSETS
+        from advedge.export.onnx_export import DEFAULT_OPSET, SUPPORTED_OPSETS
 
         if self.opset not in SUPPORTED_OPSETS:
             raise UsageError(
@@ -410,9 +409,9 @@ def _check_existing(out: Path, targets: list[_Target], opts: ExportOptions) -> l
 
 def _load_targets(opts: ExportOptions) -> tuple[list[_Target], dict[str, Any]]:
     from advedge.checkpoint import load_model, resolve_checkpoint
+    from advedge.models.purified import Purified
     from advedge.purifier import load_purifier
-    from advedge.purifier.checkpoint import resolve_purifier
-    from advedge.purifier.evaluate import Purified, check_purifier_fits
+    from advedge.purifier.checkpoint import check_purifier_fits, resolve_purifier
 
     ckpt = resolve_checkpoint(opts.model)
     model = load_model(ckpt)
@@ -715,11 +714,11 @@ def export_artifacts(
     trt_mod = None
     backend = None
     if opts.trt:
-        from .tensorrt import BatchProfile, has_legacy_calibrator, load_tensorrt
+        from advedge.export.tensorrt import BatchProfile, has_legacy_calibrator, load_tensorrt
 
         BatchProfile(opts.min_batch, opts.opt_batch, opts.max_batch)
         trt_mod = load_tensorrt()
-        from .tensorrt import cuda_backend
+        from advedge.export.tensorrt import cuda_backend
 
         backend = cuda_backend()  # no GPU or no buffer library: fail now, not after the export
         if opts.trt_calibrator != "qdq" and not has_legacy_calibrator(trt_mod):
@@ -834,7 +833,7 @@ def _stage_and_install(
 
             say(f"exporting {target.name} (fp32, opset {opts.opset})")
             fp32 = stage / f"{target.name}.fp32.onnx"
-            from .onnx_export import export_onnx
+            from advedge.export.onnx_export import export_onnx
 
             export_onnx(
                 target.module,
@@ -849,7 +848,7 @@ def _stage_and_install(
             files = [(fp32, "fp32", {"parity": parity32})]
             final = fp32
             if opts.precision == "fp16":
-                from .fp16 import convert_fp16
+                from advedge.export.fp16 import convert_fp16
 
                 final = convert_fp16(fp32, stage / f"{target.name}.fp16.onnx")
                 files.append(
@@ -1035,7 +1034,7 @@ def _build_trt(
     parity_inputs: tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]],
 ) -> list[Path]:
     """Build the engine, then gate it like the ONNX: the engine itself runs the parity images."""
-    from .tensorrt import BatchProfile, TrtRunner, build_engine, load_tensorrt
+    from advedge.export.tensorrt import BatchProfile, TrtRunner, build_engine, load_tensorrt
 
     trt = load_tensorrt()
     profile = BatchProfile(opts.min_batch, opts.opt_batch, opts.max_batch)

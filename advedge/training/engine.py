@@ -1,7 +1,7 @@
 """The training engine: one loop for every training method.
 
 ``train(TrainConfig(...))`` loads the data, builds the model and the method
-(:mod:`advedge.objectives`), and runs SGD with a cosine, multistep or constant learning-rate
+(:mod:`advedge.training.objectives`), and runs SGD with a cosine, multistep or constant learning-rate
 schedule. Every epoch it scores a fixed held-out batch (clean and PGD accuracy), appends a row to
 ``metrics.csv`` and writes ``state.pt`` (resumable state) and ``model.safetensors``, each
 atomically, so a run killed at any point resumes from its last complete epoch with
@@ -48,7 +48,7 @@ from advedge.distributed import (
 )
 from advedge.errors import AdvedgeError, UsageError, did_you_mean, os_error
 from advedge.models import create_model, list_models
-from advedge.objectives import METHODS, Method, MethodOutput, build_method
+from advedge.training.objectives import METHODS, Method, MethodOutput, build_method
 from advedge.utils import atomic_write_text, resolve_device, seed_everything
 
 logger = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         from advedge.config import SEED_MAX, check_fields
-        from advedge.distillation import DISTILL_METHODS
+        from advedge.training.distillation import DISTILL_METHODS
 
         # Types first (a bool is not an int, floats are finite), then ranges: every later
         # check may compare and hash the values.
@@ -335,7 +335,7 @@ class Trainer:
     # ----------------------------------------------------------------------------- setup
     def _distill_method(self) -> Method:
         """Load the teacher, check it fits the data, and build the distillation method."""
-        from advedge.distillation import build_distill_method
+        from advedge.training.distillation import build_distill_method
 
         cfg = self.config
         assert cfg.teacher is not None

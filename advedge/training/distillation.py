@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from advedge.attacks import PGD, kl_loss
 from advedge.errors import UsageError, did_you_mean
-from advedge.objectives import Method, MethodOutput, attack_view
+from advedge.training.objectives import Method, MethodOutput, attack_view
 
 __all__ = [
     "DISTILL_METHODS",

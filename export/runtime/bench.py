@@ -1,7 +1,7 @@
 """``advedge bench``: latency and robust accuracy measured on the deployed artifact itself.
 
 For each artifact (an ``.engine``, an ``.onnx`` or a checkpoint, each run by its runner, see
-:mod:`advedge.export.runners`) and each batch size:
+:mod:`advedge.export.runtime.runners`) and each batch size:
 
 - latency: ``warmup`` untimed calls, then ``iters`` timed calls on real test images; mean, p50,
   p90 and p99 in ms, the coefficient of variation ``cv = std / mean`` (a warning above 0.15: the
@@ -62,6 +62,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from advedge.export.runtime.runners import BACKENDS, open_runner
 
 import advedge
 from advedge.errors import AdvedgeError, DataError, ExportError, UsageError, os_error
@@ -75,8 +76,6 @@ from advedge.outputs import (
     refuse_overwrite,
 )
 from advedge.utils import available_memory, sha256_file, to_jsonable
-
-from .runners import BACKENDS, open_runner
 
 __all__ = [
     "BenchOptions",
@@ -470,7 +469,7 @@ def _model_source(opts: BenchOptions, fused: bool) -> tuple[Any, Path, Path | No
             of the right kind.
         UsageError: a fused artifact without --purifier.
     """
-    from ._deps import require
+    from advedge.export._deps import require
 
     require("torch", purpose="crafting the transfer set (--robust --model)")
     from advedge.checkpoint import read_metadata, resolve_checkpoint
@@ -517,8 +516,8 @@ def craft_transfer_set(
     source, ckpt, pfile = _model_source(opts, fused)
     model = load_model(ckpt)
     if fused:
+        from advedge.models.purified import Purified
         from advedge.purifier import load_purifier
-        from advedge.purifier.evaluate import Purified
 
         model = Purified(load_purifier(pfile), model).eval()
     for p in model.parameters():

@@ -1,7 +1,7 @@
 """Training objectives: pure loss functions of tensors, plus the attack each method uses.
 
 A training method is one loss function and the attack that crafts its inputs. The engine
-(:mod:`advedge.engine`) runs every method with the same loop; a method only says how to turn a
+(:mod:`advedge.training.engine`) runs every method with the same loop; a method only says how to turn a
 batch ``(x, y)`` into a scalar loss (:meth:`Method.loss`).
 
 Methods: ``natural``, ``pgd-at`` (Madry et al., ICLR 2018), ``trades`` (Zhang et al., ICML 2019)

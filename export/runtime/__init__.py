@@ -19,11 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from advedge.export._deps import require
+from advedge.export.graph import check_external_data
 
 from advedge.errors import ExportError
-
-from ._deps import require
-from .graph import check_external_data
 
 __all__ = [
     "CONTROL_FLOW_OPS",
