@@ -17,8 +17,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from advedge.export.runtime import bench as bench_mod
 from advedge.export.onnx_export import export_onnx
+from advedge.export.runtime import bench as bench_mod
 from advedge.export.runtime.bench import BenchOptions, load_transfer_set, save_transfer_set
 from conftest import argv
 from onnx import TensorProto, helper, numpy_helper
