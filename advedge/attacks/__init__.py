@@ -11,6 +11,10 @@ from typing import Any
 
 from torch import nn
 
+# Registration order is the listing order of ATTACKS: FGSM, PGD, CW, MI-FGSM, APGD, Square.
+from advedge.attacks import pgd, mifgsm  # noqa: F401  # isort: skip
+
+# isort: split
 from advedge.attacks.apgd import (
     APGD,
     APGDDLR,
@@ -20,6 +24,7 @@ from advedge.attacks.apgd import (
     targeted_dlr_loss,
 )
 from advedge.attacks.base import (
+    ATTACKS,
     NORMS,
     Attack,
     LossFn,
@@ -29,6 +34,7 @@ from advedge.attacks.base import (
     margin_loss,
     project,
     random_init,
+    register_attack,
 )
 from advedge.attacks.mifgsm import MIFGSM
 from advedge.attacks.pgd import CW, FGSM, PGD, steepest_ascent_step
@@ -61,20 +67,10 @@ __all__ = [
     "margin_loss",
     "project",
     "random_init",
+    "register_attack",
     "steepest_ascent_step",
     "targeted_dlr_loss",
 ]
-
-ATTACKS: dict[str, type[Attack]] = {
-    "fgsm": FGSM,
-    "pgd": PGD,
-    "cw": CW,
-    "mifgsm": MIFGSM,
-    "apgd-ce": APGD,
-    "apgd-dlr": APGDDLR,
-    "apgd-t": APGDT,
-    "square": Square,
-}
 
 
 def build_attack(

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from advedge.attacks.base import Attack, ce_loss, margin_loss, project
+from advedge.attacks.base import Attack, ce_loss, margin_loss, project, register_attack
 from advedge.attacks.pgd import steepest_ascent_step
 from advedge.errors import UsageError
 
@@ -125,6 +125,7 @@ def _expand(v: Tensor, like: Tensor) -> Tensor:
     return v.view(-1, *([1] * (like.dim() - 1)))
 
 
+@register_attack("apgd-ce")
 class APGD(Attack):
     """Untargeted Auto-PGD on the cross-entropy or DLR loss (Croce & Hein 2020, Algorithm 1).
 
@@ -417,6 +418,7 @@ class APGD(Attack):
         return x_adv
 
 
+@register_attack("apgd-dlr")
 class APGDDLR(APGD):
     """APGD on the DLR loss (``apgd-dlr``); :class:`APGD` with ``loss="dlr"``."""
 
@@ -450,6 +452,7 @@ class APGDDLR(APGD):
         )
 
 
+@register_attack("apgd-t")
 class APGDT(APGD):
     """Targeted APGD on the targeted DLR loss over the top-k classes (APGD-T).
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from advedge.errors import AdvedgeError, UsageError
+from advedge.registry import Registry
 
 logger = logging.getLogger(__name__)
 
@@ -243,3 +244,10 @@ def _check_inputs(x: Tensor, y: Tensor) -> None:
             f"attack input must lie in [0, 1] (pixel space), got values in [{lo:.3g}, {hi:.3g}]",
             "divide uint8 images by 255; normalisation is the model's first layer",
         )
+
+
+ATTACKS: Registry[type[Attack]] = Registry("attack")
+"""Every attack by name, in registration order; each attack module registers its classes."""
+
+register_attack = ATTACKS.register
+"""``@register_attack("name")`` adds an :class:`Attack` subclass to :data:`ATTACKS`."""

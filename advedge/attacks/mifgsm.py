@@ -6,13 +6,14 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from advedge.attacks.base import Attack, LossFn, get_loss, project
+from advedge.attacks.base import Attack, LossFn, get_loss, project, register_attack
 from advedge.attacks.pgd import steepest_ascent_step
 from advedge.errors import UsageError
 
 __all__ = ["MIFGSM"]
 
 
+@register_attack("mifgsm")
 class MIFGSM(Attack):
     """Momentum iterative FGSM.
 

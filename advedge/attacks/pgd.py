@@ -12,7 +12,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from advedge.attacks.base import Attack, LossFn, get_loss, margin_loss, project, random_init
+from advedge.attacks.base import (
+    Attack,
+    LossFn,
+    get_loss,
+    margin_loss,
+    project,
+    random_init,
+    register_attack,
+)
 from advedge.errors import UsageError
 
 __all__ = ["CW", "FGSM", "PGD", "steepest_ascent_step"]
@@ -29,6 +37,32 @@ def steepest_ascent_step(x: Tensor, grad: Tensor, step: float, norm: str) -> Ten
     return x + step * grad / g_norm.view(-1, *([1] * (grad.dim() - 1)))
 
 
+@register_attack("fgsm")
+class FGSM(Attack):
+    """Fast gradient sign method (Goodfellow et al., ICLR 2015).
+
+    ``x_adv = clip(x + eps * sign(∇_x CE(f(x), y)), 0, 1)`` for L-inf; the L2 version steps
+    ``eps * g / ||g||_2``.
+    """
+
+    name = "fgsm"
+
+    def __init__(
+        self, model: nn.Module, *, eps: float, norm: str = "Linf", loss: str | LossFn = "ce"
+    ) -> None:
+        super().__init__(model, eps=eps, norm=norm)
+        self.loss_name = loss if isinstance(loss, str) else "custom"
+        self.loss_fn = get_loss(loss)
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "loss": self.loss_name}
+
+    def perturb(self, x: Tensor, y: Tensor) -> Tensor:
+        grad, _ = self.input_grad(x, y, self.loss_fn)
+        return steepest_ascent_step(x, grad, self.eps, self.norm)
+
+
+@register_attack("pgd")
 class PGD(Attack):
     """Projected gradient descent with random start and restarts.
 
@@ -126,6 +160,7 @@ class PGD(Attack):
         return x_best
 
 
+@register_attack("cw")
 class CW(PGD):
     """CW-inf: PGD on the Carlini-Wagner margin ``max_{j != y} z_j - z_y``.
 
@@ -172,27 +207,3 @@ class CW(PGD):
 
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "kappa": self.kappa}
-
-
-class FGSM(Attack):
-    """Fast gradient sign method (Goodfellow et al., ICLR 2015).
-
-    ``x_adv = clip(x + eps * sign(∇_x CE(f(x), y)), 0, 1)`` for L-inf; the L2 version steps
-    ``eps * g / ||g||_2``.
-    """
-
-    name = "fgsm"
-
-    def __init__(
-        self, model: nn.Module, *, eps: float, norm: str = "Linf", loss: str | LossFn = "ce"
-    ) -> None:
-        super().__init__(model, eps=eps, norm=norm)
-        self.loss_name = loss if isinstance(loss, str) else "custom"
-        self.loss_fn = get_loss(loss)
-
-    def settings(self) -> dict[str, Any]:
-        return {**super().settings(), "loss": self.loss_name}
-
-    def perturb(self, x: Tensor, y: Tensor) -> Tensor:
-        grad, _ = self.input_grad(x, y, self.loss_fn)
-        return steepest_ascent_step(x, grad, self.eps, self.norm)

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from advedge.attacks.base import Attack, ce_loss, margin_loss, project
+from advedge.attacks.base import Attack, ce_loss, margin_loss, project, register_attack
 from advedge.errors import UsageError
 
 logger = logging.getLogger(__name__)
@@ -177,6 +177,7 @@ def meta_pattern(side: int) -> Tensor:
     return pattern / pattern.norm()
 
 
+@register_attack("square")
 class Square(Attack):
     """The Square attack, score-based and gradient-free (Andriushchenko et al., ECCV 2020).
 
