@@ -11,7 +11,7 @@ import platform
 import random
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ __all__ = [
     "atomic_path",
     "atomic_write_bytes",
     "atomic_write_text",
+    "autocast_context",
     "available_memory",
     "current_umask",
     "environment",
@@ -190,6 +191,23 @@ def resolve_device(device: str = "auto") -> Any:
             "--device cuda was asked for but CUDA is not available", "use --device cpu"
         )
     return dev
+
+
+def autocast_context(device: Any, amp: str) -> Callable[[], contextlib.AbstractContextManager[Any]]:
+    """A factory of autocast contexts for ``amp`` (``auto`` = bf16 on CUDA, off on CPU).
+
+    Args:
+        device: The ``torch.device`` the model runs on.
+        amp: ``off``, ``bf16``, ``fp16`` or ``auto``.
+    """
+    import torch
+
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" else "off"
+    if amp == "off":
+        return contextlib.nullcontext
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def environment() -> dict[str, Any]:

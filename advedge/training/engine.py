@@ -15,7 +15,6 @@ data with a distributed sampler and lets rank 0 alone write files.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import hashlib
 import io
@@ -49,7 +48,12 @@ from advedge.distributed import (
 from advedge.errors import AdvedgeError, UsageError, did_you_mean, os_error
 from advedge.models import create_model, list_models
 from advedge.training.objectives import METHODS, Method, MethodOutput, build_method
-from advedge.utils import atomic_write_text, resolve_device, seed_everything
+from advedge.utils import (
+    atomic_write_text,
+    autocast_context,
+    resolve_device,
+    seed_everything,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -254,18 +258,6 @@ class TrainCallbacks:
 
 def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return (seed * 1_000_003 + epoch * 10_007 + rank) % (2**63)
-
-
-def autocast_context(
-    device: torch.device, amp: str
-) -> Callable[[], contextlib.AbstractContextManager[Any]]:
-    """A factory of autocast contexts for ``amp`` (``auto`` = bf16 on CUDA, off on CPU)."""
-    if amp == "auto":
-        amp = "bf16" if device.type == "cuda" else "off"
-    if amp == "off":
-        return contextlib.nullcontext
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def lr_lambda(
