@@ -27,7 +27,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from advedge import data as data_module
 from advedge.checkpoint import load_model, read_metadata, save_model
 from advedge.cli import main
 from advedge.data import (
@@ -38,6 +37,8 @@ from advedge.data import (
     ImageArrays,
     load_dataset,
 )
+from advedge.data import formats as data_formats
+from advedge.data import npz as data_npz
 from advedge.errors import AdvedgeError, CheckpointError, DataError, UsageError
 from advedge.evaluation import evaluate
 from advedge.models import create_model
@@ -47,6 +48,7 @@ from advedge.models.registry import (
     check_input_size,
     min_input_size,
 )
+from advedge.registry import Registry
 
 
 # --------------------------------------------------------------------------------- helpers
@@ -141,9 +143,9 @@ def _no_per_class_work(monkeypatch: pytest.MonkeyPatch) -> None:
     def not_built(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("the dataset was built although a label is out of bounds")
 
-    monkeypatch.setattr(data_module, "range", bounded_range, raising=False)
-    monkeypatch.setattr(data_module, "ImageArrays", not_built)
-    monkeypatch.setattr(data_module, "Dataset", not_built)
+    monkeypatch.setattr(data_formats, "range", bounded_range, raising=False)
+    monkeypatch.setattr(data_formats, "ImageArrays", not_built)
+    monkeypatch.setattr(data_formats, "Dataset", not_built)
 
 
 @pytest.mark.parametrize("label", [10**9, 2**63 - 1])
@@ -210,7 +212,7 @@ def _guard_factory(monkeypatch: pytest.MonkeyPatch, name: str) -> list[str]:
 
     from advedge.models import registry
 
-    entry = registry._MODELS[name]
+    entry = registry.MODELS[name]
     builds: list[str] = []
 
     def factory(**kwargs: Any) -> Any:
@@ -220,8 +222,11 @@ def _guard_factory(monkeypatch: pytest.MonkeyPatch, name: str) -> list[str]:
             raise AssertionError(f"{name} was built for real on {device}")
         return entry.factory(**kwargs)
 
-    monkeypatch.setattr(registry, "_MODELS", dict(registry._MODELS))
-    registry._MODELS[name] = dataclasses.replace(entry, factory=factory)
+    guarded = Registry(registry.MODELS.family)
+    for key, value in registry.MODELS.items():
+        replaced = dataclasses.replace(entry, factory=factory) if key == name else value
+        guarded.register(key, replaced, description=registry.MODELS.description(key))
+    monkeypatch.setattr(registry, "MODELS", guarded)
     return builds
 
 
@@ -365,7 +370,7 @@ def test_npz_header_declaring_more_data_than_the_member_holds_is_refused(
 def test_npz_arrays_larger_than_available_memory_are_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    monkeypatch.setattr(data_module, "available_memory", lambda: 100)
+    monkeypatch.setattr(data_npz, "available_memory", lambda: 100)
     _write(tmp_path / "test.npz", _images(4), [0, 1, 0, 1])
     with pytest.raises(DataError, match=r"test\.npz: its arrays need .* GiB of memory"):
         load_dataset(tmp_path)
@@ -441,7 +446,7 @@ def test_eval_refuses_images_smaller_than_the_architecture_accepts(
         def _features(self, x: torch.Tensor) -> torch.Tensor:
             return self.pool(self.conv(x)).mean((2, 3))
 
-    monkeypatch.setattr(registry, "_MODELS", dict(registry._MODELS))
+    monkeypatch.setattr(registry, "MODELS", registry.MODELS.copy())
     registry._min_side.cache_clear()
 
     @registry.register_model("pool4_test")
