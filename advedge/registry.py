@@ -26,7 +26,7 @@ from typing import Generic, TypeVar, overload
 
 from advedge.errors import UsageError, did_you_mean
 
-__all__ = ["Registry"]
+__all__ = ["Registry", "first_doc_line"]
 
 T = TypeVar("T")
 
@@ -83,11 +83,12 @@ class Registry(Mapping[str, T], Generic[T]):
         Raises:
             UsageError: no such entry; the message suggests the closest name.
         """
-        if name not in self._entries:
+        try:
+            return self._entries[name]
+        except (KeyError, TypeError):  # TypeError: an unhashable name from a hostile file
             raise UsageError(
                 f"unknown {self.family} {name!r}", did_you_mean(str(name), self._entries)
-            )
-        return self._entries[name]
+            ) from None
 
     def description(self, name: str) -> str:
         """The one-line description of ``name``."""
@@ -101,6 +102,13 @@ class Registry(Mapping[str, T], Generic[T]):
     def choices(self, sep: str = "|") -> str:
         """The names joined for a CLI metavar or help line: ``"a|b|c"``."""
         return sep.join(self._entries)
+
+    def copy(self) -> Registry[T]:
+        """A new registry with the same entries (tests register into a copy)."""
+        new: Registry[T] = Registry(self.family)
+        new._entries = dict(self._entries)
+        new._descriptions = dict(self._descriptions)
+        return new
 
     def __getitem__(self, name: str) -> T:
         return self._entries[name]

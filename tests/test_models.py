@@ -188,7 +188,7 @@ def test_default_stats_are_cifar10_and_mnist() -> None:
 def test_register_model_rejects_duplicates_and_bad_factories(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(registry_module, "_MODELS", dict(registry_module._MODELS))
+    monkeypatch.setattr(registry_module, "MODELS", registry_module.MODELS.copy())
 
     with pytest.raises(ValueError, match="'resnet18' is already registered"):
 
@@ -222,7 +222,7 @@ def test_register_model_rejects_duplicates_and_bad_factories(
 
 
 def test_register_model_under_explicit_name(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(registry_module, "_MODELS", dict(registry_module._MODELS))
+    monkeypatch.setattr(registry_module, "MODELS", registry_module.MODELS.copy())
 
     @register_model("my_tiny")
     def build(

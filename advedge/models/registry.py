@@ -29,6 +29,7 @@ import torch
 from advedge.data import MAX_CLASSES
 from advedge.errors import UsageError, did_you_mean
 from advedge.models.base import ImageClassifier, channel_values
+from advedge.registry import Registry, first_doc_line
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ __all__ = [
     "MAX_ARCH_INT",
     "MAX_CLASSES",
     "MAX_PARAMETERS",
+    "MODELS",
     "ModelFactory",
     "check_input_size",
     "create_model",
@@ -87,12 +89,8 @@ class _Entry:
     defaults: dict[str, Any] = field(default_factory=dict)
 
 
-_MODELS: dict[str, _Entry] = {}
-
-
-def _describe(factory: ModelFactory) -> str:
-    doc = inspect.getdoc(factory) or ""
-    return doc.strip().splitlines()[0].strip() if doc.strip() else ""
+MODELS: Registry[_Entry] = Registry("model")
+"""Every model factory by name (see :func:`register_model`)."""
 
 
 def _architecture_defaults(name: str, factory: ModelFactory) -> dict[str, Any]:
@@ -151,10 +149,11 @@ def register_model(
 
     def decorator(factory: F) -> F:
         key = name or factory.__name__
-        if key in _MODELS:
+        if key in MODELS:
             raise ValueError(f"model {key!r} is already registered")
         defaults = _architecture_defaults(key, factory)
-        _MODELS[key] = _Entry(key, factory, _describe(factory), defaults)
+        description = first_doc_line(factory)
+        MODELS.register(key, _Entry(key, factory, description, defaults), description=description)
         return factory
 
     if fn is None:
@@ -164,16 +163,7 @@ def register_model(
 
 def list_models() -> list[str]:
     """Return the names of all registered models, sorted."""
-    return sorted(_MODELS)
-
-
-def _entry(name: str) -> _Entry:
-    try:
-        return _MODELS[name]
-    except (KeyError, TypeError):
-        raise UsageError(
-            f"unknown model {name!r}", did_you_mean(str(name), list_models())
-        ) from None
+    return sorted(MODELS)
 
 
 def model_info(name: str) -> dict[str, Any]:
@@ -187,7 +177,7 @@ def model_info(name: str) -> dict[str, Any]:
     Raises:
         UsageError: for an unknown name (with a close-match suggestion).
     """
-    entry = _entry(name)
+    entry = MODELS.get(name)
     return {
         "name": entry.name,
         "description": entry.description,
@@ -272,7 +262,7 @@ def create_model(
             ``in_channels`` other than 1 or 3, a ``mean``/``std`` whose length is not
             ``in_channels``, a non-positive ``std``, or an invalid architecture argument.
     """
-    entry = _entry(name)
+    entry = MODELS.get(name)
     num_classes = int_argument(num_classes, "num_classes", 2)
     if num_classes > MAX_CLASSES:
         raise UsageError(
@@ -380,7 +370,7 @@ def _meta_size(entry: _Entry, args: dict[str, Any]) -> int | None:
 
 @functools.lru_cache(maxsize=64)
 def _min_side(name: str, arch_json: str, in_channels: int, training: bool) -> int | None:
-    entry = _entry(name)
+    entry = MODELS.get(name)
     args = {
         "num_classes": 2,
         "in_channels": in_channels,
@@ -427,7 +417,7 @@ def min_input_size(
         name, kwargs = getattr(model, "arch", ""), dict(getattr(model, "arch_kwargs", {}))
         if not name:
             return None
-    entry = _entry(name)
+    entry = MODELS.get(name)
     in_channels = kwargs.get("in_channels", 3)
     if in_channels not in (1, 3) or isinstance(in_channels, bool):
         return None
