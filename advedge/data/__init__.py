@@ -16,7 +16,8 @@ The named datasets ``cifar10``, ``cifar100`` and ``mnist`` live in ``$ADVEDGE_DA
 Images are held as uint8 NHWC numpy arrays (:class:`ImageArrays`) and only become float NCHW
 tensors in [0, 1] batch by batch (:class:`BatchLoader`), on the training device.
 
-The modules, lowest first: :mod:`~advedge.data.arrays` (the in-memory types and subsets),
+The modules, lowest first: :mod:`~advedge.data.messages` (one-line error messages),
+:mod:`~advedge.data.arrays` (the in-memory types and subsets),
 :mod:`~advedge.data.formats` (detection, bounds and validation shared by the readers),
 :mod:`~advedge.data.npz`, :mod:`~advedge.data.cifar` and :mod:`~advedge.data.image_folder` (one
 reader per format), :mod:`~advedge.data.download` (the named datasets' sources and downloads),

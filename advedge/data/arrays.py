@@ -12,19 +12,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from advedge.data.messages import describe
 from advedge.errors import DataError, UsageError
 
 if TYPE_CHECKING:  # torch is imported where it is used: the deploy side reads data without it
     import torch
 
-__all__ = ["Dataset", "ImageArrays", "describe", "stratified_subset"]
-
-
-def describe(value: object) -> str:
-    """Say what ``value`` is, for an error message: an array's dtype and shape, else its type."""
-    if isinstance(value, np.ndarray):
-        return f"{value.dtype} array of shape {value.shape}"
-    return type(value).__name__
+__all__ = ["Dataset", "ImageArrays", "stratified_subset"]
 
 
 @dataclass(frozen=True, eq=False)

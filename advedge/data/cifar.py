@@ -14,15 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from advedge.data.arrays import describe
-from advedge.data.formats import (
-    RawSplit,
-    cifar_layout,
-    join_splits,
-    natural_key,
-    one_line,
-    read_error,
-)
+from advedge.data.formats import RawSplit, cifar_layout, join_splits, natural_key
+from advedge.data.messages import describe, one_line, read_error
 from advedge.errors import DataError
 
 __all__ = ["read_cifar_dir"]

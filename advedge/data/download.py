@@ -23,7 +23,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from advedge.data.formats import LOOKED_FOR, one_line
+from advedge.data.formats import LOOKED_FOR
+from advedge.data.messages import one_line
 from advedge.errors import DataError, UsageError
 from advedge.utils import atomic_path, sha256_file
 

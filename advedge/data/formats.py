@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from advedge.data.arrays import Dataset, ImageArrays
-from advedge.errors import DataError, os_error
+from advedge.errors import DataError
 
 __all__ = [
     "FORMATS",
@@ -33,8 +33,6 @@ __all__ = [
     "detect_format",
     "join_splits",
     "natural_key",
-    "one_line",
-    "read_error",
 ]
 
 FORMATS: tuple[str, ...] = ("npz", "cifar-python", "image-folder")
@@ -72,6 +70,7 @@ LOOKED_FOR = (
     "or a cifar-10-batches-py/ or cifar-100-python/ folder), "
     "image-folder (train/<class>/*.png and test/<class>/*.png)"
 )
+"""What detection looks for, named in the messages about a directory that holds no dataset."""
 
 
 class RawSplit(NamedTuple):
@@ -318,14 +317,3 @@ def _check_labels(split: RawSplit, num_classes: int, *, named: bool) -> None:
 def natural_key(path: Path) -> list[Any]:
     """Sort key for file names with numbers in natural order (``train-2`` before ``train-10``)."""
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]
-
-
-def one_line(value: object) -> str:
-    """``str(value)`` on one line (whitespace runs collapsed), or its type name if empty."""
-    return " ".join(str(value).split()) or type(value).__name__
-
-
-def read_error(exc: OSError, path: Path) -> DataError:
-    """One line for an ``OSError`` met while reading ``path`` (or the file the error names)."""
-    err = os_error(exc, exc.filename or path, action="read")
-    return DataError(err.message, err.hint)

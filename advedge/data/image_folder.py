@@ -11,14 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from advedge.data.formats import (
-    IMAGE_EXTENSIONS,
-    RawSplit,
-    class_dirs,
-    natural_key,
-    one_line,
-    read_error,
-)
+from advedge.data.formats import IMAGE_EXTENSIONS, RawSplit, class_dirs, natural_key
+from advedge.data.messages import one_line, read_error
 from advedge.errors import DataError
 
 __all__ = ["read_image_folder"]

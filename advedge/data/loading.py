@@ -20,8 +20,9 @@ from advedge.data.download import (
     data_dir,
     download_files,
 )
-from advedge.data.formats import LOOKED_FOR, assemble, detect_format, one_line, read_error
+from advedge.data.formats import LOOKED_FOR, assemble, detect_format
 from advedge.data.image_folder import read_image_folder
+from advedge.data.messages import one_line, read_error
 from advedge.data.npz import read_npz_dir
 from advedge.errors import DataError, did_you_mean
 

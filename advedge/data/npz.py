@@ -14,14 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from advedge.data.formats import (
-    MAX_ARRAY_ELEMENTS,
-    RawSplit,
-    join_splits,
-    natural_key,
-    one_line,
-    read_error,
-)
+from advedge.data.formats import MAX_ARRAY_ELEMENTS, RawSplit, join_splits, natural_key
+from advedge.data.messages import one_line, read_error
 from advedge.errors import DataError
 from advedge.utils import available_memory
 
