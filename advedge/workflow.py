@@ -188,7 +188,35 @@ _READS: dict[str, tuple[str, ...]] = {
 SUPERSEDED = ".superseded"
 
 
-class _Stage:
+StageOutput = tuple[list[Path], dict[str, Any]]
+"""What a stage function returns: the files it made and a JSON summary for the pipeline's doc."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    """What every stage function is given: the pipeline's folder, options, data and hooks.
+
+    Attributes:
+        root: The pipeline's ``--out`` folder; each stage writes ``root/<stage name>``.
+        preset: The resolved options.
+        dataset: The loaded dataset (loaded once, before any stage runs).
+        say: ``say(stage, message)``: progress for the user.
+        callbacks: The training engine's per-batch hooks (progress bars), or None.
+    """
+
+    root: Path
+    preset: Preset
+    dataset: Any
+    say: Callable[[str, str], None]
+    callbacks: Any = None
+
+    @property
+    def data(self) -> str:
+        """The dataset's folder, as the commands take it."""
+        return str(self.dataset.root)
+
+
+class StageRecord:
     """One stage's record (``.pipeline/<name>.json``), key and folder.
 
     Recorded outputs are paths relative to the pipeline's folder, so a moved or copied
@@ -344,9 +372,10 @@ def run_pipeline(
             "stages": {},
         }
         upstream = ""
+        context = Stage(root, p, dataset, say, train_callbacks)
         for name in STAGES:
             config = {**configs[name], "upstream": upstream}
-            stage = _Stage(root, name, config, _stage_inputs(root, name, key))
+            stage = StageRecord(root, name, config, _stage_inputs(root, name, key))
             upstream = stage.key
             if stage.done():
                 rec = stage.record() or {}
@@ -366,7 +395,7 @@ def run_pipeline(
                     )
                 stage.start()
                 t0 = time.perf_counter()
-                outputs, info = _STAGE_FNS[name](root, p, lambda: dataset, say, train_callbacks)
+                outputs, info = _STAGE_FNS[name](context)
                 seconds = time.perf_counter() - t0
                 stage.finish(outputs, seconds, info)
             summary["stages"][name] = {"skipped": False, "seconds": round(seconds, 1), **info}
@@ -483,19 +512,17 @@ def _purifier_config(root: Path, p: Preset, data: str) -> Any:
     )
 
 
-def _train_stage(kind: str) -> Callable[..., tuple[list[Path], dict[str, Any]]]:
-    def run(
-        root: Path, p: Preset, ds: Callable[[], Any], say: Callable[[str, str], None], cb: Any
-    ) -> tuple[list[Path], dict[str, Any]]:
+def _train_stage(kind: str) -> Callable[[Stage], StageOutput]:
+    def run(stage: Stage) -> StageOutput:
         from advedge.training.engine import check_run_dir, train
 
-        resume = check_run_dir(root / kind, resume=True)
-        cfg = _train_config(root, p, kind, str(ds().root))
-        say(
+        resume = check_run_dir(stage.root / kind, resume=True)
+        cfg = _train_config(stage.root, stage.preset, kind, stage.data)
+        stage.say(
             kind,
             f"{'resuming' if resume else 'training'} {cfg.model} ({cfg.method}, {cfg.epochs} epochs)",
         )
-        result = train(cfg, resume=resume, callbacks=cb, dataset=ds())
+        result = train(cfg, resume=resume, callbacks=stage.callbacks, dataset=stage.dataset)
         last = result.metrics[-1] if result.metrics else {}
         return [result.model_path], {
             "model": str(result.model_path),
@@ -506,20 +533,18 @@ def _train_stage(kind: str) -> Callable[..., tuple[list[Path], dict[str, Any]]]:
     return run
 
 
-def _purifier_stage(
-    root: Path, p: Preset, ds: Callable[[], Any], say: Callable[[str, str], None], cb: Any
-) -> tuple[list[Path], dict[str, Any]]:
+def _purifier_stage(stage: Stage) -> StageOutput:
     from advedge.purifier.train import train_purifier
     from advedge.training.engine import check_run_dir
 
-    out = root / "purifier"
+    out = stage.root / "purifier"
     resume = check_run_dir(out, resume=True) or (out / "state.pt").exists()
-    cfg = _purifier_config(root, p, str(ds().root))
-    say(
+    cfg = _purifier_config(stage.root, stage.preset, stage.data)
+    stage.say(
         "purifier",
         f"{'resuming' if resume else 'training'} the IPCM purifier ({cfg.epochs} epochs)",
     )
-    result = train_purifier(cfg, resume=resume, callbacks=cb, dataset=ds())
+    result = train_purifier(cfg, resume=resume, callbacks=stage.callbacks, dataset=stage.dataset)
     return [result.purifier_path], {"purifier": str(result.purifier_path)}
 
 
@@ -545,19 +570,16 @@ def _export_options(root: Path, p: Preset, data: str, label: str, precision: str
     )
 
 
-def _export_stage(
-    root: Path, p: Preset, ds: Callable[[], Any], say: Callable[[str, str], None], cb: Any
-) -> tuple[list[Path], dict[str, Any]]:
+def _export_stage(stage: Stage) -> StageOutput:
     from advedge.export.exporter import export_artifacts
 
-    data = str(ds().root)
     outputs: list[Path] = []
     info: dict[str, Any] = {"warnings": []}
     for label, _ in _EXPORTS:
         for precision in _PRECISIONS:
             rep = export_artifacts(
-                _export_options(root, p, data, label, precision),
-                status=lambda m, label=label: say("export", f"{label}: {m}"),
+                _export_options(stage.root, stage.preset, stage.data, label, precision),
+                status=lambda m, label=label: stage.say("export", f"{label}: {m}"),
             )
             outputs += [Path(a["path"]) for a in rep.artifacts]
             info["warnings"] += rep.warnings
@@ -587,28 +609,27 @@ def _bench_options(root: Path, p: Preset, data: str, artifacts: list[str]) -> An
     )
 
 
-def _bench_stage(
-    root: Path, p: Preset, ds: Callable[[], Any], say: Callable[[str, str], None], cb: Any
-) -> tuple[list[Path], dict[str, Any]]:
+def _bench_stage(stage: Stage) -> StageOutput:
     from advedge.export.runtime.bench import run_bench
 
     # the PyTorch student and purifier + student are the white-box parents of the ONNX artifacts
+    root = stage.root
     arts = [str(root / "student"), str(root / "purifier")]
     for label, _ in _EXPORTS:
         arts += sorted(str(f) for f in (root / "export" / label).glob("*.onnx"))
-    doc = run_bench(_bench_options(root, p, str(ds().root), arts), status=lambda m: say("bench", m))
+    options = _bench_options(root, stage.preset, stage.data, arts)
+    doc = run_bench(options, status=lambda m: stage.say("bench", m))
     return [root / "bench" / "bench.json"], {
         "artifacts": len(doc["results"]),
         "warnings": doc["warnings"],
     }
 
 
-def _report_stage(
-    root: Path, p: Preset, ds: Callable[[], Any], say: Callable[[str, str], None], cb: Any
-) -> tuple[list[Path], dict[str, Any]]:
+def _report_stage(stage: Stage) -> StageOutput:
     from advedge.report import build_report
 
-    say("report", "writing report.md, pareto.png and training.png")
+    root = stage.root
+    stage.say("report", "writing report.md, pareto.png and training.png")
     doc = build_report(
         [root / "bench", root / "teacher", root / "student", root / "purifier"],
         root / "report",
@@ -620,7 +641,7 @@ def _report_stage(
     }
 
 
-_STAGE_FNS: dict[str, Callable[..., tuple[list[Path], dict[str, Any]]]] = {
+_STAGE_FNS: dict[str, Callable[[Stage], StageOutput]] = {
     "teacher": _train_stage("teacher"),
     "student": _train_stage("student"),
     "purifier": _purifier_stage,
