@@ -272,6 +272,8 @@ class APGD(Attack):
             x ``[n, C, H, W]``, y ``[n]``, target_class ``[n]`` or None ->
             ``[n, C, H, W]``, ``[n]`` bool, ``[n]``.
         """
+        # one long function: Algorithm 1's loop updates eleven per-example state tensors
+        # together; split up, each piece would take and return most of them.
         n = x.shape[0]
         x0 = self._random_start(x, gen)
         grad0, loss0, pred0 = self._evaluate(x0, y, target_class)

@@ -230,6 +230,56 @@ def float_argument(value: Any, what: str) -> float:
     return out
 
 
+def _common_arguments(
+    num_classes: int,
+    in_channels: int,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+) -> dict[str, Any]:
+    """``num_classes``, ``in_channels``, ``mean`` and ``std``, checked, with defaults filled in."""
+    num_classes = int_argument(num_classes, "num_classes", 2)
+    if num_classes > MAX_CLASSES:
+        raise UsageError(
+            f"num_classes must be at most {MAX_CLASSES}, got {num_classes}",
+            "a dataset's labels or class_names say how many classes it has",
+        )
+    if isinstance(in_channels, bool) or in_channels not in (1, 3):
+        raise UsageError(f"in_channels must be 1 or 3, got {in_channels!r}")
+    in_channels = int(in_channels)
+    default_mean, default_std = DEFAULT_STATS[in_channels]
+    return {
+        "num_classes": num_classes,
+        "in_channels": in_channels,
+        "mean": _stats(mean, default_mean, "mean", in_channels),
+        "std": _stats(std, default_std, "std", in_channels),
+    }
+
+
+def _architecture_arguments(entry: _Entry, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The factory's own arguments: the defaults with ``kwargs`` laid over them, checked."""
+    name = entry.name
+    unknown = sorted(k for k in kwargs if k not in entry.defaults)
+    if unknown:
+        accepted = [*COMMON_ARGUMENTS, *sorted(entry.defaults)]
+        hint = f"{name} accepts: {', '.join(accepted)}"
+        close = did_you_mean(unknown[0], sorted(entry.defaults)) if entry.defaults else ""
+        if close.startswith("did you mean"):
+            hint = f"{close} {hint}"
+        names = ", ".join(repr(k) for k in unknown)
+        raise UsageError(f"model {name!r} does not accept the argument(s) {names}", hint)
+    arch_args = copy.deepcopy({**entry.defaults, **kwargs})
+    try:
+        json.dumps(arch_args)
+    except (TypeError, ValueError):
+        raise UsageError(
+            f"arguments of model {name!r} must be plain numbers, strings or lists, "
+            f"got {arch_args!r}"
+        ) from None
+    for key, value in arch_args.items():
+        _check_arch_value(name, key, value)
+    return arch_args
+
+
 def create_model(
     name: str,
     *,
@@ -263,45 +313,9 @@ def create_model(
             ``in_channels``, a non-positive ``std``, or an invalid architecture argument.
     """
     entry = MODELS.get(name)
-    num_classes = int_argument(num_classes, "num_classes", 2)
-    if num_classes > MAX_CLASSES:
-        raise UsageError(
-            f"num_classes must be at most {MAX_CLASSES}, got {num_classes}",
-            "a dataset's labels or class_names say how many classes it has",
-        )
-    if isinstance(in_channels, bool) or in_channels not in (1, 3):
-        raise UsageError(f"in_channels must be 1 or 3, got {in_channels!r}")
-    in_channels = int(in_channels)
-    default_mean, default_std = DEFAULT_STATS[in_channels]
-    mean_values = _stats(mean, default_mean, "mean", in_channels)
-    std_values = _stats(std, default_std, "std", in_channels)
-
-    unknown = sorted(k for k in kwargs if k not in entry.defaults)
-    if unknown:
-        accepted = [*COMMON_ARGUMENTS, *sorted(entry.defaults)]
-        hint = f"{name} accepts: {', '.join(accepted)}"
-        close = did_you_mean(unknown[0], sorted(entry.defaults)) if entry.defaults else ""
-        if close.startswith("did you mean"):
-            hint = f"{close} {hint}"
-        names = ", ".join(repr(k) for k in unknown)
-        raise UsageError(f"model {name!r} does not accept the argument(s) {names}", hint)
-    arch_args = copy.deepcopy({**entry.defaults, **kwargs})
-    try:
-        json.dumps(arch_args)
-    except (TypeError, ValueError):
-        raise UsageError(
-            f"arguments of model {name!r} must be plain numbers, strings or lists, "
-            f"got {arch_args!r}"
-        ) from None
-    for key, value in arch_args.items():
-        _check_arch_value(name, key, value)
-
     args = {
-        "num_classes": num_classes,
-        "in_channels": in_channels,
-        "mean": mean_values,
-        "std": std_values,
-        **arch_args,
+        **_common_arguments(num_classes, in_channels, mean, std),
+        **_architecture_arguments(entry, kwargs),
     }
     size = _meta_size(entry, args)
     if size is not None and size > MAX_PARAMETERS:
@@ -317,13 +331,7 @@ def create_model(
             f"model factory {name!r} returned {type(model).__name__}, not ImageClassifier"
         )
     model.arch = name
-    model.arch_kwargs = {
-        "num_classes": num_classes,
-        "in_channels": in_channels,
-        "mean": mean_values,
-        "std": std_values,
-        **arch_args,
-    }
+    model.arch_kwargs = dict(args)
     logger.debug("created model %s with %s", name, model.arch_kwargs)
     return model
 
