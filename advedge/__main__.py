@@ -1,5 +1,5 @@
 """``python -m advedge``: the same as the ``advedge`` console script."""
 
-from advedge.cli import _entry
+from advedge.cli import console_main
 
-_entry()
+console_main()

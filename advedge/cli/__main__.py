@@ -1,5 +1,5 @@
 """``python -m advedge.cli``: the same as the ``advedge`` console script."""
 
-from advedge.cli import _entry
+from advedge.cli.app import console_main
 
-_entry()
+console_main()

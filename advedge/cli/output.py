@@ -14,10 +14,11 @@ from typing import Any
 
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.table import Table
 
 from advedge.utils import to_jsonable
 
-__all__ = ["Output", "setup_logging"]
+__all__ = ["Output", "metrics_table", "report_training", "setup_logging"]
 
 
 def setup_logging() -> None:
@@ -60,3 +61,29 @@ class Output:
     def info(self, message: str) -> None:
         """A human message on stderr."""
         self.err.print(message, highlight=False)
+
+
+def metrics_table(title: str, metrics: list[dict[str, Any]]) -> Table:
+    """The per-epoch metrics rows of a training run as a table (columns of the last row)."""
+    columns = list(metrics[-1]) if metrics else []
+    table = Table(*columns, title=title)
+    for row in metrics:
+        table.add_row(*[str(row.get(k, "")) for k in columns])
+    return table
+
+
+def report_training(
+    output: Output, result: Any, *, schema: str, title: str, epochs: int, fields: dict[str, Any]
+) -> None:
+    """The result of ``train``, ``distill`` or ``purifier train``: the run's JSON document
+    (``fields`` after ``schema`` and ``out``) or its metrics table titled ``title → out``."""
+    payload = {
+        "schema": schema,
+        "out": str(result.out),
+        **fields,
+        "epochs": epochs,
+        "resumed_from_epoch": result.resumed_from,
+        "final": result.metrics[-1] if result.metrics else {},
+        "metrics": result.metrics,
+    }
+    output.result(payload, human=metrics_table(f"{title} → {result.out}", result.metrics))

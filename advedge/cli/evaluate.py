@@ -1,0 +1,106 @@
+"""``advedge eval``: clean and robust accuracy of a checkpoint, with sanity flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Group
+from rich.table import Table
+
+from advedge.cli.options import Data, Device, JsonOpt, Norm, call_with, params
+from advedge.cli.output import Output
+from advedge.cli.progress import EvalProgress, load_data
+
+__all__ = ["eval_cmd"]
+
+
+def eval_cmd(  # one parameter per option; the body is short
+    ctx: typer.Context,
+    model: Annotated[str, typer.Option(help="Run directory or model.safetensors.")],
+    data: Data,
+    suite: Annotated[
+        str | None,
+        typer.Option(
+            help="standard (APGD-CE, APGD-T, Square), rand (APGD with EOT) or quick (PGD, CW)."
+        ),
+    ] = None,
+    attacks: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated attacks instead of a suite [default: {default_attacks}]."
+        ),
+    ] = None,
+    eps: Annotated[str, typer.Option(help="Threat-model eps, e.g. 8/255.")] = "8/255",
+    norm: Norm = "Linf",
+    steps: Annotated[int, typer.Option(help="Steps of PGD/CW/MI-FGSM (PGD-20 by default).")] = 20,
+    alpha: Annotated[str | None, typer.Option(help="PGD/CW step size [default: eps/4].")] = None,
+    restarts: Annotated[int, typer.Option(help="Random restarts of PGD/CW.")] = 1,
+    n_queries: Annotated[int, typer.Option(help="Query budget of the Square attack.")] = 5000,
+    n: Annotated[int | None, typer.Option(help="First N test images (all by default).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Attack batch size.")] = 256,
+    seed: Annotated[int, typer.Option(help="Random seed of the attacks.")] = 0,
+    device: Device = "auto",
+    amp: Annotated[str, typer.Option(help="off (fp32), bf16 or fp16 autocast on CUDA.")] = "off",
+    flags_n: Annotated[int, typer.Option(help="Examples used by the sanity checks.")] = 100,
+    out: Annotated[Path | None, typer.Option(help="Write the results JSON here.")] = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue from OUT.state.json (same settings only).")
+    ] = False,
+    purifier: Annotated[
+        str | None,
+        typer.Option(
+            help="Purifier run (or purifier.safetensors) in front of the model: grey-box, "
+            "adaptive, BPDA (and EOT) attacks."
+        ),
+    ] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Clean and robust accuracy; the headline is the per-example worst case over all attacks."""
+    from advedge.evaluation import check_eval_options, evaluate_checkpoint
+
+    output = Output(json_out)
+    attack_list = None if attacks is None else [a.strip() for a in attacks.split(",") if a.strip()]
+    settings = params(ctx, drop=("model", "data"), attacks=attack_list)
+    call_with(check_eval_options, settings)  # bad flags fail before any data is loaded
+    if purifier is not None:  # a bad purifier fails before any data is loaded
+        from advedge.checkpoint import read_metadata
+        from advedge.purifier import load_purifier
+        from advedge.purifier.checkpoint import check_purifier_fits
+
+        check_purifier_fits(load_purifier(purifier), read_metadata(model), str(purifier))
+    dataset = load_data(data, output)
+    progress = EvalProgress(output)
+    with progress:
+        result = evaluate_checkpoint(model, dataset, **settings, progress=progress)
+    output.result(result, human=Group(_results_table(result), _flags_table(result)))
+
+
+def _results_table(result: dict[str, Any]) -> Table:
+    title = (
+        f"advedge eval {result.get('suite') or ''} (eps={result['eps']:.5g}, {result['norm']}, "
+        f"n={result['n_examples']})"
+    )
+    table = Table("attack", "kind", "robust acc", "seconds", title=title)
+    if "clean_acc_no_purifier" in result:
+        table.add_row("clean, no purifier", "-", f"{result['clean_acc_no_purifier']:.4f}", "")
+        table.add_row("clean, through purifier", "-", f"{result['clean_acc']:.4f}", "")
+    else:
+        table.add_row("clean", "-", f"{result['clean_acc']:.4f}", "")
+    for entry in result["attacks"]:
+        name = entry["name"] + (" (cumulative)" if entry.get("cumulative") else "")
+        table.add_row(name, entry["kind"], f"{entry['robust_acc']:.4f}", f"{entry['seconds']:.1f}")
+    for setting, acc in result.get("worst_case_by_setting", {}).items():
+        table.add_row(f"worst case, {setting}", "per-example", f"{acc:.4f}", "")
+    table.add_row(
+        "worst case", "per-example", f"{result['worst_case_acc']:.4f}", f"{result['seconds']:.1f}"
+    )
+    return table
+
+
+def _flags_table(result: dict[str, Any]) -> Table:
+    flags = Table("sanity flag", "status", "detail", title="sanity checks (Carlini et al. 2019)")
+    for flag in result["flags"]:
+        flags.add_row(flag["name"], "TRIGGERED" if flag["triggered"] else "ok", flag["message"])
+    return flags

@@ -1,0 +1,293 @@
+"""Options declared once, shared by the commands, and the parsing of option values.
+
+- Option aliases (typer ``Annotated`` types): one declaration per option, reused by ``train``,
+  ``distill``, ``purifier train``, ``eval`` and the deploy commands. A command gives the
+  default (or none, for a required option) in its signature.
+- Help text that lists the library's registries (training, distillation, purifier and
+  calibration methods, runner backends) is written with a placeholder such as
+  ``{training_methods}`` and filled in by :class:`RegistryHelpCommand` when the help is shown, so
+  running a command never imports torch just for its help text.
+- ``--config FILE.yaml``: :data:`ConfigDefaults` makes the file's keys the command's defaults;
+  options given on the command line win (``train`` reads its file as a ``TrainConfig``, see
+  :func:`merge_given`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import re
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from typer.core import TyperCommand
+
+from advedge.errors import UsageError, did_you_mean
+
+__all__ = [
+    "BatchSize",
+    "CacheDir",
+    "ConfigDefaults",
+    "ConfigFile",
+    "Data",
+    "Device",
+    "Epochs",
+    "EvalN",
+    "JsonOpt",
+    "Norm",
+    "PeakLr",
+    "RegistryHelpCommand",
+    "Resume",
+    "RunDir",
+    "Seed",
+    "SelectionSeed",
+    "Subset",
+    "call_with",
+    "click",
+    "int_list",
+    "merge_given",
+    "params",
+    "parse_eps_r",
+    "parse_model_args",
+]
+
+
+def _click_module() -> Any:
+    """The click that typer raises from: recent typer vendors it as ``typer._click``."""
+    try:
+        from typer import _click
+
+        return _click
+    except ImportError:  # older typer depends on the click package itself
+        import click
+
+        return click
+
+
+click = _click_module()
+
+
+# ------------------------------------------------------------------ help from the registries
+def _training_methods() -> Iterable[str]:
+    from advedge.training.objectives import TRAINING_METHODS
+
+    return TRAINING_METHODS
+
+
+def _distill_methods() -> Iterable[str]:
+    from advedge.training.distillation import DISTILL_METHODS
+
+    return DISTILL_METHODS
+
+
+def _purifier_methods() -> Iterable[str]:
+    from advedge.purifier.train import PURIFIER_METHODS
+
+    return PURIFIER_METHODS
+
+
+def _calibration_methods() -> Iterable[str]:
+    from advedge.calibration import CALIBRATION_METHODS
+
+    return CALIBRATION_METHODS
+
+
+def _backends() -> Iterable[str]:
+    from advedge.export.runtime import BACKENDS
+
+    return BACKENDS
+
+
+def _default_attacks() -> str:
+    from advedge.evaluation import DEFAULT_ATTACKS
+
+    return ",".join(DEFAULT_ATTACKS)
+
+
+def _one_of(names: Iterable[str]) -> str:
+    """``a, b or c``."""
+    names = list(names)
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+_HELP_LISTS: dict[str, Callable[[], str]] = {
+    "training_methods": lambda: _one_of(_training_methods()),
+    "distill_methods": lambda: _one_of(_distill_methods()),
+    "purifier_methods": lambda: _one_of(_purifier_methods()),
+    "calibration_methods": lambda: _one_of(_calibration_methods()),
+    "backends": lambda: _one_of(_backends()),
+    "default_attacks": _default_attacks,
+}
+_PLACEHOLDER = re.compile(r"\{(" + "|".join(_HELP_LISTS) + r")\}")
+
+
+class RegistryHelpCommand(TyperCommand):
+    """A command whose option help may name a registry, e.g. ``"{training_methods}."``.
+
+    The names are filled in when the help is shown (the registries live in modules that import
+    torch; a command that does not need torch must not load it for its help text).
+    """
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        for param in self.params:
+            text = getattr(param, "help", None)
+            if text:
+                param.help = _PLACEHOLDER.sub(lambda m: _HELP_LISTS[m.group(1)](), text)
+        super().format_help(ctx, formatter)
+
+
+# ----------------------------------------------------------------------- shared options
+JsonOpt = Annotated[bool, typer.Option("--json", help="Write only the result JSON to stdout.")]
+Data = Annotated[str, typer.Option(help="Dataset directory, or cifar10/cifar100/mnist.")]
+Epochs = Annotated[int, typer.Option(help="Number of epochs.")]
+RunDir = Annotated[Path, typer.Option(help="Run directory to write.")]
+BatchSize = Annotated[int, typer.Option(help="Global batch size.")]
+PeakLr = Annotated[float, typer.Option(help="Peak learning rate.")]
+Norm = Annotated[str, typer.Option(help="Linf or L2.")]
+Subset = Annotated[int | None, typer.Option(help="Stratified sample of N images.")]
+Seed = Annotated[int, typer.Option(help="Random seed.")]
+SelectionSeed = Annotated[int, typer.Option(help="Seed of image selection and attacks.")]
+Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+EvalN = Annotated[int, typer.Option(help="Held-out images scored each epoch.")]
+Resume = Annotated[bool, typer.Option(help="Continue the run in --out.")]
+CacheDir = Annotated[
+    Path | None, typer.Option(help="Calibration-range cache [default: ~/.cache/advedge].")
+]
+_CONFIG_HELP = "YAML file of options; flags override it."
+ConfigFile = Annotated[Path | None, typer.Option(help=_CONFIG_HELP)]
+
+# Options that are not run settings: never read from a --config file.
+_NOT_CONFIG = frozenset({"config", "json_out", "resume", "help"})
+
+
+def _config_defaults(ctx: typer.Context, value: Path | None) -> Path | None:
+    """``--config``: the file's keys (option names, dashes or underscores) become defaults.
+
+    Eager, so it runs before the other options are read: a value given on the command line
+    wins, and a required option may come from the file. Values are checked against the
+    option's type (``config key 'epochs' must be an integer, got True``).
+    """
+    if value is None:
+        return None
+    from advedge.config import check_value, load_yaml
+
+    options = {p.name: p for p in ctx.command.params if p.name not in _NOT_CONFIG}
+    defaults: dict[str, Any] = {}
+    for key, raw in load_yaml(value).items():
+        name = str(key).replace("-", "_")
+        if name not in options:
+            raise UsageError(f"unknown config key {str(key)!r}", did_you_mean(name, options))
+        param = options[name]
+        if isinstance(param.type, (click.Path, click.types.StringParamType)):
+            hint: Any = str
+            if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+                raw = str(raw)  # eps: 0.03 is as good as eps: "0.03"
+        else:
+            hint = {click.INT: int, click.FLOAT: float, click.BOOL: bool}.get(param.type, Any)
+        if not param.required:
+            hint = hint | None
+        defaults[name] = check_value(hint, raw, f"config key {name!r}")
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return value
+
+
+ConfigDefaults = Annotated[
+    Path | None, typer.Option(help=_CONFIG_HELP, callback=_config_defaults, is_eager=True)
+]
+
+
+def merge_given(ctx: typer.Context, options: dict[str, Any], skip: Iterable[str]) -> None:
+    """Put the command's option values into ``options`` (``train``'s ``--config`` mapping).
+
+    An option given on the command line wins over the file; a default fills only keys the file
+    leaves out. ``skip`` names the parameters that are not settings of the run.
+    """
+    skipped = set(skip)
+    for key, value in ctx.params.items():
+        if key in skipped:
+            continue
+        source = ctx.get_parameter_source(key)
+        if key not in options or source not in (click.core.ParameterSource.DEFAULT, None):
+            options[key] = value
+
+
+# ------------------------------------------------------------------------ option values
+def params(ctx: typer.Context, *, drop: Iterable[str] = (), **replace: Any) -> dict[str, Any]:
+    """The command's option values by parameter name, less ``--json`` and ``drop``, updated by
+    ``replace`` (for values that need converting, e.g. ``out=str(out)``)."""
+    dropped = {"json_out", *drop}
+    return {**{k: v for k, v in ctx.params.items() if k not in dropped}, **replace}
+
+
+def call_with(func: Callable[..., Any], settings: dict[str, Any]) -> Any:
+    """Call ``func`` with the entries of ``settings`` that it takes as keywords."""
+    names = inspect.signature(func).parameters
+    return func(**{k: v for k, v in settings.items() if k in names})
+
+
+def parse_model_args(items: list[str] | None) -> dict[str, Any]:
+    """``["width_mult=0.5", "pretrained=false"]`` -> ``{"width_mult": 0.5, "pretrained": False}``.
+
+    Values are read as YAML scalars by advedge's safe loader (no tags such as ``!!python``, no
+    aliases); only an int, a finite float, a bool or a string is accepted.
+    """
+    import yaml
+
+    from advedge.config import parse_yaml
+
+    def shown(obj: object) -> str:
+        text = repr(obj)
+        return text if len(text) <= 60 else text[:57] + "..."
+
+    parsed: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise UsageError(f"--model-arg expects key=value, got {shown(item)}")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        if not key.isidentifier():
+            raise UsageError(
+                f"--model-arg {shown(item)}: the key must be an argument name, got {shown(key)}"
+            )
+        try:
+            value = parse_yaml(text)
+        except (yaml.YAMLError, ValueError, RecursionError):
+            raise UsageError(
+                f"--model-arg {shown(item)}: the value is not a plain number, true/false or text"
+            ) from None
+        ok = isinstance(value, (bool, int, str)) or (
+            isinstance(value, float) and math.isfinite(value)
+        )
+        if not ok:
+            raise UsageError(
+                f"--model-arg {shown(item)}: the value must be a finite number, true/false or "
+                f"text, got {shown(value)}"
+            )
+        parsed[key] = value
+    return parsed
+
+
+def parse_eps_r(text: str) -> float:
+    """``--eps-r``: a fraction or decimal > 0 (a clear error for 0 or negatives)."""
+    from advedge.utils import parse_eps
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is not None and value <= 0:
+        raise UsageError(f"--eps-r must be > 0, got {text}")
+    return parse_eps(text, name="--eps-r")
+
+
+def int_list(text: str, what: str) -> list[int]:
+    """``"1,8,32"`` -> ``[1, 8, 32]``; ``what`` names the option in errors."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"{what} must be comma-separated integers, got {text!r}") from None
+    if not values:
+        raise UsageError(f"{what} is empty")
+    return values

@@ -1,0 +1,190 @@
+"""``advedge train`` and ``advedge distill``: one training engine, one shared tail."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from advedge.cli.options import (
+    BatchSize,
+    ConfigDefaults,
+    ConfigFile,
+    Data,
+    Device,
+    Epochs,
+    EvalN,
+    JsonOpt,
+    Norm,
+    PeakLr,
+    Resume,
+    RunDir,
+    Seed,
+    Subset,
+    merge_given,
+    params,
+    parse_model_args,
+)
+from advedge.cli.output import Output, report_training
+from advedge.cli.progress import TrainProgress, load_data
+from advedge.errors import UsageError
+
+__all__ = ["distill_cmd", "train_cmd"]
+
+# train's parameters that are not TrainConfig fields
+_NOT_SETTINGS = ("model_arg", "config", "resume", "json_out")
+
+
+def train_cmd(  # one parameter per option; the body is short
+    ctx: typer.Context,
+    data: Data = None,  # type: ignore[assignment]  # may come from --config
+    model: Annotated[str | None, typer.Option(help="Architecture (see `advedge models`).")] = None,
+    method: Annotated[str, typer.Option(help="{training_methods}.")] = "pgd-at",
+    epochs: Epochs = 10,
+    out: RunDir = None,  # type: ignore[assignment]  # may come from --config
+    eps: Annotated[str, typer.Option(help="Training eps, e.g. 8/255.")] = "8/255",
+    alpha: Annotated[
+        str | None, typer.Option(help="Attack step size [default: eps/4; 1.25*eps for fgsm-rs].")
+    ] = None,
+    steps: Annotated[int, typer.Option(help="Attack steps of the inner maximisation.")] = 10,
+    norm: Norm = "Linf",
+    beta: Annotated[float, typer.Option(help="TRADES robust-term weight.")] = 6.0,
+    batch_size: BatchSize = 128,
+    lr: PeakLr = 0.1,
+    momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
+    nesterov: Annotated[bool, typer.Option(help="Nesterov momentum.")] = False,
+    weight_decay: Annotated[float, typer.Option(help="Weight decay.")] = 5e-4,
+    schedule: Annotated[str, typer.Option(help="cosine, multistep or constant.")] = "cosine",
+    subset: Annotated[
+        int | None, typer.Option(help="Train on a stratified sample of N images.")
+    ] = None,
+    seed: Seed = 0,
+    device: Device = "auto",
+    amp: Annotated[str, typer.Option(help="auto (bf16 on CUDA), bf16, fp16 or off.")] = "auto",
+    channels_last: Annotated[
+        bool | None,
+        typer.Option(
+            "--channels-last/--no-channels-last",
+            help="[default: on for CUDA; on CPU when a timing probe finds it faster]",
+        ),
+    ] = None,
+    compile: Annotated[
+        bool, typer.Option("--compile/--no-compile", help="torch.compile the model.")
+    ] = False,
+    augment: Annotated[
+        bool, typer.Option("--augment/--no-augment", help="Random crop and flip.")
+    ] = True,
+    eval_n: EvalN = 256,
+    model_arg: Annotated[
+        list[str] | None, typer.Option(help="Architecture argument key=value (repeatable).")
+    ] = None,
+    config: ConfigFile = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue the run in --out from its last epoch.")
+    ] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Train a robust (or natural) classifier; writes model.safetensors, config.yaml, metrics.csv."""
+    from advedge.config import check_value, config_from_dict, load_yaml
+    from advedge.training.engine import TrainConfig
+    from advedge.utils import parse_eps
+
+    # The --config file holds TrainConfig fields (more than the flags: milestones, gamma, ...).
+    options: dict[str, Any] = (
+        {str(k).replace("-", "_"): v for k, v in load_yaml(config).items()} if config else {}
+    )
+    merge_given(ctx, options, skip=_NOT_SETTINGS)
+    if model_arg:
+        from_config = options.get("model_kwargs", {})
+        check_value(dict[str, Any], from_config, "config key 'model_kwargs'")
+        options["model_kwargs"] = {**from_config, **parse_model_args(model_arg)}
+    for required in ("data", "model", "out"):
+        if options.get(required) in (None, ""):
+            raise UsageError(f"missing option --{required}", "give it as a flag or in --config")
+    options["eps"] = parse_eps(options["eps"], name="--eps")
+    if options.get("alpha") is not None:
+        options["alpha"] = parse_eps(options["alpha"], name="--alpha")
+    options["out"] = str(options["out"])
+    cfg = config_from_dict(TrainConfig, options)
+    run_training(cfg, resume, Output(json_out), schema="advedge.train/1", title="advedge train")
+
+
+def distill_cmd(  # one parameter per option; the body is short
+    ctx: typer.Context,
+    teacher: Annotated[str, typer.Option(help="Teacher run directory or model.safetensors.")],
+    student: Annotated[str, typer.Option(help="Student architecture (see `advedge models`).")],
+    method: Annotated[str, typer.Option(help="{distill_methods}.")],
+    data: Data,
+    epochs: Epochs,
+    out: RunDir,
+    temperature: Annotated[
+        float | None, typer.Option(help="Temperature tau [default: the method's].")
+    ] = None,
+    alpha: Annotated[
+        float | None, typer.Option(help="Loss mixing weight in [0, 1] [default: the method's].")
+    ] = None,
+    eps: Annotated[str, typer.Option(help="Inner-attack eps, e.g. 8/255.")] = "8/255",
+    alpha_step: Annotated[str, typer.Option(help="Inner-attack step size.")] = "2/255",
+    steps: Annotated[int, typer.Option(help="Inner-attack steps.")] = 10,
+    batch_size: BatchSize = 128,
+    lr: PeakLr = 0.1,
+    subset: Subset = None,
+    seed: Seed = 0,
+    device: Device = "auto",
+    eval_n: EvalN = 256,
+    config: ConfigDefaults = None,
+    resume: Resume = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Distil a robust teacher into a small student (soft labels guide attack and loss)."""
+    from advedge.training.engine import TrainConfig
+    from advedge.utils import parse_eps
+
+    settings = params(
+        ctx,
+        drop=("student", "alpha_step", "config", "resume"),
+        model=student,
+        out=str(out),
+        eps=parse_eps(eps, name="--eps"),
+        alpha=parse_eps(alpha_step, name="--alpha-step"),
+        mix_alpha=alpha,
+    )
+    cfg = TrainConfig(**settings)
+    run_training(
+        cfg,
+        resume,
+        Output(json_out),
+        schema="advedge.distill/1",
+        title=f"advedge distill ({method})",
+        extra={"teacher": teacher, "method": method},
+    )
+
+
+def run_training(
+    cfg: Any,
+    resume: bool,
+    output: Output,
+    *,
+    schema: str,
+    title: str,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Shared tail of train and distill: check --out, load data, train with bars, report."""
+    from advedge.distributed import barrier, distributed_session
+    from advedge.training.engine import check_run_dir, train
+
+    with distributed_session(cfg.device) as (rank, _):
+        check_run_dir(Path(cfg.out), resume)  # refuse to overwrite before loading any data
+        # Under torchrun rank 0 loads (and, for a named dataset, downloads) first and alone
+        # reports; the other ranks then read the files it left.
+        dataset = load_data(cfg.data, output) if rank == 0 else None
+        barrier()
+        if rank != 0:
+            train(cfg, resume=resume, dataset=load_data(cfg.data, Output(True)))
+            return
+        progress = TrainProgress(output)
+        with progress:
+            result = train(cfg, resume=resume, callbacks=progress, dataset=dataset)
+    fields = {"model_path": str(result.model_path), **(extra or {})}
+    report_training(output, result, schema=schema, title=title, epochs=cfg.epochs, fields=fields)
