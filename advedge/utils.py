@@ -26,6 +26,7 @@ __all__ = [
     "atomic_write_text",
     "autocast_context",
     "available_memory",
+    "cpu_model",
     "current_umask",
     "environment",
     "parse_eps",
@@ -221,7 +222,7 @@ def environment() -> dict[str, Any]:
         "advedge": __version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "processor": _cpu_model(),
+        "processor": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "numpy": np.__version__,
@@ -238,7 +239,8 @@ def environment() -> dict[str, Any]:
     return env
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo, else what the platform module reports)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as fh:
             for line in fh:

@@ -1,4 +1,4 @@
-"""advedge.export.runtime.runners, advedge bench and advedge report (CPU; TensorRT only via the double)."""
+"""advedge.export.runtime (runners), advedge bench and advedge report (CPU; TensorRT only via the double)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 from advedge.export.onnx_export import export_onnx
-from advedge.export.runtime.bench import latency_stats, load_transfer_set
-from advedge.export.runtime.runners import artifact_kind, open_runner
+from advedge.export.runtime.base import artifact_kind, open_runner
+from advedge.export.runtime.latency import latency_stats
+from advedge.export.runtime.transfer import load_transfer_set
 from conftest import argv
 
 from advedge.checkpoint import save_model
@@ -84,7 +85,7 @@ def test_torch_and_onnx_runners_agree_and_split_stages(arts):
     _, times = t.timed(x)
     assert {"h2d_s", "compute_s", "d2h_s", "total_s"} <= set(times)
     assert times["total_s"] >= times["compute_s"] > 0
-    assert o.metadata()["backend"] == "onnxruntime" and o.metadata()["bytes"] > 0
+    assert o.info.backend == "onnxruntime" and o.info.size_bytes > 0
 
 
 def test_latency_stats_formulas():

@@ -19,7 +19,9 @@ import pytest
 import torch
 from advedge.export.onnx_export import export_onnx
 from advedge.export.runtime import bench as bench_mod
-from advedge.export.runtime.bench import BenchOptions, load_transfer_set, save_transfer_set
+from advedge.export.runtime.base import RunnerInfo
+from advedge.export.runtime.bench import BenchOptions
+from advedge.export.runtime.transfer import load_transfer_set, save_transfer_set
 from conftest import argv
 from onnx import TensorProto, helper, numpy_helper
 
@@ -742,7 +744,8 @@ def test_activations_are_bounded_on_backends_that_compute_on_the_host_only(
     # ~9.2 GiB on the host are refused; a GPU backend holds only ~0.4 GiB of host input arrays
     monkeypatch.setattr(bench_mod, "available_memory", lambda: 8 * 2**30)
     shape = [3, 224, 224]
-    art = bench_mod._Art(Path("m"), None, {"backend": backend, "device": device}, step=256)
+    info = RunnerInfo(backend=backend, device=device, host_compute=host)
+    art = bench_mod._Art(Path("m"), None, info, step=256)
     if host:
         with pytest.raises(UsageError, match=r"batch size 256 .* more than half of the 8\.0 GiB"):
             bench_mod._check_activations(art, shape)
@@ -758,7 +761,8 @@ def test_activations_are_bounded_on_backends_that_compute_on_the_host_only(
 
 def test_the_activation_bound_does_not_read_the_machine_when_memory_is_unknown(monkeypatch):
     monkeypatch.setattr(bench_mod, "available_memory", lambda: None)
-    art = bench_mod._Art(Path("m"), None, {"backend": "onnxruntime", "device": "cpu"}, step=4096)
+    info = RunnerInfo(backend="onnxruntime", device="cpu", host_compute=True)
+    art = bench_mod._Art(Path("m"), None, info, step=4096)
     bench_mod._check_activations(art, [3, 224, 224])  # nothing to compare with: no refusal
 
 

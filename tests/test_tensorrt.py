@@ -19,7 +19,8 @@ import torch
 from advedge.export.graph import read_sidecar
 from advedge.export.onnx_export import export_onnx
 from advedge.export.runtime import OrtRunner
-from advedge.export.tensorrt import BatchProfile, TrtRunner, build_engine, engine_filename
+from advedge.export.runtime.tensorrt import TrtRunner
+from advedge.export.tensorrt import BatchProfile, build_engine, engine_filename
 from conftest import argv
 from fakes import install_fake_tensorrt
 
@@ -358,7 +359,7 @@ def test_cli_legacy_calibrator_on_tensorrt_10(
 
 
 def test_inspector_type_strings_of_real_tensorrt_are_understood():
-    from advedge.export.tensorrt import _layer_precisions
+    from advedge.export.tensorrt.builder import layer_precisions
 
     layers = {
         "Layers": [
@@ -374,7 +375,7 @@ def test_inspector_type_strings_of_real_tensorrt_are_understood():
             "e",
         ]
     }
-    assert _layer_precisions(json.dumps(layers)) == {"Float": 1, "Half": 2, "Int8": 1, "unknown": 1}
+    assert layer_precisions(json.dumps(layers)) == {"Float": 1, "Half": 2, "Int8": 1, "unknown": 1}
 
 
 def test_cli_trt_writes_the_timing_cache_where_asked_and_legacy_calibrates_at_its_own_batch(

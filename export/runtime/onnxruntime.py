@@ -1,0 +1,234 @@
+"""The ONNX Runtime runner (backends ``onnxruntime``, ``onnxruntime-cuda``, ``onnxruntime-trt``).
+
+:class:`OrtRunner` is one inference session on one ONNX file; the parity gate and the INT8
+accuracy report of ``advedge export`` use it directly. Opened as a backend (``advedge bench``),
+the file is checked first: the execution provider must exist here (no silent fallback to the
+CPU), the graph must be feed-forward (no Loop, Scan or If) and take float32 NCHW images and
+return ``[batch, classes]`` float logits. Torch-free: ONNX Runtime is imported on construction.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from advedge.export._deps import ORT_LOG_SEVERITY, quiet_active, require
+from advedge.export.graph import check_external_data, read_onnx_metadata
+from advedge.export.runtime.base import Runner, RunnerInfo, register_backend
+
+from advedge.errors import ExportError, MissingDependencyError
+
+__all__ = ["CONTROL_FLOW_OPS", "PROVIDERS", "OrtRunner", "control_flow_nodes", "open_onnx"]
+
+# Nodes whose work is data-dependent: a Loop's trip count and condition, a Scan's sequence length
+# and an If's branch are computed at run time, so a graph holding one can run without bound.
+CONTROL_FLOW_OPS = frozenset({"Loop", "Scan", "If"})
+
+#: Backend name -> the one ONNX Runtime execution provider it runs on.
+PROVIDERS = {
+    "onnxruntime": "CPUExecutionProvider",
+    "onnxruntime-cuda": "CUDAExecutionProvider",
+    "onnxruntime-trt": "TensorrtExecutionProvider",
+}
+
+_FLOAT_OUTPUTS = ("tensor(float)", "tensor(float16)", "tensor(double)", "tensor(bfloat16)")
+
+
+class OrtRunner(Runner):
+    """An ONNX Runtime inference session on one ONNX file.
+
+    Args:
+        path: The ``.onnx`` file (external-data paths are checked first).
+        providers: Execution providers; default ``["CPUExecutionProvider"]``.
+        threads: ``intra_op_num_threads`` (0 lets ONNX Runtime choose).
+        optimization: ONNX Runtime's graph optimisation level: ``"all"`` (default: what a
+            deployment runs; on a CPU it fuses Q/DQ pairs into int8 kernels), ``"basic"`` or
+            ``"none"``. With ``"basic"`` a QDQ model is computed as written (quantise, dequantise,
+            float op), which is the arithmetic TensorRT's int8 kernels reproduce; ONNX Runtime's
+            x86 int8 kernels on CPUs without VNNI can saturate the int8 products instead.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        providers: list[str] | None = None,
+        threads: int = 0,
+        optimization: str = "all",
+    ) -> None:
+        ort = require("onnxruntime", purpose="running an ONNX artifact")
+        if not quiet_active():  # the environment's logger too (quieter while quiet)
+            ort.set_default_logger_severity(ORT_LOG_SEVERITY)
+        levels = {
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        }
+        if optimization not in levels:
+            raise ExportError(f"unknown ONNX Runtime optimisation level {optimization!r}")
+        self.optimization = optimization
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ExportError(f"ONNX file not found: {self.path}")
+        check_external_data(self.path)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(threads)
+        options.log_severity_level = ORT_LOG_SEVERITY
+        options.graph_optimization_level = levels[optimization]
+        self.providers = list(providers or ["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(str(self.path), options, providers=self.providers)
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ExportError(f"ONNX Runtime cannot load {self.path}: {first[:300]}") from None
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1:
+            raise ExportError(f"{self.path} has {len(inputs)} inputs; advedge artifacts have one")
+        self.input_name = inputs[0].name
+        self.input_shape = list(inputs[0].shape)
+        self.input_type = str(inputs[0].type)  # e.g. "tensor(float)"
+        output = self.session.get_outputs()[0]
+        self.output_name = output.name
+        self.output_shape = list(output.shape or [])  # [] where ONNX Runtime cannot tell
+        self.output_type = str(output.type)
+
+    @property
+    def batch_range(self) -> tuple[int, int | None]:
+        """The graph's fixed batch size twice, or ``(1, None)`` when its batch axis is dynamic."""
+        b = self.input_shape[0] if self.input_shape else None
+        return (b, b) if isinstance(b, int) and b > 0 else (1, None)
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(batch, dtype=np.float32)
+        return self.session.run([self.output_name], {self.input_name: x})[0].astype(
+            np.float32, copy=False
+        )
+
+    def describe(self) -> RunnerInfo:
+        """The session's provider and the precision, kind, source and input shape the ONNX
+        metadata records (written by ``advedge export``)."""
+        meta = read_onnx_metadata(self.path)
+        provider = self.providers[0]
+        name = next((n for n, p in PROVIDERS.items() if p == provider), "onnxruntime")
+        shape = meta.get("input_shape")
+        return RunnerInfo(
+            backend=name,
+            device="cpu" if name == "onnxruntime" else "cuda",
+            precision=meta.get("precision"),
+            kind=meta.get("kind") or "classifier",
+            source_sha256=meta.get("source_sha256"),
+            input_shape=tuple(shape) if shape else None,
+            graph_input_shape=tuple(self.input_shape[1:]),
+            batch_range=self.batch_range,
+            host_compute=provider == "CPUExecutionProvider",
+            size_bytes=self.path.stat().st_size,
+        )
+
+
+def control_flow_nodes(path: str | os.PathLike[str]) -> list[str]:
+    """The control-flow nodes (Loop, Scan, If) of an ONNX file, at any depth, as
+    ``"OpType 'name'"``: the main graph, every subgraph and every model-local function.
+
+    Raises:
+        ExportError: an unreadable ONNX file.
+    """
+    onnx = require("onnx", purpose="checking an ONNX file")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and friends
+        raise ExportError(
+            f"{path} is not a readable ONNX file ({type(exc).__name__}: {exc})"
+        ) from None
+    found: list[str] = []
+
+    def walk(nodes: Any) -> None:
+        for node in nodes:
+            if node.op_type in CONTROL_FLOW_OPS:
+                found.append(f"{node.op_type} {node.name or '(unnamed)'!r}")
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    walk(attr.g.node)
+                for sub in attr.graphs:
+                    walk(sub.node)
+
+    walk(model.graph.node)
+    for fn in model.functions:
+        walk(fn.node)
+    return found
+
+
+def _check_feed_forward(path: Path) -> None:
+    flow = control_flow_nodes(path)
+    if flow:
+        # Refused rather than run under a timeout: a Loop's trip count and condition (or a
+        # Scan's length) are data, so the graph may never finish; a timeout cannot tell a
+        # slow artifact from an endless one, and ONNX Runtime's native run cannot be stopped
+        # from Python reliably. advedge's artifacts (classifiers, purifiers, both fused) are
+        # feed-forward graphs and never hold one.
+        more = f" and {len(flow) - 3} more" if len(flow) > 3 else ""
+        raise ExportError(
+            f"{path.name} holds control flow ({', '.join(flow[:3])}{more}): refused, "
+            "its run time is not bounded",
+            "bench feed-forward classifier or purifier graphs, as advedge export writes them",
+        )
+
+
+def _check_io(path: Path, runner: OrtRunner) -> None:
+    """One float32 NCHW image input and a ``[batch, classes]`` float output, or refuse."""
+    if runner.input_type != "tensor(float)":
+        raise ExportError(
+            f"{path.name} takes {runner.input_type} input; advedge runs artifacts on float32 "
+            "images in [0, 1]",
+            "export the model with advedge export (float32 NCHW input)",
+        )
+    if len(runner.input_shape) != 4:
+        raise ExportError(
+            f"{path.name} takes a rank-{len(runner.input_shape)} input {runner.input_shape}; "
+            "advedge runs artifacts on NCHW image batches"
+        )
+    if runner.output_type not in _FLOAT_OUTPUTS:
+        raise ExportError(f"{path.name} returns {runner.output_type}, not float logits")
+    if runner.output_shape and len(runner.output_shape) != 2:  # unknown: checked on the logits
+        raise ExportError(
+            f"{path.name} returns a rank-{len(runner.output_shape)} output "
+            f"{runner.output_shape}, not [batch, classes] logits"
+        )
+
+
+def open_onnx(path: Path, name: str, *, device: str = "auto", threads: int = 0) -> OrtRunner:
+    """Backend ``name``'s runner for an ONNX artifact, checked for bench (module docstring).
+
+    ``device`` is unused: the execution provider decides where it runs.
+
+    Raises:
+        MissingDependencyError: no ONNX Runtime, or not this backend's provider (exit 3).
+        ExportError: control flow, or an input or output that is not an image classifier's.
+    """
+    ort = require("onnxruntime", purpose=f"backend {name}")
+    provider = PROVIDERS[name]
+    if provider not in ort.get_available_providers():
+        raise MissingDependencyError(
+            f"ONNX Runtime here has no {provider} (available: {', '.join(ort.get_available_providers())})",
+            "install onnxruntime-gpu on a CUDA machine" if name != "onnxruntime" else None,
+        )
+    _check_feed_forward(path)
+    runner = OrtRunner(path, providers=[provider], threads=threads)
+    _check_io(path, runner)
+    return runner
+
+
+register_backend(
+    "onnxruntime",
+    "onnx",
+    open_onnx,
+    description="ONNX Runtime, CPU execution provider",
+    default=True,
+)
+register_backend(
+    "onnxruntime-cuda", "onnx", open_onnx, description="ONNX Runtime, CUDA execution provider"
+)
+register_backend(
+    "onnxruntime-trt", "onnx", open_onnx, description="ONNX Runtime, TensorRT execution provider"
+)

@@ -1,0 +1,211 @@
+"""The PyTorch runner (backends ``torch``, ``torch-compile``, ``torch-cudagraph``).
+
+:class:`TorchRunner` puts a module behind the runner convention (no gradients, eval mode): the
+parity gate of ``advedge export`` wraps the model it exports in one, and ``advedge bench`` opens
+a checkpoint or run directory with :func:`open_checkpoint` (a purifier run directory runs in
+front of the classifier its checkpoint records). Torch is imported on construction only.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from advedge.export._deps import require
+from advedge.export.runtime.base import (
+    Runner,
+    RunnerInfo,
+    artifact_bytes,
+    register_backend,
+    stage_times,
+)
+
+from advedge.errors import MissingDependencyError
+
+__all__ = ["MODES", "TorchRunner", "open_checkpoint"]
+
+#: Backend name -> how the module runs: eagerly, ``torch.compile``-d, or as CUDA graphs.
+MODES = {"torch": "eager", "torch-compile": "compile", "torch-cudagraph": "cudagraph"}
+
+
+class TorchRunner(Runner):
+    """A PyTorch module behind the runner convention (no gradients, eval mode).
+
+    Args:
+        module: The model (moved to ``device``, put in eval mode).
+        device: Where it runs.
+        mode: ``"eager"``, ``"compile"`` (``torch.compile``) or ``"cudagraph"`` (one CUDA graph
+            per input shape, captured on first use; CUDA only).
+        path: The checkpoint it was loaded from, if any (for :attr:`info`).
+        metadata: The checkpoint's metadata (kind, input shape, source sha256 where recorded).
+    """
+
+    def __init__(
+        self,
+        module: Any,
+        *,
+        device: Any = "cpu",
+        mode: str = "eager",
+        path: Path | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        self.torch = require("torch", purpose="running the PyTorch model")
+        self.device = self.torch.device(device)
+        self.module = module.to(self.device).eval()
+        self.mode = mode
+        self.fn = self.torch.compile(self.module) if mode == "compile" else self.module
+        self.path = path
+        self.metadata = dict(metadata or {})
+        self._graphs: dict[tuple[int, ...], Any] = {}
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize(self.device)
+
+    def _graph(self, shape: tuple[int, ...]) -> Any:
+        torch = self.torch
+        if shape not in self._graphs:
+            static_in = torch.zeros(shape, device=self.device)
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream), torch.no_grad():
+                for _ in range(3):  # warm-up on a side stream, as CUDA graph capture requires
+                    self.module(static_in)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph), torch.no_grad():
+                static_out = self.module(static_in)
+            self._graphs[shape] = (graph, static_in, static_out)
+        return self._graphs[shape]
+
+    def timed(self, batch: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
+        """The logits of one batch, timed by stage (the device is synchronised between them)."""
+        torch = self.torch
+        t0 = time.perf_counter()
+        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
+        self._sync()
+        t1 = time.perf_counter()
+        with torch.no_grad():
+            if self.mode == "cudagraph":
+                graph, static_in, static_out = self._graph(tuple(x.shape))
+                static_in.copy_(x)
+                graph.replay()
+                y = static_out
+            else:
+                y = self.fn(x)
+        self._sync()
+        t2 = time.perf_counter()
+        out = y.float().cpu().numpy()
+        return out, stage_times(t0, t1, t2, time.perf_counter())
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self.timed(batch)[0]
+
+    def describe(self) -> RunnerInfo:
+        """FP32 on this device, with gradients; kind, source and input shape from the
+        checkpoint's metadata (a checkpoint is its own source)."""
+        meta = self.metadata
+        shape = meta.get("input_shape")
+        return RunnerInfo(
+            backend=next(n for n, m in MODES.items() if m == self.mode),
+            device=str(self.device),
+            precision="fp32",
+            kind=meta.get("kind") or "classifier",
+            source_sha256=self._source(),
+            input_shape=tuple(shape) if shape else None,
+            gradients=True,
+            host_compute=self.device.type == "cpu",
+            size_bytes=artifact_bytes(self.path) if self.path is not None else 0,
+        )
+
+    def _source(self) -> Any:
+        from advedge.checkpoint import FORMAT
+        from advedge.utils import sha256_file
+
+        if "source_sha256" in self.metadata:
+            return self.metadata["source_sha256"]
+        if self.path is not None and self.metadata.get("format") == FORMAT:
+            p = self.path / "model.safetensors" if self.path.is_dir() else self.path
+            return sha256_file(p)
+        return None
+
+
+def _purified_from_run(path: Path, device: Any) -> tuple[Any, dict[str, Any]]:
+    """A purifier run directory -> ``f(G(x))`` with the classifier its checkpoint records.
+
+    The metadata says what the fused ONNX export would say (kind ``fused``, both sha256), so
+    bench treats it as the FP32 PyTorch parent of the fused artifacts.
+    """
+    from advedge.checkpoint import load_model
+    from advedge.errors import CheckpointError
+    from advedge.models.purified import Purified
+    from advedge.purifier import load_purifier
+    from advedge.utils import sha256_file
+
+    gen = load_purifier(path, device=device)
+    gmeta = dict(gen.checkpoint_metadata)
+    clf = (gmeta.get("classifier") or {}).get("path")
+    if not clf or not Path(clf).is_file():
+        raise CheckpointError(
+            f"{path}: the classifier this purifier was trained against is not at {clf!r}",
+            "bench the fused ONNX instead, or restore the classifier run",
+        )
+    if sha256_file(clf) != (gmeta.get("classifier") or {}).get("sha256"):
+        raise CheckpointError(
+            f"{path}: the classifier at {clf} changed since the purifier was trained"
+        )
+    model = Purified(gen, load_model(clf, device=device)).eval()
+    meta = {
+        "kind": "fused",
+        "input_shape": gmeta.get("input_shape"),
+        "source_sha256": {
+            "purifier": sha256_file(path / "purifier.safetensors"),
+            "classifier": sha256_file(clf),
+        },
+    }
+    return model, meta
+
+
+def open_checkpoint(
+    path: Path, name: str, *, device: str = "auto", threads: int = 0
+) -> TorchRunner:
+    """Backend ``name``'s runner for a checkpoint or run directory (``threads`` is unused).
+
+    Raises:
+        MissingDependencyError: no torch, or CUDA graphs without a CUDA device (exit 3).
+        CheckpointError: not a loadable advedge checkpoint (or purifier run).
+    """
+    require("torch", purpose=f"backend {name}")
+    from advedge.checkpoint import load_model
+    from advedge.utils import resolve_device
+
+    where = resolve_device(device)
+    if MODES[name] == "cudagraph" and where.type != "cuda":
+        raise MissingDependencyError(
+            "CUDA graphs need a CUDA device", "run on a GPU or use --backend torch"
+        )
+    if path.is_dir() and (path / "purifier.safetensors").is_file():
+        model, meta = _purified_from_run(path, where)
+    else:
+        model = load_model(path, device=where)
+        meta = dict(getattr(model, "checkpoint_metadata", {}))
+    return TorchRunner(model, device=where, mode=MODES[name], path=path, metadata=meta)
+
+
+register_backend(
+    "torch", "checkpoint", open_checkpoint, description="eager PyTorch (CPU or CUDA)", default=True
+)
+register_backend(
+    "torch-compile",
+    "checkpoint",
+    open_checkpoint,
+    description="torch.compile (first calls compile)",
+)
+register_backend(
+    "torch-cudagraph",
+    "checkpoint",
+    open_checkpoint,
+    description="CUDA graphs, one per batch size (CUDA only)",
+)

@@ -1,0 +1,329 @@
+"""Build a strongly typed TensorRT engine from one of advedge's ONNX artifacts.
+
+The ONNX file already carries its precision (FP32, FP16 with FP32 I/O, or INT8 as symmetric
+Q/DQ pairs), so the network is parsed as STRONGLY_TYPED: TensorRT takes every layer's type from
+the file instead of choosing kernels by builder flags. That is the only mode TensorRT 11 has
+(it removed ``BuilderFlag.FP16``/``INT8`` and implicit calibration) and it works the same on
+TensorRT 10, which Jetson Orin keeps (JetPack 6 ships 10.3).
+
+:func:`build_engine`:
+
+1. parse the ONNX into a strongly typed network (``NetworkDefinitionCreationFlag.STRONGLY_TYPED``
+   where the enum still has it; TensorRT versions without the flag type every network strongly);
+2. one optimisation profile over the batch axis (min/opt/max), a workspace limit, a timing
+   cache read from and written back to a file, detailed profiling verbosity;
+3. ``build_serialized_network``; the engine is written as
+   ``<name>.<precision>.trt<version>.sm<cc>.b<min>-<max>.engine`` because an engine runs only on
+   the TensorRT version and GPU architecture that built it, and beside it go
+   ``<engine stem>.layers.json`` (the engine inspector's layer information) and
+   ``<engine stem>.json`` (versions, GPU, profile, source ONNX hash, layer precision counts).
+
+The legacy implicit INT8 path (TensorRT 10 only: a weakly typed network, ``BuilderFlag.INT8``
+and an ``IInt8EntropyCalibrator2``/``IInt8MinMaxCalibrator`` with a calibration cache file) is
+offered only where the installed TensorRT still has the calibrator classes, detected by feature
+(:func:`advedge.calibration.legacy.has_legacy_calibrator`), never by version number.
+
+Engines must be built on the device that will run them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from advedge.calibration.legacy import has_legacy_calibrator
+from advedge.export.graph import write_sidecar
+from advedge.export.tensorrt.cuda import cuda_backend
+from advedge.export.tensorrt.engine import (
+    ENGINE_SCHEMA,
+    BatchProfile,
+    engine_filename,
+    load_tensorrt,
+    make_logger,
+)
+
+import advedge
+from advedge.errors import ExportError, UsageError
+from advedge.utils import atomic_write_bytes, atomic_write_text, sha256_file
+
+__all__ = ["EngineBuild", "build_engine", "layer_precisions"]
+
+
+@dataclass
+class EngineBuild:
+    """What :func:`build_engine` wrote and measured."""
+
+    engine: Path
+    layers: Path
+    sidecar: Path
+    timing_cache: Path | None
+    seconds: float
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+_TYPE_WORDS = (
+    "Int8",
+    "Half",
+    "Float",
+    "BFloat16",
+    "FP8",
+    "Int4",
+    "FP4",
+    "Int32",
+    "Int64",
+    "Bool",
+    "UInt8",
+)
+
+
+_TYPE_ALIASES = {"FP32": "Float", "FP16": "Half", "BF16": "BFloat16", "INT8": "Int8"}
+
+
+def _type_word(text: Any) -> str | None:
+    """The data type named in an inspector string: ``"Int8"``, ``"Row major linear FP32"``,
+    ``"Channel major FP16 format where channel % 8 == 0"``; normalised to TensorRT's DataType
+    names (Float, Half, Int8, ...)."""
+    if not isinstance(text, str):
+        return None
+    for word in text.replace("/", " ").replace(",", " ").split():
+        word = _TYPE_ALIASES.get(word, word)
+        if word in _TYPE_WORDS:
+            return word
+    return None
+
+
+def layer_precisions(inspector_json: str) -> dict[str, int]:
+    """Count layers per output data type from the engine inspector's JSON.
+
+    The inspector has no per-layer "precision" field: the type is read from the layer's first
+    output, ``"Format/Datatype"`` in TensorRT 10 (e.g. ``"Row major linear Int8 format"``) and
+    ``"DataType"`` in TensorRT 11. Layers listed by name only count as ``"unknown"``.
+    """
+    try:
+        data = json.loads(inspector_json)
+    except json.JSONDecodeError:
+        return {}
+    counts: Counter[str] = Counter()
+    for layer in data.get("Layers", []) if isinstance(data, dict) else []:
+        precision = None
+        if isinstance(layer, dict):
+            outputs = layer.get("Outputs") or []
+            first = outputs[0] if outputs and isinstance(outputs[0], dict) else {}
+            precision = _type_word(first.get("DataType")) or _type_word(
+                first.get("Format/Datatype")
+            )
+        counts[precision or "unknown"] += 1
+    return dict(counts)
+
+
+def _parse_network(
+    trt: Any, builder: Any, trt_logger: Any, onnx_path: Path, typed: bool
+) -> tuple[Any, Any, bool]:
+    """The parsed network, its parser (which owns the weights: keep it alive until the build)
+    and whether the network is strongly typed."""
+    flags = 0
+    typed_flag = getattr(
+        getattr(trt, "NetworkDefinitionCreationFlag", None), "STRONGLY_TYPED", None
+    )
+    if typed and typed_flag is not None:
+        flags |= 1 << int(typed_flag)
+    network = builder.create_network(flags)
+    strongly_typed = typed
+    if typed_flag is not None and hasattr(network, "get_flag"):
+        strongly_typed = bool(network.get_flag(typed_flag)) or not has_legacy_calibrator(trt)
+    parser = trt.OnnxParser(network, trt_logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [str(parser.get_error(i).desc()) for i in range(parser.num_errors)]
+        raise ExportError(
+            f"TensorRT's ONNX parser rejected {onnx_path.name}: "
+            + ("; ".join(errors[:3]) or "no error message")
+        )
+    if network.num_inputs != 1:
+        raise ExportError(
+            f"{onnx_path.name} has {network.num_inputs} inputs; expected one image input"
+        )
+    return network, parser, strongly_typed
+
+
+def _image_input(network: Any, onnx_path: Path) -> tuple[Any, tuple[int, ...]]:
+    """The network's input and its per-image shape (only the batch axis may be dynamic)."""
+    inp = network.get_input(0)
+    chw = tuple(int(d) for d in tuple(inp.shape)[1:])
+    if any(d < 1 for d in chw):
+        raise ExportError(
+            f"{onnx_path.name}: only the batch axis may be dynamic, got {tuple(inp.shape)}"
+        )
+    return inp, chw
+
+
+def _configure(
+    trt: Any,
+    builder: Any,
+    *,
+    workspace_mib: int,
+    cache_path: Path | None,
+    profile: BatchProfile,
+    inp: Any,
+    chw: tuple[int, ...],
+    legacy_calibrator: Any,
+) -> Any:
+    """The builder config: workspace, timing cache, the batch profile and, on the legacy path,
+    the implicit INT8 calibrator with a calibration profile at its batch size."""
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mib) << 20)
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+    cache_bytes = (
+        cache_path.read_bytes() if cache_path is not None and cache_path.is_file() else b""
+    )
+    cache = config.create_timing_cache(cache_bytes)
+    if cache is None or not config.set_timing_cache(cache, False):
+        # a cache from another TensorRT/GPU: start afresh rather than fail the build
+        cache = config.create_timing_cache(b"")
+        config.set_timing_cache(cache, False)
+    opt_profile = builder.create_optimization_profile()
+    opt_profile.set_shape(inp.name, *profile.shapes(chw))
+    config.add_optimization_profile(opt_profile)
+    if legacy_calibrator is not None:
+        config.set_flag(trt.BuilderFlag.INT8)
+        config.int8_calibrator = legacy_calibrator
+        # Calibration runs at the calibration profile's shape: make it the calibrator's batch,
+        # whatever the runtime profile's opt batch is.
+        calib_batch = int(legacy_calibrator.get_batch_size())
+        calib_profile = builder.create_optimization_profile()
+        calib_profile.set_shape(inp.name, *((calib_batch, *chw),) * 3)
+        config.set_calibration_profile(calib_profile)
+    return config
+
+
+def _serialize(builder: Any, network: Any, config: Any, trt_logger: Any, onnx_path: Path) -> bytes:
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        errors = trt_logger.errors()
+        raise ExportError(
+            f"TensorRT could not build an engine from {onnx_path.name}: "
+            + ("; ".join(errors[:3]) or "no error message")
+        )
+    return bytes(memoryview(serialized))
+
+
+def _inspect(trt: Any, trt_logger: Any, engine_bytes: bytes) -> str:
+    """The engine inspector's layer information (JSON) of a freshly built engine."""
+    runtime = trt.Runtime(trt_logger)
+    engine = runtime.deserialize_cuda_engine(engine_bytes)
+    if engine is None:
+        raise ExportError(
+            f"TensorRT built an engine it cannot deserialise: {trt_logger.errors()[:1]}"
+        )
+    inspector = engine.create_engine_inspector()
+    return str(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
+
+
+def build_engine(
+    onnx_path: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    name: str,
+    precision: str,
+    profile: BatchProfile,
+    workspace_mib: int = 1024,
+    timing_cache: str | os.PathLike[str] | None = None,
+    legacy_calibrator: Any = None,
+    device: int = 0,
+    backend: Any = None,
+) -> EngineBuild:
+    """Build a serialised engine from an ONNX artifact; see the module docstring.
+
+    Args:
+        onnx_path: The ONNX file (FP32, FP16 or QDQ INT8).
+        out_dir: Where the engine, its layer JSON and its sidecar go.
+        name: Artifact name (first part of the file name).
+        precision: Label for the file name (``fp32``, ``fp16``, ``int8``, ``int8-legacy``).
+        profile: Batch min/opt/max.
+        workspace_mib: Workspace memory-pool limit.
+        timing_cache: File to read the timing cache from (if present) and write it back to.
+        legacy_calibrator: An implicit INT8 calibrator (TensorRT 10 only). The network is then
+            weakly typed with ``BuilderFlag.INT8``; ``onnx_path`` should be the FP32 ONNX.
+        device: CUDA device index.
+        backend: CUDA buffer backend (default :func:`~advedge.export.tensorrt.cuda.cuda_backend`).
+
+    Raises:
+        MissingDependencyError: TensorRT (or a CUDA backend) is not installed.
+        UsageError: a legacy calibrator on a TensorRT without implicit calibration.
+        ExportError: the parser or the builder failed (with TensorRT's own error lines).
+    """
+    trt = load_tensorrt()
+    onnx_path = Path(onnx_path)
+    out_dir = Path(out_dir)
+    if workspace_mib < 1:
+        raise UsageError(f"workspace must be at least 1 MiB, got {workspace_mib}")
+    if legacy_calibrator is not None and not has_legacy_calibrator(trt):
+        raise UsageError(
+            f"TensorRT {trt.__version__} has no implicit INT8 calibration (removed in 11)",
+            "use --precision int8, which builds from the explicit Q/DQ ONNX",
+        )
+    backend = backend or cuda_backend(device)
+    cc = backend.capability()
+    start = time.perf_counter()
+    trt_logger = make_logger(trt)
+    builder = trt.Builder(trt_logger)
+    network, _parser, strongly_typed = _parse_network(
+        trt, builder, trt_logger, onnx_path, typed=legacy_calibrator is None
+    )
+    inp, chw = _image_input(network, onnx_path)
+    cache_path = Path(timing_cache) if timing_cache is not None else None
+    config = _configure(
+        trt,
+        builder,
+        workspace_mib=workspace_mib,
+        cache_path=cache_path,
+        profile=profile,
+        inp=inp,
+        chw=chw,
+        legacy_calibrator=legacy_calibrator,
+    )
+    engine_bytes = _serialize(builder, network, config, trt_logger, onnx_path)
+    seconds = time.perf_counter() - start
+
+    version = str(trt.__version__)
+    engine_path = out_dir / engine_filename(name, precision, version, cc, profile)
+    stem = engine_path.name[: -len(".engine")]
+    layers_path = out_dir / f"{stem}.layers.json"
+    sidecar = out_dir / f"{stem}.json"
+    layer_info = _inspect(trt, trt_logger, engine_bytes)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(engine_path, engine_bytes)
+    atomic_write_text(layers_path, layer_info)
+    written_cache = None
+    if cache_path is not None:
+        atomic_write_bytes(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
+        written_cache = cache_path
+    info = {
+        "schema": ENGINE_SCHEMA,
+        "engine": engine_path.name,
+        "name": name,
+        "precision": precision,
+        "tensorrt_version": version,
+        "compute_capability": list(cc),
+        "gpu": backend.gpu_name(),
+        "buffers": backend.name,
+        "strongly_typed": strongly_typed,
+        "implicit_int8_calibrator": type(legacy_calibrator).__name__ if legacy_calibrator else None,
+        "profile": {"input": inp.name, **asdict(profile), "chw": list(chw)},
+        "workspace_mib": int(workspace_mib),
+        "timing_cache": written_cache.name if written_cache else None,
+        "source_onnx": onnx_path.name,
+        "source_onnx_sha256": sha256_file(onnx_path),
+        "engine_sha256": sha256_file(engine_path),
+        "engine_bytes": len(engine_bytes),
+        "layer_precisions": layer_precisions(layer_info),
+        "build_seconds": round(seconds, 3),
+        "advedge_version": advedge.__version__,
+    }
+    write_sidecar(sidecar, info)
+    return EngineBuild(engine_path, layers_path, sidecar, written_cache, seconds, info)
