@@ -10,6 +10,11 @@ Modules:
   symmetric Q/DQ pairs (zero point 0, INT8 weights per channel, FP32 biases), the portable INT8
   artifact that TensorRT 10 and 11 both build strongly typed. Keeps the purifier's output head
   and the final linear layer in FP32 (``keep_fp32="auto"``) and caches calibration ranges.
+* :mod:`~advedge.calibration.nodes`: naming a graph's nodes, the FP32 policy and the check
+  that a Q/DQ graph is one TensorRT accepts; :mod:`~advedge.calibration.cache`: the
+  calibration cache of activation ranges.
+* :mod:`~advedge.calibration.calibrate`: ``advedge calibrate`` (:func:`calibrate_file`): an
+  existing FP32 ONNX file quantised, all or nothing.
 * :mod:`~advedge.calibration.legacy`: the implicit calibrator of TensorRT 10
   (``IInt8EntropyCalibrator2`` / ``IInt8MinMaxCalibrator``), offered only where the installed
   TensorRT still has it.
@@ -22,21 +27,22 @@ device with numpy and ONNX Runtime alone can load calibration sets and quantise.
 
 from __future__ import annotations
 
+from advedge.calibration.cache import CACHE_SCHEMA, default_cache_dir
+from advedge.calibration.calibrate import calibrate_file
 from advedge.calibration.legacy import (
     LEGACY_METHODS,
     device_pointer,
     has_legacy_calibrator,
     make_legacy_calibrator,
 )
+from advedge.calibration.nodes import name_unnamed_nodes, select_fp32_nodes, verify_qdq
 from advedge.calibration.quantize import (
-    CACHE_SCHEMA,
-    METHODS,
+    CALIBRATION_METHODS,
+    TARGETS,
+    QuantizeOptions,
     QuantizeResult,
-    default_cache_dir,
-    name_unnamed_nodes,
+    quantize_artifact,
     quantize_qdq,
-    select_fp32_nodes,
-    verify_qdq,
 )
 from advedge.calibration.sets import (
     SET_SCHEMA,
@@ -49,12 +55,15 @@ from advedge.calibration.sets import (
 
 __all__ = [
     "CACHE_SCHEMA",
+    "CALIBRATION_METHODS",
     "LEGACY_METHODS",
-    "METHODS",
     "SET_SCHEMA",
+    "TARGETS",
     "CalibrationSet",
+    "QuantizeOptions",
     "QuantizeResult",
     "build_calibration_set",
+    "calibrate_file",
     "check_fits",
     "default_cache_dir",
     "device_pointer",
@@ -62,6 +71,7 @@ __all__ = [
     "load_calibration_set",
     "make_legacy_calibrator",
     "name_unnamed_nodes",
+    "quantize_artifact",
     "quantize_qdq",
     "save_calibration_set",
     "select_fp32_nodes",

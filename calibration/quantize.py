@@ -27,62 +27,98 @@ Runtime version (see :func:`default_cache_dir` for where). A hit skips calibrati
 byte-identical model. A corrupt cache file is logged and recomputed, never fatal.
 
 ONNX Runtime prints progress with ``print()``, logs with ANSI colours straight to stderr and lets
-numpy warn; all of it runs under :func:`advedge.export.runtime.quiet_onnxruntime`, which logs it
+numpy warn; all of it runs under :func:`advedge.export._deps.quiet_onnxruntime`, which logs it
 at debug instead, so ``--json`` output on stdout stays clean and an error on stderr stays one
 line. Torch-free; ``onnx`` and ``onnxruntime`` are imported inside the functions.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+import types
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from advedge.calibration.cache import (
+    cache_file,
+    default_cache_dir,
+    ranges_usable,
+    read_cache,
+    write_cache,
+)
+from advedge.calibration.nodes import (
+    count_quantize_nodes,
+    name_unnamed_nodes,
+    select_fp32_nodes,
+    verify_qdq,
+)
 from advedge.calibration.sets import CalibrationSet, check_fits, load_calibration_set
-from advedge.export.graph import graph_input
-from advedge.export.runtime import quiet_onnxruntime
+from advedge.export._deps import quiet_onnxruntime, require
+from advedge.export.graph import (
+    check_external_data,
+    check_onnx,
+    graph_input,
+    set_onnx_metadata,
+)
 
 from advedge.errors import ExportError, UsageError, did_you_mean
-from advedge.utils import atomic_path, atomic_write_text, sha256_file
+from advedge.registry import Registry
+from advedge.utils import atomic_path, sha256_file
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "CACHE_SCHEMA",
-    "METHODS",
+    "CALIBRATION_METHODS",
     "TARGETS",
+    "CalibrationMethod",
+    "QuantizeOptions",
     "QuantizeResult",
-    "default_cache_dir",
-    "name_unnamed_nodes",
+    "check_method",
+    "check_target",
+    "quantize_artifact",
     "quantize_qdq",
-    "select_fp32_nodes",
-    "verify_qdq",
 ]
 
+
+@dataclass(frozen=True)
+class CalibrationMethod:
+    """How ONNX Runtime runs one calibration method.
+
+    Attributes:
+        ort_name: Its member of ``onnxruntime.quantization.CalibrationMethod``.
+        options: The options ONNX Runtime's calibrator uses (its defaults in onnxruntime 1.x),
+            recorded in the cache key so that a change of defaults shows up as another key.
+    """
+
+    ort_name: str
+    options: Mapping[str, Any]
+
+
 #: Calibration methods, by their names on the command line.
-METHODS: tuple[str, ...] = ("entropy", "minmax", "percentile")
-
-#: ``schema`` field of calibration cache files.
-CACHE_SCHEMA = "advedge.calibration-cache/1"
-
-_ORT_METHOD = {"entropy": "Entropy", "minmax": "MinMax", "percentile": "Percentile"}
-
-# Options that ONNX Runtime's calibrators use (their defaults in onnxruntime 1.x); recorded in the
-# cache key so that a change of defaults shows up as a different key.
-_CALIBRATOR_OPTIONS: dict[str, dict[str, Any]] = {
-    "entropy": {"num_bins": 128, "num_quantized_bins": 128},
-    "minmax": {"moving_average": False},
-    "percentile": {"num_bins": 2048, "percentile": 99.999},
-}
+CALIBRATION_METHODS: Registry[CalibrationMethod] = Registry("calibration method")
+CALIBRATION_METHODS.register(
+    "entropy",
+    CalibrationMethod("Entropy", {"num_bins": 128, "num_quantized_bins": 128}),
+    description="the range whose quantised histogram is closest (KL divergence) to FP32's",
+)
+CALIBRATION_METHODS.register(
+    "minmax",
+    CalibrationMethod("MinMax", {"moving_average": False}),
+    description="the observed extremes",
+)
+CALIBRATION_METHODS.register(
+    "percentile",
+    CalibrationMethod("Percentile", {"num_bins": 2048, "percentile": 99.999}),
+    description="the 99.999th percentile of |x|",
+)
 
 _EXTRA_OPTIONS = {
     "ActivationSymmetric": True,
@@ -101,8 +137,28 @@ TARGETS: tuple[str, ...] = ("tensorrt", "onnxruntime-cpu")
 
 _CPU_EXTRA_OPTIONS = {"ActivationSymmetric": False, "WeightSymmetric": True}
 
-_LINEAR_OPS = ("Gemm", "MatMul")
-_HEAD_CHAIN_OPS = ("Mul", "Add", "Clip")
+
+def _choose(names: Iterable[str]) -> str:
+    """``"choose a, b or c"``."""
+    *first, last = list(names)
+    return f"choose {', '.join(first)} or {last}" if first else f"choose {last}"
+
+
+def check_method(method: str) -> CalibrationMethod:
+    """The calibration method named ``method`` (a command's option check).
+
+    Raises:
+        UsageError: an unknown method; the hint names every method.
+    """
+    if method not in CALIBRATION_METHODS:
+        raise UsageError(f"unknown calibration method {method!r}", _choose(CALIBRATION_METHODS))
+    return CALIBRATION_METHODS[method]
+
+
+def check_target(target: str) -> None:
+    """Refuse an unknown INT8 target (see :data:`TARGETS`) with a UsageError naming them."""
+    if target not in TARGETS:
+        raise UsageError(f"unknown INT8 target {target!r}", _choose(TARGETS))
 
 
 @dataclass
@@ -149,252 +205,6 @@ class QuantizeResult:
         }
 
 
-def default_cache_dir() -> Path:
-    """Where calibration caches live by default.
-
-    ``$ADVEDGE_CACHE_DIR/calibration`` if set, else ``$XDG_CACHE_HOME/advedge/calibration``,
-    else ``~/.cache/advedge/calibration``.
-    """
-    if os.environ.get("ADVEDGE_CACHE_DIR"):
-        return Path(os.environ["ADVEDGE_CACHE_DIR"]).expanduser() / "calibration"
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "advedge" / "calibration"
-    return Path.home() / ".cache" / "advedge" / "calibration"
-
-
-# --------------------------------------------------------------------------------------------
-# Node names and the FP32 policy
-# --------------------------------------------------------------------------------------------
-
-
-def name_unnamed_nodes(model: Any) -> int:
-    """Give every unnamed node of ``model.graph`` the name ``advedge_<op>_<index>``, in place.
-
-    ``index`` is the node's position in the graph, so the names depend only on the graph; a
-    name already taken gets a ``_<k>`` suffix. ONNX Runtime excludes nodes from quantisation
-    by name, so unnamed nodes could not be kept in FP32 otherwise. Returns how many were named.
-    """
-    taken = {n.name for n in model.graph.node if n.name}
-    named = 0
-    for index, node in enumerate(model.graph.node):
-        if node.name:
-            continue
-        base = f"advedge_{node.op_type.lower()}_{index}"
-        name, k = base, 1
-        while name in taken:
-            name, k = f"{base}_{k}", k + 1
-        node.name = name
-        taken.add(name)
-        named += 1
-    return named
-
-
-def select_fp32_nodes(model: Any, policy: str | Sequence[str] = "auto") -> list[str]:
-    """Names of the nodes to keep in FP32 under ``policy``, in graph order.
-
-    ``"auto"`` keeps two parts of the network in FP32:
-
-    (a) **The purifier's output head.** For every Tanh node: the Conv that produces its input,
-        the Tanh, and the chain of Mul/Add/Clip nodes that consume its output, up to and
-        including the first Clip, i.e. ``clamp(x + eps_r * tanh(conv(h)), 0, 1)``. A Tanh whose
-        chain reaches no Clip is not a purifier head and is left alone. Why: the inverse
-        perturbation ``r`` is a small correction bounded by ``eps_r ~ 10/255``, and it must
-        cancel an adversarial perturbation of ``8/255``. Quantising ``x + r`` over its range
-        ``[-eps_r, 1 + eps_r]`` to INT8 gives steps of ``~1/127 ~ 2/255``, as coarse as a
-        quarter of the correction, and the Tanh/Mul outputs would add their own rounding; the
-        head is one small convolution, so FP32 costs little.
-    (b) **The classifier's final linear layer.** The node producing each graph output when it
-        is a Gemm or MatMul, or an Add of a constant bias onto a MatMul/Gemm (both nodes are
-        kept). Why: it keeps the logits, whose differences decide the class, precise, and it
-        costs well under 0.1% of the FLOPs of a convolutional classifier.
-
-    ``"none"`` keeps nothing in FP32. A list of node names keeps exactly those.
-
-    Args:
-        model: An ``onnx.ModelProto`` (the pre-processed graph that will be quantised).
-        policy: ``"auto"``, ``"none"`` or a list of node names.
-
-    Raises:
-        UsageError: an unknown policy string, or a listed name that is not a node of the graph.
-        ExportError: ``auto`` chose a node that has no name (call :func:`name_unnamed_nodes`).
-    """
-    nodes = list(model.graph.node)
-    names = [n.name for n in nodes]
-    if isinstance(policy, str):
-        if policy == "none":
-            return []
-        if policy != "auto":
-            raise UsageError(
-                f"unknown FP32 policy {policy!r}",
-                "use auto, none, or a list of node names",
-            )
-        chosen = _auto_fp32_nodes(model)
-        unnamed = [n.op_type for n in chosen if not n.name]
-        if unnamed:
-            raise ExportError(
-                f"cannot keep unnamed {', '.join(unnamed)} node(s) in FP32",
-                "name the graph's nodes first (name_unnamed_nodes)",
-            )
-        keep = {id(n) for n in chosen}
-        return [n.name for n in nodes if id(n) in keep]
-    wanted = [str(p) for p in policy]
-    known = set(names)
-    for name in wanted:
-        if name not in known:
-            raise UsageError(
-                f"no node named {name!r} in the graph to keep in FP32",
-                did_you_mean(name, [n for n in names if n]) if any(names) else None,
-            )
-    want = set(wanted)
-    return [name for name in names if name in want]
-
-
-def _auto_fp32_nodes(model: Any) -> list[Any]:
-    graph = model.graph
-    producer: dict[str, Any] = {}
-    consumers: dict[str, list[Any]] = {}
-    for node in graph.node:
-        for out in node.output:
-            producer[out] = node
-        for inp in node.input:
-            consumers.setdefault(inp, []).append(node)
-    constants = {i.name for i in graph.initializer} | {
-        out for n in graph.node if n.op_type == "Constant" for out in n.output
-    }
-    chosen: list[Any] = []
-
-    # (a) purifier heads: Conv -> Tanh -> Mul/Add ... -> Clip
-    for tanh in (n for n in graph.node if n.op_type == "Tanh"):
-        chain: list[Any] = []
-        reached_clip = False
-        frontier = list(tanh.output)
-        seen: set[int] = set()
-        while frontier:
-            tensor = frontier.pop()
-            for node in consumers.get(tensor, []):
-                if node.op_type not in _HEAD_CHAIN_OPS or id(node) in seen:
-                    continue
-                seen.add(id(node))
-                chain.append(node)
-                if node.op_type == "Clip":
-                    reached_clip = True
-                else:
-                    frontier.extend(node.output)
-        if not reached_clip:
-            logger.debug("Tanh %r reaches no Clip: not a purifier head", tanh.name)
-            continue
-        conv = producer.get(tanh.input[0]) if tanh.input else None
-        if conv is not None and conv.op_type == "Conv":
-            chosen.append(conv)
-        chosen.append(tanh)
-        chosen.extend(chain)
-
-    # (b) the classifier's final linear layer
-    for out in graph.output:
-        node = producer.get(out.name)
-        if node is None:
-            continue
-        if node.op_type in _LINEAR_OPS:
-            chosen.append(node)
-        elif node.op_type == "Add" and len(node.input) == 2:
-            for a, b in (node.input, reversed(node.input)):
-                src = producer.get(a)
-                if src is not None and src.op_type in _LINEAR_OPS and b in constants:
-                    chosen.extend([src, node])
-                    break
-    return chosen
-
-
-# --------------------------------------------------------------------------------------------
-# Verification
-# --------------------------------------------------------------------------------------------
-
-
-def verify_qdq(model: Any) -> int:
-    """Check a Q/DQ model for TensorRT and return its number of Q -> DQ pairs.
-
-    Every QuantizeLinear and DequantizeLinear must have a constant INT8 zero point equal to 0
-    (TensorRT accepts only symmetric quantisation); a constant input of a DequantizeLinear must
-    be INT8 (TensorRT cannot dequantise INT32, e.g. quantised biases).
-
-    Raises:
-        ExportError: on the first violation, or when the graph has no Q -> DQ pair at all.
-    """
-    numpy_helper = _onnx_numpy_helper()
-    graph = model.graph
-    consts: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant" and node.attribute:
-            for attr in node.attribute:
-                if attr.name == "value":
-                    consts[node.output[0]] = numpy_helper.to_array(attr.t)
-    consumers: dict[str, list[Any]] = {}
-    for node in graph.node:
-        for inp in node.input:
-            consumers.setdefault(inp, []).append(node)
-
-    pairs = 0
-    for node in graph.node:
-        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
-            continue
-        label = node.name or node.output[0]
-        zp_name = node.input[2] if len(node.input) > 2 else ""
-        if not zp_name:
-            if node.op_type == "QuantizeLinear":
-                raise ExportError(
-                    f"QuantizeLinear {label!r} has no zero point, so it quantises to uint8",
-                    "TensorRT needs int8 with zero point 0",
-                )
-        else:
-            zp = consts.get(zp_name)
-            if zp is None:
-                raise ExportError(f"the zero point of {node.op_type} {label!r} is not a constant")
-            if zp.dtype != np.int8:
-                raise ExportError(
-                    f"{node.op_type} {label!r} has a {zp.dtype} zero point; TensorRT needs int8"
-                )
-            if np.any(zp != 0):
-                raise ExportError(
-                    f"{node.op_type} {label!r} has a non-zero zero point "
-                    f"(TensorRT rejects asymmetric quantisation)",
-                    "quantise with symmetric activations and weights",
-                )
-        if node.op_type == "DequantizeLinear":
-            data = consts.get(node.input[0])
-            if data is not None and data.dtype != np.int8:
-                raise ExportError(
-                    f"DequantizeLinear {label!r} dequantises a {data.dtype} constant; "
-                    "TensorRT accepts only int8 there"
-                )
-        else:
-            if any(c.op_type == "DequantizeLinear" for c in consumers.get(node.output[0], [])):
-                pairs += 1
-    if pairs == 0:
-        raise ExportError(
-            "quantisation inserted no Q/DQ pair: nothing in the graph was quantised",
-            "check that the model has Conv/Gemm/MatMul layers outside the FP32 set",
-        )
-    return pairs
-
-
-def _count_pairs(model: Any) -> int:
-    """Q/DQ nodes of a model that is not meant for TensorRT (no symmetric-int8 checks)."""
-    n = sum(1 for node in model.graph.node if node.op_type == "QuantizeLinear")
-    if n == 0:
-        raise ExportError("quantisation inserted no QuantizeLinear: nothing was quantised")
-    return n
-
-
-def _onnx_numpy_helper() -> Any:
-    return _require("onnx.numpy_helper")
-
-
-def _require(module: str) -> Any:
-    from advedge.export._deps import require
-
-    return require(module, purpose="INT8 calibration")
-
-
 # --------------------------------------------------------------------------------------------
 # The calibration data reader and ORT's console output
 # --------------------------------------------------------------------------------------------
@@ -436,75 +246,35 @@ def _one_line(exc: BaseException) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# The cache
-# --------------------------------------------------------------------------------------------
-
-
-def _cache_file(
-    cache_dir: Path, model_sha: str, calib_sha: str, method: str, key: dict[str, Any]
-) -> Path:
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
-    return cache_dir / f"{model_sha[:16]}-{calib_sha[:16]}-{method}-{digest[:12]}.json"
-
-
-def _read_cache(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
-    """The ``ranges`` payload of a valid cache file for ``key``; None (logged) otherwise."""
-    if not path.is_file():
-        return None
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        logger.warning("ignoring corrupt calibration cache %s (%s); recomputing", path, exc)
-        return None
-    if not isinstance(doc, dict) or doc.get("schema") != CACHE_SCHEMA:
-        logger.warning("ignoring calibration cache %s: not a %s file", path, CACHE_SCHEMA)
-        return None
-    mismatch = [k for k, v in key.items() if doc.get(k) != v]
-    if mismatch:
-        logger.warning(
-            "ignoring calibration cache %s: its %s differ(s) from this run; recomputing",
-            path,
-            ", ".join(mismatch),
-        )
-        return None
-    ranges = doc.get("ranges")
-    if not isinstance(ranges, dict) or not isinstance(ranges.get("data"), dict):
-        logger.warning("ignoring calibration cache %s: no ranges in it; recomputing", path)
-        return None
-    return ranges
-
-
-def _ranges_usable(ortq_calibrate: Any, ranges_file: Path, method: str, tensors: set[str]) -> bool:
-    """Whether ORT can load ``ranges_file`` for ``method`` and it names tensors of the graph."""
-    try:
-        data = ortq_calibrate.load_tensors_data(ranges_file)
-        ok_method = data.calibration_method == getattr(
-            ortq_calibrate.CalibrationMethod, _ORT_METHOD[method]
-        )
-        names = set(data.data)
-    except Exception as exc:  # any failure to parse means a corrupt cache
-        logger.warning("ignoring calibration cache: ORT cannot read its ranges (%s)", exc)
-        return False
-    if not ok_method or not names or not names <= tensors:
-        logger.warning("ignoring calibration cache: its ranges do not match this graph")
-        return False
-    return True
-
-
-def _write_cache(path: Path, key: dict[str, Any], ranges_file: Path) -> bool:
-    try:
-        ranges = json.loads(ranges_file.read_text(encoding="utf-8"))
-        doc = {"schema": CACHE_SCHEMA, **key, "ranges": ranges}
-        atomic_write_text(path, json.dumps(doc, sort_keys=True) + "\n")
-    except (OSError, ValueError) as exc:
-        logger.warning("could not write the calibration cache %s (%s)", path, exc)
-        return False
-    return True
-
-
-# --------------------------------------------------------------------------------------------
 # quantize_qdq
 # --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Run:
+    """One call of :func:`quantize_qdq`: what its steps share."""
+
+    src: Path
+    out: Path
+    calib: CalibrationSet
+    method: str
+    spec: CalibrationMethod
+    batch_size: int
+    keep_fp32: str | Sequence[str]
+    target: str
+    ort: Any  # the onnx and onnxruntime modules, by short name
+    input_name: str = ""
+    fixed_batch: int | None = None
+    model_sha: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+    key: dict[str, Any] = field(default_factory=dict)
+    cache_path: Path | None = None
+    cache_hit: bool = False
+
+    @property
+    def for_trt(self) -> bool:
+        """Whether the Q/DQ graph is TensorRT's symmetric INT8 form."""
+        return self.target == "tensorrt"
 
 
 def quantize_qdq(
@@ -548,169 +318,269 @@ def quantize_qdq(
         MissingDependencyError: onnx or onnxruntime is not installed.
     """
     t0 = time.perf_counter()
-    if method not in METHODS:
-        raise UsageError(f"unknown calibration method {method!r}", did_you_mean(method, METHODS))
+    run = _check_request(fp32_onnx, out_path, calib, method, target, batch_size, keep_fp32)
+    model = _read_model(run, input_name)
+    _cache_key(run, cache_dir if use_cache else None, use_cache)
+    with tempfile.TemporaryDirectory(prefix="advedge-quant-") as tmp_name:
+        tmp = Path(tmp_name)
+        pre, excluded, tensors = _preprocess(run, model, tmp)
+        del model
+        ranges_file = tmp / "ranges.json"
+        run.cache_hit = _cached_ranges(run, ranges_file, tensors)
+        _quantize_static(run, pre, tmp / "qdq.onnx", ranges_file, excluded)
+        if run.cache_path is not None and not run.cache_hit:
+            write_cache(run.cache_path, run.key, ranges_file)
+        n_pairs = _verify_and_write(run, tmp / "qdq.onnx")
+    seconds = time.perf_counter() - t0
+    logger.info(
+        "quantised %s -> %s (%s, %d Q/DQ pairs, %d FP32 nodes, cache %s) in %.1f s",
+        run.src,
+        run.out,
+        method,
+        n_pairs,
+        len(excluded),
+        "hit" if run.cache_hit else ("miss" if run.cache_path else "off"),
+        seconds,
+    )
+    return QuantizeResult(
+        path=run.out,
+        method=method,
+        excluded_nodes=list(excluded),
+        cache_path=run.cache_path,
+        cache_hit=run.cache_hit,
+        model_sha256=run.model_sha,
+        calib_sha256=run.calib.sha256,
+        n_qdq_pairs=n_pairs,
+        seconds=seconds,
+        options=run.options,
+    )
+
+
+def _check_request(
+    fp32_onnx: str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
+    calib: CalibrationSet | str | os.PathLike[str],
+    method: str,
+    target: str,
+    batch_size: int,
+    keep_fp32: str | Sequence[str],
+) -> _Run:
+    """The options, the FP32 file, the calibration set and the libraries, before any work."""
+    spec = CALIBRATION_METHODS.get(method)
     if target not in TARGETS:
         raise UsageError(f"unknown INT8 target {target!r}", did_you_mean(target, TARGETS))
-    for_trt = target == "tensorrt"
-    fp32_onnx, out_path = Path(fp32_onnx), Path(out_path)
-    if not fp32_onnx.is_file():
-        raise ExportError(f"ONNX model not found: {fp32_onnx}", "export the FP32 model first")
-    from advedge.export.graph import check_external_data
-
-    check_external_data(fp32_onnx)  # before onnx.load follows any external-data path
+    src = Path(fp32_onnx)
+    if not src.is_file():
+        raise ExportError(f"ONNX model not found: {src}", "export the FP32 model first")
+    check_external_data(src)  # before onnx.load follows any external-data path
     if not isinstance(calib, CalibrationSet):
         calib = load_calibration_set(calib)
     if isinstance(keep_fp32, str) and keep_fp32 not in ("auto", "none"):
         raise UsageError(
             f"unknown FP32 policy {keep_fp32!r}", "use auto, none, or a list of node names"
         )
+    modules = {
+        "onnx": "onnx",
+        "ort": "onnxruntime",
+        "ortq": "onnxruntime.quantization",
+        "calibrate": "onnxruntime.quantization.calibrate",
+        "shape_inference": "onnxruntime.quantization.shape_inference",
+    }
+    ort = types.SimpleNamespace(
+        **{k: require(m, purpose="INT8 calibration") for k, m in modules.items()}
+    )
+    return _Run(src, Path(out_path), calib, method, spec, batch_size, keep_fp32, target, ort)
 
-    onnx = _require("onnx")
-    ort = _require("onnxruntime")
-    ortq = _require("onnxruntime.quantization")
-    ortq_calibrate = _require("onnxruntime.quantization.calibrate")
-    shape_inference = _require("onnxruntime.quantization.shape_inference")
 
+def _read_model(run: _Run, input_name: str | None) -> Any:
+    """Load the FP32 model and check that the calibration set and batch size fit its input."""
     try:
-        model = onnx.load(str(fp32_onnx))
+        model = run.ort.onnx.load(str(run.src))
     except Exception as exc:
-        raise ExportError(f"cannot read ONNX model {fp32_onnx}: {_one_line(exc)}") from None
-    name, dims = graph_input(model, input_name)
-    check_fits(calib, dims[1:], batch_size)
-    fixed_batch = dims[0] if isinstance(dims[0], int) and dims[0] > 0 else None
-    if fixed_batch is not None and fixed_batch != batch_size:
+        raise ExportError(f"cannot read ONNX model {run.src}: {_one_line(exc)}") from None
+    run.input_name, dims = graph_input(model, input_name)
+    check_fits(run.calib, dims[1:], run.batch_size)
+    run.fixed_batch = dims[0] if isinstance(dims[0], int) and dims[0] > 0 else None
+    if run.fixed_batch is not None and run.fixed_batch != run.batch_size:
         raise ExportError(
-            f"the model's batch dimension is fixed at {fixed_batch} but the calibration batch "
-            f"size is {batch_size}",
-            f"use batch_size={fixed_batch}, or export with a dynamic batch axis",
+            f"the model's batch dimension is fixed at {run.fixed_batch} but the calibration "
+            f"batch size is {run.batch_size}",
+            f"use batch_size={run.fixed_batch}, or export with a dynamic batch axis",
         )
+    return model
 
-    model_sha = sha256_file(fp32_onnx)
-    calib_sha = calib.sha256
-    options = {
-        "target": target,
-        "activation_symmetric": for_trt,
+
+def _cache_key(run: _Run, cache_dir: str | os.PathLike[str] | None, use_cache: bool) -> None:
+    """The options that change the ranges, the cache key and the cache file (with the cache)."""
+    run.model_sha = sha256_file(run.src)
+    run.options = {
+        "target": run.target,
+        "activation_symmetric": run.for_trt,
         "weight_symmetric": True,
         "per_channel": True,
-        "batch_size": int(batch_size),
-        "drop_last": fixed_batch is not None,
-        "calibrator": _CALIBRATOR_OPTIONS[method],
+        "batch_size": int(run.batch_size),
+        "drop_last": run.fixed_batch is not None,
+        "calibrator": dict(run.spec.options),
         "preprocess": "quant_pre_process",
     }
-    key = {
-        "model_sha256": model_sha,
-        "calib_sha256": calib_sha,
-        "method": method,
-        "options": options,
-        "onnxruntime": ort.__version__,
+    run.key = {
+        "model_sha256": run.model_sha,
+        "calib_sha256": run.calib.sha256,
+        "method": run.method,
+        "options": run.options,
+        "onnxruntime": run.ort.ort.__version__,
     }
-    cache_path: Path | None = None
     if use_cache:
-        cache_root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-        cache_path = _cache_file(cache_root, model_sha, calib_sha, method, key)
+        root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+        run.cache_path = cache_file(root, run.model_sha, run.calib.sha256, run.method, run.key)
 
-    with tempfile.TemporaryDirectory(prefix="advedge-quant-") as tmp_name:
-        tmp = Path(tmp_name)
-        named, pre, qdq, ranges_file = (
-            tmp / "named.onnx",
-            tmp / "pre.onnx",
-            tmp / "qdq.onnx",
-            tmp / "ranges.json",
+
+def _preprocess(run: _Run, model: Any, tmp: Path) -> tuple[Path, list[str], set[str]]:
+    """Name the nodes and run ORT's pre-processing; returns the pre-processed file, the nodes
+    kept in FP32 and the tensor names of the graph."""
+    onnx = run.ort.onnx
+    named, pre = tmp / "named.onnx", tmp / "pre.onnx"
+    name_unnamed_nodes(model)
+    onnx.save(model, str(named))
+    try:
+        with quiet_onnxruntime(capture_prints=True):
+            run.ort.shape_inference.quant_pre_process(str(named), str(pre))
+    except Exception as exc:
+        raise ExportError(
+            f"ONNX Runtime could not pre-process {run.src}: {_one_line(exc)}"
+        ) from None
+    pre_model = onnx.load(str(pre))
+    if name_unnamed_nodes(pre_model):
+        onnx.save(pre_model, str(pre))
+    excluded = select_fp32_nodes(pre_model, run.keep_fp32)
+    tensors = {v for n in pre_model.graph.node for v in (*n.input, *n.output)}
+    return pre, excluded, tensors
+
+
+def _cached_ranges(run: _Run, ranges_file: Path, tensors: set[str]) -> bool:
+    """Write the cached ranges to ``ranges_file`` when the cache holds usable ones."""
+    if run.cache_path is None:
+        return False
+    ranges = read_cache(run.cache_path, run.key)
+    if ranges is None:
+        return False
+    ranges_file.write_text(json.dumps(ranges), encoding="utf-8")
+    if ranges_usable(run.ort.calibrate, ranges_file, run.spec.ort_name, tensors):
+        return True
+    ranges_file.unlink()
+    return False
+
+
+def _quantize_static(
+    run: _Run, pre: Path, qdq: Path, ranges_file: Path, excluded: list[str]
+) -> None:
+    """ORT's ``quantize_static`` into ``qdq``; a cache hit that ORT cannot apply is recomputed."""
+    ortq = run.ort.ortq
+    images = run.calib.as_float()
+
+    def quantize() -> None:
+        reader = _make_reader(
+            ortq, run.input_name, images, run.batch_size, run.fixed_batch is not None
         )
-        name_unnamed_nodes(model)
-        onnx.save(model, str(named))
-        del model
+        with quiet_onnxruntime(capture_prints=True):
+            ortq.quantize_static(
+                str(pre),
+                str(qdq),
+                reader,
+                quant_format=ortq.QuantFormat.QDQ,
+                per_channel=True,
+                activation_type=ortq.QuantType.QInt8 if run.for_trt else ortq.QuantType.QUInt8,
+                weight_type=ortq.QuantType.QInt8,
+                calibrate_method=getattr(ortq.CalibrationMethod, run.spec.ort_name),
+                nodes_to_exclude=list(excluded),
+                extra_options=dict(_EXTRA_OPTIONS if run.for_trt else _CPU_EXTRA_OPTIONS),
+                calibration_cache_path=str(ranges_file),
+            )
+
+    try:
         try:
-            with quiet_onnxruntime(capture_prints=True):
-                shape_inference.quant_pre_process(str(named), str(pre))
+            quantize()
         except Exception as exc:
-            raise ExportError(
-                f"ONNX Runtime could not pre-process {fp32_onnx}: {_one_line(exc)}"
-            ) from None
-        pre_model = onnx.load(str(pre))
-        if name_unnamed_nodes(pre_model):
-            onnx.save(pre_model, str(pre))
-        excluded = select_fp32_nodes(pre_model, keep_fp32)
-        tensors = {v for n in pre_model.graph.node for v in (*n.input, *n.output)}
-        del pre_model
+            if not run.cache_hit:
+                raise
+            logger.warning(
+                "calibration cache %s could not be applied (%s); recomputing",
+                run.cache_path,
+                _one_line(exc),
+            )
+            run.cache_hit = False
+            ranges_file.unlink(missing_ok=True)
+            quantize()
+    except Exception as exc:
+        raise ExportError(
+            f"ONNX Runtime failed to quantise {run.src} ({run.method}): {_one_line(exc)}"
+        ) from None
 
-        cache_hit = False
-        if cache_path is not None:
-            ranges = _read_cache(cache_path, key)
-            if ranges is not None:
-                ranges_file.write_text(json.dumps(ranges), encoding="utf-8")
-                cache_hit = _ranges_usable(ortq_calibrate, ranges_file, method, tensors)
-                if not cache_hit:
-                    ranges_file.unlink()
 
-        images = calib.as_float()
+def _verify_and_write(run: _Run, qdq: Path) -> int:
+    """Check the Q/DQ model for its target, then write it to ``run.out``; returns its pairs."""
+    qmodel = run.ort.onnx.load(str(qdq))
+    n_pairs = verify_qdq(qmodel) if run.for_trt else count_quantize_nodes(qmodel)
+    del qmodel
+    with atomic_path(run.out) as tmp_out:
+        shutil.copyfile(qdq, tmp_out)
+    return n_pairs
 
-        def run_quantizer() -> None:
-            reader = _make_reader(ortq, name, images, batch_size, fixed_batch is not None)
-            with quiet_onnxruntime(capture_prints=True):
-                ortq.quantize_static(
-                    str(pre),
-                    str(qdq),
-                    reader,
-                    quant_format=ortq.QuantFormat.QDQ,
-                    per_channel=True,
-                    activation_type=ortq.QuantType.QInt8 if for_trt else ortq.QuantType.QUInt8,
-                    weight_type=ortq.QuantType.QInt8,
-                    calibrate_method=getattr(ortq.CalibrationMethod, _ORT_METHOD[method]),
-                    nodes_to_exclude=list(excluded),
-                    extra_options=dict(_EXTRA_OPTIONS if for_trt else _CPU_EXTRA_OPTIONS),
-                    calibration_cache_path=str(ranges_file),
-                )
 
-        try:
-            try:
-                run_quantizer()
-            except Exception as exc:
-                if not cache_hit:
-                    raise
-                logger.warning(
-                    "calibration cache %s could not be applied (%s); recomputing",
-                    cache_path,
-                    _one_line(exc),
-                )
-                cache_hit = False
-                ranges_file.unlink(missing_ok=True)
-                run_quantizer()
-        except Exception as exc:
-            raise ExportError(
-                f"ONNX Runtime failed to quantise {fp32_onnx} ({method}): {_one_line(exc)}"
-            ) from None
+# --------------------------------------------------------------------------------------------
+# The options advedge export and advedge calibrate share
+# --------------------------------------------------------------------------------------------
 
-        if cache_path is not None and not cache_hit:
-            _write_cache(cache_path, key, ranges_file)
 
-        qmodel = onnx.load(str(qdq))
-        n_pairs = verify_qdq(qmodel) if for_trt else _count_pairs(qmodel)
-        del qmodel
-        with atomic_path(out_path) as tmp_out:
-            shutil.copyfile(qdq, tmp_out)
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """The quantisation options of ``advedge export`` and ``advedge calibrate``.
 
-    seconds = time.perf_counter() - t0
-    logger.info(
-        "quantised %s -> %s (%s, %d Q/DQ pairs, %d FP32 nodes, cache %s) in %.1f s",
-        fp32_onnx,
-        out_path,
-        method,
-        n_pairs,
-        len(excluded),
-        "hit" if cache_hit else ("miss" if cache_path else "off"),
-        seconds,
+    Attributes:
+        method: A name of :data:`CALIBRATION_METHODS`.
+        batch_size: Images per calibration batch.
+        keep_fp32: ``auto``, ``none`` or comma-separated node names (the CLI's form).
+        cache_dir: Calibration cache directory; None: :func:`default_cache_dir`.
+        target: A name of :data:`TARGETS`.
+    """
+
+    method: str = "entropy"
+    batch_size: int = 32
+    keep_fp32: str = "auto"
+    cache_dir: str | None = None
+    target: str = "tensorrt"
+
+    def fp32_policy(self) -> str | list[str]:
+        """``keep_fp32`` as :func:`quantize_qdq` takes it: ``auto``, ``none`` or a name list."""
+        if self.keep_fp32 in ("auto", "none"):
+            return self.keep_fp32
+        return [s for s in self.keep_fp32.split(",") if s]
+
+
+def quantize_artifact(
+    src: Path, dst: Path, calib: CalibrationSet, options: QuantizeOptions, metadata: dict[str, Any]
+) -> QuantizeResult:
+    """Quantise the FP32 ONNX ``src`` into the checked artifact ``dst``.
+
+    :func:`quantize_qdq` with ``options``; then ``dst`` carries ``metadata`` with ``precision``
+    ``int8`` and ``int8_target`` set, and passes :func:`advedge.export.graph.check_onnx`.
+
+    Raises:
+        As :func:`quantize_qdq` and :func:`~advedge.export.graph.check_onnx`.
+    """
+    onnx = require("onnx", purpose="INT8 quantisation")
+    result = quantize_qdq(
+        src,
+        dst,
+        calib,
+        method=options.method,
+        batch_size=options.batch_size,
+        keep_fp32=options.fp32_policy(),
+        cache_dir=options.cache_dir,
+        target=options.target,
     )
-    return QuantizeResult(
-        path=out_path,
-        method=method,
-        excluded_nodes=list(excluded),
-        cache_path=cache_path,
-        cache_hit=cache_hit,
-        model_sha256=model_sha,
-        calib_sha256=calib_sha,
-        n_qdq_pairs=n_pairs,
-        seconds=seconds,
-        options=options,
-    )
+    model = onnx.load(str(dst))
+    set_onnx_metadata(model, {**metadata, "precision": "int8", "int8_target": options.target})
+    onnx.save_model(model, str(dst))
+    check_onnx(dst)
+    return result

@@ -25,6 +25,7 @@ __all__ = [
     "check_onnx",
     "constants_to_initializers",
     "graph_input",
+    "load_onnx_graph",
     "read_onnx_metadata",
     "read_sidecar",
     "set_onnx_metadata",
@@ -105,6 +106,21 @@ def read_onnx_metadata(model_or_path: Any) -> dict[str, Any]:
     return out
 
 
+def load_onnx_graph(path: str | os.PathLike[str]) -> Any:
+    """The ONNX model at ``path`` without its external data (its graph, metadata, functions).
+
+    Raises:
+        ExportError: not a readable ONNX file.
+    """
+    onnx = require("onnx", purpose="checking an ONNX file")
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and friends
+        raise ExportError(
+            f"{path} is not a readable ONNX file ({type(exc).__name__}: {exc})"
+        ) from None
+
+
 def check_external_data(path: str | os.PathLike[str]) -> None:
     """Refuse an ONNX whose external-data locations leave the model's folder.
 
@@ -121,12 +137,7 @@ def check_external_data(path: str | os.PathLike[str]) -> None:
     """
     onnx = require("onnx", purpose="checking an ONNX file")
     path = Path(path)
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # protobuf's DecodeError and friends
-        raise ExportError(
-            f"{path} is not a readable ONNX file ({type(exc).__name__}: {exc})"
-        ) from None
+    model = load_onnx_graph(path)
     base = path.resolve().parent
     for tensor in _all_tensors(model):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:

@@ -12,19 +12,9 @@ the artifact is refused (:class:`ParityError`, exit 1) and nothing is written. A
 inputs matter: they sit near decision boundaries, where a small numeric difference flips a
 class, which is exactly where a deployed defence must agree with the evaluated one.
 
-Default tolerances (``logits`` / ``pixels`` max-abs, minimum agreement):
-
-========  ==========  ==========  =========
-precision  logits      pixels      agreement
-========  ==========  ==========  =========
-fp32       1e-3        1e-4        0.99
-fp16       0.1         4e-3        0.97
-int8       3.0         0.1         0.85
-========  ==========  ==========  =========
-
-FP16 keeps about 3 decimal digits; INT8 differs by up to a quantisation step per layer, so its
-gate only catches a broken graph (a wrong range, a missed Q/DQ pair). Whether INT8 keeps the
-accuracy is the INT8 accuracy report's job, which compares accuracies, not outputs.
+The tolerances (``logits`` / ``pixels`` max-abs, minimum agreement) are each precision's, in
+the precision table :data:`advedge.export.precisions.PRECISIONS`, which also says why they
+are what they are.
 """
 
 from __future__ import annotations
@@ -36,7 +26,7 @@ import numpy as np
 
 from advedge.errors import ExportError
 
-__all__ = ["TOLERANCES", "ParityError", "ParityResult", "Tolerance", "compare_outputs", "gate"]
+__all__ = ["ParityError", "ParityResult", "Tolerance", "compare_outputs", "gate"]
 
 
 class ParityError(ExportError):
@@ -50,13 +40,6 @@ class Tolerance:
     max_abs_logits: float
     max_abs_pixels: float
     min_agreement: float
-
-
-TOLERANCES: dict[str, Tolerance] = {
-    "fp32": Tolerance(1e-3, 1e-4, 0.99),
-    "fp16": Tolerance(0.1, 4e-3, 0.97),
-    "int8": Tolerance(3.0, 0.1, 0.85),
-}
 
 
 def compare_outputs(
@@ -118,9 +101,10 @@ def gate(
     output: str,
     n: int,
     artifact: str,
-    tolerance: Tolerance | None = None,
+    tolerance: Tolerance,
 ) -> ParityResult:
-    """Check ``figures`` (from :func:`compare_outputs`, per input kind) against the tolerance.
+    """Check ``figures`` (from :func:`compare_outputs`, per input kind) against ``tolerance``
+    (the precision's, from :data:`advedge.export.precisions.PRECISIONS`, or the CLI's).
 
     Returns:
         The result, when every kind passes.
@@ -128,23 +112,22 @@ def gate(
     Raises:
         ParityError: naming the artifact, the figure that failed, by how much, and the limit.
     """
-    tol = tolerance or TOLERANCES[precision]
-    limit = tol.max_abs_logits if output == "logits" else tol.max_abs_pixels
+    limit = tolerance.max_abs_logits if output == "logits" else tolerance.max_abs_pixels
     failures = []
     for kind, fig in figures.items():
         if not fig["max_abs"] <= limit:  # NaN/inf fail too
             failures.append(f"{kind} max|Δ| {fig['max_abs']:.3g} > {limit:g}")
-        if fig["agreement"] < tol.min_agreement:
+        if fig["agreement"] < tolerance.min_agreement:
             failures.append(
                 f"{kind} top-1 agreement {100 * fig['agreement']:.1f}% < "
-                f"{100 * tol.min_agreement:.0f}%"
+                f"{100 * tolerance.min_agreement:.0f}%"
             )
     result = ParityResult(
         precision=precision,
         output=output,
         n=n,
         figures=figures,
-        tolerance={"max_abs": limit, "min_agreement": tol.min_agreement},
+        tolerance={"max_abs": limit, "min_agreement": tolerance.min_agreement},
         passed=not failures,
     )
     if failures:

@@ -608,7 +608,7 @@ def test_calibration_cache_hit_miss_and_corruption(
     for corrupt in ("{not json", json.dumps({**doc, "ranges": {"data": {"nope": {}}}})):
         first.cache_path.write_text(corrupt)
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="advedge.calibration.quantize"):
+        with caplog.at_level(logging.WARNING, logger="advedge.calibration.cache"):
             again = quantize_qdq(models["plain"], tmp_path / "f.onnx", cs, **kw)
         assert not again.cache_hit
         assert any("calibration cache" in r.getMessage() for r in caplog.records)

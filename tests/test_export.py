@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -13,7 +14,6 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from advedge.export import parity as parity_mod
 from advedge.export.graph import (
     METADATA_KEYS,
     check_external_data,
@@ -24,6 +24,7 @@ from advedge.export.graph import (
 )
 from advedge.export.onnx_export import export_onnx
 from advedge.export.parity import ParityError, Tolerance, compare_outputs, gate
+from advedge.export.precisions import PRECISIONS
 from advedge.export.runtime import OrtRunner, TorchRunner
 from onnx import TensorProto, helper
 
@@ -217,7 +218,14 @@ def test_gate_names_what_failed_and_by_how_much():
         "adversarial": {"max_abs": 0.5, "agreement": 0.9},
     }
     with pytest.raises(ParityError) as info:
-        gate(figs, precision="fp32", output="logits", n=10, artifact="m.fp32.onnx")
+        gate(
+            figs,
+            precision="fp32",
+            output="logits",
+            n=10,
+            artifact="m.fp32.onnx",
+            tolerance=PRECISIONS["fp32"].tolerance,
+        )
     msg = str(info.value)
     assert "adversarial max|Δ| 0.5 > 0.001" in msg and "90.0% < 99%" in msg
     assert "clean max" not in msg
@@ -320,6 +328,13 @@ def test_cli_export_purifier_beside_and_fused(runs, tiny_npz_data, tmp_path, cap
     assert set(meta["source_sha256"]) == {"purifier", "classifier"}
 
 
+def _zero_fp32_tolerance(monkeypatch: pytest.MonkeyPatch) -> None:
+    import advedge.export.gates as gates
+
+    fp32 = dataclasses.replace(PRECISIONS["fp32"], tolerance=Tolerance(0.0, 0.0, 1.0))
+    monkeypatch.setattr(gates, "PRECISIONS", {**PRECISIONS, "fp32": fp32})
+
+
 def test_cli_parity_failure_exits_1_and_writes_nothing(
     runs, tiny_npz_data, tmp_path, capsys, monkeypatch
 ):
@@ -327,7 +342,7 @@ def test_cli_parity_failure_exits_1_and_writes_nothing(
     out.mkdir()
     earlier = out / "earlier.txt"
     earlier.write_text("earlier work")
-    monkeypatch.setitem(parity_mod.TOLERANCES, "fp32", Tolerance(0.0, 0.0, 1.0))
+    _zero_fp32_tolerance(monkeypatch)
     # zero tolerance: the float rounding differences between torch and ONNX Runtime fail it
     rc = _cli(
         "export",
@@ -467,7 +482,7 @@ import sys
 sys.modules["torch"] = None  # `import torch` now raises ImportError
 import numpy as np
 import advedge.export, advedge.calibration
-from advedge.export import graph, parity, runtime, tensorrt, fp16, onnx_export, pipeline
+from advedge.export import graph, parity, runtime, tensorrt, fp16, onnx_export, exporter
 from advedge.calibration import load_calibration_set, quantize_qdq
 from advedge.export.runtime import OrtRunner
 x = np.random.default_rng(1).random((4, 3, 32, 32), dtype=np.float32)
@@ -555,17 +570,17 @@ def test_cli_export_int8_reports_accuracy_and_saves_the_set(runs, tiny_npz_data,
 
 
 def test_accuracy_report_warns_when_the_low_precision_model_loses_accuracy(tmp_path):
-    from advedge.export.exporter import _accuracy_report
+    from advedge.export.gates import accuracy_report
 
     good = export_onnx(_classifier(0), tmp_path / "good.onnx", input_shape=(3, 32, 32))
     other = export_onnx(_classifier(7), tmp_path / "other.onnx", input_shape=(3, 32, 32))
     x = np.random.default_rng(0).random((64, 3, 32, 32), dtype=np.float32)
     y = OrtRunner(good).run(x).argmax(1)  # fp32 is 100% right on its own labels
-    rep = _accuracy_report(good, other, "fp16", x, y, x, max_drop=2.0, attack={"name": "pgd"})
+    rep = accuracy_report(good, other, "fp16", x, y, x, max_drop=2.0, attack={"name": "pgd"})
     assert rep["accuracy"]["fp32"]["clean_acc"] == 1.0
     assert rep["drop_points"]["clean"] > 2.0
     assert rep["warning"] and "loses" in rep["warning"] and "limit 2" in rep["warning"]
-    same = _accuracy_report(good, good, "fp16", x, y, x, max_drop=2.0, attack={"name": "pgd"})
+    same = accuracy_report(good, good, "fp16", x, y, x, max_drop=2.0, attack={"name": "pgd"})
     assert same["warning"] is None and same["drop_points"]["clean"] == 0.0
 
 
@@ -713,13 +728,15 @@ def test_one_quiet_helper_and_no_calibration_privates_in_export():
     import ast
 
     import advedge.calibration.quantize as quantize
-    import advedge.export.exporter as export_pipeline
+    import advedge.export._deps as deps
+    import advedge.export.exporter as exporter
     import advedge.export.runtime as runtime
 
-    assert quantize.quiet_onnxruntime is runtime.quiet_onnxruntime
-    assert export_pipeline.quiet_onnxruntime is runtime.quiet_onnxruntime
+    assert quantize.quiet_onnxruntime is deps.quiet_onnxruntime
+    assert runtime.quiet_onnxruntime is deps.quiet_onnxruntime
+    assert exporter.quiet_onnxruntime is deps.quiet_onnxruntime
     assert not hasattr(quantize, "_graph_input")
-    root = Path(export_pipeline.__file__).parent
+    root = Path(exporter.__file__).parent
     for path in root.glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.ImportFrom) and "calibration" in (node.module or ""):

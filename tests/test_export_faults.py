@@ -4,6 +4,7 @@ external-data guard inside ONNX local functions, one-line errors, and a full dis
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import fcntl
 import json
@@ -218,11 +219,11 @@ def test_external_data_guard_walks_subgraphs_inside_local_functions(tmp_path):
 def test_export_refuses_a_second_writer_of_the_same_out(
     runs, tiny_npz_data, tmp_path, capsys, hold_lock, monkeypatch
 ):
-    import advedge.export.exporter as pipeline
+    import advedge.export.exporter as exporter
 
     out = tmp_path / "out"
     hold_lock(out)
-    monkeypatch.setattr(pipeline, "_load_targets", _no_work)
+    monkeypatch.setattr(exporter, "load_targets", _no_work)
     rc = _export(runs["a"], out, tiny_npz_data)
     err = capsys.readouterr().err
     assert rc == 1, err
@@ -234,16 +235,26 @@ def test_export_refuses_a_second_writer_of_the_same_out(
 def test_calibrate_refuses_a_second_writer_of_the_same_file(
     fp32_onnx, tiny_npz_data, tmp_path, capsys, hold_lock, monkeypatch
 ):
-    import advedge.calibration as calibration
+    import advedge.calibration.calibrate as calibration
 
     out = tmp_path / "q.int8.onnx"
     hold_lock(out)
-    monkeypatch.setattr(calibration, "quantize_qdq", _no_work)
+    monkeypatch.setattr(calibration, "quantize_artifact", _no_work)
     rc = _calibrate(fp32_onnx, tiny_npz_data, out, tmp_path)
     err = capsys.readouterr().err
     assert rc == 1, err
     assert "being written by another advedge process" in _one_error_line(err)
     assert not out.exists() and not (tmp_path / "q.int8.json").exists()
+
+
+def _zero_fp32_tolerance(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Zero parity tolerance for fp32: float rounding between torch and ORT then fails it."""
+    import advedge.export.gates as gates
+    from advedge.export.parity import Tolerance
+    from advedge.export.precisions import PRECISIONS
+
+    fp32 = dataclasses.replace(PRECISIONS["fp32"], tolerance=Tolerance(0.0, 0.0, 1.0))
+    monkeypatch.setattr(gates, "PRECISIONS", {**PRECISIONS, "fp32": fp32})
 
 
 def _no_work(*args, **kwargs):
@@ -302,13 +313,10 @@ def test_overwrite_replaces_the_other_models_family_without_leaving_a_mix(
 def test_overwrite_keeps_the_other_models_artifacts_when_the_export_fails(
     runs, tiny_npz_data, tmp_path, capsys, monkeypatch
 ):
-    from advedge.export import parity as parity_mod
-    from advedge.export.parity import Tolerance
-
     out = tmp_path / "out"
     assert _export(runs["b"], out, tiny_npz_data, "--precision", "fp16") == 0
     before = _listing(out)
-    monkeypatch.setitem(parity_mod.TOLERANCES, "fp32", Tolerance(0.0, 0.0, 1.0))
+    _zero_fp32_tolerance(monkeypatch)
     capsys.readouterr()
     rc = _export(runs["a"], out, tiny_npz_data, "--overwrite")
     err = capsys.readouterr().err
@@ -336,13 +344,13 @@ def test_same_model_at_another_precision_into_the_same_out_is_not_a_conflict(
 def test_export_refuses_an_out_where_another_model_of_another_name_lives(
     runs, tiny_npz_data, tmp_path, capsys, monkeypatch
 ):
-    import advedge.export.exporter as pipeline
+    import advedge.export.exporter as exporter
 
     out = tmp_path / "out"
     out.mkdir()
     (out / "resnet8.int8.onnx").write_bytes(b"onnx")
     (out / "resnet8.int8.json").write_text(json.dumps({"source_sha256": "deadbeef" * 8}))
-    monkeypatch.setattr(pipeline, "_load_test_images", _no_work)
+    monkeypatch.setattr(exporter, "load_test_images", _no_work)
     rc = _export(runs["a"], out, tiny_npz_data)
     err = capsys.readouterr().err
     assert rc == 1, err
@@ -450,10 +458,10 @@ def test_calibrate_creates_the_folder_of_out_with_the_file(calib_inputs, tmp_pat
 def test_export_out_under_a_file_is_a_usage_error_before_any_work(
     runs, tiny_npz_data, tmp_path, capsys, monkeypatch
 ):
-    import advedge.export.exporter as pipeline
+    import advedge.export.exporter as exporter
 
     (tmp_path / "file.txt").write_text("x")
-    monkeypatch.setattr(pipeline, "_load_targets", _no_work)
+    monkeypatch.setattr(exporter, "load_targets", _no_work)
     rc = _export(runs["a"], tmp_path / "file.txt" / "out", tiny_npz_data)
     err = capsys.readouterr().err
     assert rc == 2, err
@@ -474,12 +482,12 @@ def test_calibrate_out_under_a_file_is_a_usage_error(calib_inputs, tmp_path, cap
 def test_export_into_a_read_only_folder_fails_before_any_work(
     runs, tiny_npz_data, tmp_path, capsys, monkeypatch, read_only
 ):
-    import advedge.export.exporter as pipeline
+    import advedge.export.exporter as exporter
 
     parent = tmp_path / "ro"
     parent.mkdir()
     read_only(parent)
-    monkeypatch.setattr(pipeline, "_load_targets", _no_work)
+    monkeypatch.setattr(exporter, "load_targets", _no_work)
     out = parent / "out"
     rc = _export(runs["a"], out, tiny_npz_data)
     err = capsys.readouterr().err
@@ -491,12 +499,12 @@ def test_export_into_a_read_only_folder_fails_before_any_work(
 def test_export_into_an_existing_read_only_out_fails_before_any_work(
     runs, tiny_npz_data, tmp_path, capsys, monkeypatch, read_only
 ):
-    import advedge.export.exporter as pipeline
+    import advedge.export.exporter as exporter
 
     out = tmp_path / "out"
     out.mkdir()
     read_only(out)
-    monkeypatch.setattr(pipeline, "_load_targets", _no_work)
+    monkeypatch.setattr(exporter, "load_targets", _no_work)
     rc = _export(runs["a"], out, tiny_npz_data)
     err = capsys.readouterr().err
     assert rc == 1, err
@@ -506,12 +514,12 @@ def test_export_into_an_existing_read_only_out_fails_before_any_work(
 def test_calibrate_into_a_read_only_folder_fails_before_any_work(
     calib_inputs, tmp_path, capsys, monkeypatch, read_only
 ):
-    import advedge.calibration as calibration
+    import advedge.calibration.calibrate as calibration
 
     parent = tmp_path / "ro"
     parent.mkdir()
     read_only(parent)
-    monkeypatch.setattr(calibration, "quantize_qdq", _no_work)
+    monkeypatch.setattr(calibration, "quantize_artifact", _no_work)
     monkeypatch.setattr(calibration, "build_calibration_set", _no_work)
     out = parent / "sub" / "q.onnx"
     rc = _calibrate(calib_inputs["fp32"], calib_inputs["data"], out, tmp_path)
@@ -540,12 +548,9 @@ def test_export_removes_staging_folders_left_by_a_killed_export(
 def test_a_failed_export_removes_an_out_that_held_only_leftovers(
     runs, tiny_npz_data, tmp_path, capsys, monkeypatch
 ):
-    from advedge.export import parity as parity_mod
-    from advedge.export.parity import Tolerance
-
     out = tmp_path / "out"
     (out / ".advedge-export-k1ll3d").mkdir(parents=True)
-    monkeypatch.setitem(parity_mod.TOLERANCES, "fp32", Tolerance(0.0, 0.0, 1.0))
+    _zero_fp32_tolerance(monkeypatch)
     rc = _export(runs["a"], out, tiny_npz_data)
     assert rc == 1, capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
@@ -630,19 +635,19 @@ def test_calibrate_error_stays_one_line_without_onnxruntime_logs_or_numpy_warnin
 def test_export_routes_numpy_warnings_to_the_debug_log(
     runs, tiny_npz_data, tmp_path, capsys, monkeypatch
 ):
-    import advedge.export.exporter as pipeline
+    import advedge.export.gates as gates
 
-    compare = pipeline.compare_outputs
+    compare = gates.compare_outputs
 
     def noisy(*args, **kwargs):
         np.float32(1.0) / np.float32(0.0)
         return compare(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "compare_outputs", noisy)
+    monkeypatch.setattr(gates, "compare_outputs", noisy)
     records: list[logging.LogRecord] = []
     handler = logging.Handler(logging.DEBUG)
     handler.emit = records.append  # type: ignore[method-assign]
-    log = logging.getLogger("advedge.export.runtime")
+    log = logging.getLogger("advedge.export._deps")
     level = log.level
     log.setLevel(logging.DEBUG)
     log.addHandler(handler)

@@ -46,7 +46,16 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("export", ("advedge.export",)),
     ("calibration", ("advedge.calibration",)),
     ("runtime", ("advedge.export.runtime", "advedge.export.tensorrt")),
-    ("exporter", ("advedge.export.exporter", "advedge.export.precisions")),
+    (
+        "exporter",
+        (
+            "advedge.export.exporter",
+            "advedge.export.precisions",
+            "advedge.export.targets",
+            "advedge.export.gates",
+            "advedge.export.artifacts",
+        ),
+    ),
     ("report", ("advedge.report",)),
     ("workflow", ("advedge.workflow",)),
     ("cli", ("advedge.cli", "advedge.__main__")),
