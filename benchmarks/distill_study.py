@@ -228,8 +228,8 @@ class Study:
                 suite="standard",
                 **common,
             )
-            worst = np.asarray(std["_per_example"]["clean"], dtype=bool).copy()
-            for per in (quick["_per_example"], std["_per_example"]):
+            worst = np.asarray(std.per_example["clean"], dtype=bool).copy()
+            for per in (quick.per_example, std.per_example):
                 for flags in per.values():
                     worst &= np.asarray(flags, dtype=bool)[: s.suite_n]
             broke = [a["name"] for a in std["attacks"] if a["n_broken"] > 0]

@@ -71,7 +71,7 @@ def test_worst_case_is_per_example_not_min_of_attacks():
     # min over attacks would claim 0.75; the per-example worst case is 0.5
     assert res["worst_case_acc"] == 0.5
     assert res["worst_case_attacks"] == ["a", "b"]
-    assert res["_per_example"]["a"].sum() == 30
+    assert res.per_example["a"].sum() == 30
 
 
 def test_cascade_attacks_only_survivors_and_reports_cumulative():
@@ -198,15 +198,20 @@ def test_suites_build_the_documented_attacks():
         build_suite("standrad", model, eps=8 / 255)
 
 
-def test_standard_suite_end_to_end_with_flags():
-    """A small linear model: the suite runs, cascades, and all flags are computed."""
+def linear_model_and_data(n: int, seed: int):
+    """A linear 4-class model (torch seed 0) and ``n`` random 4x4 images it labels itself."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(48, 4))
     model.num_classes = 4
-    x = np.random.default_rng(0).integers(0, 256, size=(48, 4, 4, 3), dtype=np.uint8)
+    x = np.random.default_rng(seed).integers(0, 256, size=(n, 4, 4, 3), dtype=np.uint8)
     with torch.no_grad():
         y = model(torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255).argmax(1).numpy()
-    data = ImageArrays(x, y.astype(np.int64), ("a", "b", "c", "d"))
+    return model, x, y, ImageArrays(x, y.astype(np.int64), ("a", "b", "c", "d"))
+
+
+def test_standard_suite_end_to_end_with_flags():
+    """A small linear model: the suite runs, cascades, and all flags are computed."""
+    model, x, y, data = linear_model_and_data(48, seed=0)
     attacks = build_suite("standard", model, eps=4 / 255, n_queries=200, n_iter=20)
     res = evaluate(model, data, attacks, eps=4 / 255, cascade=True, suite="standard", flags_n=32)
     accs = [e["robust_acc"] for e in res["attacks"]]
@@ -241,13 +246,7 @@ def test_square_query_statistics_cover_every_batch():
     """The queries of broken examples are gathered over all batches, not the last one."""
     from advedge.attacks import Square
 
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 4))
-    model.num_classes = 4
-    x = np.random.default_rng(1).integers(0, 256, size=(24, 4, 4, 3), dtype=np.uint8)
-    with torch.no_grad():
-        y = model(torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255).argmax(1).numpy()
-    data = ImageArrays(x, y.astype(np.int64), ("a", "b", "c", "d"))
+    model, _, _, data = linear_model_and_data(24, seed=1)
     square = Square(model, eps=32 / 255, n_queries=300, seed=0)
     res = evaluate(model, data, [square], eps=32 / 255, batch_size=4, flags_n=0)
     entry = res["attacks"][0]

@@ -163,12 +163,12 @@ def test_unwritable_out_is_named_not_unexpected(tmp_path, tiny_npz_data, capsys,
 
 
 def test_os_error_anywhere_in_a_command_is_one_named_line(capsys, monkeypatch, tmp_path):
-    import advedge.cli
+    import advedge.cli.models
 
     def boom(*args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / "out.json"))
 
-    monkeypatch.setattr(advedge.cli, "Output", boom)
+    monkeypatch.setattr(advedge.cli.models, "Output", boom)
     code, err = _run(capsys, "models")
     assert code == 1
     (line,) = _error_lines(err)
@@ -191,7 +191,7 @@ def test_os_error_anywhere_in_a_command_is_one_named_line(capsys, monkeypatch, t
 )
 def test_edited_eval_state_is_refused(tmp_path, edit):
     from advedge.errors import UsageError
-    from advedge.evaluation import _State
+    from advedge.evaluation.state import EvalState
 
     state = {
         "schema": "advedge.eval-state/1",
@@ -202,11 +202,11 @@ def test_edited_eval_state_is_refused(tmp_path, edit):
     }
     path = tmp_path / "eval.json.state.json"
     path.write_text(json.dumps(state))
-    assert _State.open(path, "fp", {}, True, 4).data == state  # the untouched file resumes
+    assert EvalState.open(path, "fp", {}, True, 4).data == state  # the untouched file resumes
     edit(state)
     path.write_text(json.dumps(state))
     with pytest.raises(UsageError, match="not a valid evaluation state"):
-        _State.open(path, "fp", {}, True, 4)
+        EvalState.open(path, "fp", {}, True, 4)
 
 
 # --- resume ---------------------------------------------------------------------------------
@@ -261,15 +261,15 @@ def test_refused_second_writer_leaves_the_live_runs_temporary_files(tmp_path, ti
 
 
 def test_eval_out_under_a_file_is_refused_before_any_attack(tmp_path, tiny_npz_data, capsys):
-    import advedge.evaluation
+    import advedge.evaluation.core
 
     run = tmp_path / "run"
     assert _run(capsys, *fast_train_flags(tiny_npz_data, run, method="natural"))[0] == 0
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    real = advedge.evaluation.evaluate
+    real = advedge.evaluation.core.EvalSettings.run
     called = []
-    advedge.evaluation.evaluate = lambda *a, **k: called.append(1) or real(*a, **k)
+    advedge.evaluation.core.EvalSettings.run = lambda *a, **k: called.append(1) or real(*a, **k)
     try:
         code, err = _run(
             capsys,
@@ -286,7 +286,7 @@ def test_eval_out_under_a_file_is_refused_before_any_attack(tmp_path, tiny_npz_d
             blocker / "results.json",
         )
     finally:
-        advedge.evaluation.evaluate = real
+        advedge.evaluation.core.EvalSettings.run = real
     assert code == 2 and not called
     (line,) = _error_lines(err)
     assert "which is a file" in line

@@ -142,26 +142,9 @@ def test_eval_with_purifier_lists_every_setting(setup, tmp_path, capsys):
     assert main(_train_argv(setup, pur)) == 0
     capsys.readouterr()
     out = tmp_path / "eval.json"
-    argv = [
-        "eval",
-        "--model",
-        str(setup["clf"]),
-        "--data",
-        str(setup["data"]),
-        "--purifier",
-        str(pur),
-        "--attacks",
-        "pgd,cw",
-        "--steps",
-        "2",
-        "--n",
-        "16",
-        "--flags-n",
-        "8",
-        "--out",
-        str(out),
-        "--json",
-    ]
+    argv = ["eval", "--model", str(setup["clf"]), "--data", str(setup["data"])]
+    argv += ["--purifier", str(pur), "--attacks", "pgd,cw", "--steps", "2", "--n", "16"]
+    argv += ["--flags-n", "8", "--out", str(out), "--json"]
     assert main(argv) == 0
     result = json.loads(capsys.readouterr().out)
     assert result == json.loads(out.read_text())

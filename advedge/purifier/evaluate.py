@@ -18,18 +18,19 @@ and the headline ``worst_case_acc`` is the per-example worst case over all of th
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from advedge.attacks import BPDA, EOT, PGD, Attack
 from advedge.data import Dataset, to_tensor
+from advedge.evaluation.core import EvalResult, EvalSettings, predict
+from advedge.evaluation.suites import AttackSettings
 from advedge.models.purified import Purified
 from advedge.purifier.checkpoint import check_purifier_fits, load_purifier, resolve_purifier
 from advedge.utils import sha256_file
@@ -37,6 +38,8 @@ from advedge.utils import sha256_file
 logger = logging.getLogger(__name__)
 
 __all__ = ["evaluate_purified", "is_deterministic"]
+
+SETTINGS = ("grey-box", "adaptive")
 
 
 @torch.no_grad()
@@ -50,66 +53,85 @@ def evaluate_purified(
     classifier: nn.Module,
     purifier: str | os.PathLike[str],
     dataset: Dataset,
-    build: Callable[[nn.Module], list[Attack]],
+    attacks: AttackSettings,
+    settings: EvalSettings,
     *,
-    eps: float,
-    norm: str,
-    steps: int = 20,
-    n: int | None,
-    batch_size: int,
-    device: torch.device,
-    model_info: dict[str, Any],
-    dataset_info: dict[str, Any],
-    progress: Any,
-    amp: str,
-    seed: int,
-    suite: str | None,
-    out: str | os.PathLike[str] | None,
-    resume: bool,
-    flags_n: int,
+    out: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Grey-box, adaptive, BPDA (and EOT) evaluation of ``classifier`` behind ``purifier``.
 
     Args:
-        classifier: The classifier ``f`` (eval mode, on ``device``).
+        classifier: The classifier ``f`` (eval mode, on ``settings.device``).
         purifier: A purifier run directory or ``purifier.safetensors``.
         dataset: The data (its test split is used).
-        build: Builds the chosen attacks (or suite) against a given model.
-        Other args: as for :func:`advedge.evaluation.evaluate`.
+        attacks: The chosen attacks (or suite), built against each setting's target.
+        settings: How to evaluate (as for :func:`advedge.evaluation.evaluate`); the sanity
+            checks run in the adaptive setting only.
+        out: The results file; each setting keeps its resumable state beside it as
+            ``<out>.<setting>.state.json``.
 
     Returns:
         An ``advedge.eval/1`` result whose ``attacks`` carry a ``setting`` and a ``kind``,
         ``worst_case_acc`` over every setting, ``worst_case_by_setting``, ``clean_acc`` (through
         ``G``), ``clean_acc_no_purifier`` and a ``purifier`` record.
     """
-    from advedge.evaluation import evaluate, predict
-
+    device = torch.device(settings.device)
     path = resolve_purifier(purifier)
     gen = load_purifier(path, device=device)
-    meta = getattr(classifier, "checkpoint_metadata", {})
-    check_purifier_fits(gen, meta, str(path))
+    check_purifier_fits(gen, getattr(classifier, "checkpoint_metadata", {}), str(path))
     composed = Purified(gen, classifier).eval()
-    pmeta = gen.checkpoint_metadata
-    trained_against = pmeta.get("classifier") or {}
-    same = trained_against.get("sha256") == model_info.get("sha256")
+    trained_against = gen.checkpoint_metadata.get("classifier") or {}
+    same = trained_against.get("sha256") == (settings.model_info or {}).get("sha256")
     if not same:
         logger.warning(
             "the purifier was trained against another classifier (%s); evaluating the transfer",
             trained_against.get("path"),
         )
     test = dataset.test
-    total = len(test) if n is None else min(n, len(test))
-    x_probe = to_tensor(test.x[: min(total, 16)]).to(device)
-    random_g = not is_deterministic(gen, x_probe)
+    total = len(test) if settings.n is None else min(settings.n, len(test))
+    random_g = not is_deterministic(gen, to_tensor(test.x[: min(total, 16)]).to(device))
+    by_setting = _setting_attacks(classifier, composed, gen, attacks, settings, random_g)
+    runs: dict[str, EvalResult] = {}
+    for setting in SETTINGS:
+        flags_n = settings.flags_n if setting == "adaptive" else 0
+        state_path = None if out is None else Path(f"{out}.{setting}.state.json")
+        here = dataclasses.replace(settings, flags_n=flags_n)
+        runs[setting] = here.run(composed, test, by_setting[setting], state_path=state_path)
+    x_all = to_tensor(test.x[:total]).to(device)
+    y_all = torch.as_tensor(test.y[:total]).to(device)
+    with torch.no_grad():
+        clean_no_g = float(
+            (predict(classifier, x_all, settings.batch_size) == y_all).float().mean()
+        )
+    result = _merge(runs, total)
+    result.update(
+        clean_acc_no_purifier=clean_no_g,
+        seconds=round(sum(r["seconds"] for r in runs.values()), 3),
+        purifier=_purifier_record(path, gen, trained_against, same, random_g),
+        protocol="purifier: grey-box, adaptive white-box, BPDA" + (", EOT" if random_g else ""),
+    )
+    return result
 
-    grey = build(classifier)
+
+def _setting_attacks(
+    classifier: nn.Module,
+    composed: Purified,
+    gen: nn.Module,
+    attacks: AttackSettings,
+    settings: EvalSettings,
+    random_g: bool,
+) -> dict[str, list[Attack]]:
+    """The attacks of each setting: grey-box on ``f``; adaptive on ``f . G``, BPDA (and EOT)."""
+    device = torch.device(settings.device)
+    grey = attacks.build(classifier, device)
     for a in grey:
         a.name, a.kind = f"{a.name}-greybox", "grey-box"
-    adaptive = build(composed)
+    adaptive = attacks.build(composed, device)
     for a in adaptive:
         a.name = f"{a.name}-adaptive"
         if a.kind == "white-box":
             a.kind = "adaptive"
+    eps, norm, steps = settings.eps, settings.norm, attacks.steps
     step = eps / 4
     gen_seed = torch.Generator(device=device)
     bpda = PGD(
@@ -118,7 +140,7 @@ def evaluate_purified(
         alpha=step,
         steps=steps,
         norm=norm,
-        generator=gen_seed.manual_seed(seed),
+        generator=gen_seed.manual_seed(settings.seed),
     )
     bpda.name, bpda.kind = "pgd-bpda", "adaptive"
     adaptive.append(bpda)
@@ -126,67 +148,41 @@ def evaluate_purified(
         eot = PGD(EOT(composed, 20), eps=eps, alpha=step, steps=steps, norm=norm)
         eot.name, eot.kind = "pgd-eot", "adaptive"
         adaptive.append(eot)
+    return {"grey-box": grey, "adaptive": adaptive}
 
-    runs: dict[str, dict[str, Any]] = {}
-    for setting, attacks in (("grey-box", grey), ("adaptive", adaptive)):
-        runs[setting] = evaluate(
-            composed,
-            test,
-            attacks,
-            eps=eps,
-            norm=norm,
-            n=n,
-            batch_size=batch_size,
-            device=device,
-            model_info=model_info,
-            dataset_info=dataset_info,
-            progress=progress,
-            amp=amp,
-            cascade=suite is not None,
-            suite=suite,
-            state_path=None if out is None else Path(f"{out}.{setting}.state.json"),
-            resume=resume,
-            flags_n=flags_n if setting == "adaptive" else 0,
-            seed=seed,
-        )
-    result = dict(runs["adaptive"])
-    entries = []
+
+def _merge(runs: dict[str, EvalResult], total: int) -> dict[str, Any]:
+    """The adaptive run's results with every setting's attacks and the worst case over all."""
+    result = runs["adaptive"].to_json()
+    entries = [{**e, "setting": s} for s, run in runs.items() for e in run["attacks"]]
     worst = None
-    for setting, run in runs.items():
-        for entry in run["attacks"]:
-            entries.append({**entry, "setting": setting})
-        per = run.pop("_per_example")
-        flags = np.asarray(per["clean"], dtype=bool).copy()
-        for name, f in per.items():
-            if name != "clean":
-                flags &= np.asarray(f, dtype=bool)
+    for run in runs.values():
+        flags = run.worst_case()
         worst = flags if worst is None else worst & flags
-    result.pop("_per_example", None)
-    x_all = to_tensor(test.x[:total]).to(device)
-    y_all = torch.as_tensor(test.y[:total]).to(device)
-    with torch.no_grad():
-        clean_no_g = float((predict(classifier, x_all, batch_size) == y_all).float().mean())
     assert worst is not None
     result.update(
         attacks=entries,
         worst_case_acc=float(worst.mean()) if total else 0.0,
         worst_case_by_setting={s: r["worst_case_acc"] for s, r in runs.items()},
         worst_case_attacks=[e["name"] for e in entries if e["n_broken"] > 0],
-        clean_acc_no_purifier=clean_no_g,
-        seconds=round(sum(r["seconds"] for r in runs.values()), 3),
-        purifier={
-            "path": str(path),
-            "sha256": sha256_file(path),
-            "method": pmeta.get("method"),
-            "eps_r": gen.eps_r,
-            "generator": gen.config(),
-            "trained_against": trained_against,
-            "same_classifier": same,
-            "random": random_g,
-            "eot": "run (the purifier is random)"
-            if random_g
-            else "not run: the purifier is deterministic (two passes agree exactly)",
-        },
-        protocol="purifier: grey-box, adaptive white-box, BPDA" + (", EOT" if random_g else ""),
     )
     return result
+
+
+def _purifier_record(
+    path: Path, gen: Any, trained_against: dict[str, Any], same: bool, random_g: bool
+) -> dict[str, Any]:
+    """The results' ``purifier`` entry."""
+    return {
+        "path": str(path),
+        "sha256": sha256_file(path),
+        "method": gen.checkpoint_metadata.get("method"),
+        "eps_r": gen.eps_r,
+        "generator": gen.config(),
+        "trained_against": trained_against,
+        "same_classifier": same,
+        "random": random_g,
+        "eot": "run (the purifier is random)"
+        if random_g
+        else "not run: the purifier is deterministic (two passes agree exactly)",
+    }
