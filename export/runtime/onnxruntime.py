@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 from advedge.export._deps import ORT_LOG_SEVERITY, quiet_active, require
-from advedge.export.graph import check_external_data, read_onnx_metadata
+from advedge.export.graph import check_external_data, load_onnx_graph, read_onnx_metadata
 from advedge.export.runtime.base import Runner, RunnerInfo, register_backend
 
 from advedge.errors import ExportError, MissingDependencyError
@@ -134,13 +134,7 @@ def control_flow_nodes(path: str | os.PathLike[str]) -> list[str]:
     Raises:
         ExportError: an unreadable ONNX file.
     """
-    onnx = require("onnx", purpose="checking an ONNX file")
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # protobuf's DecodeError and friends
-        raise ExportError(
-            f"{path} is not a readable ONNX file ({type(exc).__name__}: {exc})"
-        ) from None
+    model = load_onnx_graph(path)
     found: list[str] = []
 
     def walk(nodes: Any) -> None:
