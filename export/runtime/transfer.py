@@ -142,6 +142,22 @@ def load_transfer_set(
     return x, y, advs, {**meta, "sha256": stored, "unperturbed": unperturbed}
 
 
+def _image_problem(name: str, images: np.ndarray, x: np.ndarray) -> str | None:
+    """What is wrong with one array of a set's images (shape and dtype of the clean ``x``,
+    finite, in [0, 1]), or None."""
+    n = len(x)
+    if images.shape != x.shape or images.dtype != np.float32:
+        return f"{name} images are {images.dtype} {list(images.shape)}, not float32 {list(x.shape)}"
+    flat = images.reshape(n, -1)
+    k = int((~np.isfinite(flat)).any(axis=1).sum())
+    if k:
+        return f"{k} of {n} {name} images hold NaN or inf"
+    k = int(((flat < 0.0) | (flat > 1.0)).any(axis=1).sum())
+    if k:
+        return f"{k} of {n} {name} images leave the pixel range [0, 1]"
+    return None
+
+
 def validate_transfer_set(
     x: np.ndarray,
     y: np.ndarray,
@@ -202,18 +218,9 @@ def validate_transfer_set(
     if out_of_range:
         raise bad(f"{out_of_range} of {n} labels lie outside [0, {classes or 'classes'})")
     for name, images in (("clean", x), *advs.items()):
-        if images.shape != x.shape or images.dtype != np.float32:
-            raise bad(
-                f"{name} images are {images.dtype} {list(images.shape)}, "
-                f"not float32 {list(x.shape)}"
-            )
-        flat = images.reshape(n, -1)
-        k = int((~np.isfinite(flat)).any(axis=1).sum())
-        if k:
-            raise bad(f"{k} of {n} {name} images hold NaN or inf")
-        k = int(((flat < 0.0) | (flat > 1.0)).any(axis=1).sum())
-        if k:
-            raise bad(f"{k} of {n} {name} images leave the pixel range [0, 1]")
+        problem = _image_problem(name, images, x)
+        if problem:
+            raise bad(problem)
     unperturbed = {}
     clean = x.reshape(n, -1)
     for name, images in advs.items():

@@ -200,7 +200,45 @@ def _configure(
     return config
 
 
-def _serialize(builder: Any, network: Any, config: Any, trt_logger: Any, onnx_path: Path) -> bytes:
+@dataclass
+class _Network:
+    """What a build produced: the serialised engine, the config (its timing cache), the input's
+    name and per-image shape, whether it is strongly typed, and the logger that saw it."""
+
+    engine_bytes: bytes
+    config: Any
+    input_name: str
+    chw: tuple[int, ...]
+    strongly_typed: bool
+    logger: Any
+
+
+def _build(
+    trt: Any,
+    onnx_path: Path,
+    *,
+    profile: BatchProfile,
+    workspace_mib: int,
+    cache_path: Path | None,
+    legacy_calibrator: Any,
+) -> _Network:
+    """Parse, configure and build (steps 1 and 2 of the module docstring)."""
+    trt_logger = make_logger(trt)
+    builder = trt.Builder(trt_logger)
+    network, _parser, strongly_typed = _parse_network(
+        trt, builder, trt_logger, onnx_path, typed=legacy_calibrator is None
+    )
+    inp, chw = _image_input(network, onnx_path)
+    config = _configure(
+        trt,
+        builder,
+        workspace_mib=workspace_mib,
+        cache_path=cache_path,
+        profile=profile,
+        inp=inp,
+        chw=chw,
+        legacy_calibrator=legacy_calibrator,
+    )
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         errors = trt_logger.errors()
@@ -208,7 +246,8 @@ def _serialize(builder: Any, network: Any, config: Any, trt_logger: Any, onnx_pa
             f"TensorRT could not build an engine from {onnx_path.name}: "
             + ("; ".join(errors[:3]) or "no error message")
         )
-    return bytes(memoryview(serialized))
+    engine_bytes = bytes(memoryview(serialized))
+    return _Network(engine_bytes, config, inp.name, chw, strongly_typed, trt_logger)
 
 
 def _inspect(trt: Any, trt_logger: Any, engine_bytes: bytes) -> str:
@@ -221,6 +260,33 @@ def _inspect(trt: Any, trt_logger: Any, engine_bytes: bytes) -> str:
         )
     inspector = engine.create_engine_inspector()
     return str(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
+
+
+def _write_files(
+    built: _Network,
+    engine_path: Path,
+    layers_path: Path,
+    layer_info: str,
+    cache_path: Path | None,
+) -> Path | None:
+    """The engine, its layer JSON and the timing cache (when one is kept): the cache written."""
+    engine_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(engine_path, built.engine_bytes)
+    atomic_write_text(layers_path, layer_info)
+    if cache_path is None:
+        return None
+    atomic_write_bytes(cache_path, bytes(memoryview(built.config.get_timing_cache().serialize())))
+    return cache_path
+
+
+def _check_options(trt: Any, workspace_mib: int, legacy_calibrator: Any) -> None:
+    if workspace_mib < 1:
+        raise UsageError(f"workspace must be at least 1 MiB, got {workspace_mib}")
+    if legacy_calibrator is not None and not has_legacy_calibrator(trt):
+        raise UsageError(
+            f"TensorRT {trt.__version__} has no implicit INT8 calibration (removed in 11)",
+            "use --precision int8, which builds from the explicit Q/DQ ONNX",
+        )
 
 
 def build_engine(
@@ -258,51 +324,27 @@ def build_engine(
     """
     trt = load_tensorrt()
     onnx_path = Path(onnx_path)
-    out_dir = Path(out_dir)
-    if workspace_mib < 1:
-        raise UsageError(f"workspace must be at least 1 MiB, got {workspace_mib}")
-    if legacy_calibrator is not None and not has_legacy_calibrator(trt):
-        raise UsageError(
-            f"TensorRT {trt.__version__} has no implicit INT8 calibration (removed in 11)",
-            "use --precision int8, which builds from the explicit Q/DQ ONNX",
-        )
+    _check_options(trt, workspace_mib, legacy_calibrator)
     backend = backend or cuda_backend(device)
     cc = backend.capability()
     start = time.perf_counter()
-    trt_logger = make_logger(trt)
-    builder = trt.Builder(trt_logger)
-    network, _parser, strongly_typed = _parse_network(
-        trt, builder, trt_logger, onnx_path, typed=legacy_calibrator is None
-    )
-    inp, chw = _image_input(network, onnx_path)
     cache_path = Path(timing_cache) if timing_cache is not None else None
-    config = _configure(
+    built = _build(
         trt,
-        builder,
+        onnx_path,
+        profile=profile,
         workspace_mib=workspace_mib,
         cache_path=cache_path,
-        profile=profile,
-        inp=inp,
-        chw=chw,
         legacy_calibrator=legacy_calibrator,
     )
-    engine_bytes = _serialize(builder, network, config, trt_logger, onnx_path)
     seconds = time.perf_counter() - start
 
     version = str(trt.__version__)
-    engine_path = out_dir / engine_filename(name, precision, version, cc, profile)
+    engine_path = Path(out_dir) / engine_filename(name, precision, version, cc, profile)
     stem = engine_path.name[: -len(".engine")]
-    layers_path = out_dir / f"{stem}.layers.json"
-    sidecar = out_dir / f"{stem}.json"
-    layer_info = _inspect(trt, trt_logger, engine_bytes)
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(engine_path, engine_bytes)
-    atomic_write_text(layers_path, layer_info)
-    written_cache = None
-    if cache_path is not None:
-        atomic_write_bytes(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
-        written_cache = cache_path
+    layers_path, sidecar = (engine_path.with_name(f"{stem}{e}") for e in (".layers.json", ".json"))
+    layer_info = _inspect(trt, built.logger, built.engine_bytes)
+    written_cache = _write_files(built, engine_path, layers_path, layer_info, cache_path)
     info = {
         "schema": ENGINE_SCHEMA,
         "engine": engine_path.name,
@@ -312,15 +354,15 @@ def build_engine(
         "compute_capability": list(cc),
         "gpu": backend.gpu_name(),
         "buffers": backend.name,
-        "strongly_typed": strongly_typed,
+        "strongly_typed": built.strongly_typed,
         "implicit_int8_calibrator": type(legacy_calibrator).__name__ if legacy_calibrator else None,
-        "profile": {"input": inp.name, **asdict(profile), "chw": list(chw)},
+        "profile": {"input": built.input_name, **asdict(profile), "chw": list(built.chw)},
         "workspace_mib": int(workspace_mib),
         "timing_cache": written_cache.name if written_cache else None,
         "source_onnx": onnx_path.name,
         "source_onnx_sha256": sha256_file(onnx_path),
         "engine_sha256": sha256_file(engine_path),
-        "engine_bytes": len(engine_bytes),
+        "engine_bytes": len(built.engine_bytes),
         "layer_precisions": layer_precisions(layer_info),
         "build_seconds": round(seconds, 3),
         "advedge_version": advedge.__version__,
