@@ -92,6 +92,36 @@ def make_legacy_calibrator(
             method, or a batch size below 1.
         ExportError: the set is smaller than one batch.
     """
+    base = _legacy_base(trt, calib, method, batch_size)
+    cache_path = Path(cache_file)
+    images = calib.as_float()
+    n_batches = len(images) // int(batch_size)
+    if n_batches * batch_size < len(images):
+        logger.info(
+            "legacy calibration uses %d of %d images (%d full batches of %d)",
+            n_batches * batch_size,
+            len(images),
+            n_batches,
+            batch_size,
+        )
+    methods = _calibrator_methods(
+        base, images, batch_size, n_batches, cache_path, alloc, copy_to_device
+    )
+    cls = type(
+        f"Advedge{LEGACY_METHODS[method][1:]}",
+        (base,),
+        {
+            **methods,
+            "__doc__": f"advedge's legacy {method} calibrator over {len(images)} images.",
+            "n_batches": n_batches,
+            "cache_file": cache_path,
+        },
+    )
+    return cls()
+
+
+def _legacy_base(trt: Any, calib: CalibrationSet, method: str, batch_size: int) -> Any:
+    """The TensorRT calibrator class of ``method``, once the request is checked."""
     version = getattr(trt, "__version__", "(unknown version)")
     if not has_legacy_calibrator(trt):
         raise UsageError(
@@ -116,18 +146,19 @@ def make_legacy_calibrator(
             f"calibration set of {len(calib)} images is smaller than the batch {batch_size}",
             "use a smaller batch size or a larger calibration set",
         )
+    return base
 
-    cache_path = Path(cache_file)
-    images = calib.as_float()
-    n_batches = len(images) // int(batch_size)
-    if n_batches * batch_size < len(images):
-        logger.info(
-            "legacy calibration uses %d of %d images (%d full batches of %d)",
-            n_batches * batch_size,
-            len(images),
-            n_batches,
-            batch_size,
-        )
+
+def _calibrator_methods(
+    base: Any,
+    images: np.ndarray,
+    batch_size: int,
+    n_batches: int,
+    cache_path: Path,
+    alloc: Callable[[int], Any],
+    copy_to_device: Callable[[Any, np.ndarray], None],
+) -> dict[str, Any]:
+    """The methods TensorRT calls on a calibrator (see :func:`make_legacy_calibrator`)."""
 
     def __init__(self: Any) -> None:
         base.__init__(self)  # TensorRT's pybind base classes need their __init__ called
@@ -164,18 +195,10 @@ def make_legacy_calibrator(
         atomic_write_bytes(cache_path, bytes(cache))
         logger.info("wrote TensorRT calibration cache %s", cache_path)
 
-    cls = type(
-        f"Advedge{LEGACY_METHODS[method][1:]}",
-        (base,),
-        {
-            "__init__": __init__,
-            "__doc__": f"advedge's legacy {method} calibrator over {len(images)} images.",
-            "get_batch_size": get_batch_size,
-            "get_batch": get_batch,
-            "read_calibration_cache": read_calibration_cache,
-            "write_calibration_cache": write_calibration_cache,
-            "n_batches": n_batches,
-            "cache_file": cache_path,
-        },
-    )
-    return cls()
+    return {
+        "__init__": __init__,
+        "get_batch_size": get_batch_size,
+        "get_batch": get_batch,
+        "read_calibration_cache": read_calibration_cache,
+        "write_calibration_cache": write_calibration_cache,
+    }

@@ -210,46 +210,22 @@ def build_calibration_set(
             ``eps``, ``steps`` or ``batch_size``.
         DataError: no training split, or ``n`` larger than it.
     """
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise UsageError(f"the calibration set size must be a positive integer, got {n!r}")
-    mix_adv = float(mix_adv)
-    if not (math.isfinite(mix_adv) and 0.0 <= mix_adv <= 1.0):
-        raise UsageError(f"mix_adv must lie in [0, 1], got {mix_adv}")
-    if mix_adv > 0 and model is None:
-        raise UsageError(
-            f"mix_adv={mix_adv} needs a model to craft adversarial examples against",
-            "pass the FP32 checkpoint, or use mix_adv=0",
-        )
-    eps = parse_eps(eps, name="eps")
-    if steps < 1:
-        raise UsageError(f"PGD steps must be >= 1, got {steps}")
-    if batch_size < 1:
-        raise UsageError(f"batch size must be >= 1, got {batch_size}")
-
+    mix_adv, eps = _check_build_options(n, mix_adv, model, eps, steps, batch_size)
     dataset = data if isinstance(data, Dataset) else load_dataset(data, download=download)
     train = calibration_source(dataset, n)
     subset = stratified_subset(train, int(n), seed)
     x = np.array(subset.x, dtype=np.uint8, copy=True)
     y = np.array(subset.y, dtype=np.int64, copy=True)
     is_adv = np.zeros(len(x), dtype=bool)
-
     n_adv = round(mix_adv * len(x))
     model_sha = None
     attack_desc: dict[str, Any] | None = None
     if n_adv > 0:
-        rng = np.random.default_rng([int(seed), 1])
-        chosen = _stratified_indices(y, n_adv, rng)
-        x_adv, attack_desc, model_sha = _craft_pgd(
-            model,
-            x[chosen],
-            y[chosen],
-            eps=eps,
-            steps=steps,
-            batch_size=batch_size,
-            seed=seed,
-            progress=progress,
+        chosen = _stratified_indices(y, n_adv, np.random.default_rng([int(seed), 1]))
+        pgd = {"eps": eps, "steps": steps, "batch_size": batch_size, "seed": seed}
+        x[chosen], attack_desc, model_sha = _craft_pgd(
+            model, x[chosen], y[chosen], **pgd, progress=progress
         )
-        x[chosen] = x_adv
         is_adv[chosen] = True
 
     meta = {
@@ -267,6 +243,28 @@ def build_calibration_set(
         "class_names": list(subset.class_names),
     }
     return CalibrationSet(x=x, y=y, is_adv=is_adv, meta=meta)
+
+
+def _check_build_options(
+    n: int, mix_adv: float, model: Any, eps: float | str, steps: int, batch_size: int
+) -> tuple[float, float]:
+    """:func:`build_calibration_set`'s option checks; returns ``mix_adv`` and ``eps`` as floats."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise UsageError(f"the calibration set size must be a positive integer, got {n!r}")
+    mix_adv = float(mix_adv)
+    if not (math.isfinite(mix_adv) and 0.0 <= mix_adv <= 1.0):
+        raise UsageError(f"mix_adv must lie in [0, 1], got {mix_adv}")
+    if mix_adv > 0 and model is None:
+        raise UsageError(
+            f"mix_adv={mix_adv} needs a model to craft adversarial examples against",
+            "pass the FP32 checkpoint, or use mix_adv=0",
+        )
+    eps = parse_eps(eps, name="eps")
+    if steps < 1:
+        raise UsageError(f"PGD steps must be >= 1, got {steps}")
+    if batch_size < 1:
+        raise UsageError(f"batch size must be >= 1, got {batch_size}")
+    return mix_adv, eps
 
 
 def _stratified_indices(y: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:

@@ -182,6 +182,27 @@ def _family(stem: str, name: str) -> bool:
     return stem.startswith(f"{name}.") and bool(_PRECISION_TAG.match(stem[len(name) + 1 :] + "."))
 
 
+def _family_conflicts(
+    units: dict[str, _Unit], targets: list[ExportTarget]
+) -> tuple[list[Path], set[str], bool]:
+    """The files of this export's name families from another origin, the stems of those
+    families, and whether one of them is of this export's origin."""
+    stale: list[Path] = []
+    claimed: set[str] = set()
+    same_source = False
+    for t in targets:
+        key = _key(t.metadata["source_sha256"])
+        for stem, unit in units.items():
+            if not _family(stem, t.name):
+                continue
+            claimed.add(stem)
+            if unit.source is not None and _key(unit.source) == key:
+                same_source = True  # the same model: refreshed or kept, never a mix
+                continue
+            stale += unit.files
+    return stale, claimed, same_source
+
+
 def check_existing(
     out: Path, targets: list[ExportTarget], *, writes_calibration_set: bool, overwrite: bool
 ) -> list[Path]:
@@ -232,21 +253,8 @@ def check_existing(
     mine: set[str] = set()
     for t in targets:
         mine |= _hashes(t.metadata["source_sha256"], t.metadata)
-    conflicts: list[Path] = []
-    stale: list[Path] = []
-    same_source = False
-    claimed: set[str] = set()
-    for t in targets:
-        key = _key(t.metadata["source_sha256"])
-        for stem, unit in units.items():
-            if not _family(stem, t.name):
-                continue
-            claimed.add(stem)
-            if unit.source is not None and _key(unit.source) == key:
-                same_source = True  # the same model: refreshed or kept, never a mix
-                continue
-            conflicts += unit.files
-            stale += unit.files
+    stale, claimed, same_source = _family_conflicts(units, targets)
+    conflicts = list(stale)
     for stem, unit in units.items():
         if stem in claimed or unit.source is None:
             continue  # not an advedge artifact of a known source: not this export's business

@@ -174,7 +174,8 @@ class ExportOptions:
         if self.opset not in SUPPORTED_OPSETS:
             raise UsageError(
                 f"opset {self.opset} is not supported",
-                f"use {SUPPORTED_OPSETS.start}-{SUPPORTED_OPSETS.stop - 1} (default {DEFAULT_OPSET})",
+                f"use {SUPPORTED_OPSETS.start}-{SUPPORTED_OPSETS.stop - 1} "
+                f"(default {DEFAULT_OPSET})",
             )
 
     def quantize_options(self) -> QuantizeOptions:
@@ -242,12 +243,11 @@ def export_artifacts(
     then come the test images, the calibration set, the attack, the export and the gates.
     ``out`` is created when the first file is staged.
 
-    Without ``overwrite`` any conflict with what ``out`` holds refuses the export before any
-    work (ExportError, exit code 1) naming the files. With ``overwrite`` the export runs; once
-    every new artifact is staged (under temporary names in ``out``) and has passed its gates,
-    the new files are renamed into place in a row (a rename that fails undoes the ones done,
-    so ``out`` keeps its earlier files), and only then are the conflicting files that no new
-    file replaced deleted; they are listed in :attr:`ExportReport.removed`.
+    Without ``overwrite`` a conflict with what ``out`` holds refuses the export before any
+    work. Once every new artifact is staged (under temporary names in ``out``) and has passed
+    its gates, the new files are renamed into place in a row (a rename that fails undoes the
+    ones done); only then are the conflicting files that no new file replaced deleted
+    (``overwrite``; listed in :attr:`ExportReport.removed`).
 
     Args:
         opts: The options.
@@ -278,37 +278,48 @@ def export_artifacts(
         check_out_file(opts.timing_cache, option="--timing-cache")
 
     with quiet_onnxruntime(), output_lock(out):
-        remove_stale_staging(out, say)
-        targets, meta = load_targets(opts.model, opts.purifier, fuse=opts.fuse, eps=opts.eps)
-        for t in targets:
-            t.overrides = {"max_abs": opts.parity_max_abs, "min_agree": opts.parity_min_agree}
-        stale = check_existing(
-            out,
-            targets,
-            writes_calibration_set=opts.builds_calibration_set(),
-            overwrite=opts.overwrite,
-        )
-        job = _Export(
-            opts,
-            out,
-            eps=float(opts.eps if opts.eps is not None else (meta.get("eps") or 8 / 255)),
-            input_shape=list(meta.get("input_shape") or []),
-            report=ExportReport(out=out),
-            say=say,
-            backend=backend,
-            examples=examples if examples is not None else AdversarialExamples(),
-        )
-        # the cheap inputs first: a wrong --data fails before the calibration set is built
-        n = max(opts.parity_n, opts.report_n)
-        say(f"loading test images for the parity gate ({n})")
-        job.x, job.y = load_test_images(opts.test_data(), meta, n=n, seed=opts.seed)
-        if PRECISIONS[opts.precision].needs_calibration:
-            job.calib = _calibration_set(job, targets)
-        try:
-            _stage_and_install(job, targets, stale)
-        except OSError as exc:  # a full disk, a folder made read-only meanwhile
-            raise write_error(exc, out) from None
-    job.report.seconds = time.perf_counter() - start
+        if examples is None:
+            examples = AdversarialExamples()
+        report = _export_locked(opts, out, say, backend, examples)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _export_locked(
+    opts: ExportOptions,
+    out: Path,
+    say: Callable[[str], None],
+    backend: Any,
+    examples: AdversarialExamples,
+) -> ExportReport:
+    """The export, under the output lock of ``out`` (see :func:`export_artifacts`)."""
+    remove_stale_staging(out, say)
+    targets, meta = load_targets(opts.model, opts.purifier, fuse=opts.fuse, eps=opts.eps)
+    for t in targets:
+        t.overrides = {"max_abs": opts.parity_max_abs, "min_agree": opts.parity_min_agree}
+    stale = check_existing(
+        out, targets, writes_calibration_set=opts.builds_calibration_set(), overwrite=opts.overwrite
+    )
+    job = _Export(
+        opts,
+        out,
+        eps=float(opts.eps if opts.eps is not None else (meta.get("eps") or 8 / 255)),
+        input_shape=list(meta.get("input_shape") or []),
+        report=ExportReport(out=out),
+        say=say,
+        backend=backend,
+        examples=examples,
+    )
+    # the cheap inputs first: a wrong --data fails before the calibration set is built
+    n = max(opts.parity_n, opts.report_n)
+    say(f"loading test images for the parity gate ({n})")
+    job.x, job.y = load_test_images(opts.test_data(), meta, n=n, seed=opts.seed)
+    if PRECISIONS[opts.precision].needs_calibration:
+        job.calib = _calibration_set(job, targets)
+    try:
+        _stage_and_install(job, targets, stale)
+    except OSError as exc:  # a full disk, a folder made read-only meanwhile
+        raise write_error(exc, out) from None
     return job.report
 
 

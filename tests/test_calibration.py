@@ -16,6 +16,7 @@ import sys
 import textwrap
 import types
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -152,6 +153,12 @@ def _make_onnx(
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
     return path
+
+
+def _minmax(model: Path, out: Path, calib: Any, tmp_path: Path, **kwargs: Any) -> Any:
+    """quantize_qdq with minmax ranges, batches of 16 and the cache in ``tmp_path/cache``."""
+    kwargs = {"method": "minmax", "batch_size": 16, "cache_dir": tmp_path / "cache", **kwargs}
+    return quantize_qdq(model, out, calib, **kwargs)
 
 
 def _run(path: Path, x: np.ndarray) -> np.ndarray:
@@ -446,14 +453,7 @@ def test_auto_policy_keeps_purifier_head_and_final_gemm_in_fp32(
     tmp_path: Path, models: dict[str, Path]
 ) -> None:
     cs = _random_set(48)
-    auto = quantize_qdq(
-        models["head"],
-        tmp_path / "auto.onnx",
-        cs,
-        method="minmax",
-        batch_size=16,
-        cache_dir=tmp_path / "cache",
-    )
+    auto = _minmax(models["head"], tmp_path / "auto.onnx", cs, tmp_path)
     assert auto.excluded_nodes == [*HEAD_NODES, "node_linear"]
     q = _load(auto.path)
     for name in HEAD_NODES:
@@ -466,15 +466,7 @@ def test_auto_policy_keeps_purifier_head_and_final_gemm_in_fp32(
     assert not _feeds_q(q, "node_linear") and linear.output[0] == "logits"
     assert _fed_by_dq(q, "node_conv1")  # the classifier body is INT8
 
-    none = quantize_qdq(
-        models["head"],
-        tmp_path / "none.onnx",
-        cs,
-        method="minmax",
-        batch_size=16,
-        keep_fp32="none",
-        cache_dir=tmp_path / "cache",
-    )
+    none = _minmax(models["head"], tmp_path / "none.onnx", cs, tmp_path, keep_fp32="none")
     assert none.cache_hit  # the ranges do not depend on the FP32 policy
     qn = _load(none.path)
     assert _fed_by_dq(qn, "node_tanh") and _fed_by_dq(qn, "node_linear")
@@ -507,14 +499,7 @@ def test_select_fp32_nodes_variants(tmp_path: Path) -> None:
 def test_unnamed_nodes_are_named_and_can_be_kept_fp32(tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime")
     path = _make_onnx(tmp_path / "unnamed.onnx", head=True, unnamed=True)
-    res = quantize_qdq(
-        path,
-        tmp_path / "q.onnx",
-        _random_set(32),
-        method="minmax",
-        batch_size=16,
-        cache_dir=tmp_path / "cache",
-    )
+    res = _minmax(path, tmp_path / "q.onnx", _random_set(32), tmp_path)
     assert res.excluded_nodes == [
         "advedge_conv_0",
         "advedge_tanh_1",
@@ -529,15 +514,7 @@ def test_unnamed_nodes_are_named_and_can_be_kept_fp32(tmp_path: Path) -> None:
 
 def test_keep_fp32_list_and_bad_options(tmp_path: Path, models: dict[str, Path]) -> None:
     cs = _random_set(32)
-    res = quantize_qdq(
-        models["plain"],
-        tmp_path / "q.onnx",
-        cs,
-        method="minmax",
-        batch_size=16,
-        keep_fp32=["node_conv1"],
-        cache_dir=tmp_path / "cache",
-    )
+    res = _minmax(models["plain"], tmp_path / "q.onnx", cs, tmp_path, keep_fp32=["node_conv1"])
     assert res.excluded_nodes == ["node_conv1"]
     assert not _fed_by_dq(_load(res.path), "node_conv1")
     out = tmp_path / "never.onnx"
@@ -652,15 +629,7 @@ def test_quantize_keeps_stdout_clean_and_takes_a_saved_set(
 def test_verify_qdq_rejects_what_tensorrt_rejects(tmp_path: Path, models: dict[str, Path]) -> None:
     from onnx import numpy_helper
 
-    res = quantize_qdq(
-        models["plain"],
-        tmp_path / "q.onnx",
-        _random_set(32),
-        method="minmax",
-        batch_size=16,
-        keep_fp32="none",
-        cache_dir=tmp_path / "cache",
-    )
+    res = _minmax(models["plain"], tmp_path / "q.onnx", _random_set(32), tmp_path, keep_fp32="none")
     q = _load(res.path)
     zp_name = next(n.input[2] for n in q.graph.node if n.op_type == "QuantizeLinear")
     zp = next(i for i in q.graph.initializer if i.name == zp_name)
@@ -782,37 +751,21 @@ def test_legacy_calibrator_serves_batches_and_cache(tmp_path: Path, method: str,
 
 
 def test_legacy_calibrator_refused_without_implicit_int8(tmp_path: Path) -> None:
+    def make(trt: types.SimpleNamespace, **kwargs):
+        kwargs = {"cache_file": tmp_path / "c", "batch_size": 4, **kwargs}
+        return make_legacy_calibrator(
+            trt, _random_set(8), alloc=lambda n: 0, copy_to_device=lambda b, a: None, **kwargs
+        )
+
     trt = _stand_in_trt(legacy=False)
     assert not has_legacy_calibrator(trt)
     with pytest.raises(
         UsageError, match=r"TensorRT 11\.0\.0 \(stand-in\) has no implicit INT8"
     ) as info:
-        make_legacy_calibrator(
-            trt,
-            _random_set(8),
-            cache_file=tmp_path / "c",
-            batch_size=4,
-            alloc=lambda n: 0,
-            copy_to_device=lambda b, a: None,
-        )
+        make(trt)
     assert "--precision int8" in str(info.value)
     legacy = _stand_in_trt(legacy=True)
     with pytest.raises(UsageError):
-        make_legacy_calibrator(
-            legacy,
-            _random_set(8),
-            method="percentile",
-            cache_file=tmp_path / "c",
-            batch_size=4,
-            alloc=lambda n: 0,
-            copy_to_device=lambda b, a: None,
-        )
+        make(legacy, method="percentile")
     with pytest.raises(ExportError, match="smaller than the batch 16"):
-        make_legacy_calibrator(
-            legacy,
-            _random_set(8),
-            cache_file=tmp_path / "c",
-            batch_size=16,
-            alloc=lambda n: 0,
-            copy_to_device=lambda b, a: None,
-        )
+        make(legacy, batch_size=16)

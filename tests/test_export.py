@@ -76,6 +76,23 @@ def _cli(*args: str) -> int:
     return main(list(args))
 
 
+def _export(
+    model: Path, out: Path, *extra: str, data: Path | None = None, n: int | None = None
+) -> int:
+    """``advedge export --model MODEL --out OUT [--data DATA] [--parity-n N --report-n N] ...``."""
+    args = ["export", "--model", str(model), "--out", str(out)]
+    if data is not None:
+        args += ["--data", str(data)]
+    if n is not None:
+        args += ["--parity-n", str(n), "--report-n", str(n)]
+    return _cli(*args, *extra)
+
+
+def _calibrate(src: Path, data: Path, out: Path, *extra: str) -> int:
+    """``advedge calibrate --onnx SRC --data DATA --out OUT ...``."""
+    return _cli("calibrate", "--onnx", str(src), "--data", str(data), "--out", str(out), *extra)
+
+
 # ------------------------------------------------------------------------------ export_onnx
 def test_classifier_export_is_checked_dynamic_and_matches_torch(tmp_path):
     model = _classifier()
@@ -238,22 +255,7 @@ def test_gate_names_what_failed_and_by_how_much():
 # ------------------------------------------------------------------------------ CLI
 def test_cli_export_fp32_and_fp16_write_artifacts_and_json(runs, tiny_npz_data, tmp_path, capsys):
     out = tmp_path / "out"
-    rc = _cli(
-        "export",
-        "--model",
-        str(runs["model"]),
-        "--out",
-        str(out),
-        "--precision",
-        "fp16",
-        "--data",
-        str(tiny_npz_data),
-        "--parity-n",
-        "32",
-        "--report-n",
-        "32",
-        "--json",
-    )
+    rc = _export(runs["model"], out, "--precision", "fp16", "--json", data=tiny_npz_data, n=32)
     assert rc == 0
     report = json.loads(capsys.readouterr().out)
     names = sorted(Path(a["path"]).name for a in report["artifacts"])
@@ -278,21 +280,14 @@ def test_cli_export_fp32_and_fp16_write_artifacts_and_json(runs, tiny_npz_data, 
 def test_cli_export_purifier_beside_and_fused(runs, tiny_npz_data, tmp_path, capsys):
     out = tmp_path / "pair"
     assert (
-        _cli(
-            "export",
-            "--model",
-            str(runs["model"]),
+        _export(
+            runs["model"],
+            out,
             "--purifier",
             str(runs["purifier"]),
-            "--out",
-            str(out),
-            "--data",
-            str(tiny_npz_data),
-            "--parity-n",
-            "16",
-            "--report-n",
-            "16",
             "--json",
+            data=tiny_npz_data,
+            n=16,
         )
         == 0
     )
@@ -302,22 +297,15 @@ def test_cli_export_purifier_beside_and_fused(runs, tiny_npz_data, tmp_path, cap
     assert pur["parity"]["output"] == "pixels" and pur["kind"] == "purifier"
     fused = tmp_path / "fused"
     assert (
-        _cli(
-            "export",
-            "--model",
-            str(runs["model"]),
+        _export(
+            runs["model"],
+            fused,
             "--purifier",
             str(runs["purifier"]),
             "--fuse",
-            "--out",
-            str(fused),
-            "--data",
-            str(tiny_npz_data),
-            "--parity-n",
-            "16",
-            "--report-n",
-            "16",
             "--json",
+            data=tiny_npz_data,
+            n=16,
         )
         == 0
     )
@@ -344,19 +332,7 @@ def test_cli_parity_failure_exits_1_and_writes_nothing(
     earlier.write_text("earlier work")
     _zero_fp32_tolerance(monkeypatch)
     # zero tolerance: the float rounding differences between torch and ONNX Runtime fail it
-    rc = _cli(
-        "export",
-        "--model",
-        str(runs["model"]),
-        "--out",
-        str(out),
-        "--data",
-        str(tiny_npz_data),
-        "--parity-n",
-        "8",
-        "--report-n",
-        "8",
-    )
+    rc = _export(runs["model"], out, data=tiny_npz_data, n=8)
     err = capsys.readouterr().err
     assert rc == 1
     assert "parity failed" in err and "max|Δ| " in err and " > 0;" in err and "not written" in err
@@ -379,20 +355,7 @@ def test_cli_bad_options_fail_in_one_line_without_output(
     runs, tiny_npz_data, tmp_path, capsys, args, code, needle
 ):
     out = tmp_path / "never"
-    rc = _cli(
-        "export",
-        "--model",
-        str(runs["model"]),
-        "--out",
-        str(out),
-        "--data",
-        str(tiny_npz_data),
-        "--parity-n",
-        "8",
-        "--report-n",
-        "8",
-        *args,
-    )
+    rc = _export(runs["model"], out, *args, data=tiny_npz_data, n=8)
     err = capsys.readouterr().err
     assert rc == code, err
     assert needle in err and len(err.strip().splitlines()) == 1
@@ -404,16 +367,7 @@ def test_cli_trt_without_tensorrt_exits_3_with_a_hint(
 ):
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt -> ImportError
     out = tmp_path / "out"
-    rc = _cli(
-        "export",
-        "--model",
-        str(runs["model"]),
-        "--out",
-        str(out),
-        "--data",
-        str(tiny_npz_data),
-        "--trt",
-    )
+    rc = _export(runs["model"], out, "--trt", data=tiny_npz_data)
     err = capsys.readouterr().err
     assert rc == 3
     assert "TensorRT" in err and "device that will run the engine" in err
@@ -421,33 +375,17 @@ def test_cli_trt_without_tensorrt_exits_3_with_a_hint(
 
 
 def test_cli_missing_and_wrong_checkpoints(runs, tiny_npz_data, tmp_path, capsys):
-    rc = _cli("export", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
+    rc = _export(tmp_path / "nope", tmp_path / "o")
     assert rc == 1 and "not found" in capsys.readouterr().err
     # a purifier given as the classifier
-    rc = _cli(
-        "export",
-        "--model",
-        str(runs["purifier"] / "purifier.safetensors"),
-        "--out",
-        str(tmp_path / "o"),
-        "--data",
-        str(tiny_npz_data),
-    )
+    rc = _export(runs["purifier"] / "purifier.safetensors", tmp_path / "o", data=tiny_npz_data)
     assert rc == 1
     assert not (tmp_path / "o").exists()
 
 
 def test_cli_data_of_another_shape_is_refused(runs, npz_dataset_factory, tmp_path, capsys):
     mnistish = npz_dataset_factory("gray", size=28, channels=1)
-    rc = _cli(
-        "export",
-        "--model",
-        str(runs["model"]),
-        "--out",
-        str(tmp_path / "o"),
-        "--data",
-        str(mnistish),
-    )
+    rc = _export(runs["model"], tmp_path / "o", data=mnistish)
     err = capsys.readouterr().err
     assert rc == 1 and "[1, 28, 28]" in err and "[3, 32, 32]" in err
     assert not (tmp_path / "o").exists()
@@ -502,12 +440,9 @@ print(fp32.shape, int8.shape, res.n_qdq_pairs > 0)
 # ------------------------------------------------------------------------------ int8 and calibrate
 def test_cli_export_int8_reports_accuracy_and_saves_the_set(runs, tiny_npz_data, tmp_path, capsys):
     out = tmp_path / "q"
-    rc = _cli(
-        "export",
-        "--model",
-        str(runs["model"]),
-        "--out",
-        str(out),
+    rc = _export(
+        runs["model"],
+        out,
         "--precision",
         "int8",
         "--calib-data",
@@ -516,13 +451,13 @@ def test_cli_export_int8_reports_accuracy_and_saves_the_set(runs, tiny_npz_data,
         "64",
         "--calib-mix-adv",
         "0.25",
+        "--cache-dir",
+        str(tmp_path / "cc"),
+        "--json",
         "--parity-n",
         "16",
         "--report-n",
         "32",
-        "--cache-dir",
-        str(tmp_path / "cc"),
-        "--json",
     )
     captured = capsys.readouterr()
     assert rc == 0, captured.err
@@ -541,25 +476,18 @@ def test_cli_export_int8_reports_accuracy_and_saves_the_set(runs, tiny_npz_data,
     saved = load_calibration_set(out / "calibration.npz")
     assert len(saved) == 64 and saved.sha256 == cal["calib_sha256"] and saved.is_adv.sum() == 16
     # the saved set reproduces the calibration on a second export: the ranges come from the cache
-    rc = _cli(
-        "export",
-        "--model",
-        str(runs["model"]),
-        "--out",
-        str(tmp_path / "q2"),
+    rc = _export(
+        runs["model"],
+        tmp_path / "q2",
         "--precision",
         "int8",
         "--calib-data",
         str(out / "calibration.npz"),
-        "--data",
-        str(tiny_npz_data),
-        "--parity-n",
-        "16",
-        "--report-n",
-        "16",
         "--cache-dir",
         str(tmp_path / "cc"),
         "--json",
+        data=tiny_npz_data,
+        n=16,
     )
     again = json.loads(capsys.readouterr().out)
     cal2 = next(a for a in again["artifacts"] if a["precision"] == "int8")["calibration"]
@@ -592,14 +520,10 @@ def test_cli_calibrate_quantises_an_existing_onnx(runs, tiny_npz_data, tmp_path,
         metadata={"kind": "classifier", "precision": "fp32"},
     )
     out = tmp_path / "m.int8.onnx"
-    rc = _cli(
-        "calibrate",
-        "--onnx",
-        str(src),
-        "--data",
-        str(tiny_npz_data),
-        "--out",
-        str(out),
+    rc = _calibrate(
+        src,
+        tiny_npz_data,
+        out,
         "--method",
         "percentile",
         "--n",
@@ -634,18 +558,7 @@ def test_cli_calibrate_quantises_an_existing_onnx(runs, tiny_npz_data, tmp_path,
 def test_cli_calibrate_refusals(tiny_npz_data, tmp_path, capsys, extra, code, needle):
     src = export_onnx(_classifier(), tmp_path / "m.onnx", input_shape=(3, 32, 32))
     out = tmp_path / "q.onnx"
-    rc = _cli(
-        "calibrate",
-        "--onnx",
-        str(src),
-        "--data",
-        str(tiny_npz_data),
-        "--out",
-        str(out),
-        "--cache-dir",
-        str(tmp_path / "cc"),
-        *extra,
-    )
+    rc = _calibrate(src, tiny_npz_data, out, "--cache-dir", str(tmp_path / "cc"), *extra)
     err = capsys.readouterr().err
     assert rc == code and needle in err
     assert not out.exists()
@@ -654,18 +567,8 @@ def test_cli_calibrate_refusals(tiny_npz_data, tmp_path, capsys, extra, code, ne
 def test_cli_calibrate_set_of_another_image_shape(npz_dataset_factory, tmp_path, capsys):
     gray = npz_dataset_factory("gray", size=28, channels=1)
     src = export_onnx(_classifier(), tmp_path / "m.onnx", input_shape=(3, 32, 32))
-    rc = _cli(
-        "calibrate",
-        "--onnx",
-        str(src),
-        "--data",
-        str(gray),
-        "--out",
-        str(tmp_path / "q.onnx"),
-        "--n",
-        "32",
-        "--cache-dir",
-        str(tmp_path / "cc"),
+    rc = _calibrate(
+        src, gray, tmp_path / "q.onnx", "--n", "32", "--cache-dir", str(tmp_path / "cc")
     )
     err = capsys.readouterr().err
     assert rc == 1 and "28" in err and "32" in err
@@ -675,15 +578,7 @@ def test_cli_calibrate_set_of_another_image_shape(npz_dataset_factory, tmp_path,
 def test_cli_calibrate_refuses_an_onnx_failing_the_checker(tiny_npz_data, tmp_path, capsys):
     bad = tmp_path / "bad.onnx"
     onnx.save(_tiny_graph(bad=True), str(bad))
-    rc = _cli(
-        "calibrate",
-        "--onnx",
-        str(bad),
-        "--data",
-        str(tiny_npz_data),
-        "--out",
-        str(tmp_path / "q.onnx"),
-    )
+    rc = _calibrate(bad, tiny_npz_data, tmp_path / "q.onnx")
     err = capsys.readouterr().err
     assert rc == 1 and "fails the ONNX checker" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "q.onnx").exists()

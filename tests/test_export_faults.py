@@ -219,13 +219,9 @@ def test_external_data_guard_walks_subgraphs_inside_local_functions(tmp_path):
 def test_export_refuses_a_second_writer_of_the_same_out(
     runs, tiny_npz_data, tmp_path, capsys, hold_lock, monkeypatch
 ):
-    import advedge.export.exporter as exporter
-
     out = tmp_path / "out"
     hold_lock(out)
-    monkeypatch.setattr(exporter, "load_targets", _no_work)
-    rc = _export(runs["a"], out, tiny_npz_data)
-    err = capsys.readouterr().err
+    rc, err = _export_refused(monkeypatch, capsys, runs["a"], out, tiny_npz_data)
     assert rc == 1, err
     line = _one_error_line(err)
     assert "being written by another advedge process" in line and "pid 4242" in line
@@ -259,6 +255,16 @@ def _zero_fp32_tolerance(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _no_work(*args, **kwargs):
     raise AssertionError("the expensive work started although the command had to be refused")
+
+
+def _export_refused(monkeypatch, capsys, model: Path, out: Path, data: Path) -> tuple[int, str]:
+    """Export with the checkpoints' loading (the first real work) made to fail the test;
+    returns the exit code and stderr."""
+    import advedge.export.exporter as exporter
+
+    monkeypatch.setattr(exporter, "load_targets", _no_work)
+    rc = _export(model, out, data)
+    return rc, capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------ 2. no mix
@@ -458,12 +464,9 @@ def test_calibrate_creates_the_folder_of_out_with_the_file(calib_inputs, tmp_pat
 def test_export_out_under_a_file_is_a_usage_error_before_any_work(
     runs, tiny_npz_data, tmp_path, capsys, monkeypatch
 ):
-    import advedge.export.exporter as exporter
-
     (tmp_path / "file.txt").write_text("x")
-    monkeypatch.setattr(exporter, "load_targets", _no_work)
-    rc = _export(runs["a"], tmp_path / "file.txt" / "out", tiny_npz_data)
-    err = capsys.readouterr().err
+    out = tmp_path / "file.txt" / "out"
+    rc, err = _export_refused(monkeypatch, capsys, runs["a"], out, tiny_npz_data)
     assert rc == 2, err
     assert "is a file" in _one_error_line(err) and "file.txt" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
@@ -482,15 +485,11 @@ def test_calibrate_out_under_a_file_is_a_usage_error(calib_inputs, tmp_path, cap
 def test_export_into_a_read_only_folder_fails_before_any_work(
     runs, tiny_npz_data, tmp_path, capsys, monkeypatch, read_only
 ):
-    import advedge.export.exporter as exporter
-
     parent = tmp_path / "ro"
     parent.mkdir()
     read_only(parent)
-    monkeypatch.setattr(exporter, "load_targets", _no_work)
     out = parent / "out"
-    rc = _export(runs["a"], out, tiny_npz_data)
-    err = capsys.readouterr().err
+    rc, err = _export_refused(monkeypatch, capsys, runs["a"], out, tiny_npz_data)
     assert rc == 1, err
     assert f"cannot write {out}: permission denied" in _one_error_line(err)
     assert not out.exists()
@@ -499,14 +498,10 @@ def test_export_into_a_read_only_folder_fails_before_any_work(
 def test_export_into_an_existing_read_only_out_fails_before_any_work(
     runs, tiny_npz_data, tmp_path, capsys, monkeypatch, read_only
 ):
-    import advedge.export.exporter as exporter
-
     out = tmp_path / "out"
     out.mkdir()
     read_only(out)
-    monkeypatch.setattr(exporter, "load_targets", _no_work)
-    rc = _export(runs["a"], out, tiny_npz_data)
-    err = capsys.readouterr().err
+    rc, err = _export_refused(monkeypatch, capsys, runs["a"], out, tiny_npz_data)
     assert rc == 1, err
     assert f"cannot write {out}: permission denied" in _one_error_line(err)
 
