@@ -812,3 +812,95 @@ def test_config_file_missing_or_not_a_mapping(cli, tiny_npz_data: Path, tmp_path
     assert res.code == 2
     assert "mapping" in res.error
     assert not run.exists()
+
+
+# ------------------------------------------------ --config for distill and purifier train
+def _distill_options(trained: TrainedRun, out: Path) -> dict[str, Any]:
+    return {
+        "teacher": str(trained.run),
+        "student": "tiny_cnn",
+        "method": "kd",
+        "data": str(trained.data),
+        "epochs": 3,
+        "out": str(out),
+        "subset": 32,
+        "batch-size": 32,
+        "steps": 1,
+        "eval_n": 8,
+        "device": "cpu",
+    }
+
+
+def _purifier_options(trained: TrainedRun, out: Path) -> dict[str, Any]:
+    return {
+        "classifier": str(trained.run),
+        "data": str(trained.data),
+        "epochs": 3,
+        "out": str(out),
+        "subset": 32,
+        "batch_size": 16,
+        "steps": 1,
+        "width": 8,
+        "eval-n": 8,
+        "device": "cpu",
+    }
+
+
+CONFIGURED = {
+    "distill": (("distill",), _distill_options),
+    "purifier train": (("purifier", "train"), _purifier_options),
+}
+
+
+@pytest.mark.parametrize("command", sorted(CONFIGURED))
+def test_config_file_gives_every_option_and_flags_win(
+    command: str, cli, trained: TrainedRun, tmp_path: Path
+):
+    words, options = CONFIGURED[command]
+    run = tmp_path / "run"
+    cfg = _write_config(tmp_path / "run.yaml", options(trained, run))
+    res = cli(*words, "--config", cfg, "--epochs", 1, "--json")  # required options from the file
+    assert res.code == 0, res.err
+    doc = json.loads(res.out)
+    assert doc["epochs"] == 1  # the flag beat the file's 3
+    assert doc["out"] == str(run)
+    assert len(metrics_rows(run)) == 1
+
+
+@pytest.mark.parametrize("command", sorted(CONFIGURED))
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ({"epoch": 1}, "unknown config key 'epoch' (did you mean 'epochs'"),
+        ({"resume": True}, "unknown config key 'resume'"),
+        ({"epochs": True}, "config key 'epochs' must be an integer, got True"),
+        ({"lr": "fast"}, "config key 'lr' must be a finite number, got 'fast'"),
+    ],
+)
+def test_config_file_keys_and_values_are_checked(
+    command: str, extra: dict[str, Any], expected: str, cli, trained: TrainedRun, tmp_path: Path
+):
+    words, options = CONFIGURED[command]
+    run = tmp_path / "run"
+    cfg = _write_config(tmp_path / "run.yaml", {**options(trained, run), **extra})
+    res = cli(*words, "--config", cfg)
+    assert res.code == 2
+    assert expected in res.error
+    assert not run.exists()
+
+
+@pytest.mark.parametrize("command", sorted(CONFIGURED))
+def test_config_file_without_a_required_option_is_a_usage_error(
+    command: str, cli, trained: TrainedRun, tmp_path: Path
+):
+    words, options = CONFIGURED[command]
+    run = tmp_path / "run"
+    given = options(trained, run)
+    del given["data"]
+    res = cli(*words, "--config", _write_config(tmp_path / "run.yaml", given))
+    assert res.code == 2
+    assert "Missing option '--data'" in res.error
+    res = cli(*words, "--config", tmp_path / "nope.yaml")
+    assert res.code == 2
+    assert "nope.yaml" in res.error
+    assert not run.exists()

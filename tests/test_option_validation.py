@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 from conftest import argv
 
-from advedge.cli import _parse_model_args, main
+from advedge.cli import main
+from advedge.cli.options import parse_model_args
 from advedge.config import (
     MAX_CONFIG_BYTES,
     SEED_MAX,
@@ -462,10 +463,10 @@ def test_model_arg_python_tag_is_a_usage_error(cli, tiny_npz_data: Path, tmp_pat
 )
 def test_model_arg_accepts_only_scalars(item: str):
     with pytest.raises(UsageError, match=r"^--model-arg ") as info:
-        _parse_model_args([item])
+        parse_model_args([item])
     assert repr(item) in str(info.value)
     # scalars still parse
-    assert _parse_model_args(["w=0.5", "n=3", "ok=true", "s=abc", "q='1'"]) == {
+    assert parse_model_args(["w=0.5", "n=3", "ok=true", "s=abc", "q='1'"]) == {
         "w": 0.5,
         "n": 3,
         "ok": True,

@@ -9,7 +9,7 @@ import typer
 from rich.console import Group
 from rich.table import Table
 
-from advedge.cli.options import Data, Device, JsonOpt, Norm, call_with, params
+from advedge.cli.options import Data, Device, JsonOpt, Norm, params
 from advedge.cli.output import Output
 from advedge.cli.progress import EvalProgress, load_data
 
@@ -58,12 +58,12 @@ def eval_cmd(  # one parameter per option; the body is short
     json_out: JsonOpt = False,
 ) -> None:
     """Clean and robust accuracy; the headline is the per-example worst case over all attacks."""
-    from advedge.evaluation import check_eval_options, evaluate_checkpoint
+    from advedge.evaluation import EvalOptions, evaluate_checkpoint
 
     output = Output(json_out)
     attack_list = None if attacks is None else [a.strip() for a in attacks.split(",") if a.strip()]
-    settings = params(ctx, drop=("model", "data"), attacks=attack_list)
-    call_with(check_eval_options, settings)  # bad flags fail before any data is loaded
+    options = EvalOptions(**params(ctx, drop=("model", "data", "purifier"), attacks=attack_list))
+    options.validate()  # bad flags fail before any data is loaded or downloaded
     if purifier is not None:  # a bad purifier fails before any data is loaded
         from advedge.checkpoint import read_metadata
         from advedge.purifier import load_purifier
@@ -73,7 +73,9 @@ def eval_cmd(  # one parameter per option; the body is short
     dataset = load_data(data, output)
     progress = EvalProgress(output)
     with progress:
-        result = evaluate_checkpoint(model, dataset, **settings, progress=progress)
+        result = evaluate_checkpoint(
+            model, dataset, options=options, progress=progress, purifier=purifier
+        )
     output.result(result, human=Group(_results_table(result), _flags_table(result)))
 
 

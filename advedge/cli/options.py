@@ -19,7 +19,7 @@ import math
 import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 from typer.core import TyperCommand
@@ -44,13 +44,13 @@ __all__ = [
     "Seed",
     "SelectionSeed",
     "Subset",
-    "call_with",
     "click",
     "int_list",
     "merge_given",
     "params",
     "parse_eps_r",
     "parse_model_args",
+    "run_options",
 ]
 
 
@@ -67,6 +67,7 @@ def _click_module() -> Any:
 
 
 click = _click_module()
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 # ------------------------------------------------------------------ help from the registries
@@ -162,6 +163,16 @@ ConfigFile = Annotated[Path | None, typer.Option(help=_CONFIG_HELP)]
 _NOT_CONFIG = frozenset({"config", "json_out", "resume", "help"})
 
 
+def _value_type(param: Any) -> Any:
+    """``int``, ``float``, ``bool`` or ``str`` (for text and paths): what an option takes."""
+    described = getattr(param, "type_descriptor", None)  # newer typer keeps the annotation
+    if described is not None:
+        kind = described.annotation
+    else:
+        kind = {click.INT: int, click.FLOAT: float, click.BOOL: bool}.get(param.type, str)
+    return kind if kind in (int, float, bool) else str
+
+
 def _config_defaults(ctx: typer.Context, value: Path | None) -> Path | None:
     """``--config``: the file's keys (option names, dashes or underscores) become defaults.
 
@@ -180,15 +191,12 @@ def _config_defaults(ctx: typer.Context, value: Path | None) -> Path | None:
         if name not in options:
             raise UsageError(f"unknown config key {str(key)!r}", did_you_mean(name, options))
         param = options[name]
-        if isinstance(param.type, (click.Path, click.types.StringParamType)):
-            hint: Any = str
-            if isinstance(raw, (int, float)) and not isinstance(raw, bool):
-                raw = str(raw)  # eps: 0.03 is as good as eps: "0.03"
-        else:
-            hint = {click.INT: int, click.FLOAT: float, click.BOOL: bool}.get(param.type, Any)
-        if not param.required:
-            hint = hint | None
-        defaults[name] = check_value(hint, raw, f"config key {name!r}")
+        hint = _value_type(param)
+        if hint is str and isinstance(raw, (int, float)) and not isinstance(raw, bool):
+            raw = str(raw)  # eps: 0.03 is as good as eps: "0.03"
+        label = f"config key {name!r}"
+        optional = not param.required and param.default is None
+        defaults[name] = check_value(hint | None if optional else hint, raw, label)
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return value
 
@@ -196,6 +204,30 @@ def _config_defaults(ctx: typer.Context, value: Path | None) -> Path | None:
 ConfigDefaults = Annotated[
     Path | None, typer.Option(help=_CONFIG_HELP, callback=_config_defaults, is_eager=True)
 ]
+
+# The run options of distill and purifier train, in their help order: (name, type, default).
+_RUN_OPTIONS: tuple[tuple[str, Any, Any], ...] = (
+    ("subset", Subset, None),
+    ("seed", Seed, 0),
+    ("device", Device, "auto"),
+    ("eval_n", EvalN, 256),
+    ("config", ConfigDefaults, None),
+    ("resume", Resume, False),
+    ("json_out", JsonOpt, False),
+)
+
+
+def run_options(func: F) -> F:
+    """Append the run options (``--subset --seed --device --eval-n --config --resume --json``)
+    to the options of ``func``, which takes them as keyword arguments (``**run``)."""
+    sig = inspect.signature(func, eval_str=True)
+    own = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    added = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=kind, default=default)
+        for name, kind, default in _RUN_OPTIONS
+    ]
+    func.__signature__ = sig.replace(parameters=[*own, *added])  # type: ignore[attr-defined]
+    return func
 
 
 def merge_given(ctx: typer.Context, options: dict[str, Any], skip: Iterable[str]) -> None:
@@ -219,12 +251,6 @@ def params(ctx: typer.Context, *, drop: Iterable[str] = (), **replace: Any) -> d
     ``replace`` (for values that need converting, e.g. ``out=str(out)``)."""
     dropped = {"json_out", *drop}
     return {**{k: v for k, v in ctx.params.items() if k not in dropped}, **replace}
-
-
-def call_with(func: Callable[..., Any], settings: dict[str, Any]) -> Any:
-    """Call ``func`` with the entries of ``settings`` that it takes as keywords."""
-    names = inspect.signature(func).parameters
-    return func(**{k: v for k, v in settings.items() if k in names})
 
 
 def parse_model_args(items: list[str] | None) -> dict[str, Any]:

@@ -2,31 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from advedge.cli.options import (
-    ConfigDefaults,
-    Data,
-    Device,
-    Epochs,
-    EvalN,
-    JsonOpt,
-    Resume,
-    RunDir,
-    Seed,
-    Subset,
-    params,
-    parse_eps_r,
-)
+from advedge.cli.options import Data, Epochs, RunDir, params, parse_eps_r, run_options
 from advedge.cli.output import Output, report_training
 from advedge.cli.progress import TrainProgress, load_data
 
 __all__ = ["purifier_train_cmd"]
 
 
-def purifier_train_cmd(  # one parameter per option; the body is short
+@run_options
+def purifier_train_cmd(
     ctx: typer.Context,
     classifier: Annotated[
         str, typer.Option(help="Frozen classifier: run directory or model.safetensors.")
@@ -53,20 +41,15 @@ def purifier_train_cmd(  # one parameter per option; the body is short
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 128,
     lr: Annotated[float, typer.Option(help="Generator learning rate (Adam).")] = 1e-3,
     lr_d: Annotated[float, typer.Option(help="Discriminator learning rate (Adam).")] = 2e-4,
-    subset: Subset = None,
-    seed: Seed = 0,
-    device: Device = "auto",
-    eval_n: EvalN = 256,
-    config: ConfigDefaults = None,
-    resume: Resume = False,
-    json_out: JsonOpt = False,
+    **run: Any,
 ) -> None:
     """Train a purifier G against a frozen classifier; writes purifier.safetensors."""
     from advedge.purifier.train import PurifierConfig, train_purifier
     from advedge.training.engine import check_run_dir
     from advedge.utils import parse_eps
 
-    output = Output(json_out)
+    output = Output(run["json_out"])
+    resume = run["resume"]
     settings = params(
         ctx,
         drop=("config", "resume"),

@@ -9,7 +9,6 @@ import typer
 
 from advedge.cli.options import (
     BatchSize,
-    ConfigDefaults,
     ConfigFile,
     Data,
     Device,
@@ -18,13 +17,12 @@ from advedge.cli.options import (
     JsonOpt,
     Norm,
     PeakLr,
-    Resume,
     RunDir,
     Seed,
-    Subset,
     merge_given,
     params,
     parse_model_args,
+    run_options,
 )
 from advedge.cli.output import Output, report_training
 from advedge.cli.progress import TrainProgress, load_data
@@ -110,7 +108,8 @@ def train_cmd(  # one parameter per option; the body is short
     run_training(cfg, resume, Output(json_out), schema="advedge.train/1", title="advedge train")
 
 
-def distill_cmd(  # one parameter per option; the body is short
+@run_options
+def distill_cmd(
     ctx: typer.Context,
     teacher: Annotated[str, typer.Option(help="Teacher run directory or model.safetensors.")],
     student: Annotated[str, typer.Option(help="Student architecture (see `advedge models`).")],
@@ -129,13 +128,7 @@ def distill_cmd(  # one parameter per option; the body is short
     steps: Annotated[int, typer.Option(help="Inner-attack steps.")] = 10,
     batch_size: BatchSize = 128,
     lr: PeakLr = 0.1,
-    subset: Subset = None,
-    seed: Seed = 0,
-    device: Device = "auto",
-    eval_n: EvalN = 256,
-    config: ConfigDefaults = None,
-    resume: Resume = False,
-    json_out: JsonOpt = False,
+    **run: Any,
 ) -> None:
     """Distil a robust teacher into a small student (soft labels guide attack and loss)."""
     from advedge.training.engine import TrainConfig
@@ -153,8 +146,8 @@ def distill_cmd(  # one parameter per option; the body is short
     cfg = TrainConfig(**settings)
     run_training(
         cfg,
-        resume,
-        Output(json_out),
+        run["resume"],
+        Output(run["json_out"]),
         schema="advedge.distill/1",
         title=f"advedge distill ({method})",
         extra={"teacher": teacher, "method": method},
