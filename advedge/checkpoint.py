@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from advedge import __version__
@@ -49,12 +49,17 @@ __all__ = [
     "FORMAT",
     "MODEL_FILE",
     "STATE_FILE",
+    "arch_kwargs",
+    "check_state_matches",
+    "cpu_state_dict",
     "load_model",
     "load_state",
+    "load_weights",
     "read_metadata",
     "resolve_checkpoint",
     "save_model",
     "save_state",
+    "write_safetensors",
 ]
 
 FORMAT = "advedge.model/1"
@@ -91,23 +96,52 @@ def save_model(
     kwargs = getattr(model, "arch_kwargs", None)
     if arch is None or kwargs is None:
         raise CheckpointError("only advedge registry models can be saved (no arch/arch_kwargs)")
-    meta: dict[str, str] = {
-        "format": FORMAT,
-        "architecture": arch,
-        "arch_kwargs": json.dumps(kwargs, sort_keys=True),
+    head = {
         "num_classes": str(kwargs.get("num_classes")),
         "mean": json.dumps(list(kwargs.get("mean") or [])),
         "std": json.dumps(list(kwargs.get("std") or [])),
+    }
+    return write_safetensors(model, path, arch, kwargs, head=head, metadata=metadata)
+
+
+def write_safetensors(
+    module: nn.Module,
+    path: str | os.PathLike[str],
+    architecture: str,
+    arch_kwargs: dict[str, Any],
+    *,
+    head: dict[str, str],
+    metadata: dict[str, Any] | None,
+) -> Path:
+    """Write ``module``'s weights to a safetensors file with advedge metadata, atomically.
+
+    The layout model and purifier checkpoints share: ``format``, ``architecture``,
+    ``arch_kwargs`` (JSON), the ``head`` entries, ``advedge_version``, then ``metadata``'s
+    entries (strings kept, other values as JSON, None left out).
+
+    Returns:
+        The path written.
+    """
+    meta: dict[str, str] = {
+        "format": FORMAT,
+        "architecture": architecture,
+        "arch_kwargs": json.dumps(arch_kwargs, sort_keys=True),
+        **head,
         "advedge_version": __version__,
     }
     for key, value in (metadata or {}).items():
         if value is not None:
             meta[key] = _encode(value)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     path = Path(path)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
     return path
+
+
+def cpu_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """``module``'s state dict, detached and on the CPU (for ``state.pt``)."""
+    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -191,77 +225,82 @@ def _check_metadata(path: Path, meta: dict[str, Any]) -> None:
     Raises:
         CheckpointError: naming the field and the value.
     """
-
-    def bad(field: str, value: Any, rule: str) -> CheckpointError:
-        shown = repr(value)
-        if len(shown) > 80:
-            shown = shown[:77] + "..."
-        return CheckpointError(
-            f"{path}: metadata {field} is {shown}; {rule}",
-            "the checkpoint is corrupt or was altered; re-export or retrain it",
-        )
-
     for key, value in meta.items():
         where = _non_finite(value)
         if where is not None:
-            field = key + where
-            raise bad(field, "a non-finite number", "every number must be finite")
+            raise _bad(path, key + where, "a non-finite number", "every number must be finite")
+    kwargs = meta.get("arch_kwargs")
+    kwargs = kwargs if isinstance(kwargs, dict) else {}
+    _check_classes(path, meta, kwargs)
+    if "input_shape" in meta and meta["input_shape"] is not None:
+        _check_input_shape(path, meta["input_shape"], kwargs)
+    if meta.get("eps") is not None:
+        eps = meta["eps"]
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps <= 1:
+            raise _bad(path, "eps", eps, "it must be a number from 0 to 1 (pixel units)")
+    if meta.get("epochs") is not None:
+        epochs = meta["epochs"]
+        if not _is_int(epochs) or not 0 <= epochs <= MAX_EPOCHS:
+            raise _bad(path, "epochs", epochs, f"it must be an integer from 0 to {MAX_EPOCHS}")
+    names = meta.get("class_names")
+    if isinstance(names, list) and len(names) > MAX_CLASSES:
+        raise _bad(path, "class_names", f"a list of {len(names)}", f"at most {MAX_CLASSES} names")
+
+
+def _bad(path: Path, field: str, value: Any, rule: str) -> CheckpointError:
+    """The error for metadata ``field`` of ``path`` breaking ``rule`` (the value shortened)."""
+    shown = repr(value)
+    if len(shown) > 80:
+        shown = shown[:77] + "..."
+    return CheckpointError(
+        f"{path}: metadata {field} is {shown}; {rule}",
+        "the checkpoint is corrupt or was altered; re-export or retrain it",
+    )
+
+
+def _check_classes(path: Path, meta: dict[str, Any], kwargs: dict[str, Any]) -> None:
+    """``num_classes`` (top level, in ``arch_kwargs``, agreeing) and ``in_channels``."""
     classes_rule = f"it must be an integer from 2 to {MAX_CLASSES}"
     if "num_classes" in meta:
         k = meta["num_classes"]
         if not _is_int(k) or not 2 <= k <= MAX_CLASSES:
-            raise bad("num_classes", k, classes_rule)
-    kwargs = meta.get("arch_kwargs")
-    if isinstance(kwargs, dict):
-        if "num_classes" in kwargs:
-            k = kwargs["num_classes"]
-            if not _is_int(k) or not 2 <= k <= MAX_CLASSES:
-                raise bad("arch_kwargs.num_classes", k, classes_rule)
-            if "num_classes" in meta and meta["num_classes"] != k:
-                raise bad(
-                    "num_classes",
-                    meta["num_classes"],
-                    f"arch_kwargs.num_classes says {k}; the two must agree",
-                )
-        if "in_channels" in kwargs:
-            c = kwargs["in_channels"]
-            if not _is_int(c) or c not in (1, 3):
-                raise bad("arch_kwargs.in_channels", c, "it must be 1 or 3")
-    if "input_shape" in meta and meta["input_shape"] is not None:
-        shape = meta["input_shape"]
-        rule = (
-            f"it must be [C, H, W] with C 1 or 3 and H, W from {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE}"
-        )
-        if (
-            not isinstance(shape, list)
-            or len(shape) != 3
-            or not all(_is_int(v) for v in shape)
-            or shape[0] not in (1, 3)
-            or not all(MIN_IMAGE_SIZE <= v <= MAX_IMAGE_SIZE for v in shape[1:])
-            or math.prod(shape) > MAX_ARRAY_ELEMENTS
-        ):
-            raise bad("input_shape", shape, rule)
-        if (
-            isinstance(kwargs, dict)
-            and "in_channels" in kwargs
-            and kwargs["in_channels"] != shape[0]
-        ):
-            raise bad(
-                "input_shape",
-                shape,
-                f"arch_kwargs.in_channels says {kwargs['in_channels']} channels; they must agree",
+            raise _bad(path, "num_classes", k, classes_rule)
+    if "num_classes" in kwargs:
+        k = kwargs["num_classes"]
+        if not _is_int(k) or not 2 <= k <= MAX_CLASSES:
+            raise _bad(path, "arch_kwargs.num_classes", k, classes_rule)
+        if "num_classes" in meta and meta["num_classes"] != k:
+            raise _bad(
+                path,
+                "num_classes",
+                meta["num_classes"],
+                f"arch_kwargs.num_classes says {k}; the two must agree",
             )
-    if meta.get("eps") is not None:
-        eps = meta["eps"]
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps <= 1:
-            raise bad("eps", eps, "it must be a number from 0 to 1 (pixel units)")
-    if meta.get("epochs") is not None:
-        epochs = meta["epochs"]
-        if not _is_int(epochs) or not 0 <= epochs <= MAX_EPOCHS:
-            raise bad("epochs", epochs, f"it must be an integer from 0 to {MAX_EPOCHS}")
-    names = meta.get("class_names")
-    if isinstance(names, list) and len(names) > MAX_CLASSES:
-        raise bad("class_names", f"a list of {len(names)}", f"at most {MAX_CLASSES} names")
+    if "in_channels" in kwargs:
+        c = kwargs["in_channels"]
+        if not _is_int(c) or c not in (1, 3):
+            raise _bad(path, "arch_kwargs.in_channels", c, "it must be 1 or 3")
+
+
+def _check_input_shape(path: Path, shape: Any, kwargs: dict[str, Any]) -> None:
+    """``input_shape`` is ``[C, H, W]`` in bounds and agrees with ``arch_kwargs.in_channels``."""
+    rule = f"it must be [C, H, W] with C 1 or 3 and H, W from {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE}"
+    if (
+        not isinstance(shape, list)
+        or len(shape) != 3
+        or not all(_is_int(v) for v in shape)
+        or shape[0] not in (1, 3)
+        or not all(MIN_IMAGE_SIZE <= v <= MAX_IMAGE_SIZE for v in shape[1:])
+        or math.prod(shape) > MAX_ARRAY_ELEMENTS
+    ):
+        raise _bad(path, "input_shape", shape, rule)
+    if "in_channels" in kwargs and kwargs["in_channels"] != shape[0]:
+        raise _bad(
+            path,
+            "input_shape",
+            shape,
+            f"arch_kwargs.in_channels says {kwargs['in_channels']} channels; they must agree",
+        )
 
 
 def _non_finite(value: Any, where: str = "") -> str | None:
@@ -314,29 +353,50 @@ def load_model(
             f"{path} holds a {arch} checkpoint, not {expected_arch}",
             "pass a checkpoint of the matching architecture",
         )
-    kwargs = meta.get("arch_kwargs")
-    if not isinstance(kwargs, dict):
-        raise CheckpointError(f"{path} has invalid arch_kwargs metadata")
     try:
-        model = create_model(arch, **kwargs)
+        model = create_model(arch, **arch_kwargs(meta, path))
     except UsageError as exc:
         raise CheckpointError(
             f"{path}: cannot rebuild {arch} from metadata arch_kwargs: {exc.message}",
             "the checkpoint is corrupt or was altered; re-export or retrain it",
         ) from None
-    try:
-        from safetensors.torch import load_file
+    return load_weights(model, path, meta, device=device)
 
+
+def arch_kwargs(meta: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The ``arch_kwargs`` of decoded checkpoint metadata.
+
+    Raises:
+        CheckpointError: they are missing or not a JSON object.
+    """
+    kwargs = meta.get("arch_kwargs")
+    if not isinstance(kwargs, dict):
+        raise CheckpointError(f"{path} has invalid arch_kwargs metadata")
+    return kwargs
+
+
+def load_weights(
+    module: nn.Module, path: Path, meta: dict[str, Any], *, device: str | torch.device = "cpu"
+) -> nn.Module:
+    """Load the weights of the checkpoint ``path`` into ``module``, built from its ``meta``.
+
+    Returns:
+        ``module`` on ``device`` in eval mode, with ``meta`` in ``module.checkpoint_metadata``.
+
+    Raises:
+        CheckpointError: the file cannot be read, or its tensors are not exactly ``module``'s.
+    """
+    try:
         state = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(
             f"{path} is not a readable safetensors file ({_short(exc)})",
             "the file may be truncated or corrupt",
         ) from None
-    check_state_matches(model, state, source=str(path))
-    model.load_state_dict(state)
-    model.checkpoint_metadata = meta
-    return model.to(device).eval()
+    check_state_matches(module, state, source=str(path))
+    module.load_state_dict(state)
+    module.checkpoint_metadata = meta
+    return module.to(device).eval()
 
 
 def check_state_matches(model: nn.Module, state: dict[str, torch.Tensor], *, source: str) -> None:

@@ -11,8 +11,9 @@ import torch
 from advedge.checkpoint import load_model, read_metadata
 from advedge.cli import main
 from advedge.models import create_model
+from advedge.training.config import TrainConfig
 from advedge.training.distillation import DISTILL_METHODS, _StudentTeacher
-from advedge.training.engine import TrainConfig, train
+from advedge.training.engine import train
 
 
 @pytest.fixture(scope="module")

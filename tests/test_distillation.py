@@ -43,7 +43,7 @@ def test_soft_kl_matches_definition_and_vanishes_on_equal_inputs(logits):
 
 def test_add_with_tau_1_and_alpha_5_6_is_rslad(logits):
     s_adv, s_clean, t_clean, _ = logits
-    assert add_loss(s_adv, s_clean, t_clean, tau=1.0, alpha=5 / 6).item() == pytest.approx(
+    assert add_loss(s_adv, s_clean, t_clean, tau=1.0, mix=5 / 6).item() == pytest.approx(
         rslad_loss(s_adv, s_clean, t_clean).item(), rel=1e-6
     )
 
@@ -52,19 +52,19 @@ def test_formulas(logits):
     s_adv, s_clean, t_clean, t_adv = logits
     y = torch.tensor([0, 1, 2, 3, 4, 0])
     ce = F.cross_entropy(s_clean, y)
-    assert kd_loss(s_clean, t_clean, y, tau=4.0, alpha=0.9).item() == pytest.approx(
+    assert kd_loss(s_clean, t_clean, y, tau=4.0, mix=0.9).item() == pytest.approx(
         (0.9 * 16 * _kl(t_clean, s_clean, 4.0) + 0.1 * ce).item(), rel=1e-5
     )
     assert dd_loss(s_clean, t_clean, tau=20.0).item() == pytest.approx(
         _kl(t_clean, s_clean, 20.0).item(), rel=1e-4
     )
-    assert ard_loss(s_adv, s_clean, t_clean, y, tau=2.0, alpha=0.5).item() == pytest.approx(
+    assert ard_loss(s_adv, s_clean, t_clean, y, tau=2.0, mix=0.5).item() == pytest.approx(
         (0.5 * 4 * _kl(t_clean, s_adv, 2.0) + 0.5 * ce).item(), rel=1e-5
     )
-    assert adaad_loss(s_adv, s_clean, t_adv, t_clean, alpha=0.7).item() == pytest.approx(
+    assert adaad_loss(s_adv, s_clean, t_adv, t_clean, mix=0.7).item() == pytest.approx(
         (0.7 * _kl(t_adv, s_adv) + 0.3 * _kl(t_clean, s_clean)).item(), rel=1e-5
     )
-    assert add_loss(s_adv, s_clean, t_clean, tau=4.0, alpha=0.9).item() == pytest.approx(
+    assert add_loss(s_adv, s_clean, t_clean, tau=4.0, mix=0.9).item() == pytest.approx(
         (16 * (0.9 * _kl(t_clean, s_adv, 4.0) + 0.1 * _kl(t_clean, s_clean, 4.0))).item(),
         rel=1e-5,
     )
@@ -75,7 +75,7 @@ def test_bad_temperature_and_alpha(logits):
     with pytest.raises(UsageError, match="temperature"):
         add_loss(s_adv, s_clean, t_clean, tau=0.0)
     with pytest.raises(UsageError, match="alpha"):
-        add_loss(s_adv, s_clean, t_clean, alpha=1.5)
+        add_loss(s_adv, s_clean, t_clean, mix=1.5)
 
 
 def test_iad_formula_weights_the_introspective_term_by_teacher_distrust(logits):
@@ -85,11 +85,11 @@ def test_iad_formula_weights_the_introspective_term_by_teacher_distrust(logits):
     p_s, q_s = F.softmax(s_clean, 1), F.softmax(s_adv, 1)
     intro = ((1 - w) * (p_s * (p_s.log() - q_s.log())).sum(1)).mean()
     want = 0.8 * 4 * _kl(t_clean, s_adv, 2.0) + 0.8 * intro + 0.2 * F.cross_entropy(s_clean, y)
-    got = iad_loss(s_adv, s_clean, t_clean, t_adv, y, tau=2.0, alpha=0.8, beta=0.1)
+    got = iad_loss(s_adv, s_clean, t_clean, t_adv, y, tau=2.0, mix=0.8, beta=0.1)
     assert got.item() == pytest.approx(want.item(), rel=1e-5)
     # A teacher fully confident on x' (w = 1) removes the introspective term: ARD is left.
     sure = torch.full_like(t_adv, -50.0)
     sure[torch.arange(6), y] = 50.0
-    assert iad_loss(s_adv, s_clean, t_clean, sure, y, tau=2.0, alpha=0.8).item() == pytest.approx(
-        ard_loss(s_adv, s_clean, t_clean, y, tau=2.0, alpha=0.8).item()
+    assert iad_loss(s_adv, s_clean, t_clean, sure, y, tau=2.0, mix=0.8).item() == pytest.approx(
+        ard_loss(s_adv, s_clean, t_clean, y, tau=2.0, mix=0.8).item()
     )

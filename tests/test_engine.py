@@ -14,7 +14,9 @@ import yaml
 from advedge.checkpoint import load_model, load_state, read_metadata
 from advedge.errors import UsageError
 from advedge.models import create_model
-from advedge.training.engine import TrainCallbacks, TrainConfig, Trainer, lr_lambda, train
+from advedge.training.config import TrainConfig
+from advedge.training.engine import TrainCallbacks, Trainer, train
+from advedge.training.schedule import lr_lambda
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -222,7 +224,7 @@ def test_stale_temporary_files_are_cleaned_on_resume(tmp_path):
 
 
 def test_layout_probe_decides_once_and_resume_keeps_the_choice(tmp_path, monkeypatch):
-    import advedge.training.engine as engine
+    import advedge.training.device as device
     from advedge.config import load_yaml
 
     data = colour_dataset(tmp_path / "data", n_train=64, n_test=16)
@@ -232,20 +234,20 @@ def test_layout_probe_decides_once_and_resume_keeps_the_choice(tmp_path, monkeyp
         calls.append(tuple(x.shape))
         return True
 
-    monkeypatch.setattr(engine, "channels_last_is_faster", fake_probe)
+    monkeypatch.setattr(device, "channels_last_is_faster", fake_probe)
     cfg = dict(channels_last=None, epochs=1)
     train(_cfg(data, tmp_path / "run", **cfg))
     assert calls == [(32, 3, 16, 16)]
     assert load_state(tmp_path / "run" / "state.pt")["channels_last"] is True
     assert load_yaml(tmp_path / "run" / "config.yaml")["resolved"]["channels_last"] is True
     # A resumed run reuses the stored layout instead of probing again.
-    monkeypatch.setattr(engine, "channels_last_is_faster", lambda *a, **k: calls.append(0))
+    monkeypatch.setattr(device, "channels_last_is_faster", lambda *a, **k: calls.append(0))
     train(_cfg(data, tmp_path / "run", **{**cfg, "epochs": 2}), resume=True)
     assert calls == [(32, 3, 16, 16)]
 
 
 def test_layout_probe_times_both_formats_without_touching_the_model():
-    from advedge.training.engine import channels_last_is_faster
+    from advedge.training.device import channels_last_is_faster
 
     model = create_model("tiny_cnn", num_classes=10).train()
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from advedge.errors import UsageError
 from advedge.models import create_model
 from advedge.training.objectives import (
-    METHODS,
+    TRAINING_METHODS,
     build_method,
     natural_loss,
     pgd_at_loss,
@@ -46,7 +46,7 @@ def test_trades_loss_matches_formula():
     )
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("name", sorted(TRAINING_METHODS))
 def test_method_loss_is_finite_and_trains(name):
     torch.manual_seed(0)
     model = create_model("tiny_cnn", num_classes=4)

@@ -12,9 +12,8 @@ from torch import Tensor, nn
 
 from advedge.errors import UsageError
 from advedge.models.complexity import count_parameters, mflops
-from advedge.purifier import (
-    Discriminator,
-    Generator,
+from advedge.purifier import Discriminator, Generator
+from advedge.purifier.losses import (
     ape_gan_generator_loss,
     d_loss,
     feature_guidance_loss,

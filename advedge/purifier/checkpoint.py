@@ -8,20 +8,15 @@ not in it (it lives in the run's ``state.pt``, for resuming).
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
-from advedge import __version__
-from advedge.checkpoint import FORMAT, check_state_matches, read_metadata
+from advedge.checkpoint import arch_kwargs, load_weights, read_metadata, write_safetensors
 from advedge.errors import CheckpointError, UsageError
 from advedge.purifier.networks import Generator
-from advedge.utils import atomic_path
 
 __all__ = [
     "ARCHITECTURE",
@@ -40,21 +35,8 @@ def save_purifier(
     gen: Generator, path: str | os.PathLike[str], *, metadata: dict[str, Any] | None = None
 ) -> Path:
     """Write the generator's weights and metadata to ``path`` atomically."""
-    meta = {
-        "format": FORMAT,
-        "architecture": ARCHITECTURE,
-        "arch_kwargs": json.dumps(gen.config(), sort_keys=True),
-        "kind": "purifier",
-        "advedge_version": __version__,
-    }
-    for key, value in (metadata or {}).items():
-        if value is not None:
-            meta[key] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in gen.state_dict().items()}
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
-    return path
+    head = {"kind": "purifier"}
+    return write_safetensors(gen, path, ARCHITECTURE, gen.config(), head=head, metadata=metadata)
 
 
 def resolve_purifier(path: str | os.PathLike[str]) -> Path:
@@ -85,21 +67,11 @@ def load_purifier(path: str | os.PathLike[str], *, device: str | torch.device = 
             f"{p} holds a {meta.get('architecture')} classifier, not a purifier",
             "pass a run directory written by advedge purifier train",
         )
-    kwargs = meta.get("arch_kwargs")
-    if not isinstance(kwargs, dict):
-        raise CheckpointError(f"{p} has invalid arch_kwargs metadata")
     try:
-        gen = Generator(**kwargs)
+        gen = Generator(**arch_kwargs(meta, p))
     except (UsageError, TypeError) as exc:
         raise CheckpointError(f"{p}: cannot rebuild the generator ({exc})") from None
-    try:
-        state = load_file(str(p), device="cpu")
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{p} is not a readable safetensors file ({exc})") from None
-    check_state_matches(gen, state, source=str(p))
-    gen.load_state_dict(state)
-    gen.checkpoint_metadata = meta
-    return gen.to(device).eval()
+    return load_weights(gen, p, meta, device=device)  # type: ignore[return-value]
 
 
 def check_purifier_fits(gen: Generator, classifier_meta: dict[str, Any], source: str) -> None:

@@ -28,25 +28,20 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from advedge import __version__
 from advedge.attacks import FGSM, PGD
-from advedge.checkpoint import (
-    STATE_FILE,
-    load_state,
-    save_state,
-)
-from advedge.config import config_to_dict, write_yaml
-from advedge.data import BatchLoader, Dataset, load_dataset, stratified_subset, to_tensor
-from advedge.errors import AdvedgeError, UsageError, did_you_mean, os_error
+from advedge.checkpoint import cpu_state_dict
+from advedge.config import SEED_MAX, check_fields, config_to_dict
+from advedge.data import BatchLoader, Dataset
+from advedge.errors import AdvedgeError, UsageError, did_you_mean
 from advedge.purifier.checkpoint import PURIFIER_FILE, save_purifier
 from advedge.purifier.losses import (
     GAN_KINDS,
@@ -59,20 +54,34 @@ from advedge.purifier.losses import (
     pixel_loss,
 )
 from advedge.purifier.networks import Discriminator, Generator
-from advedge.training.engine import (
-    TrainCallbacks,
-    _epoch_seed,
-    check_run_dir,
+from advedge.registry import Registry
+from advedge.training.config import check_ranges
+from advedge.training.engine import TrainCallbacks
+from advedge.training.inputs import (
+    held_out_batch,
     load_frozen_model,
-    write_metrics_csv,
+    load_training_data,
+    training_split,
+)
+from advedge.training.rundir import (
+    RunDir,
+    config_fingerprint,
+    epoch_seed,
+    resumed_progress,
 )
 from advedge.utils import resolve_device, seed_everything
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PURIFIER_METHODS", "PurifierConfig", "PurifierResult", "train_purifier"]
+__all__ = [
+    "PURIFIER_METHODS",
+    "PurifierConfig",
+    "PurifierMethod",
+    "PurifierResult",
+    "PurifierTrainer",
+    "train_purifier",
+]
 
-PURIFIER_METHODS = ("ipcm", "ape-gan", "hgd")
 PURIFIER_COLUMNS = (
     "epoch",
     "g_loss",
@@ -84,7 +93,6 @@ PURIFIER_COLUMNS = (
     "test_pgd_acc_no_g",
     "seconds",
 )
-_RESUMABLE_CHANGES = frozenset({"epochs", "device", "out", "eval_n"})
 
 
 @dataclass(frozen=True)
@@ -109,6 +117,9 @@ class PurifierConfig:
         subset, seed, device: As for training.
         eval_n: Held-out test images scored every epoch.
     """
+
+    RESUMABLE: ClassVar[frozenset[str]] = frozenset({"epochs", "device", "out", "eval_n"})
+    """Options that may differ between a run and its resumption."""
 
     classifier: str
     data: str
@@ -137,23 +148,16 @@ class PurifierConfig:
     eval_n: int = 256
 
     def __post_init__(self) -> None:
-        from advedge.config import SEED_MAX, check_fields
-
         check_fields(self)  # types first: a bool is not an int, every float is finite
-        if self.method not in PURIFIER_METHODS:
-            raise UsageError(
-                f"unknown purifier method {self.method!r}",
-                did_you_mean(self.method, PURIFIER_METHODS),
-            )
+        PURIFIER_METHODS.get(self.method)  # an unknown method: one line with a suggestion
         if self.gan not in GAN_KINDS:
             raise UsageError(f"unknown GAN loss {self.gan!r}", did_you_mean(self.gan, GAN_KINDS))
         if self.guidance not in ("logits", "features"):
             raise UsageError(f"guidance must be logits or features, got {self.guidance!r}")
         if self.eps_r is not None and not (math.isfinite(self.eps_r) and 0 < self.eps_r <= 1):
             raise UsageError(f"eps_r must lie in (0, 1], got {self.eps_r}")
-        # Integers are bounded so that an untrusted config can never drive a huge allocation;
-        # width and depth as the Generator accepts them.
-        bounded = (
+        # Width and depth are bounded as the Generator accepts them.
+        bounded = [
             ("epochs", self.epochs, 1, 100_000),
             ("steps", self.steps, 1, 10_000),
             ("width", self.width, 4, 256),
@@ -162,12 +166,8 @@ class PurifierConfig:
             ("subset", self.subset, 1, 10**9),
             ("seed", self.seed, 0, SEED_MAX),
             ("eval_n", self.eval_n, 1, 10**9),
-        )
-        checks = [
-            (v is None or lo <= v <= hi, f"{name} must lie in [{lo}, {hi}], got {v}")
-            for name, v, lo, hi in bounded
         ]
-        checks += [
+        checks = [
             (0 < self.eps <= 1, f"eps must lie in (0, 1], got {self.eps}"),
             (self.lr > 0 and self.lr_d > 0, "learning rates must be > 0"),
         ]
@@ -176,9 +176,7 @@ class PurifierConfig:
             checks.append(
                 (math.isfinite(value) and value >= 0, f"{name} must be >= 0, got {value}")
             )
-        for ok, message in checks:
-            if not ok:
-                raise UsageError(message)
+        check_ranges(bounded, checks)
 
     @property
     def resolved_eps_r(self) -> float:
@@ -186,11 +184,133 @@ class PurifierConfig:
         return self.eps_r if self.eps_r is not None else min(1.0, 1.25 * self.eps)
 
     def fingerprint(self) -> str:
-        import hashlib
-        import json
+        """Hash of the options that must not change across a resume (all but RESUMABLE)."""
+        return config_fingerprint(self, self.RESUMABLE)
 
-        d = {k: v for k, v in config_to_dict(self).items() if k not in _RESUMABLE_CHANGES}
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+# ------------------------------------------------------------------------------- methods
+class PurifierMethod:
+    """A purifier training method: the generator's input batch and loss, and its discriminator.
+
+    Args:
+        config: The run's options (eps, steps, loss weights, GAN loss, guidance).
+        classifier: The frozen classifier ``f``.
+    """
+
+    discriminator: ClassVar[bool] = True
+    """Whether a discriminator ``D`` trains alongside the generator."""
+
+    def __init__(self, config: PurifierConfig, classifier: nn.Module) -> None:
+        self.config = config
+        self.classifier = classifier
+
+    @property
+    def gan_kind(self) -> str:
+        """The discriminator's loss (``lsgan`` or ``nsgan``)."""
+        return self.config.gan
+
+    def attacked_batch(self, x: Tensor, y: Tensor) -> Tensor:
+        """The generator's input: FGSM, PGD and clean thirds, each attack at an eps drawn
+        uniformly in ``(0, eps]`` for the batch (one or two images stay clean)."""
+        cfg, f = self.config, self.classifier
+        n = x.shape[0]
+        a, b = n // 3, 2 * n // 3
+        eps_fgsm, eps_pgd = (float(e) * cfg.eps for e in 1 - torch.rand(2))  # in (0, eps]
+        parts = [x[b:]]
+        if b > a:
+            pgd = PGD(f, eps=eps_pgd, alpha=2.5 * eps_pgd / cfg.steps, steps=cfg.steps)
+            parts.insert(0, pgd(x[a:b], y[a:b]))
+        if a > 0:
+            parts.insert(0, FGSM(f, eps=eps_fgsm)(x[:a], y[:a]))
+        return torch.cat(parts)
+
+    def generator_loss(
+        self, x_hat: Tensor, x: Tensor, y: Tensor, inv: Tensor, disc: Discriminator | None
+    ) -> Tensor:
+        """``L_G`` of the purified batch ``x_hat`` (``inv`` is its inverse-perturbation loss)."""
+        raise NotImplementedError
+
+    def guidance(self, x_hat: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        """The classifier's guidance: ``w_feat * |phi(x_hat) - phi(x)|`` on penultimate
+        features, or on logits :meth:`logit_guidance`."""
+        cfg, f = self.config, self.classifier
+        if cfg.guidance == "features":
+            with torch.no_grad():
+                target = f.forward_features(x)
+            return cfg.w_feat * feature_guidance_loss(f.forward_features(x_hat), target)
+        with torch.no_grad():
+            clean_logits = f(x)
+        return self.logit_guidance(f(x_hat), clean_logits, y)
+
+    def logit_guidance(self, logits: Tensor, clean_logits: Tensor, y: Tensor) -> Tensor:
+        """``w_ce * CE(f(x_hat), y) + w_kl * KL(f(x) || f(x_hat))`` (:func:`guidance_loss`)."""
+        cfg = self.config
+        return guidance_loss(logits, clean_logits, y, ce_weight=cfg.w_ce, kl_weight=cfg.w_kl)
+
+
+PURIFIER_METHODS: Registry[type[PurifierMethod]] = Registry("purifier method")
+"""The purifier training methods by name (``advedge purifier train --method``)."""
+
+
+@PURIFIER_METHODS.register("ipcm")
+class IPCM(PurifierMethod):
+    """IPCM, the thesis method: inverse-perturbation, pixel, guidance and adversarial losses.
+
+    ``L_G = w_inv * ||r + delta||^2 + w_pix * |x_hat - x| + guidance + w_adv * L_adv(D(x_hat))``.
+    """
+
+    def generator_loss(
+        self, x_hat: Tensor, x: Tensor, y: Tensor, inv: Tensor, disc: Discriminator | None
+    ) -> Tensor:
+        cfg = self.config
+        assert disc is not None
+        return (
+            cfg.w_inv * inv
+            + cfg.w_pix * pixel_loss(x_hat, x, "l1")
+            + self.guidance(x_hat, x, y)
+            + cfg.w_adv * g_adv_loss(disc(x_hat), cfg.gan)
+        )
+
+
+@PURIFIER_METHODS.register("ape-gan")
+class APEGAN(PurifierMethod):
+    """APE-GAN (Shen et al. 2017): FGSM inputs, MSE plus a GAN loss.
+
+    ``L_G = 0.7 * MSE(x_hat, x) + 0.3 * BCE(D(x_hat), 1)``. The whole batch gets FGSM at ``eps`` and the discriminator the non-saturating loss, as in
+    the paper (:func:`ape_gan_generator_loss`).
+    """
+
+    @property
+    def gan_kind(self) -> str:
+        return "nsgan"
+
+    def attacked_batch(self, x: Tensor, y: Tensor) -> Tensor:
+        return FGSM(self.classifier, eps=self.config.eps)(x, y)
+
+    def generator_loss(
+        self, x_hat: Tensor, x: Tensor, y: Tensor, inv: Tensor, disc: Discriminator | None
+    ) -> Tensor:
+        assert disc is not None
+        return ape_gan_generator_loss(x_hat, x, disc(x_hat))
+
+
+@PURIFIER_METHODS.register("hgd")
+class HGD(PurifierMethod):
+    """HGD (Liao et al. 2018): the classifier-guided denoiser, no discriminator.
+
+    ``L_G = |f(x_hat) - f(x)|_1``. Logit guidance gives the logit-guided denoiser, ``--guidance features`` the feature-guided
+    one (:func:`feature_guidance_loss`).
+    """
+
+    discriminator = False
+
+    def logit_guidance(self, logits: Tensor, clean_logits: Tensor, y: Tensor) -> Tensor:
+        return feature_guidance_loss(logits, clean_logits)
+
+    def generator_loss(
+        self, x_hat: Tensor, x: Tensor, y: Tensor, inv: Tensor, disc: Discriminator | None
+    ) -> Tensor:
+        return self.guidance(x_hat, x, y)
 
 
 @dataclass
@@ -205,50 +325,33 @@ class PurifierResult:
     generator: Generator | None = None
 
 
+@dataclass
+class _Nets:
+    """The generator, the discriminator (None for HGD) and their Adam optimisers."""
+
+    gen: Generator
+    disc: Discriminator | None
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer | None
+
+
 class PurifierTrainer:
     """Runs one :class:`PurifierConfig` (the engine behind ``advedge purifier train``)."""
 
     def __init__(self, config: PurifierConfig, *, dataset: Dataset | None = None) -> None:
         self.config = config
         self.device = resolve_device(config.device)
-        self.dataset = dataset if dataset is not None else load_dataset(config.data)
-        if self.dataset.train is None:
-            raise AdvedgeError(f"dataset {self.dataset.root} has no training split")
+        self.dataset = load_training_data(config.data, dataset)
         self.classifier, self.classifier_info = load_frozen_model(
             config.classifier, self.dataset, self.device, role="classifier"
         )
-        self.out = Path(config.out)
+        self.method = PURIFIER_METHODS.get(config.method)(config, self.classifier)
+        self.run_dir = RunDir(config, kind="purifier")
+        self.out = self.run_dir.out
         self._config_doc: dict[str, Any] = {}
 
-    # ------------------------------------------------------------------------- batches
     def _attacked_batch(self, x: Tensor, y: Tensor) -> Tensor:
-        """The generator's input: FGSM / PGD / clean thirds (ipcm, hgd) or all FGSM (ape-gan)."""
-        cfg, f = self.config, self.classifier
-        if cfg.method == "ape-gan":
-            return FGSM(f, eps=cfg.eps)(x, y)
-        n = x.shape[0]
-        a, b = n // 3, 2 * n // 3
-        eps_fgsm, eps_pgd = (float(e) * cfg.eps for e in 1 - torch.rand(2))  # in (0, eps]
-        parts = [x[b:]]
-        if b > a:  # a batch of one or two images stays clean
-            pgd = PGD(f, eps=eps_pgd, alpha=2.5 * eps_pgd / cfg.steps, steps=cfg.steps)
-            parts.insert(0, pgd(x[a:b], y[a:b]))
-        if a > 0:
-            parts.insert(0, FGSM(f, eps=eps_fgsm)(x[:a], y[:a]))
-        return torch.cat(parts)
-
-    def _guidance(self, x_hat: Tensor, x: Tensor, y: Tensor) -> Tensor:
-        cfg, f = self.config, self.classifier
-        if cfg.guidance == "features":
-            with torch.no_grad():
-                target = f.forward_features(x)
-            return cfg.w_feat * feature_guidance_loss(f.forward_features(x_hat), target)
-        with torch.no_grad():
-            clean_logits = f(x)
-        logits = f(x_hat)
-        if cfg.method == "hgd":
-            return feature_guidance_loss(logits, clean_logits)
-        return guidance_loss(logits, clean_logits, y, ce_weight=cfg.w_ce, kl_weight=cfg.w_kl)
+        return self.method.attacked_batch(x, y)
 
     def step(
         self,
@@ -260,32 +363,18 @@ class PurifierTrainer:
         y: Tensor,
     ) -> dict[str, float]:
         """One discriminator step and one generator step on the batch ``(x, y)``."""
-        cfg = self.config
         x_in = self._attacked_batch(x, y)
         delta = x_in - x
         x_hat, r = gen.purify_with_residual(x_in)
         out: dict[str, float] = {}
         if disc is not None and opt_d is not None:
-            kind = "nsgan" if cfg.method == "ape-gan" else cfg.gan
-            loss_d = d_loss(disc(x), disc(x_hat.detach()), kind)
+            loss_d = d_loss(disc(x), disc(x_hat.detach()), self.method.gan_kind)
             opt_d.zero_grad(set_to_none=True)
             loss_d.backward()
             opt_d.step()
             out["d_loss"] = float(loss_d.detach())
         inv = inverse_perturbation_loss(r, delta)
-        if cfg.method == "ape-gan":
-            assert disc is not None
-            loss_g = ape_gan_generator_loss(x_hat, x, disc(x_hat))
-        elif cfg.method == "hgd":
-            loss_g = self._guidance(x_hat, x, y)
-        else:
-            assert disc is not None
-            loss_g = (
-                cfg.w_inv * inv
-                + cfg.w_pix * pixel_loss(x_hat, x, "l1")
-                + self._guidance(x_hat, x, y)
-                + cfg.w_adv * g_adv_loss(disc(x_hat), cfg.gan)
-            )
+        loss_g = self.method.generator_loss(x_hat, x, y, inv, disc)
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         opt_g.step()
@@ -300,45 +389,16 @@ class PurifierTrainer:
         """Train to ``config.epochs`` (resuming when asked) under the output lock of
         ``config.out``; the run folder appears with the first checkpoint, and a new run that
         fails before it leaves nothing behind."""
-        from advedge.locks import output_lock
+        with self.run_dir.locked():
+            return self._run(resume, callbacks or TrainCallbacks())
 
-        with output_lock(self.out):
-            fresh = not self.out.exists()
-            try:
-                return self._run(resume, callbacks)
-            except BaseException:
-                if fresh and not (self.out / STATE_FILE).exists():
-                    shutil.rmtree(self.out, ignore_errors=True)
-                raise
-
-    def _run(self, resume: bool, callbacks: TrainCallbacks | None) -> PurifierResult:
+    def _run(self, resume: bool, callbacks: TrainCallbacks) -> PurifierResult:
         cfg = self.config
-        callbacks = callbacks or TrainCallbacks()
-        state = self._check_out_dir(resume)
+        state = self._resume_state(resume)
         seed_everything(cfg.seed)
-        c = self.dataset.channels
-        gen = Generator(c, cfg.width, eps_r=cfg.resolved_eps_r, depth=cfg.depth).to(self.device)
-        disc = Discriminator(c).to(self.device) if cfg.method != "hgd" else None
-        opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
-        opt_d = (
-            torch.optim.Adam(disc.parameters(), lr=cfg.lr_d, betas=(0.5, 0.999))
-            if disc is not None
-            else None
-        )
-        metrics: list[dict[str, float]] = []
-        start = 0
-        if state is not None:
-            gen.load_state_dict(state["generator"])
-            opt_g.load_state_dict(state["opt_g"])
-            if disc is not None and opt_d is not None:
-                disc.load_state_dict(state["discriminator"])
-                opt_d.load_state_dict(state["opt_d"])
-            start = int(state["epoch"])
-            metrics = [dict(r) for r in state.get("metrics", [])][:start]
-        train = self.dataset.train
-        assert train is not None
-        if cfg.subset is not None and cfg.subset < len(train):
-            train = stratified_subset(train, cfg.subset, seed=cfg.seed)
+        nets = self._networks(state)
+        start, metrics = resumed_progress(state)
+        train = training_split(self.dataset, cfg.subset, cfg.seed)
         loader = BatchLoader(
             train,
             cfg.batch_size,
@@ -348,47 +408,28 @@ class PurifierTrainer:
             drop_last=len(train) >= 2 * cfg.batch_size,
             device=self.device,
         )
-        held = stratified_subset(self.dataset.test, min(cfg.eval_n, len(self.dataset.test)), seed=0)
-        hx, hy = to_tensor(held.x).to(self.device), torch.as_tensor(held.y).to(self.device)
-        self._config_doc = self._resolved_config(gen, len(train))  # written with the checkpoint
+        hx, hy = held_out_batch(self.dataset, cfg.eval_n, self.device)
+        self._config_doc = self._resolved_config(
+            nets.gen, len(train)
+        )  # written with the checkpoint
         callbacks.on_train_start(
             start_epoch=start, epochs=cfg.epochs, batches_per_epoch=len(loader)
         )
         for epoch in range(start, cfg.epochs):
             t0 = time.perf_counter()
-            torch.manual_seed(_epoch_seed(cfg.seed, epoch, 0))
+            torch.manual_seed(epoch_seed(cfg.seed, epoch, 0))
             loader.set_epoch(epoch)
-            gen.train()
-            if disc is not None:
-                disc.train()
-            sums: dict[str, float] = {}
-            n = 0
-            for i, (x, y) in enumerate(loader):
-                losses = self.step(gen, disc, opt_g, opt_d, x, y)
-                n += 1
-                for k, v in losses.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                if i % 10 == 0 or i == len(loader) - 1:
-                    callbacks.on_batch_end(
-                        epoch=epoch, batch=i, loss=sums["g_loss"] / n, acc=sums["inv_loss"] / n
-                    )
-            if not math.isfinite(sums.get("g_loss", 0.0)):
-                raise AdvedgeError(
-                    f"purifier training diverged at epoch {epoch + 1}",
-                    "lower --lr; the last good checkpoint is kept",
-                )
+            means = self._train_batches(nets, loader, epoch, callbacks)
             callbacks.on_eval_start(epoch=epoch)
-            scores = self.held_out_scores(gen, hx, hy)
+            scores = self.held_out_scores(nets.gen, hx, hy)
             row = {
                 "epoch": epoch + 1,
-                "g_loss": round(sums["g_loss"] / n, 6),
-                **({"d_loss": round(sums["d_loss"] / n, 6)} if "d_loss" in sums else {}),
-                "inv_loss": round(sums["inv_loss"] / n, 6),
+                **{k: round(means[k], 6) for k in ("g_loss", "d_loss", "inv_loss") if k in means},
                 **{k: round(v, 6) for k, v in scores.items()},
                 "seconds": round(time.perf_counter() - t0, 3),
             }
             metrics.append(row)
-            self._write_checkpoint(gen, disc, opt_g, opt_d, epoch + 1, metrics)
+            self._write_checkpoint(nets, epoch + 1, metrics)
             logger.info(
                 "epoch %d/%d: G %.4f, clean through G %.3f, grey-box PGD %.3f",
                 epoch + 1,
@@ -404,8 +445,53 @@ class PurifierTrainer:
             metrics=metrics,
             epochs_run=cfg.epochs - start,
             resumed_from=start,
-            generator=gen.eval(),
+            generator=nets.gen.eval(),
         )
+
+    def _networks(self, state: dict[str, Any] | None) -> _Nets:
+        """A new generator and discriminator with their optimisers, restored from ``state``."""
+        cfg = self.config
+        c = self.dataset.channels
+        gen = Generator(c, cfg.width, eps_r=cfg.resolved_eps_r, depth=cfg.depth).to(self.device)
+        disc = Discriminator(c).to(self.device) if self.method.discriminator else None
+        opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
+        opt_d = (
+            torch.optim.Adam(disc.parameters(), lr=cfg.lr_d, betas=(0.5, 0.999))
+            if disc is not None
+            else None
+        )
+        if state is not None:
+            gen.load_state_dict(state["generator"])
+            opt_g.load_state_dict(state["opt_g"])
+            if disc is not None and opt_d is not None:
+                disc.load_state_dict(state["discriminator"])
+                opt_d.load_state_dict(state["opt_d"])
+        return _Nets(gen, disc, opt_g, opt_d)
+
+    def _train_batches(
+        self, nets: _Nets, loader: BatchLoader, epoch: int, callbacks: TrainCallbacks
+    ) -> dict[str, float]:
+        """One pass over the loader; returns the epoch's mean losses."""
+        nets.gen.train()
+        if nets.disc is not None:
+            nets.disc.train()
+        sums: dict[str, float] = {}
+        n = 0
+        for i, (x, y) in enumerate(loader):
+            losses = self.step(nets.gen, nets.disc, nets.opt_g, nets.opt_d, x, y)
+            n += 1
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + v
+            if i % 10 == 0 or i == len(loader) - 1:
+                callbacks.on_batch_end(
+                    epoch=epoch, batch=i, loss=sums["g_loss"] / n, acc=sums["inv_loss"] / n
+                )
+        if not math.isfinite(sums.get("g_loss", 0.0)):
+            raise AdvedgeError(
+                f"purifier training diverged at epoch {epoch + 1}",
+                "lower --lr; the last good checkpoint is kept",
+            )
+        return {k: v / n for k, v in sums.items()}
 
     @torch.no_grad()
     def held_out_scores(self, gen: Generator, x: Tensor, y: Tensor) -> dict[str, float]:
@@ -435,27 +521,10 @@ class PurifierTrainer:
         return dict(zip(PURIFIER_COLUMNS[4:8], acc, strict=True))
 
     # ------------------------------------------------------------------------ helpers
-    def _check_out_dir(self, resume: bool) -> dict[str, Any] | None:
-        if (self.out / PURIFIER_FILE).exists() and not (self.out / STATE_FILE).exists():
-            raise UsageError(
-                f"{self.out} has a purifier but no {STATE_FILE}", "choose another --out"
-            )
-        if not check_run_dir(self.out, resume, clean=True):
-            if (self.out / PURIFIER_FILE).exists():
-                raise UsageError(
-                    f"{self.out} already holds a purifier run",
-                    "pass --resume to continue it, or choose another --out",
-                )
-            return None
-        state = load_state(self.out / STATE_FILE)
-        if state.get("kind") != "purifier":
-            raise UsageError(f"{self.out} holds a classifier run, not a purifier run")
-        if state.get("fingerprint") != self.config.fingerprint():
-            raise UsageError(
-                f"cannot resume {self.out}: options differ from the original run",
-                "resume with the same options, or choose another --out",
-            )
-        return state
+    def _resume_state(self, resume: bool) -> dict[str, Any] | None:
+        if (self.out / PURIFIER_FILE).exists() and not (self.out / "state.pt").exists():
+            raise UsageError(f"{self.out} has a purifier but no state.pt", "choose another --out")
+        return self.run_dir.resume_state(resume)
 
     def _metadata(self, gen: Generator, epochs: int) -> dict[str, Any]:
         cfg = self.config
@@ -486,34 +555,25 @@ class PurifierTrainer:
         }
         return d
 
-    def _write_checkpoint(
-        self,
-        gen: Generator,
-        disc: Discriminator | None,
-        opt_g: torch.optim.Optimizer,
-        opt_d: torch.optim.Optimizer | None,
-        epochs: int,
-        metrics: list[dict[str, float]],
-    ) -> None:
+    def _write_checkpoint(self, nets: _Nets, epochs: int, metrics: list[dict[str, float]]) -> None:
         state: dict[str, Any] = {
             "kind": "purifier",
             "epoch": epochs,
-            "generator": {k: v.detach().cpu() for k, v in gen.state_dict().items()},
-            "opt_g": opt_g.state_dict(),
-            "metrics": metrics,
-            "fingerprint": self.config.fingerprint(),
-            "config": config_to_dict(self.config),
+            "generator": cpu_state_dict(nets.gen),
+            "opt_g": nets.opt_g.state_dict(),
+            **self.run_dir.state_record(metrics),
         }
-        if disc is not None and opt_d is not None:
-            state["discriminator"] = {k: v.detach().cpu() for k, v in disc.state_dict().items()}
-            state["opt_d"] = opt_d.state_dict()
-        try:
-            write_yaml(self.out / "config.yaml", self._config_doc)
-            save_state(state, self.out / STATE_FILE)
-            save_purifier(gen, self.out / PURIFIER_FILE, metadata=self._metadata(gen, epochs))
-            write_metrics_csv(self.out / "metrics.csv", metrics, columns=PURIFIER_COLUMNS)
-        except OSError as exc:
-            raise os_error(exc, self.out) from None
+        if nets.disc is not None and nets.opt_d is not None:
+            state["discriminator"] = cpu_state_dict(nets.disc)
+            state["opt_d"] = nets.opt_d.state_dict()
+        meta = self._metadata(nets.gen, epochs)
+        self.run_dir.write_checkpoint(
+            state,
+            config_doc=self._config_doc,
+            save_artifact=lambda: save_purifier(nets.gen, self.out / PURIFIER_FILE, metadata=meta),
+            metrics=metrics,
+            columns=PURIFIER_COLUMNS,
+        )
 
 
 def train_purifier(

@@ -2,7 +2,9 @@
 
 Notation: ``T`` is the frozen teacher, ``S`` the student, ``tau`` the temperature, ``x'`` the
 adversarial example, ``KL(p || q) = sum_k p_k (log p_k - log q_k)`` with ``p`` the target, and
-``softmax(z / tau)`` written ``z / tau`` inside KL. Every KL here is averaged over the batch.
+``softmax(z / tau)`` written ``z / tau`` inside KL, and ``mix`` the loss's mixing weight in
+[0, 1] (``advedge distill --alpha``; not the attack step size). Every KL here is averaged over
+the batch.
 
 Each method (:data:`DISTILL_METHODS`) is one of these losses plus its inner maximisation, run
 by the training engine like any training method.
@@ -18,7 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from advedge.attacks import PGD, kl_loss
-from advedge.errors import UsageError, did_you_mean
+from advedge.errors import UsageError
+from advedge.registry import Registry
 from advedge.training.objectives import Method, MethodOutput, attack_view
 
 __all__ = [
@@ -51,16 +54,14 @@ def soft_kl(target_logits: Tensor, logits: Tensor, tau: float = 1.0) -> Tensor:
 
 
 def kd_loss(
-    s_clean: Tensor, t_clean: Tensor, y: Tensor, *, tau: float = 4.0, alpha: float = 0.9
+    s_clean: Tensor, t_clean: Tensor, y: Tensor, *, tau: float = 4.0, mix: float = 0.9
 ) -> Tensor:
     """Knowledge distillation (Hinton et al. 2015), clean inputs only.
 
-    ``L = alpha * tau^2 * KL(T(x)/tau || S(x)/tau) + (1 - alpha) * CE(S(x), y)``.
+    ``L = mix * tau^2 * KL(T(x)/tau || S(x)/tau) + (1 - mix) * CE(S(x), y)``: :func:`ard_loss`
+    with ``x' = x``.
     """
-    _check_alpha(alpha)
-    return alpha * tau**2 * soft_kl(t_clean, s_clean, tau) + (1 - alpha) * F.cross_entropy(
-        s_clean.float(), y
-    )
+    return ard_loss(s_clean, s_clean, t_clean, y, tau=tau, mix=mix)
 
 
 def dd_loss(s_clean: Tensor, t_clean: Tensor, *, tau: float = 20.0) -> Tensor:
@@ -81,15 +82,15 @@ def ard_loss(
     y: Tensor,
     *,
     tau: float = 1.0,
-    alpha: float = 1.0,
+    mix: float = 1.0,
 ) -> Tensor:
     """ARD (Goldblum et al., AAAI 2020).
 
-    ``L = alpha * tau^2 * KL(T(x)/tau || S(x')/tau) + (1 - alpha) * CE(S(x), y)``, with
+    ``L = mix * tau^2 * KL(T(x)/tau || S(x')/tau) + (1 - mix) * CE(S(x), y)``, with
     ``x' = argmax CE(S(x'), y)`` (PGD).
     """
-    _check_alpha(alpha)
-    return alpha * tau**2 * soft_kl(t_clean, s_adv, tau) + (1 - alpha) * F.cross_entropy(
+    _check_mix(mix)
+    return mix * tau**2 * soft_kl(t_clean, s_adv, tau) + (1 - mix) * F.cross_entropy(
         s_clean.float(), y
     )
 
@@ -102,7 +103,7 @@ def iad_loss(
     y: Tensor,
     *,
     tau: float = 1.0,
-    alpha: float = 1.0,
+    mix: float = 1.0,
     beta: float = 0.1,
 ) -> Tensor:
     """IAD (Zhu et al., ICLR 2022, "Reliable adversarial distillation with unreliable teachers").
@@ -110,14 +111,14 @@ def iad_loss(
     ARD plus the introspective term, in which the student also learns from its own clean
     prediction where the teacher is unreliable on ``x'``:
 
-    ``L = alpha * tau^2 * KL(T(x)/tau || S(x')/tau)
-    + alpha * mean_i[(1 - w_i) * KL(S(x_i) || S(x'_i))] + (1 - alpha) * CE(S(x), y)``,
+    ``L = mix * tau^2 * KL(T(x)/tau || S(x')/tau)
+    + mix * mean_i[(1 - w_i) * KL(S(x_i) || S(x'_i))] + (1 - mix) * CE(S(x), y)``,
 
     with the per-example teacher confidence ``w_i = softmax(T(x'_i))[y_i] ** beta`` (no
     gradient) and ``x' = argmax CE(S(x'), y)`` (PGD). As in the authors' IAD-I code, both sides
     of the introspective KL carry gradients and the term is switched on after a warm-up.
     """
-    _check_alpha(alpha)
+    _check_mix(mix)
     if beta < 0:
         raise UsageError(f"IAD beta must be >= 0, got {beta}")
     with torch.no_grad():
@@ -129,9 +130,9 @@ def iad_loss(
         log_target=True,
     ).sum(1)
     return (
-        alpha * tau**2 * soft_kl(t_clean, s_adv, tau)
-        + alpha * ((1 - w) * introspect).mean()
-        + (1 - alpha) * F.cross_entropy(s_clean.float(), y)
+        mix * tau**2 * soft_kl(t_clean, s_adv, tau)
+        + mix * ((1 - w) * introspect).mean()
+        + (1 - mix) * F.cross_entropy(s_clean.float(), y)
     )
 
 
@@ -145,15 +146,15 @@ def rslad_loss(s_adv: Tensor, s_clean: Tensor, t_clean: Tensor) -> Tensor:
 
 
 def adaad_loss(
-    s_adv: Tensor, s_clean: Tensor, t_adv: Tensor, t_clean: Tensor, *, alpha: float = 1.0
+    s_adv: Tensor, s_clean: Tensor, t_adv: Tensor, t_clean: Tensor, *, mix: float = 1.0
 ) -> Tensor:
     """AdaAD (Huang et al., CVPR 2023).
 
-    ``L = alpha * KL(T(x') || S(x')) + (1 - alpha) * KL(T(x) || S(x))``, with
+    ``L = mix * KL(T(x') || S(x')) + (1 - mix) * KL(T(x) || S(x))``, with
     ``x' = argmax KL(T(x') || S(x'))`` (the teacher inside the attack loop).
     """
-    _check_alpha(alpha)
-    return alpha * soft_kl(t_adv, s_adv) + (1 - alpha) * soft_kl(t_clean, s_clean)
+    _check_mix(mix)
+    return mix * soft_kl(t_adv, s_adv) + (1 - mix) * soft_kl(t_clean, s_clean)
 
 
 def add_loss(
@@ -162,18 +163,18 @@ def add_loss(
     t_clean: Tensor,
     *,
     tau: float = 1.0,
-    alpha: float = 5 / 6,
+    mix: float = 5 / 6,
 ) -> Tensor:
     """Adversarial defensive distillation (ADD), the thesis method.
 
     With ``p_T = softmax(T(x) / tau)`` replacing hard labels everywhere:
-    ``L = alpha * tau^2 * KL(p_T || S(x')/tau) + (1 - alpha) * tau^2 * KL(p_T || S(x)/tau)``,
+    ``L = mix * tau^2 * KL(p_T || S(x')/tau) + (1 - mix) * tau^2 * KL(p_T || S(x)/tau)``,
     with ``x' = argmax KL(p_T || softmax(S(x')/tau))`` in the eps-ball. With ``tau = 1`` and
-    ``alpha = 5/6`` it equals :func:`rslad_loss`.
+    ``mix = 5/6`` it equals :func:`rslad_loss`.
     """
-    _check_alpha(alpha)
+    _check_mix(mix)
     return tau**2 * (
-        alpha * soft_kl(t_clean, s_adv, tau) + (1 - alpha) * soft_kl(t_clean, s_clean, tau)
+        mix * soft_kl(t_clean, s_adv, tau) + (1 - mix) * soft_kl(t_clean, s_clean, tau)
     )
 
 
@@ -182,9 +183,9 @@ def _check_tau(tau: float) -> None:
         raise UsageError(f"temperature must be > 0, got {tau}")
 
 
-def _check_alpha(alpha: float) -> None:
-    if not 0 <= alpha <= 1:
-        raise UsageError(f"alpha must lie in [0, 1], got {alpha}")
+def _check_mix(mix: float) -> None:
+    if not 0 <= mix <= 1:
+        raise UsageError(f"the loss mix (distill --alpha) must lie in [0, 1], got {mix}")
 
 
 # --------------------------------------------------------------------------------- methods
@@ -225,7 +226,8 @@ class DistillMethod(Method):
         teacher: The frozen teacher (kept in eval mode, never trained).
         eps, alpha, steps, norm: The inner attack's budget, step size, iterations and norm.
         tau: Temperature (each method's default when None).
-        mix: The loss's mixing weight alpha (each method's default when None).
+        mix: The loss's mixing weight (``advedge distill --alpha``; each method's default when
+            None), recorded as ``alpha`` in the method settings.
     """
 
     default_tau: ClassVar[float] = 1.0
@@ -247,7 +249,7 @@ class DistillMethod(Method):
         self.mix = self.default_mix if mix is None else float(mix)
         _check_tau(self.tau)
         if self.mix is not None:
-            _check_alpha(self.mix)
+            _check_mix(self.mix)
 
     def settings(self) -> dict[str, Any]:
         out = {**super().settings(), "temperature": self.tau}
@@ -273,8 +275,16 @@ class DistillMethod(Method):
         )
 
 
+DISTILL_METHODS: Registry[type[DistillMethod]] = Registry("method")
+"""The distillation methods by name (``advedge distill --method``)."""
+
+
+@DISTILL_METHODS.register("kd")
 class KD(DistillMethod):
-    """``kd``: :func:`kd_loss` on clean inputs (no attack); tau 4, alpha 0.9 by default."""
+    """Knowledge distillation (Hinton et al. 2015) on clean inputs; tau 4, mix 0.9.
+
+    :func:`kd_loss`, no attack.
+    """
 
     name = "kd"
     adversarial = False
@@ -286,11 +296,15 @@ class KD(DistillMethod):
 
     def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> MethodOutput:
         s = model(x)
-        return MethodOutput(kd_loss(s, self.teacher_logits(x), y, tau=self.tau, alpha=self.mix), s)
+        return MethodOutput(kd_loss(s, self.teacher_logits(x), y, tau=self.tau, mix=self.mix), s)
 
 
+@DISTILL_METHODS.register("dd")
 class DD(DistillMethod):
-    """``dd``: :func:`dd_loss` at temperature 20 by default; deployed at tau = 1."""
+    """Defensive distillation (Papernot et al. 2016) at temperature 20; deployed at tau 1.
+
+    :func:`dd_loss`, no attack.
+    """
 
     name = "dd"
     adversarial = False
@@ -304,8 +318,12 @@ class DD(DistillMethod):
         return MethodOutput(dd_loss(s, self.teacher_logits(x), tau=self.tau), s)
 
 
+@DISTILL_METHODS.register("ard")
 class ARD(DistillMethod):
-    """``ard``: PGD on ``CE(S(x'), y)``, then :func:`ard_loss` (tau 30, alpha 1.0 as in ARD)."""
+    """ARD (Goldblum et al. 2020): the teacher's soft labels on PGD examples; tau 30, mix 1.
+
+    PGD on ``CE(S(x'), y)``, then :func:`ard_loss`.
+    """
 
     name = "ard"
     default_tau = 30.0
@@ -313,14 +331,22 @@ class ARD(DistillMethod):
 
     def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> MethodOutput:
         t = self.teacher_logits(x)
-        x_adv = self._pgd(model, "ce", "uniform")(x, y)
-        s_adv = model(x_adv)
+        s_adv = model(self._pgd(model, "ce", "uniform")(x, y))
+        return self._ard_output(model, x, y, t, s_adv)
+
+    def _ard_output(
+        self, model: nn.Module, x: Tensor, y: Tensor, t: Tensor, s_adv: Tensor
+    ) -> MethodOutput:
+        """:func:`ard_loss` on ``S(x')``; ``S(x)`` is computed only when its weight is not 0."""
         s_clean = model(x) if self.mix < 1 else s_adv.detach()
-        return MethodOutput(ard_loss(s_adv, s_clean, t, y, tau=self.tau, alpha=self.mix), s_adv)
+        return MethodOutput(ard_loss(s_adv, s_clean, t, y, tau=self.tau, mix=self.mix), s_adv)
 
 
-class IAD(DistillMethod):
-    """``iad``: ARD's attack, then :func:`iad_loss` (tau 1, alpha 1, beta 0.1, as in IAD-I).
+@DISTILL_METHODS.register("iad")
+class IAD(ARD):
+    """IAD (Zhu et al. 2022): ARD plus introspection where the teacher is unreliable.
+
+    ARD's attack, then :func:`iad_loss` (tau 1, mix 1, beta 0.1, as in IAD-I).
 
     Args:
         beta: Exponent of the teacher's confidence ``softmax(T(x'))[y]``.
@@ -329,7 +355,7 @@ class IAD(DistillMethod):
     """
 
     name = "iad"
-    default_mix = 1.0
+    default_tau = 1.0
 
     def __init__(self, *, beta: float = 0.1, warmup: float = 0.3, **kw: Any) -> None:
         super().__init__(**kw)
@@ -352,8 +378,7 @@ class IAD(DistillMethod):
         x_adv = self._pgd(model, "ce", "uniform")(x, y)
         s_adv = model(x_adv)
         if not self.introspective:
-            s_clean = model(x) if self.mix < 1 else s_adv.detach()
-            return MethodOutput(ard_loss(s_adv, s_clean, t, y, tau=self.tau, alpha=self.mix), s_adv)
+            return self._ard_output(model, x, y, t, s_adv)
         loss = iad_loss(
             s_adv,
             model(x),
@@ -361,14 +386,18 @@ class IAD(DistillMethod):
             self.teacher_logits(x_adv),
             y,
             tau=self.tau,
-            alpha=self.mix,
+            mix=self.mix,
             beta=self.beta,
         )
         return MethodOutput(loss, s_adv)
 
 
+@DISTILL_METHODS.register("rslad")
 class RSLAD(DistillMethod):
-    """``rslad``: PGD on ``KL(T(x) || S(x'))`` from ``x + 0.001 N(0, I)``, then :func:`rslad_loss`."""
+    """RSLAD (Zi et al. 2021): robust soft labels in attack and loss, no hard labels.
+
+    PGD on ``KL(T(x) || S(x'))`` from ``x + 0.001 N(0, I)``, then :func:`rslad_loss`.
+    """
 
     name = "rslad"
 
@@ -382,8 +411,12 @@ class RSLAD(DistillMethod):
         return MethodOutput(rslad_loss(s_adv, model(x), t), s_adv)
 
 
+@DISTILL_METHODS.register("adaad")
 class AdaAD(DistillMethod):
-    """``adaad``: PGD on ``KL(T(x') || S(x'))`` with the teacher in the loop; :func:`adaad_loss`."""
+    """AdaAD (Huang et al. 2023): the teacher inside the attack loop.
+
+    PGD on ``KL(T(x') || S(x'))`` with the teacher in the loop, then :func:`adaad_loss`.
+    """
 
     name = "adaad"
     default_mix = 1.0
@@ -397,19 +430,22 @@ class AdaAD(DistillMethod):
         t_adv = self.teacher_logits(x_adv)
         s_adv = model(x_adv)
         if self.mix < 1:
-            loss = adaad_loss(s_adv, model(x), t_adv, self.teacher_logits(x), alpha=self.mix)
+            loss = adaad_loss(s_adv, model(x), t_adv, self.teacher_logits(x), mix=self.mix)
         else:
-            loss = adaad_loss(s_adv, s_adv.detach(), t_adv, t_adv, alpha=1.0)
+            loss = adaad_loss(s_adv, s_adv.detach(), t_adv, t_adv, mix=1.0)
         return MethodOutput(loss, s_adv)
 
 
+@DISTILL_METHODS.register("add")
 class ADD(DistillMethod):
-    """``add``: PGD on ``KL(p_T || softmax(S(x')/tau))``, then :func:`add_loss` (tau 1, alpha 5/6).
+    """ADD, the thesis method: the teacher's soft labels replace hard labels; tau 1, mix 5/6.
+
+    PGD on ``KL(p_T || softmax(S(x')/tau))``, then :func:`add_loss`.
 
     The defaults come from the sweep in ``benchmarks/results/distill_sweep_mini.md`` (tau in
     {1, 2, 4} x alpha in {5/6, 0.9}, ResNet-8 students of a ResNet-20 PGD-AT teacher on 4,000
     CIFAR-10 images): no setting beat RSLAD beyond noise and tau > 1 lost 0.4 to 1.4 points
-    under CW-20, so ADD keeps tau 1 and alpha 5/6, where it equals RSLAD.
+    under CW-20, so ADD keeps tau 1 and mix 5/6, where it equals RSLAD.
     """
 
     name = "add"
@@ -424,12 +460,7 @@ class ADD(DistillMethod):
 
         x_adv = self._pgd(model, soft_label_kl, "normal")(x, F.softmax(t / tau, 1))
         s_adv = model(x_adv)
-        return MethodOutput(add_loss(s_adv, model(x), t, tau=tau, alpha=self.mix), s_adv)
-
-
-DISTILL_METHODS: dict[str, type[DistillMethod]] = {
-    m.name: m for m in (KD, DD, ARD, IAD, RSLAD, AdaAD, ADD)
-}
+        return MethodOutput(add_loss(s_adv, model(x), t, tau=tau, mix=self.mix), s_adv)
 
 
 def build_distill_method(name: str, **kwargs: Any) -> DistillMethod:
@@ -438,6 +469,4 @@ def build_distill_method(name: str, **kwargs: Any) -> DistillMethod:
     Raises:
         UsageError: for an unknown name or a bad option.
     """
-    if name not in DISTILL_METHODS:
-        raise UsageError(f"unknown method {name!r}", did_you_mean(name, DISTILL_METHODS))
-    return DISTILL_METHODS[name](**kwargs)
+    return DISTILL_METHODS.get(name)(**kwargs)

@@ -18,12 +18,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from advedge.attacks import PGD
-from advedge.errors import UsageError, did_you_mean
+from advedge.errors import UsageError
+from advedge.registry import Registry
 
 __all__ = [
     "FGSMRS",
-    "METHODS",
     "PGDAT",
+    "TRAINING_METHODS",
     "Method",
     "MethodOutput",
     "Natural",
@@ -138,8 +139,16 @@ class Method:
         raise NotImplementedError
 
 
+TRAINING_METHODS: Registry[type[Method]] = Registry("method")
+"""The training methods by name (``advedge train --method``)."""
+
+
+@TRAINING_METHODS.register("natural")
 class Natural(Method):
-    """Standard training on clean inputs: :func:`natural_loss`."""
+    """Standard training on clean inputs (cross-entropy).
+
+    The loss is :func:`natural_loss`; no attack.
+    """
 
     name = "natural"
     adversarial = False
@@ -149,8 +158,12 @@ class Natural(Method):
         return MethodOutput(natural_loss(logits, y), logits)
 
 
+@TRAINING_METHODS.register("pgd-at")
 class PGDAT(Method):
-    """PGD adversarial training: PGD-``steps`` with a uniform random start, then :func:`pgd_at_loss`."""
+    """PGD adversarial training (Madry et al., ICLR 2018).
+
+    PGD-``steps`` with a uniform random start, then :func:`pgd_at_loss`.
+    """
 
     name = "pgd-at"
 
@@ -163,27 +176,11 @@ class PGDAT(Method):
         return MethodOutput(pgd_at_loss(logits, y), logits)
 
 
-class FGSMRS(Method):
-    """Fast adversarial training (Wong et al., ICLR 2020): FGSM from a uniform random start.
-
-    One step of size ``alpha`` (the paper's 1.25 * eps; the CLI uses that when ``--alpha`` is not
-    given) from ``x + U(-eps, eps)``, projected to the eps-ball, then :func:`pgd_at_loss`.
-    """
-
-    name = "fgsm-rs"
-
-    def settings(self) -> dict[str, Any]:
-        return {"eps": self.eps, "alpha": self.alpha, "steps": 1, "norm": self.norm}
-
-    def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> MethodOutput:
-        attack = PGD(attack_view(model), eps=self.eps, alpha=self.alpha, steps=1, norm=self.norm)
-        x_adv = attack(x, y)
-        logits = model(x_adv)
-        return MethodOutput(pgd_at_loss(logits, y), logits)
-
-
+@TRAINING_METHODS.register("trades")
 class Trades(Method):
-    """TRADES: PGD on ``KL(f(x) || f(x'))`` from ``x + 0.001 N(0, I)``, then :func:`trades_loss`.
+    """TRADES (Zhang et al., ICML 2019): clean cross-entropy plus beta times a robust KL term.
+
+    PGD on ``KL(f(x) || f(x'))`` from ``x + 0.001 N(0, I)``, then :func:`trades_loss`.
 
     Args:
         beta: Weight of the robust KL term (6.0 in the paper for CIFAR-10).
@@ -223,7 +220,19 @@ class Trades(Method):
         return MethodOutput(trades_loss(logits_clean, logits_adv, y, self.beta), logits_clean)
 
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (Natural, PGDAT, Trades, FGSMRS)}
+@TRAINING_METHODS.register("fgsm-rs")
+class FGSMRS(PGDAT):
+    """Fast adversarial training (Wong et al., ICLR 2020): FGSM from a uniform random start.
+
+    One step of size ``alpha`` (the paper's 1.25 * eps; the CLI uses that when ``--alpha`` is not
+    given) from ``x + U(-eps, eps)``, projected to the eps-ball, then :func:`pgd_at_loss`.
+    """
+
+    name = "fgsm-rs"
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.steps = 1  # one step, whatever ``steps`` says
 
 
 def build_method(name: str, **kwargs: Any) -> Method:
@@ -232,6 +241,4 @@ def build_method(name: str, **kwargs: Any) -> Method:
     Raises:
         UsageError: for an unknown name (with a close-match suggestion) or a bad option.
     """
-    if name not in METHODS:
-        raise UsageError(f"unknown method {name!r}", did_you_mean(name, METHODS))
-    return METHODS[name](**kwargs)
+    return TRAINING_METHODS.get(name)(**kwargs)
