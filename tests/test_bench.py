@@ -14,21 +14,26 @@ from advedge.export.runtime.base import artifact_kind, open_runner
 from advedge.export.runtime.latency import latency_stats
 from advedge.export.runtime.transfer import load_transfer_set
 from conftest import argv
+from fakes.artifacts import classifier_artifacts, tiny_classifier
 
-from advedge.checkpoint import save_model
 from advedge.cli import main
 from advedge.errors import ExportError, MissingDependencyError, UsageError
-from advedge.models import create_model
 from advedge.report import pareto_front
 
 PNG = b"\x89PNG\r\n\x1a\n"
+QUICK = {"warmup": "0", "iters": "1"}  # one untimed-ish call: the checks and accuracy matter
 
 
-def _model(seed: int) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return create_model(
-        "tiny_cnn", num_classes=10, in_channels=3, mean=[0.5] * 3, std=[0.25] * 3
-    ).eval()
+def _bench(artifact: object, data: object, **options: object) -> int:
+    """``advedge bench`` on ``artifact`` (a path, or a list of paths) and ``data``; ``options``
+    are further flags, as :func:`conftest.argv` writes them."""
+    paths = [str(a) for a in artifact] if isinstance(artifact, list) else str(artifact)
+    return main(argv("bench", artifact=paths, data=str(data), **options))
+
+
+def _robust(model: object, query_n: int, n_queries: int) -> dict[str, object]:
+    """The --robust flags: sets crafted on ``model``, Square on ``query_n`` images."""
+    return {"robust": True, "model": str(model), "query_n": query_n, "n_queries": n_queries}
 
 
 @pytest.fixture(scope="module")
@@ -36,28 +41,7 @@ def arts(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("bench")
     out = {}
     for name, seed in (("a", 0), ("b", 1)):
-        run = root / f"run_{name}"
-        run.mkdir()
-        model = _model(seed)
-        save_model(
-            model,
-            run / "model.safetensors",
-            metadata={"dataset": "tiny", "eps": 8 / 255, "input_shape": [3, 32, 32]},
-        )
-        from advedge.utils import sha256_file
-
-        onnx_path = export_onnx(
-            model,
-            root / f"{name}.fp32.onnx",
-            input_shape=(3, 32, 32),
-            metadata={
-                "kind": "classifier",
-                "precision": "fp32",
-                "input_shape": [3, 32, 32],
-                "source_sha256": sha256_file(run / "model.safetensors"),
-            },
-        )
-        out[f"run_{name}"], out[f"onnx_{name}"] = run, onnx_path
+        out[f"run_{name}"], out[f"onnx_{name}"] = classifier_artifacts(root, name, seed)
     return out
 
 
@@ -88,6 +72,30 @@ def test_torch_and_onnx_runners_agree_and_split_stages(arts):
     assert o.info.backend == "onnxruntime" and o.info.size_bytes > 0
 
 
+def test_runner_info_says_where_it_computes_and_whether_it_has_gradients(arts):
+    from advedge.utils import sha256_file
+
+    t, o = open_runner(arts["run_a"], device="cpu"), open_runner(arts["onnx_a"])
+    assert (t.info.backend, t.info.device, t.info.gradients, t.info.host_compute) == (
+        "torch",
+        "cpu",
+        True,
+        True,
+    )
+    assert (o.info.backend, o.info.device, o.info.gradients, o.info.host_compute) == (
+        "onnxruntime",
+        "cpu",
+        False,
+        True,
+    )
+    assert t.info.source_sha256 == o.info.source_sha256  # a checkpoint is its own source
+    assert o.info.source_sha256 == sha256_file(arts["run_a"] / "model.safetensors")
+    assert t.info.input_shape == o.info.input_shape == (3, 32, 32)
+    assert o.info.batch_range == t.info.batch_range == (1, None)
+    o.providers = ["CUDAExecutionProvider"]  # as --backend onnxruntime-cuda opens it
+    assert (o.describe().backend, o.describe().host_compute) == ("onnxruntime-cuda", False)
+
+
 def test_latency_stats_formulas():
     s = latency_stats([0.001, 0.002, 0.003, 0.004], batch=8)
     assert s["mean_ms"] == pytest.approx(2.5)
@@ -98,18 +106,15 @@ def test_latency_stats_formulas():
 
 def test_bench_cli_latency_accuracy_files(arts, tiny_npz_data, tmp_path, capsys):
     out = tmp_path / "b"
-    rc = main(
-        argv(
-            "bench",
-            artifact=[str(arts["onnx_a"]), str(arts["run_a"])],
-            data=str(tiny_npz_data),
-            batch_sizes="1,4",
-            warmup="2",
-            iters="5",
-            n="32",
-            out=str(out),
-            json=True,
-        )
+    rc = _bench(
+        [arts["onnx_a"], arts["run_a"]],
+        tiny_npz_data,
+        batch_sizes="1,4",
+        warmup="2",
+        iters="5",
+        n="32",
+        out=str(out),
+        json=True,
     )
     captured = capsys.readouterr()
     assert rc == 0, captured.err
@@ -129,22 +134,16 @@ def test_bench_cli_latency_accuracy_files(arts, tiny_npz_data, tmp_path, capsys)
 
 def test_bench_robust_transfer_query_and_worst_case(arts, tiny_npz_data, tmp_path, capsys):
     out = tmp_path / "r"
-    rc = main(
-        argv(
-            "bench",
-            artifact=str(arts["onnx_a"]),
-            data=str(tiny_npz_data),
-            batch_sizes="8",
-            warmup="1",
-            iters="2",
-            n="24",
-            robust=True,
-            model=str(arts["run_a"]),
-            query_n="12",
-            n_queries="30",
-            out=str(out),
-            json=True,
-        )
+    rc = _bench(
+        arts["onnx_a"],
+        tiny_npz_data,
+        batch_sizes="8",
+        warmup="1",
+        iters="2",
+        n="24",
+        **_robust(arts["run_a"], 12, 30),
+        out=str(out),
+        json=True,
     )
     captured = capsys.readouterr()
     assert rc == 0, captured.err
@@ -164,20 +163,16 @@ def test_bench_robust_transfer_query_and_worst_case(arts, tiny_npz_data, tmp_pat
     assert set(advs) == {"pgd20", "apgd-ce"} and meta["n"] == 24
     assert np.abs(advs["pgd20"] - x).max() <= 8 / 255 + 1e-6
     # the same set evaluated without crafting (as on a device without torch)
-    rc = main(
-        argv(
-            "bench",
-            artifact=str(arts["onnx_a"]),
-            data=str(tiny_npz_data),
-            batch_sizes="8",
-            warmup="0",
-            iters="1",
-            n="24",
-            transfer_set=str(tset),
-            query_n="4",
-            n_queries="5",
-            json=True,
-        )
+    rc = _bench(
+        arts["onnx_a"],
+        tiny_npz_data,
+        batch_sizes="8",
+        n="24",
+        transfer_set=str(tset),
+        query_n="4",
+        n_queries="5",
+        json=True,
+        **QUICK,
     )
     again = json.loads(capsys.readouterr().out)["results"][0]["robust"]
     assert rc == 0 and again["worst_case_transfer_acc"] == rob["worst_case_transfer_acc"]
@@ -188,37 +183,21 @@ def test_bench_refuses_a_transfer_set_of_another_model_or_tampered(
 ):
     out = tmp_path / "r"
     assert (
-        main(
-            argv(
-                "bench",
-                artifact=str(arts["onnx_a"]),
-                data=str(tiny_npz_data),
-                batch_sizes="8",
-                warmup="0",
-                iters="1",
-                n="16",
-                robust=True,
-                model=str(arts["run_a"]),
-                query_n="2",
-                n_queries="2",
-                out=str(out),
-            )
+        _bench(
+            arts["onnx_a"],
+            tiny_npz_data,
+            batch_sizes="8",
+            n="16",
+            **_robust(arts["run_a"], 2, 2),
+            out=str(out),
+            **QUICK,
         )
         == 0
     )
     capsys.readouterr()
     (tset,) = out.glob("transfer-*.npz")
-    rc = main(
-        argv(
-            "bench",
-            artifact=str(arts["onnx_b"]),
-            data=str(tiny_npz_data),
-            n="16",
-            batch_sizes="8",
-            warmup="0",
-            iters="1",
-            transfer_set=str(tset),
-        )
+    rc = _bench(
+        arts["onnx_b"], tiny_npz_data, n="16", batch_sizes="8", transfer_set=str(tset), **QUICK
     )
     err = capsys.readouterr().err
     assert rc == 1 and "crafted on another model" in err
@@ -226,17 +205,13 @@ def test_bench_refuses_a_transfer_set_of_another_model_or_tampered(
         data = {k: z[k] for k in z.files}
     data["adv_pgd20"] = np.clip(data["adv_pgd20"] + 0.01, 0, 1)
     np.savez(tmp_path / "tampered.npz", **data)
-    rc = main(
-        argv(
-            "bench",
-            artifact=str(arts["onnx_a"]),
-            data=str(tiny_npz_data),
-            n="16",
-            batch_sizes="8",
-            warmup="0",
-            iters="1",
-            transfer_set=str(tmp_path / "tampered.npz"),
-        )
+    rc = _bench(
+        arts["onnx_a"],
+        tiny_npz_data,
+        n="16",
+        batch_sizes="8",
+        transfer_set=str(tmp_path / "tampered.npz"),
+        **QUICK,
     )
     assert rc == 1 and "sha256" in capsys.readouterr().err
 
@@ -280,17 +255,8 @@ def test_bench_engine_through_the_tensorrt_double_times_stages(
     info = json.loads(build.sidecar.read_text())
     info["artifact"] = {"kind": "classifier", "input_shape": [3, 32, 32]}
     build.sidecar.write_text(json.dumps(info))
-    rc = main(
-        argv(
-            "bench",
-            artifact=str(build.engine),
-            data=str(tiny_npz_data),
-            batch_sizes="1,8,16",
-            warmup="1",
-            iters="3",
-            n="16",
-            json=True,
-        )
+    rc = _bench(
+        build.engine, tiny_npz_data, batch_sizes="1,8,16", warmup="1", iters="3", n="16", json=True
     )
     captured = capsys.readouterr()
     assert rc == 0, captured.err
@@ -343,21 +309,15 @@ def test_pareto_front():
 def test_report_writes_table_json_and_pngs(arts, tiny_npz_data, tmp_path, capsys):
     bench_dir = tmp_path / "bench"
     assert (
-        main(
-            argv(
-                "bench",
-                artifact=[str(arts["onnx_a"]), str(arts["run_a"])],
-                data=str(tiny_npz_data),
-                batch_sizes="1,8",
-                warmup="1",
-                iters="3",
-                n="16",
-                robust=True,
-                model=str(arts["run_a"]),
-                query_n="4",
-                n_queries="5",
-                out=str(bench_dir),
-            )
+        _bench(
+            [arts["onnx_a"], arts["run_a"]],
+            tiny_npz_data,
+            batch_sizes="1,8",
+            warmup="1",
+            iters="3",
+            n="16",
+            **_robust(arts["run_a"], 4, 5),
+            out=str(bench_dir),
         )
         == 0
     )
@@ -412,7 +372,7 @@ def test_purifier_run_is_the_white_box_parent_of_fused_artifacts(
     )
     source = {"purifier": sha256_file(pur / "purifier.safetensors"), "classifier": sha256_file(clf)}
     fused = export_onnx(
-        Purified(gen, _model(0)),
+        Purified(gen, tiny_classifier(0)),
         tmp_path / "fused.fp32.onnx",
         input_shape=(3, 32, 32),
         metadata={
@@ -423,21 +383,18 @@ def test_purifier_run_is_the_white_box_parent_of_fused_artifacts(
         },
     )
     bench = tmp_path / "bench"
-    rc = main(
-        argv(
-            "bench",
-            artifact=[str(pur), str(fused)],
-            data=str(tiny_npz_data),
-            batch_sizes="4",
-            warmup="0",
-            iters="2",
-            n="16",
-            robust=True,
-            model=str(arts["run_a"]),
-            purifier=str(pur),
-            n_queries="3",
-            out=str(bench),
-        )
+    rc = _bench(
+        [pur, fused],
+        tiny_npz_data,
+        batch_sizes="4",
+        warmup="0",
+        iters="2",
+        n="16",
+        robust=True,
+        model=str(arts["run_a"]),
+        purifier=str(pur),
+        n_queries="3",
+        out=str(bench),
     )
     assert rc == 0, capsys.readouterr().err
     capsys.readouterr()

@@ -16,21 +16,18 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-import torch
-from advedge.export.onnx_export import export_onnx
 from advedge.export.runtime import bench as bench_mod
 from advedge.export.runtime.base import RunnerInfo
 from advedge.export.runtime.bench import BenchOptions
 from advedge.export.runtime.transfer import load_transfer_set, save_transfer_set
 from conftest import argv
+from fakes.artifacts import classifier_artifacts
 from onnx import TensorProto, helper, numpy_helper
 
 from advedge import outputs
-from advedge.checkpoint import save_model
 from advedge.cli import main
 from advedge.errors import ExportError, UsageError
 from advedge.locks import output_lock
-from advedge.models import create_model
 from advedge.utils import sha256_file
 
 MAIN = "import sys; from advedge.cli import main; sys.exit(main(sys.argv[1:]))"
@@ -121,6 +118,11 @@ def _bench_args(artifact: Path, data: Path, out: Path | None = None, **kw: objec
     return argv("bench", **opts)
 
 
+def _robust(model: object) -> dict[str, object]:
+    """The --robust flags: sets crafted on ``model``, a two-query Square on two images."""
+    return {"robust": True, "model": str(model), "query_n": "2", "n_queries": "2"}
+
+
 def _bench_json(
     folder: Path, *, name: str = "a.fp32.onnx", device: str = "cpu", p50: float = 1.0
 ) -> Path:
@@ -192,29 +194,7 @@ def linear(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def arts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny_cnn run directory and its FP32 ONNX export."""
-    root = tmp_path_factory.mktemp("arts")
-    torch.manual_seed(0)
-    model = create_model(
-        "tiny_cnn", num_classes=10, in_channels=3, mean=[0.5] * 3, std=[0.25] * 3
-    ).eval()
-    run = root / "run"
-    run.mkdir()
-    save_model(
-        model,
-        run / "model.safetensors",
-        metadata={"dataset": "tiny", "eps": 8 / 255, "input_shape": [3, 32, 32]},
-    )
-    onnx_path = export_onnx(
-        model,
-        root / "a.fp32.onnx",
-        input_shape=(3, 32, 32),
-        metadata={
-            "kind": "classifier",
-            "precision": "fp32",
-            "input_shape": [3, 32, 32],
-            "source_sha256": sha256_file(run / "model.safetensors"),
-        },
-    )
+    run, onnx_path = classifier_artifacts(tmp_path_factory.mktemp("arts"))
     return {"run": run, "onnx": onnx_path}
 
 
@@ -226,10 +206,7 @@ def genuine(arts: dict[str, Path], tiny_npz_data: Path, tmp_path_factory) -> Pat
         arts["onnx"],
         tiny_npz_data,
         out,
-        robust=True,
-        model=str(arts["run"]),
-        query_n="2",
-        n_queries="2",
+        **_robust(str(arts["run"])),
     )
     assert main(args) == 0
     return out
@@ -241,33 +218,26 @@ def _the_set(folder: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------ 1. one writer
-def test_a_second_bench_writer_is_refused_with_one_line(linear, tiny_npz_data, tmp_path):
-    out = tmp_path / "out"
+def _refused_while_locked(out: Path, args: list[str]) -> None:
+    """``advedge <args>`` in another process, while this one holds ``out``'s lock: one line."""
     with output_lock(out):
         res = subprocess.run(
-            [sys.executable, "-c", MAIN, *_bench_args(linear["ok"], tiny_npz_data, out)],
-            capture_output=True,
-            text=True,
-            timeout=300,
+            [sys.executable, "-c", MAIN, *args], capture_output=True, text=True, timeout=300
         )
     assert res.returncode == 1, res.stderr
     assert "being written by another advedge process" in _one_line(res.stderr)
     assert not out.exists()
+
+
+def test_a_second_bench_writer_is_refused_with_one_line(linear, tiny_npz_data, tmp_path):
+    out = tmp_path / "out"
+    _refused_while_locked(out, _bench_args(linear["ok"], tiny_npz_data, out))
 
 
 def test_a_second_report_writer_is_refused_with_one_line(tmp_path):
     bench = _bench_json(tmp_path / "bench")
     out = tmp_path / "report"
-    with output_lock(out):
-        res = subprocess.run(
-            [sys.executable, "-c", MAIN, "report", str(bench), "--out", str(out)],
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-    assert res.returncode == 1, res.stderr
-    assert "being written by another advedge process" in _one_line(res.stderr)
-    assert not out.exists()
+    _refused_while_locked(out, ["report", str(bench), "--out", str(out)])
 
 
 # ------------------------------------------------------------------------------ 2. overwrite
@@ -490,10 +460,7 @@ def test_a_cached_transfer_set_in_out_is_checked_too(
             arts["onnx"],
             tiny_npz_data,
             out,
-            robust=True,
-            model=str(arts["run"]),
-            query_n="2",
-            n_queries="2",
+            **_robust(str(arts["run"])),
             overwrite=True,
         )
     )
@@ -557,10 +524,7 @@ def test_a_failure_after_crafting_keeps_the_transfer_set_for_the_next_run(
         arts["onnx"],
         tiny_npz_data,
         out,
-        robust=True,
-        model=str(arts["run"]),
-        query_n="2",
-        n_queries="2",
+        **_robust(str(arts["run"])),
     )
     rc = main(args)
     assert rc == (130 if isinstance(failure, KeyboardInterrupt) else 1)
@@ -590,10 +554,7 @@ def test_a_failure_before_crafting_leaves_no_folder(arts, tiny_npz_data, tmp_pat
             arts["onnx"],
             tiny_npz_data,
             out,
-            robust=True,
-            model=str(tmp_path / "nowhere"),
-            query_n="2",
-            n_queries="2",
+            **_robust(str(tmp_path / "nowhere")),
         )
     )
     assert rc == 1 and "checkpoint not found" in capsys.readouterr().err

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from advedge.export.graph import read_sidecar
 from advedge.export.onnx_export import export_onnx
 from advedge.export.runtime import OrtRunner
@@ -23,28 +22,20 @@ from advedge.export.runtime.tensorrt import TrtRunner
 from advedge.export.tensorrt import BatchProfile, build_engine, engine_filename
 from conftest import argv
 from fakes import install_fake_tensorrt
+from fakes.artifacts import classifier_run, tiny_classifier
 
-from advedge.checkpoint import save_model
 from advedge.cli import main
 from advedge.errors import ExportError, UsageError
-from advedge.models import create_model
 
 ENGINE_RE = re.compile(
     r"^(?P<name>.+)\.(?P<prec>[a-z0-9-]+)\.trt(?P<ver>[\d.]+)\.sm(?P<cc>\d+)\.b(?P<lo>\d+)-(?P<hi>\d+)\.engine$"
 )
 
 
-def _model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return create_model(
-        "tiny_cnn", num_classes=10, in_channels=3, mean=[0.5] * 3, std=[0.25] * 3
-    ).eval()
-
-
 @pytest.fixture(scope="module")
 def onnx_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("trt") / "tiny.fp32.onnx"
-    return export_onnx(_model(), path, input_shape=(3, 32, 32))
+    return export_onnx(tiny_classifier(), path, input_shape=(3, 32, 32))
 
 
 @pytest.mark.parametrize("version", ["10.3.0", "11.2.0"])
@@ -130,6 +121,18 @@ def test_runner_matches_onnx_runtime_and_splits_big_batches(
     out = runner.run(x)
     ref = OrtRunner(onnx_file).run(x)
     assert out.shape == (21, 10) and np.allclose(out, ref, atol=1e-5)
+
+
+def test_runner_info_of_an_engine(monkeypatch, tmp_path, onnx_file):
+    install_fake_tensorrt(monkeypatch, version="11.2.0")
+    build = build_engine(
+        onnx_file, tmp_path, name="tiny", precision="fp16", profile=BatchProfile(2, 4, 8)
+    )
+    info = TrtRunner(build.engine).info
+    assert (info.backend, info.precision, info.batch_range) == ("tensorrt", "fp16", (2, 8))
+    assert info.batch_range_source == "the engine's profile" and info.kind == "classifier"
+    assert not info.gradients and not info.host_compute  # activations live on the GPU
+    assert info.size_bytes == build.engine.stat().st_size
 
 
 def test_engine_from_another_tensorrt_or_gpu_is_refused_at_load(monkeypatch, tmp_path, onnx_file):
@@ -229,14 +232,26 @@ def test_legacy_calibrator_only_where_tensorrt_has_it(monkeypatch, tmp_path, onn
 # ------------------------------------------------------------------------------ CLI --trt
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("trt_run") / "run"
-    d.mkdir()
-    save_model(
-        _model(),
-        d / "model.safetensors",
-        metadata={"dataset": "tiny", "eps": 8 / 255, "input_shape": [3, 32, 32]},
+    return classifier_run(tmp_path_factory.mktemp("trt_run") / "run")
+
+
+SMALL = {"calib_n": "64", "parity_n": "16", "report_n": "16", "json": True}
+
+
+def _export_int8_trt(run_dir: Path, out: Path, data: Path, **options: object) -> int:
+    """``advedge export --precision int8 --trt`` of ``run_dir``, calibrated on ``data``;
+    ``options`` are further flags, as :func:`conftest.argv` writes them."""
+    return main(
+        argv(
+            "export",
+            model=str(run_dir),
+            out=str(out),
+            precision="int8",
+            calib_data=str(data),
+            trt=True,
+            **options,
+        )
     )
-    return d
 
 
 @pytest.mark.parametrize("version", ["10.3.0", "11.2.0"])
@@ -245,23 +260,15 @@ def test_cli_int8_trt_builds_from_the_qdq_onnx(
 ):
     install_fake_tensorrt(monkeypatch, version=version)
     out = tmp_path / "out"
-    rc = main(
-        argv(
-            "export",
-            model=str(run_dir),
-            out=str(out),
-            precision="int8",
-            calib_data=str(tiny_npz_data),
-            calib_n="64",
-            parity_n="16",
-            report_n="16",
-            trt=True,
-            min_batch="1",
-            opt_batch="4",
-            max_batch="16",
-            cache_dir=str(tmp_path / "cc"),
-            json=True,
-        )
+    rc = _export_int8_trt(
+        run_dir,
+        out,
+        tiny_npz_data,
+        min_batch="1",
+        opt_batch="4",
+        max_batch="16",
+        cache_dir=str(tmp_path / "cc"),
+        **SMALL,
     )
     captured = capsys.readouterr()
     assert rc == 0, captured.err
@@ -287,17 +294,7 @@ def test_cli_legacy_calibrator_refused_on_tensorrt_11(
 ):
     install_fake_tensorrt(monkeypatch, version="11.2.0")
     out = tmp_path / "out"
-    rc = main(
-        argv(
-            "export",
-            model=str(run_dir),
-            out=str(out),
-            precision="int8",
-            calib_data=str(tiny_npz_data),
-            trt=True,
-            trt_calibrator="legacy-entropy",
-        )
-    )
+    rc = _export_int8_trt(run_dir, out, tiny_npz_data, trt_calibrator="legacy-entropy")
     err = capsys.readouterr().err
     assert rc == 2 and "no implicit INT8 calibrator" in err
     assert not out.exists()
@@ -307,17 +304,7 @@ def test_cli_ortcpu_int8_cannot_become_an_engine(
     monkeypatch, tmp_path, run_dir, tiny_npz_data, capsys
 ):
     install_fake_tensorrt(monkeypatch, version="10.3.0")
-    rc = main(
-        argv(
-            "export",
-            model=str(run_dir),
-            out=str(tmp_path / "o"),
-            precision="int8",
-            calib_data=str(tiny_npz_data),
-            trt=True,
-            int8_target="onnxruntime-cpu",
-        )
-    )
+    rc = _export_int8_trt(run_dir, tmp_path / "o", tiny_npz_data, int8_target="onnxruntime-cpu")
     assert rc == 2 and "cannot be built into a TensorRT engine" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
@@ -327,24 +314,16 @@ def test_cli_legacy_calibrator_on_tensorrt_10(
 ):
     install_fake_tensorrt(monkeypatch, version="10.3.0")
     out = tmp_path / "out"
-    rc = main(
-        argv(
-            "export",
-            model=str(run_dir),
-            out=str(out),
-            precision="int8",
-            calib_data=str(tiny_npz_data),
-            calib_n="64",
-            calib_batch="16",
-            parity_n="16",
-            report_n="16",
-            trt=True,
-            trt_calibrator="legacy-minmax",
-            max_batch="16",
-            opt_batch="16",
-            cache_dir=str(tmp_path / "cc"),
-            json=True,
-        )
+    rc = _export_int8_trt(
+        run_dir,
+        out,
+        tiny_npz_data,
+        calib_batch="16",
+        trt_calibrator="legacy-minmax",
+        max_batch="16",
+        opt_batch="16",
+        cache_dir=str(tmp_path / "cc"),
+        **SMALL,
     )
     captured = capsys.readouterr()
     assert rc == 0, captured.err

@@ -162,6 +162,11 @@ def _enum(name: str, members: dict[str, int]) -> type[_TrtEnum]:
     return _TrtEnum(name, members)  # type: ignore[return-value]
 
 
+def _numbered(name: str, members: str) -> type[_TrtEnum]:
+    """An enum whose (space-separated) members are numbered from 0, as NvInfer.h numbers them."""
+    return _enum(name, {m: i for i, m in enumerate(members.split())})
+
+
 class DataType(_TrtEnum):
     FLOAT = 0
     HALF = 1
@@ -257,90 +262,57 @@ _ONNX_TYPE_NAME = {
 }
 
 
-class TensorIOMode(_TrtEnum):
-    NONE = 0
-    INPUT = 1
-    OUTPUT = 2
+TensorIOMode = _numbered("TensorIOMode", "NONE INPUT OUTPUT")
 
 
-class TensorLocation(_TrtEnum):
-    DEVICE = 0
-    HOST = 1
+TensorLocation = _numbered("TensorLocation", "DEVICE HOST")
 
 
-class MemoryPoolType(_TrtEnum):
-    WORKSPACE = 0
-    DLA_MANAGED_SRAM = 1
-    DLA_LOCAL_DRAM = 2
-    DLA_GLOBAL_DRAM = 3
-    TACTIC_DRAM = 4
-    TACTIC_SHARED_MEMORY = 5
+MemoryPoolType = _numbered(
+    "MemoryPoolType",
+    "WORKSPACE DLA_MANAGED_SRAM DLA_LOCAL_DRAM DLA_GLOBAL_DRAM TACTIC_DRAM TACTIC_SHARED_MEMORY",
+)
 
 
-class ProfilingVerbosity(_TrtEnum):
-    LAYER_NAMES_ONLY = 0
-    NONE = 1
-    DETAILED = 2
+ProfilingVerbosity = _numbered("ProfilingVerbosity", "LAYER_NAMES_ONLY NONE DETAILED")
 
 
-class LayerInformationFormat(_TrtEnum):
-    ONELINE = 0
-    JSON = 1
+LayerInformationFormat = _numbered("LayerInformationFormat", "ONELINE JSON")
 
 
-class HardwareCompatibilityLevel(_TrtEnum):
-    NONE = 0
-    AMPERE_PLUS = 1
+HardwareCompatibilityLevel = _numbered("HardwareCompatibilityLevel", "NONE AMPERE_PLUS")
 
 
-class ExecutionContextAllocationStrategy(_TrtEnum):
-    STATIC = 0
-    ON_PROFILE_CHANGE = 1
-    USER_MANAGED = 2
+ExecutionContextAllocationStrategy = _numbered(
+    "ExecutionContextAllocationStrategy",
+    "STATIC ON_PROFILE_CHANGE USER_MANAGED",
+)
 
 
-class EngineCapability(_TrtEnum):
-    STANDARD = 0
-    SAFETY = 1
-    DLA_STANDALONE = 2
+EngineCapability = _numbered("EngineCapability", "STANDARD SAFETY DLA_STANDALONE")
 
 
-class DeviceType(_TrtEnum):
-    GPU = 0
-    DLA = 1
+DeviceType = _numbered("DeviceType", "GPU DLA")
 
 
-class ErrorCode(_TrtEnum):
-    SUCCESS = 0
-    INTERNAL_ERROR = 1
-    MEM_ALLOC_FAILED = 2
-    MODEL_DESERIALIZE_FAILED = 3
-    INVALID_VALUE = 4
-    INVALID_GRAPH = 5
-    INVALID_NODE = 6
-    UNSUPPORTED_GRAPH = 7
-    UNSUPPORTED_NODE = 8
-    UNSUPPORTED_NODE_ATTR = 9
-    UNSUPPORTED_NODE_INPUT = 10
-    UNSUPPORTED_NODE_DATATYPE = 11
-    UNSUPPORTED_NODE_DYNAMIC = 12
-    UNSUPPORTED_NODE_SHAPE = 13
-    REFIT_FAILED = 14
+ErrorCode = _numbered(
+    "ErrorCode",
+    "SUCCESS INTERNAL_ERROR MEM_ALLOC_FAILED MODEL_DESERIALIZE_FAILED INVALID_VALUE INVALID_GRAPH"
+    " INVALID_NODE UNSUPPORTED_GRAPH UNSUPPORTED_NODE UNSUPPORTED_NODE_ATTR UNSUPPORTED_NODE_INPUT"
+    " UNSUPPORTED_NODE_DATATYPE UNSUPPORTED_NODE_DYNAMIC UNSUPPORTED_NODE_SHAPE REFIT_FAILED",
+)
 
 
-class OnnxParserFlag(_TrtEnum):
-    NATIVE_INSTANCENORM = 0
+OnnxParserFlag = _numbered("OnnxParserFlag", "NATIVE_INSTANCENORM")
 
 
-class CalibrationAlgoType(_TrtEnum):
-    LEGACY_CALIBRATION = 0
-    ENTROPY_CALIBRATION = 1
-    ENTROPY_CALIBRATION_2 = 2
-    MINMAX_CALIBRATION = 3
+CalibrationAlgoType = _numbered(
+    "CalibrationAlgoType",
+    "LEGACY_CALIBRATION ENTROPY_CALIBRATION ENTROPY_CALIBRATION_2 MINMAX_CALIBRATION",
+)
 
 
-class QuantizationFlag(_TrtEnum):
-    CALIBRATE_BEFORE_FUSION = 0
+QuantizationFlag = _numbered("QuantizationFlag", "CALIBRATE_BEFORE_FUSION")
 
 
 _CALIB_NAMES = {
@@ -404,12 +376,7 @@ _PRECISION_FLAGS = (
 )
 
 
-class Severity(_TrtEnum):
-    INTERNAL_ERROR = 0
-    ERROR = 1
-    WARNING = 2
-    INFO = 3
-    VERBOSE = 4
+Severity = _numbered("Severity", "INTERNAL_ERROR ERROR WARNING INFO VERBOSE")
 
 
 # --------------------------------------------------------------------------------------------

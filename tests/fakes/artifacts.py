@@ -1,0 +1,56 @@
+"""Small real artifacts for the runner, bench and TensorRT tests (not doubles): a seeded
+``tiny_cnn`` classifier, its run directory and its FP32 ONNX export with the metadata
+``advedge export`` records."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from advedge.export.onnx_export import export_onnx
+
+from advedge.checkpoint import save_model
+from advedge.models import create_model
+from advedge.utils import sha256_file
+
+__all__ = ["SHAPE", "classifier_artifacts", "classifier_run", "tiny_classifier"]
+
+SHAPE = [3, 32, 32]
+
+
+def tiny_classifier(seed: int = 0) -> torch.nn.Module:
+    """A ``tiny_cnn`` for 10 classes of 3x32x32 images, its weights drawn from ``seed``."""
+    torch.manual_seed(seed)
+    return create_model(
+        "tiny_cnn", num_classes=10, in_channels=3, mean=[0.5] * 3, std=[0.25] * 3
+    ).eval()
+
+
+def classifier_run(run: Path, model: torch.nn.Module | None = None) -> Path:
+    """A run directory ``run`` holding ``model`` (default: :func:`tiny_classifier`)."""
+    run.mkdir(parents=True)
+    save_model(
+        model if model is not None else tiny_classifier(),
+        run / "model.safetensors",
+        metadata={"dataset": "tiny", "eps": 8 / 255, "input_shape": SHAPE},
+    )
+    return run
+
+
+def classifier_artifacts(root: Path, name: str = "a", seed: int = 0) -> tuple[Path, Path]:
+    """``root/run_<name>`` and ``root/<name>.fp32.onnx``: one seeded classifier as a run
+    directory and as the FP32 ONNX exported from it (its source sha256 recorded)."""
+    model = tiny_classifier(seed)
+    run = classifier_run(root / f"run_{name}", model)
+    onnx_path = export_onnx(
+        model,
+        root / f"{name}.fp32.onnx",
+        input_shape=tuple(SHAPE),
+        metadata={
+            "kind": "classifier",
+            "precision": "fp32",
+            "input_shape": SHAPE,
+            "source_sha256": sha256_file(run / "model.safetensors"),
+        },
+    )
+    return run, onnx_path
