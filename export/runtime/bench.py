@@ -36,9 +36,9 @@ and renamed into place together, so an earlier pair stays whole until the new pa
 artifact (float32 NCHW input, no Loop/Scan/If: their run time is data and cannot be bounded, so
 they are refused rather than timed out; batch sizes its graph or engine takes; logits on every
 test image finite and one per class of the data) and the transfer set. A transfer set is checked
-wherever it is read (:func:`~advedge.export.runtime.transfer.load_transfer_set`): its sha256, then what it holds
-(:func:`~advedge.export.runtime.transfer.validate_transfer_set`: finite images in [0, 1], every adversarial image within eps of
-its clean one, labels in range, consistent counts, not every image left clean).
+wherever it is read (:mod:`~advedge.export.runtime.transfer`): its sha256, then what it holds
+(finite images in [0, 1], every adversarial image within eps of its clean one, labels in range,
+consistent counts, not every image left clean).
 """
 
 from __future__ import annotations
@@ -47,7 +47,6 @@ import contextlib
 import csv
 import io
 import json
-import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -83,11 +82,7 @@ from advedge.utils import available_memory, to_jsonable
 
 __all__ = ["BenchOptions", "run_bench"]
 
-logger = logging.getLogger(__name__)
-
 SCHEMA = "advedge.bench/1"
-OUTPUTS = ("bench.json", "bench.csv")
-
 OUTPUTS = ("bench.json", "bench.csv")
 
 # Sane limits, checked before anything is loaded or allocated. A batch of 4096 CIFAR images is

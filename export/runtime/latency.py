@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from advedge.export.runtime.base import Runner
 
 __all__ = ["CV_WARN", "latency_stats", "measure_latency"]
 
@@ -34,7 +35,7 @@ def latency_stats(times_s: Sequence[float], batch: int) -> dict[str, float]:
 
 
 def measure_latency(
-    runner: Any, x: np.ndarray, batch: int, *, warmup: int, iters: int
+    runner: Runner, x: np.ndarray, batch: int, *, warmup: int, iters: int
 ) -> dict[str, Any]:
     """Time ``runner.timed`` on a batch of real images; stages averaged where the runner splits them."""
     reps = -(-batch // len(x))

@@ -10,6 +10,9 @@ each behaviour follows and what is not modelled.
 
 Passing tests against these doubles shows that code uses the documented API the documented way;
 it does not show that an engine builds, or performs, on a real device.
+
+``tests/fakes/artifacts.py`` is no double: it makes small real artifacts (a seeded tiny
+classifier, its run directory and its FP32 ONNX) for the runner, bench and TensorRT tests.
 """
 
 from __future__ import annotations
