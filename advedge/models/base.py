@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -21,7 +21,13 @@ from advedge.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ImageClassifier", "Normalize", "channel_values", "init_weights"]
+__all__ = [
+    "ImageClassifier",
+    "Normalize",
+    "channel_values",
+    "init_weights",
+    "stack_stages",
+]
 
 
 def channel_values(values: Sequence[float], what: str) -> list[float]:
@@ -116,6 +122,38 @@ def init_weights(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+def stack_stages(
+    block: Callable[[int, int, int], nn.Module],
+    channels: int,
+    widths: Sequence[int],
+    blocks: Sequence[int],
+) -> tuple[nn.Sequential, int]:
+    """Stages of residual blocks: stage ``i`` has ``blocks[i]`` blocks of ``widths[i]`` channels.
+
+    The first stage keeps the resolution; every later one halves it with a stride-2 first block.
+
+    Args:
+        block: ``block(in_channels, out_channels, stride)`` builds one block.
+        channels: Channels entering the first stage.
+        widths: Output channels of each stage.
+        blocks: Number of blocks in each stage.
+
+    Returns:
+        ``(stages, out_channels)``: an ``nn.Sequential`` of one ``nn.Sequential`` per stage.
+    """
+    if len(widths) != len(blocks):
+        raise ValueError("widths and blocks must have the same length")
+    stages: list[nn.Module] = []
+    for i, (width, count) in enumerate(zip(widths, blocks, strict=True)):
+        stride = 1 if i == 0 else 2
+        layers: list[nn.Module] = []
+        for j in range(count):
+            layers.append(block(channels, width, stride if j == 0 else 1))
+            channels = width
+        stages.append(nn.Sequential(*layers))
+    return nn.Sequential(*stages), channels
+
+
 class ImageClassifier(nn.Module):
     """Base class of every advedge classifier: images in [0, 1] to logits.
 
@@ -156,6 +194,16 @@ class ImageClassifier(nn.Module):
     def feature_dim(self) -> int:
         """The length of the penultimate feature vector, the input of the head."""
         return int(self.fc.in_features)
+
+    def add_head(self, channels: int, num_classes: int) -> None:
+        """Add global average pooling and the linear head, then :func:`init_weights` the model.
+
+        Every architecture calls it last in ``__init__``, after its body.
+        """
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten(1)
+        self.fc = nn.Linear(channels, num_classes)
+        init_weights(self)
 
     def _features(self, x: Tensor) -> Tensor:
         """Map normalised images to pooled features; implemented by every architecture.

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from advedge.errors import UsageError
-from advedge.models.base import ImageClassifier, init_weights
+from advedge.models.base import ImageClassifier
 from advedge.models.registry import float_argument, register_model
 
 logger = logging.getLogger(__name__)
@@ -137,10 +137,7 @@ class MobileNetV2(ImageClassifier):
                 channels = out_channels
         layers.append(_conv_bn_relu6(channels, last_channels, 1))
         self.layers = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.flatten = nn.Flatten(1)
-        self.fc = nn.Linear(last_channels, num_classes)
-        init_weights(self)
+        self.add_head(last_channels, num_classes)
 
     def _features(self, x: Tensor) -> Tensor:
         """Stem, inverted residual stages, last 1x1 convolution and global average pooling.

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from advedge.models.base import ImageClassifier, init_weights
+from advedge.models.base import ImageClassifier, stack_stages
 from advedge.models.registry import register_model
 
 logger = logging.getLogger(__name__)
@@ -90,25 +90,11 @@ class ResNet(ImageClassifier):
         std: Sequence[float],
     ) -> None:
         super().__init__(mean=mean, std=std)
-        if len(widths) != len(blocks):
-            raise ValueError("widths and blocks must have the same length")
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU()
-        stages: list[nn.Module] = []
-        channels = widths[0]
-        for i, (width, count) in enumerate(zip(widths, blocks, strict=True)):
-            stride = 1 if i == 0 else 2
-            layers: list[nn.Module] = []
-            for j in range(count):
-                layers.append(BasicBlock(channels, width, stride if j == 0 else 1))
-                channels = width
-            stages.append(nn.Sequential(*layers))
-        self.layers = nn.Sequential(*stages)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.flatten = nn.Flatten(1)
-        self.fc = nn.Linear(channels, num_classes)
-        init_weights(self)
+        self.layers, channels = stack_stages(BasicBlock, widths[0], widths, blocks)
+        self.add_head(channels, num_classes)
 
     def _features(self, x: Tensor) -> Tensor:
         """Stem, stages and global average pooling.

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from advedge.models.base import ImageClassifier, init_weights
+from advedge.models.base import ImageClassifier
 from advedge.models.registry import register_model
 
 logger = logging.getLogger(__name__)
@@ -41,10 +41,7 @@ class TinyCNN(ImageClassifier):
         self.conv2 = nn.Conv2d(8, 16, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(16)
         self.relu2 = nn.ReLU()
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.flatten = nn.Flatten(1)
-        self.fc = nn.Linear(16, num_classes)
-        init_weights(self)
+        self.add_head(16, num_classes)
 
     def _features(self, x: Tensor) -> Tensor:
         """Two conv-BN-ReLU layers with max pooling between them, then global pooling.

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from advedge.errors import UsageError
-from advedge.models.base import ImageClassifier, init_weights
+from advedge.models.base import ImageClassifier, stack_stages
 from advedge.models.registry import float_argument, int_argument, register_model
 
 logger = logging.getLogger(__name__)
@@ -101,22 +101,12 @@ class WideResNet(ImageClassifier):
         n = (depth - 4) // 6
         widths = (16 * widen_factor, 32 * widen_factor, 64 * widen_factor)
         self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
-        groups: list[nn.Module] = []
-        channels = 16
-        for i, width in enumerate(widths):
-            stride = 1 if i == 0 else 2
-            layers: list[nn.Module] = []
-            for j in range(n):
-                layers.append(WideBlock(channels, width, stride if j == 0 else 1, dropout))
-                channels = width
-            groups.append(nn.Sequential(*layers))
-        self.layers = nn.Sequential(*groups)
+        self.layers, channels = stack_stages(
+            lambda cin, cout, stride: WideBlock(cin, cout, stride, dropout), 16, widths, (n,) * 3
+        )
         self.bn = nn.BatchNorm2d(channels)
         self.relu = nn.ReLU()
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.flatten = nn.Flatten(1)
-        self.fc = nn.Linear(channels, num_classes)
-        init_weights(self)
+        self.add_head(channels, num_classes)
 
     def _features(self, x: Tensor) -> Tensor:
         """Stem, three wide groups, final BN-ReLU and global average pooling.
