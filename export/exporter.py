@@ -18,13 +18,11 @@ every step has passed: a failure leaves no partial artifact, and earlier artifac
 replaced only by complete new ones. ``out`` itself is created only when the first file is staged.
 Before any work, ``out`` is checked (not under a file, writable), the output lock
 (:func:`advedge.locks.output_lock`) is taken, so a second writer is refused at once, and what
-``out`` already holds is checked against what the export would write (see
-:func:`advedge.export.artifacts.check_existing`: no folder ever holds a mix of two models'
-artifacts of one name).
-Staging folders left by an export that was killed are removed by the next export into ``out``.
-ONNX Runtime's log lines and numpy's warnings are logged at debug, not printed, so an error stays
-one line; a full disk is reported as ``cannot write PATH: the disk is full``. torch is imported
-inside the functions.
+``out`` already holds is checked (:func:`advedge.export.artifacts.check_existing`: no folder
+ever holds a mix of two models' artifacts of one name). Staging folders left by an export that
+was killed are removed by the next export into ``out``. ONNX Runtime's log lines and numpy's
+warnings are logged at debug, so an error stays one line; a full disk is reported as ``cannot
+write PATH: the disk is full``. torch is imported inside the functions.
 """
 
 from __future__ import annotations
