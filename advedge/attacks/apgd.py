@@ -137,7 +137,8 @@ class APGD(Attack):
         model: Classifier under attack (a differentiable ``nn.Module``).
         eps: Budget in pixel units.
         norm: ``"Linf"`` or ``"L2"``.
-        loss: ``"ce"`` (cross-entropy) or ``"dlr"`` (eq. 3; needs at least 3 classes).
+        loss: ``"ce"`` (cross-entropy) or ``"dlr"`` (eq. 3; needs at least 3 classes); the
+            class's ``default_loss`` (``ce``, or ``dlr`` for :class:`APGDDLR`) if None.
         n_iter: Iterations per restart ``N_iter`` (100 in the paper).
         n_restarts: Random restarts; each one attacks only the examples still not broken.
         rho: Threshold of Condition 1 (0.75 in the paper).
@@ -153,6 +154,7 @@ class APGD(Attack):
 
     name = "apgd-ce"
     kind = "white-box"
+    default_loss = "ce"
 
     def __init__(
         self,
@@ -160,7 +162,7 @@ class APGD(Attack):
         *,
         eps: float,
         norm: str = "Linf",
-        loss: str = "ce",
+        loss: str | None = None,
         n_iter: int = 100,
         n_restarts: int = 1,
         rho: float = 0.75,
@@ -169,6 +171,7 @@ class APGD(Attack):
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__(model, eps=eps, norm=norm)
+        loss = self.default_loss if loss is None else loss
         if loss not in _APGD_LOSSES:
             raise UsageError(f"unknown APGD loss {loss!r}", "use ce or dlr")
         if n_iter < 1:
@@ -425,33 +428,7 @@ class APGDDLR(APGD):
     """APGD on the DLR loss (``apgd-dlr``); :class:`APGD` with ``loss="dlr"``."""
 
     name = "apgd-dlr"
-
-    def __init__(
-        self,
-        model: nn.Module,
-        *,
-        eps: float,
-        norm: str = "Linf",
-        loss: str = "dlr",
-        n_iter: int = 100,
-        n_restarts: int = 1,
-        rho: float = 0.75,
-        momentum: float = 0.75,
-        seed: int | None = None,
-        generator: torch.Generator | None = None,
-    ) -> None:
-        super().__init__(
-            model,
-            eps=eps,
-            norm=norm,
-            loss=loss,
-            n_iter=n_iter,
-            n_restarts=n_restarts,
-            rho=rho,
-            momentum=momentum,
-            seed=seed,
-            generator=generator,
-        )
+    default_loss = "dlr"
 
 
 @register_attack("apgd-t")
