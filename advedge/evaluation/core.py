@@ -207,6 +207,9 @@ class EvalSettings:
             data: The evaluation split.
             attacks: The attacks, in order.
             state_path: Where to keep the per-example state for resuming (None: nowhere).
+
+        Returns:
+            The results and the per-example flags behind them.
         """
         started = time.perf_counter()
         run = _Evaluation(self, model, data, attacks)
@@ -222,9 +225,7 @@ class EvalSettings:
             if self.cascade:
                 survived &= flags
             entries.append(entry)
-        result = EvalResult({}, clean, not_broken)
-        result.summary.update(run.summary(result, entries, started))
-        return result
+        return EvalResult(run.summary(clean, not_broken, entries, started), clean, not_broken)
 
 
 def evaluate(
@@ -475,7 +476,7 @@ class _Evaluation:
             }
         return entry
 
-    def _flags(self, result: EvalResult, m: int) -> list[dict[str, Any]]:
+    def _flags(self, per_example: dict[str, np.ndarray], m: int) -> list[dict[str, Any]]:
         """The sanity flags, the model-based ones on the first ``m`` examples."""
         return run_sanity_checks(
             self.model,
@@ -483,7 +484,7 @@ class _Evaluation:
             self.y[:m],
             eps=self.settings.eps,
             norm=self.settings.norm,
-            per_example=result.per_example,
+            per_example=per_example,
             kinds={a.name: a.kind for a in self.attacks},
             n=self.total,
             autocast=self.autocast,
@@ -491,12 +492,16 @@ class _Evaluation:
         )
 
     def summary(
-        self, result: EvalResult, entries: list[dict[str, Any]], started: float
+        self,
+        clean: np.ndarray,
+        not_broken: dict[str, np.ndarray],
+        entries: list[dict[str, Any]],
+        started: float,
     ) -> dict[str, Any]:
         """The results dict (schema ``advedge.eval/1``); runs the sanity checks first."""
         s, total = self.settings, self.total
         m = min(s.flags_n, total)
-        flags = self._flags(result, m)
+        flags = self._flags({"clean": clean, **not_broken}, m)
         elapsed = time.perf_counter() - started  # the sanity checks count too
         attack_seconds = sum(e["seconds"] for e in entries)
         return {
@@ -510,9 +515,9 @@ class _Evaluation:
             "suite": s.suite,
             "cascade": s.cascade,
             "seed": s.seed,
-            "clean_acc": self._running_acc(result.clean),
+            "clean_acc": self._running_acc(clean),
             "attacks": entries,
-            "worst_case_acc": self._running_acc(result.worst_case()),
+            "worst_case_acc": self._running_acc(_worst_case(clean, not_broken)),
             "worst_case_attacks": [e["name"] for e in entries if e["n_broken"] > 0],
             "flags": flags,
             "flags_triggered": [f["name"] for f in flags if f["triggered"]],
