@@ -198,14 +198,15 @@ def test_train_json_and_run_directory(trained: TrainedRun):
 
 
 # ------------------------------------------------------------------------------------ eval
+def eval_argv(trained: TrainedRun) -> list[Any]:
+    """``advedge eval`` of the shared run on its data; the tests add their flags."""
+    return ["eval", "--model", trained.run, "--data", trained.data]
+
+
 def test_eval_json_schema_and_out_file(cli, trained: TrainedRun, tmp_path: Path):
     out_file = tmp_path / "results.json"
     res = cli(
-        "eval",
-        "--model",
-        trained.run,
-        "--data",
-        trained.data,
+        *eval_argv(trained),
         "--attacks",
         "fgsm,pgd,cw,mifgsm",
         "--eps",
@@ -241,11 +242,7 @@ def test_eval_json_schema_and_out_file(cli, trained: TrainedRun, tmp_path: Path)
 def test_eval_unknown_attack_suggests_and_writes_nothing(cli, trained: TrainedRun, tmp_path):
     out_file = tmp_path / "results.json"
     res = cli(
-        "eval",
-        "--model",
-        trained.run,
-        "--data",
-        trained.data,
+        *eval_argv(trained),
         "--attacks",
         "pgd,fgm",
         "--n",
@@ -264,11 +261,7 @@ def test_eval_unknown_attack_suggests_and_writes_nothing(cli, trained: TrainedRu
 # ------------------------------------------------------------------------------------- eps
 def test_fraction_eps_is_accepted_in_eval(cli, trained: TrainedRun):
     res = cli(
-        "eval",
-        "--model",
-        trained.run,
-        "--data",
-        trained.data,
+        *eval_argv(trained),
         "--attacks",
         "fgsm",
         "--eps",
@@ -298,9 +291,7 @@ def test_bad_eps_in_train_is_a_usage_error(cli, tiny_npz_data: Path, tmp_path: P
 @pytest.mark.parametrize("eps", BAD_EPS)
 def test_bad_eps_in_eval_is_a_usage_error(cli, trained: TrainedRun, tmp_path: Path, eps: str):
     out_file = tmp_path / "results.json"
-    res = cli(
-        "eval", "--model", trained.run, "--data", trained.data, "--eps", eps, "--out", out_file
-    )
+    res = cli(*eval_argv(trained), "--eps", eps, "--out", out_file)
     assert res.code == 2
     assert "eps" in res.error
     assert not out_file.exists()

@@ -389,39 +389,27 @@ def test_distill_refuses_negative_seed(cli, tiny_npz_data: Path, tmp_path: Path)
     assert not run.exists()
 
 
+# (option, value out of bounds) for both TrainConfig and PurifierConfig
+OUT_OF_BOUNDS = [
+    ("seed", -1),
+    ("seed", 2**32),
+    ("epochs", 10**9),
+    ("steps", 10**6),
+    ("batch_size", 10**6),
+    ("subset", 10**12),
+    ("eval_n", 10**12),
+]
+
+
 @pytest.mark.parametrize(
-    ("name", "value"),
-    [
-        ("seed", -1),
-        ("seed", 2**32),
-        ("seed", 10**20),
-        ("epochs", 10**9),
-        ("steps", 10**6),
-        ("batch_size", 10**6),
-        ("subset", 10**12),
-        ("eval_n", 10**12),
-        ("eval_steps", 10**6),
-    ],
+    ("name", "value"), [*OUT_OF_BOUNDS, ("seed", 10**20), ("eval_steps", 10**6)]
 )
 def test_train_config_integers_are_bounded(name: str, value: int):
     with pytest.raises(UsageError, match=f"^{name} must lie in"):
         TrainConfig(data="d", model="tiny_cnn", **{name: value})
 
 
-@pytest.mark.parametrize(
-    ("name", "value"),
-    [
-        ("seed", -1),
-        ("seed", 2**32),
-        ("epochs", 10**9),
-        ("steps", 10**6),
-        ("batch_size", 10**6),
-        ("subset", 10**12),
-        ("eval_n", 10**12),
-        ("width", 10**6),
-        ("depth", 50),
-    ],
-)
+@pytest.mark.parametrize(("name", "value"), [*OUT_OF_BOUNDS, ("width", 10**6), ("depth", 50)])
 def test_purifier_config_integers_are_bounded(name: str, value: int):
     with pytest.raises(UsageError, match=f"^{name} must lie in"):
         PurifierConfig(classifier="c", data="d", **{name: value})

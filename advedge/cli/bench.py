@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -14,7 +14,7 @@ from advedge.cli.output import Output
 __all__ = ["bench_cmd", "report_cmd"]
 
 
-def bench_cmd(  # one parameter per option; the body is short
+def bench_cmd(
     ctx: typer.Context,
     artifact: Annotated[
         list[str],
@@ -72,10 +72,14 @@ def bench_cmd(  # one parameter per option; the body is short
     doc = run_bench(BenchOptions(**settings), status=output.info)
     for warning in doc["warnings"]:
         output.err.print(f"[bold yellow]warning[/]: {warning}", highlight=False)
+    output.result(doc, human=_latency_table(doc["results"]))
+
+
+def _latency_table(results: list[dict[str, Any]]) -> Table:
     table = Table(
         "artifact", "backend", "batch", "p50 ms", "p99 ms", "cv", "img/s", "clean", "worst"
     )
-    for r in doc["results"]:
+    for r in results:
         worst = (r.get("robust") or {}).get("worst_case_acc")
         for lat in r["latency"]:
             if "p50_ms" not in lat:
@@ -91,7 +95,7 @@ def bench_cmd(  # one parameter per option; the body is short
                 f"{r['clean_acc']:.4f}",
                 "-" if worst is None else f"{worst:.4f}",
             )
-    output.result(doc, human=table)
+    return table
 
 
 def report_cmd(

@@ -16,7 +16,7 @@ from advedge.cli.progress import EvalProgress, load_data
 __all__ = ["eval_cmd"]
 
 
-def eval_cmd(  # one parameter per option; the body is short
+def eval_cmd(
     ctx: typer.Context,
     model: Annotated[str, typer.Option(help="Run directory or model.safetensors.")],
     data: Data,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -14,7 +14,7 @@ from advedge.cli.output import Output
 __all__ = ["calibrate_cmd", "export_cmd"]
 
 
-def export_cmd(  # one parameter per option; the body is short
+def export_cmd(  # long: one parameter for each of its 30 options; the body is short
     ctx: typer.Context,
     model: Annotated[str, typer.Option(help="Classifier run directory or model.safetensors.")],
     out: Annotated[Path, typer.Option(help="Folder to write the artifacts into.")],
@@ -126,10 +126,14 @@ def export_cmd(  # one parameter per option; the body is short
     report = export_artifacts(ExportOptions(**settings), status=output.info)
     for warning in report.warnings:
         output.err.print(f"[bold red]WARNING[/]: {warning}", highlight=False)
+    output.result(report.to_dict(), human=_artifacts_table(report.artifacts))
+
+
+def _artifacts_table(artifacts: list[dict[str, Any]]) -> Table:
     table = Table(
         "artifact", "kind", "precision", "size", "parity (adv)", "clean acc", "transfer acc"
     )
-    for a in report.artifacts:
+    for a in artifacts:
         parity = a.get("parity", {}).get("figures", {}).get("adversarial")
         acc = a.get("accuracy_report", {}).get("accuracy", {}).get(a["precision"], {})
         table.add_row(
@@ -143,7 +147,7 @@ def export_cmd(  # one parameter per option; the body is short
             f"{acc['clean_acc']:.4f}" if acc else "",
             f"{acc['transfer_robust_acc']:.4f}" if acc else "",
         )
-    output.result(report.to_dict(), human=table)
+    return table
 
 
 def calibrate_cmd(

@@ -34,7 +34,7 @@ __all__ = ["distill_cmd", "train_cmd"]
 _NOT_SETTINGS = ("model_arg", "config", "resume", "json_out")
 
 
-def train_cmd(  # one parameter per option; the body is short
+def train_cmd(
     ctx: typer.Context,
     data: Data = None,  # type: ignore[assignment]  # may come from --config
     model: Annotated[str | None, typer.Option(help="Architecture (see `advedge models`).")] = None,
