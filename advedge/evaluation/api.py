@@ -298,6 +298,8 @@ def evaluate_checkpoint(
     seed_everything(opts.seed)
     settings = opts.eval_settings(eps, device, model_info, dataset, progress)
     if purifier is not None:
+        # Imported here: purifier.evaluate imports evaluation.core, so a module-level import
+        # would run this package's __init__ in the middle of importing purifier.evaluate.
         from advedge.purifier.evaluate import evaluate_purified
 
         result = evaluate_purified(model, purifier, dataset, attacks, settings, out=opts.out)
