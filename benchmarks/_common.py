@@ -38,6 +38,28 @@ def time_it(fn: Callable[[], Any], *, warmup: int, iters: int, device: torch.dev
     return times
 
 
+def reference_pgd_examples(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    alpha: float,
+    steps: int,
+) -> torch.Tensor:
+    """Plain fp32 eager L-inf PGD from a uniform random start: the benchmarks' baseline attack."""
+    import torch.nn.functional as F
+
+    x_adv = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1)
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        loss = F.cross_entropy(model(x_adv), y)
+        (grad,) = torch.autograd.grad(loss, [x_adv])
+        x_adv = x_adv.detach() + alpha * grad.sign()
+        x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
+    return x_adv
+
+
 def summarise(times: list[float], batch: int) -> dict[str, float]:
     med = statistics.median(times)
     return {

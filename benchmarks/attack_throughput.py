@@ -13,8 +13,7 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.nn.functional as F
-from _common import base_parser, cifar_batch, compare
+from _common import base_parser, cifar_batch, compare, reference_pgd_examples
 
 from advedge.attacks import PGD
 from advedge.models import create_model
@@ -26,13 +25,7 @@ EPS, ALPHA, STEPS = 8 / 255, 2 / 255, 20
 
 def reference_pgd(model, x, y):
     """Plain fp32 eager PGD-20 followed by scoring (the comparison baseline)."""
-    x_adv = (x + torch.empty_like(x).uniform_(-EPS, EPS)).clamp(0, 1)
-    for _ in range(STEPS):
-        x_adv.requires_grad_(True)
-        loss = F.cross_entropy(model(x_adv), y)
-        (grad,) = torch.autograd.grad(loss, [x_adv])
-        x_adv = x_adv.detach() + ALPHA * grad.sign()
-        x_adv = torch.min(torch.max(x_adv, x - EPS), x + EPS).clamp(0, 1)
+    x_adv = reference_pgd_examples(model, x, y, eps=EPS, alpha=ALPHA, steps=STEPS)
     with torch.no_grad():
         return (model(x_adv).argmax(1) == y).float().mean()
 

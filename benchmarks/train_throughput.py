@@ -18,7 +18,7 @@ import logging
 
 import torch
 import torch.nn.functional as F
-from _common import base_parser, cifar_batch, compare
+from _common import base_parser, cifar_batch, compare, reference_pgd_examples
 
 from advedge.models import create_model
 from advedge.training.distillation import build_distill_method
@@ -32,13 +32,7 @@ EPS, ALPHA, STEPS = 8 / 255, 2 / 255, 10
 def reference_step(model, optimizer, x, y):
     """Plain fp32 eager PGD-10 adversarial-training step (the comparison baseline)."""
     model.eval()
-    x_adv = (x + torch.empty_like(x).uniform_(-EPS, EPS)).clamp(0, 1)
-    for _ in range(STEPS):
-        x_adv.requires_grad_(True)
-        loss = F.cross_entropy(model(x_adv), y)
-        (grad,) = torch.autograd.grad(loss, [x_adv])
-        x_adv = x_adv.detach() + ALPHA * grad.sign()
-        x_adv = torch.min(torch.max(x_adv, x - EPS), x + EPS).clamp(0, 1)
+    x_adv = reference_pgd_examples(model, x, y, eps=EPS, alpha=ALPHA, steps=STEPS)
     model.train()
     loss = F.cross_entropy(model(x_adv), y)
     optimizer.zero_grad()
