@@ -114,3 +114,15 @@ def read_only(monkeypatch: pytest.MonkeyPatch):
         subprocess.run(["chattr", "-i", str(folder)], capture_output=True)
     for folder in made:
         folder.chmod(0o755)
+
+
+def train_tiny(data: Path, out: Path, **overrides: object) -> Path:
+    """Train a ``tiny_cnn`` naturally for one epoch into ``out`` (a test's distillation teacher
+    or purifier classifier); ``overrides`` replace TrainConfig fields. Returns ``out``."""
+    from advedge.training.config import TrainConfig
+    from advedge.training.engine import train
+
+    options: dict[str, object] = {"data": str(data), "model": "tiny_cnn", "out": str(out)}
+    options |= {"method": "natural", "epochs": 1, "batch_size": 32, "eval_n": 16, "eval_steps": 1}
+    train(TrainConfig(**{**options, **overrides}))  # type: ignore[arg-type]
+    return out

@@ -7,34 +7,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import argv, train_tiny, write_npz_dataset
 
 from advedge.checkpoint import load_model, read_metadata
 from advedge.cli import main
 from advedge.models import create_model
-from advedge.training.config import TrainConfig
 from advedge.training.distillation import DISTILL_METHODS, _StudentTeacher
-from advedge.training.engine import train
 
 
 @pytest.fixture(scope="module")
 def teacher_run(tmp_path_factory) -> tuple[Path, Path]:
-    from conftest import write_npz_dataset
-
     root = tmp_path_factory.mktemp("distill")
     data = write_npz_dataset(root / "data", n_train=64, n_test=32, size=16)
-    train(
-        TrainConfig(
-            data=str(data),
-            model="tiny_cnn",
-            method="natural",
-            epochs=1,
-            out=str(root / "teacher"),
-            batch_size=32,
-            eval_n=16,
-            eval_steps=1,
-        )
-    )
-    return data, root / "teacher"
+    return data, train_tiny(data, root / "teacher")
 
 
 @pytest.mark.parametrize("method", sorted(DISTILL_METHODS))
@@ -42,28 +27,19 @@ def test_every_method_distils_and_records_its_teacher(method, teacher_run, tmp_p
     data, teacher = teacher_run
     out = tmp_path / method
     code = main(
-        [
+        argv(
             "distill",
-            "--teacher",
-            str(teacher),
-            "--student",
-            "resnet8",
-            "--method",
-            method,
-            "--data",
-            str(data),
-            "--epochs",
-            "1",
-            "--out",
-            str(out),
-            "--batch-size",
-            "32",
-            "--steps",
-            "2",
-            "--eval-n",
-            "16",
-            "--json",
-        ]
+            teacher=teacher,
+            student="resnet8",
+            method=method,
+            data=data,
+            epochs=1,
+            out=out,
+            batch_size=32,
+            steps=2,
+            eval_n=16,
+            json=True,
+        )
     )
     assert code == 0, capsys.readouterr().err
     payload = json.loads(capsys.readouterr().out)
@@ -102,35 +78,20 @@ def test_teacher_stays_frozen_and_in_eval_mode(teacher_run):
 )
 def test_bad_options_fail_before_training(extra, needle, teacher_run, tmp_path, capsys):
     data, teacher = teacher_run
-    argv = [
-        "distill",
-        "--teacher",
-        str(teacher),
-        "--student",
-        "tiny_cnn",
-        "--method",
-        "rslad",
-        "--data",
-        str(data),
-        "--epochs",
-        "1",
-        "--out",
-        str(tmp_path / "run"),
-    ]
+    args = argv("distill", teacher=teacher, student="tiny_cnn", method="rslad", data=data)
+    args += argv(epochs=1, out=tmp_path / "run")
     for i in range(0, len(extra), 2):
-        if extra[i] in argv:
-            argv[argv.index(extra[i]) + 1] = extra[i + 1]
+        if extra[i] in args:
+            args[args.index(extra[i]) + 1] = extra[i + 1]
         else:
-            argv += extra[i : i + 2]
-    assert main(argv) == 2
+            args += extra[i : i + 2]
+    assert main(args) == 2
     err = capsys.readouterr().err
     assert needle in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
 
 
 def test_missing_corrupt_or_mismatched_teacher(teacher_run, tmp_path, capsys):
-    from conftest import write_npz_dataset
-
     data, teacher = teacher_run
     base = ["distill", "--student", "tiny_cnn", "--method", "add", "--epochs", "1"]
     assert (

@@ -82,49 +82,13 @@ def test_two_gloo_ranks_train_resume_and_end_identical(tmp_path, tiny_npz_data):
 
 
 def test_distill_cli_under_torchrun_reports_once(tmp_path, tiny_npz_data):
-    from advedge.training.engine import TrainConfig, train
+    from conftest import argv, train_tiny
 
-    teacher = tmp_path / "teacher"
-    train(
-        TrainConfig(
-            data=str(tiny_npz_data),
-            model="tiny_cnn",
-            method="natural",
-            epochs=1,
-            out=str(teacher),
-            batch_size=32,
-            eval_n=16,
-            eval_steps=1,
-        )
-    )
+    teacher = train_tiny(tiny_npz_data, tmp_path / "teacher")
     out = tmp_path / "student"
-    argv = [
-        "-m",
-        "advedge",
-        "distill",
-        "--teacher",
-        str(teacher),
-        "--student",
-        "tiny_cnn",
-        "--method",
-        "rslad",
-        "--data",
-        str(tiny_npz_data),
-        "--epochs",
-        "1",
-        "--out",
-        str(out),
-        "--batch-size",
-        "32",
-        "--steps",
-        "1",
-        "--eval-n",
-        "16",
-        "--device",
-        "cpu",
-        "--json",
-    ]
-    proc = _torchrun(argv, tmp_path)
+    args = argv("-m", "advedge", "distill", teacher=teacher, student="tiny_cnn", method="rslad")
+    args += argv(data=tiny_npz_data, epochs=1, out=out, batch_size=32, steps=1, eval_n=16)
+    proc = _torchrun([*args, "--device", "cpu", "--json"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     payload = json.loads(proc.stdout)  # one JSON document: only rank 0 reported
     assert payload["method"] == "rslad" and payload["final"]["epoch"] == 1

@@ -13,57 +13,26 @@ from advedge.cli import main
 from advedge.models.purified import Purified
 from advedge.purifier import Generator, load_purifier, save_purifier
 from advedge.purifier.train import PurifierConfig, PurifierTrainer
-from advedge.training.engine import TrainConfig, train
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> dict[str, Path]:
-    from conftest import write_npz_dataset
+    from conftest import train_tiny, write_npz_dataset
 
     root = tmp_path_factory.mktemp("purifier")
     data = write_npz_dataset(root / "data", n_train=48, n_test=24, size=16)
     runs = {}
     for name, seed in (("clf", 0), ("other", 1)):
-        train(
-            TrainConfig(
-                data=str(data),
-                model="tiny_cnn",
-                method="natural",
-                epochs=1,
-                out=str(root / name),
-                batch_size=16,
-                eval_n=8,
-                eval_steps=1,
-                seed=seed,
-                channels_last=False,
-            )
-        )
-        runs[name] = root / name
+        opts = dict(batch_size=16, eval_n=8, seed=seed, channels_last=False)
+        runs[name] = train_tiny(data, root / name, **opts)
     return {"root": root, "data": data, **runs}
 
 
 def _train_argv(setup, out: Path, *extra: str) -> list[str]:
-    return [
-        "purifier",
-        "train",
-        "--classifier",
-        str(setup["clf"]),
-        "--data",
-        str(setup["data"]),
-        "--epochs",
-        "1",
-        "--out",
-        str(out),
-        "--batch-size",
-        "16",
-        "--steps",
-        "1",
-        "--width",
-        "8",
-        "--eval-n",
-        "8",
-        *extra,
-    ]
+    from conftest import argv
+
+    args = argv("purifier", "train", classifier=setup["clf"], data=setup["data"], epochs=1, out=out)
+    return [*args, *argv(batch_size=16, steps=1, width=8, eval_n=8), *extra]
 
 
 @pytest.mark.parametrize("method", ["ipcm", "ape-gan", "hgd"])

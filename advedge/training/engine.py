@@ -8,9 +8,13 @@ atomically, so a run killed at any point resumes from its last complete epoch wi
 ``resume=True`` and loses at most the epoch in progress.
 
 On CUDA it uses bf16 (or fp16 with a grad scaler) autocast, channels_last (on CPU too, where a
-timing probe finds it faster) and optionally
+timing probe finds it faster, :mod:`~advedge.training.device`) and optionally
 ``torch.compile``; it also runs on CPU. Under ``torchrun`` it wraps the model in DDP, shards the
 data with a distributed sampler and lets rank 0 alone write files.
+
+The run directory (lock, resume checks, checkpoint files) is :mod:`~advedge.training.rundir`'s,
+shared with the purifier's trainer; the options are :class:`~advedge.training.config.TrainConfig`
+(re-exported here with :func:`~advedge.training.rundir.check_run_dir`, the engine's API).
 """
 
 from __future__ import annotations
