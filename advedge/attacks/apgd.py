@@ -24,7 +24,6 @@ for each of the top-k classes in turn.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -153,6 +152,7 @@ class APGD(Attack):
     """
 
     name = "apgd-ce"
+    SETTINGS = ("n_iter", "n_restarts", "loss", "rho", "momentum", "seed")
     kind = "white-box"
     default_loss = "ce"
 
@@ -191,17 +191,6 @@ class APGD(Attack):
         self.seed = seed
         self.generator = generator
         self.checkpoints = apgd_checkpoints(self.n_iter)
-
-    def settings(self) -> dict[str, Any]:
-        return {
-            **super().settings(),
-            "n_iter": self.n_iter,
-            "n_restarts": self.n_restarts,
-            "loss": self.loss,
-            "rho": self.rho,
-            "momentum": self.momentum,
-            "seed": self.seed,
-        }
 
     # -- randomness ---------------------------------------------------------------------------
 
@@ -451,6 +440,7 @@ class APGDT(APGD):
     """
 
     name = "apgd-t"
+    SETTINGS = (*APGD.SETTINGS, "n_target_classes")
 
     def __init__(
         self,
@@ -483,9 +473,6 @@ class APGDT(APGD):
         self.name = "apgd-t"
         self.loss = "dlr-targeted"
         self.n_target_classes = int(n_target_classes)
-
-    def settings(self) -> dict[str, Any]:
-        return {**super().settings(), "n_target_classes": self.n_target_classes}
 
     def _loss(self, logits: Tensor, y: Tensor, target_class: Tensor | None) -> Tensor:
         assert target_class is not None

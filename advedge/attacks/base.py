@@ -156,6 +156,8 @@ class Attack:
 
     name: str = "attack"
     kind: str = "white-box"
+    SETTINGS: tuple[str, ...] = ()
+    """The attributes :meth:`settings` reports beyond ``eps`` and ``norm``, in order."""
 
     def __init__(
         self, model: nn.Module | Callable[..., Any], *, eps: float, norm: str = "Linf"
@@ -173,8 +175,8 @@ class Attack:
         raise NotImplementedError
 
     def settings(self) -> dict[str, Any]:
-        """The attack's settings, as recorded in results JSON."""
-        return {"eps": self.eps, "norm": self.norm}
+        """The attack's settings, for result files: ``eps``, ``norm`` and each of :attr:`SETTINGS`."""
+        return {"eps": self.eps, "norm": self.norm, **{k: getattr(self, k) for k in self.SETTINGS}}
 
     def describe(self) -> dict[str, Any]:
         """``{"name", "kind", "settings"}`` for results JSON."""

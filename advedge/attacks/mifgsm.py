@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import Tensor, nn
 
 from advedge.attacks.base import Attack, LossFn, get_loss, project, register_attack
@@ -32,6 +30,7 @@ class MIFGSM(Attack):
     """
 
     name = "mifgsm"
+    SETTINGS = ("alpha", "steps", "decay", "loss")
 
     def __init__(
         self,
@@ -50,17 +49,8 @@ class MIFGSM(Attack):
         self.steps = int(steps)
         self.alpha = float(alpha) if alpha is not None else self.eps / self.steps
         self.decay = float(decay)
-        self.loss_name = loss if isinstance(loss, str) else "custom"
+        self.loss = loss if isinstance(loss, str) else "custom"
         self.loss_fn = get_loss(loss)
-
-    def settings(self) -> dict[str, Any]:
-        return {
-            **super().settings(),
-            "alpha": self.alpha,
-            "steps": self.steps,
-            "decay": self.decay,
-            "loss": self.loss_name,
-        }
 
     def perturb(self, x: Tensor, y: Tensor) -> Tensor:
         x_adv = x.clone()

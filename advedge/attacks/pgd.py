@@ -7,8 +7,6 @@ one step of size eps from the clean point; CW-inf is PGD on the Carlini-Wagner m
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor, nn
 
@@ -46,16 +44,14 @@ class FGSM(Attack):
     """
 
     name = "fgsm"
+    SETTINGS = ("loss",)
 
     def __init__(
         self, model: nn.Module, *, eps: float, norm: str = "Linf", loss: str | LossFn = "ce"
     ) -> None:
         super().__init__(model, eps=eps, norm=norm)
-        self.loss_name = loss if isinstance(loss, str) else "custom"
+        self.loss = loss if isinstance(loss, str) else "custom"
         self.loss_fn = get_loss(loss)
-
-    def settings(self) -> dict[str, Any]:
-        return {**super().settings(), "loss": self.loss_name}
 
     def perturb(self, x: Tensor, y: Tensor) -> Tensor:
         grad, _ = self.input_grad(x, y, self.loss_fn)
@@ -82,6 +78,7 @@ class PGD(Attack):
     """
 
     name = "pgd"
+    SETTINGS = ("alpha", "steps", "loss", "random_start", "restarts")
 
     def __init__(
         self,
@@ -109,21 +106,11 @@ class PGD(Attack):
         self.alpha = float(alpha) if alpha is not None else 2.5 * self.eps / self.steps
         if self.alpha <= 0:
             raise UsageError(f"step size must be > 0, got {alpha}")
-        self.loss_name = loss if isinstance(loss, str) else getattr(loss, "__name__", "custom")
+        self.loss = loss if isinstance(loss, str) else getattr(loss, "__name__", "custom")
         self.loss_fn = get_loss(loss)
         self.random_start = random_start
         self.restarts = int(restarts)
         self.generator = generator
-
-    def settings(self) -> dict[str, Any]:
-        return {
-            **super().settings(),
-            "alpha": self.alpha,
-            "steps": self.steps,
-            "loss": self.loss_name,
-            "random_start": self.random_start,
-            "restarts": self.restarts,
-        }
 
     def _start(self, x: Tensor) -> Tensor:
         if self.random_start == "uniform":
@@ -173,6 +160,7 @@ class CW(PGD):
     """
 
     name = "cw"
+    SETTINGS = (*PGD.SETTINGS, "kappa")
 
     def __init__(
         self,
@@ -203,7 +191,4 @@ class CW(PGD):
             restarts=restarts,
             generator=generator,
         )
-        self.loss_name = "margin"
-
-    def settings(self) -> dict[str, Any]:
-        return {**super().settings(), "kappa": self.kappa}
+        self.loss = "margin"

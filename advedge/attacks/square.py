@@ -206,6 +206,7 @@ class Square(Attack):
     """
 
     name = "square"
+    SETTINGS = ("n_queries", "p_init", "loss", "seed")
     kind = "query"
     _LOSSES = ("margin", "ce")
 
@@ -240,15 +241,6 @@ class Square(Attack):
             "mean": None,
             "median": None,
             "n_broken": 0,
-        }
-
-    def settings(self) -> dict[str, Any]:
-        return {
-            **super().settings(),
-            "n_queries": self.n_queries,
-            "p_init": self.p_init,
-            "loss": self.loss,
-            "seed": self.seed,
         }
 
     def _rng(self, device: torch.device) -> torch.Generator | None:
