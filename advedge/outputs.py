@@ -80,7 +80,12 @@ def check_out(out: str | os.PathLike[str], *, option: str = "--out") -> Path:
     p = Path(out)
     if os.path.lexists(p) and not p.is_dir():
         raise UsageError(f"{option} {p} is a file, not a folder", f"choose a folder for {option}")
-    base = _nearest_existing(p)
+    return _probe_under(p, p, option)
+
+
+def _probe_under(folder: Path, p: Path, option: str) -> Path:
+    """Probe the nearest existing folder of ``folder`` with a real write; refuse a file there."""
+    base = _nearest_existing(folder)
     if not base.is_dir():
         raise UsageError(
             f"{option} {p} lies under {base}, which is a file, not a folder",
@@ -103,14 +108,7 @@ def check_out_file(path: str | os.PathLike[str], *, option: str = "--out") -> Pa
     p = Path(path)
     if p.is_dir():
         raise UsageError(f"{option} {p} is a folder", "name the file to write")
-    base = _nearest_existing(p.parent)
-    if not base.is_dir():
-        raise UsageError(
-            f"{option} {p} lies under {base}, which is a file, not a folder",
-            f"choose another {option}",
-        )
-    _probe(base, p)
-    return p
+    return _probe_under(p.parent, p, option)
 
 
 def refuse_overwrite(out: Path, names: Sequence[str], overwrite: bool) -> None:
