@@ -126,3 +126,46 @@ def train_tiny(data: Path, out: Path, **overrides: object) -> Path:
     options |= {"method": "natural", "epochs": 1, "batch_size": 32, "eval_n": 16, "eval_steps": 1}
     train(TrainConfig(**{**options, **overrides}))  # type: ignore[arg-type]
     return out
+
+
+def small_net(seed: int, channels: int = 3, classes: int = 4, bn: bool = True):
+    """A seeded conv net (Conv -> [BatchNorm] -> ReLU -> pool -> Linear) for the attack tests;
+    with ``bn`` its BatchNorm is layer 1."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = [nn.Conv2d(channels, 4, 3, padding=1)]
+    if bn:
+        layers.append(nn.BatchNorm2d(4))
+    layers += [nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, classes)]
+    return nn.Sequential(*layers)
+
+
+def random_images(seed: int, batch: int, channels: int, size: int, *, saturate: bool = False):
+    """``(x, y)``: ``batch`` random images in [0, 1] and labels of 4 classes drawn from ``seed``;
+    ``saturate`` puts every pixel at a box edge (0 or 1), which exercises an attack's clipping."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(batch, channels, size, size, generator=g)
+    if saturate:
+        x = (x > 0.5).float()
+    y = torch.randint(0, 4, (batch,), generator=g)
+    return x, y
+
+
+def assert_attack_invariants(model, x, x_adv, *, eps: float, norm: str, train_mode: bool) -> None:
+    """``x_adv`` has the shape and dtype of ``x``, is detached, lies in [0, 1] and in the
+    ``norm`` ball of radius ``eps`` around ``x``; ``model`` is back in its mode with no
+    parameter gradients."""
+    assert x_adv.shape == x.shape and x_adv.dtype == x.dtype
+    assert not x_adv.requires_grad
+    assert float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0
+    delta = (x_adv - x).flatten(1)
+    if norm == "Linf":
+        assert float(delta.abs().max()) <= eps + 1e-6
+    else:
+        assert float(delta.norm(dim=1).max()) <= eps + 1e-5
+    assert model.training == train_mode
+    assert all(p.grad is None for p in model.parameters())

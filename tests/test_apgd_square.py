@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import assert_attack_invariants, random_images, small_net
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
@@ -252,18 +253,6 @@ def test_apgd_at_least_as_strong_as_pgd20_on_trained_model() -> None:
 # -- invariants (hypothesis) --------------------------------------------------------------------
 
 
-def small_net(seed: int, channels: int = 3, classes: int = 4) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(channels, 4, 3, padding=1),
-        nn.BatchNorm2d(4),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(2),
-        nn.Flatten(),
-        nn.Linear(16, classes),
-    )
-
-
 FACTORIES: dict[str, Callable[[nn.Module, float, str, int], Attack]] = {
     "apgd-ce": lambda m, eps, norm, s: APGD(m, eps=eps, norm=norm, n_iter=6, seed=s),
     "apgd-ce-restarts": lambda m, eps, norm, s: APGD(
@@ -305,24 +294,10 @@ def test_invariants(
     model = small_net(seed, channels=channels)
     model.train(train_mode)
     running_mean = model[1].running_mean.clone()
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(batch, channels, size, size, generator=g)
-    if saturate:
-        x = (x > 0.5).float()
-    y = torch.randint(0, 4, (batch,), generator=g)
-    attack = FACTORIES[name](model, eps, norm, seed)
-    x_adv = attack(x, y)
-    assert x_adv.shape == x.shape and x_adv.dtype == x.dtype
-    assert not x_adv.requires_grad
-    assert float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0
-    delta = (x_adv - x).flatten(1)
-    if norm == "Linf":
-        assert float(delta.abs().max()) <= eps + 1e-6
-    else:
-        assert float(delta.norm(dim=1).max()) <= eps + 1e-5
-    assert model.training == train_mode
+    x, y = random_images(seed, batch, channels, size, saturate=saturate)
+    x_adv = FACTORIES[name](model, eps, norm, seed)(x, y)
+    assert_attack_invariants(model, x, x_adv, eps=eps, norm=norm, train_mode=train_mode)
     assert torch.equal(model[1].running_mean, running_mean)
-    assert all(p.grad is None for p in model.parameters())
     model.eval()
     with torch.no_grad():
         wrong = model(x).argmax(1) != y

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import assert_attack_invariants, random_images, small_net
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -22,16 +23,6 @@ from advedge.attacks import (
     project,
 )
 from advedge.errors import AdvedgeError, UsageError
-
-
-def small_net(seed: int, channels: int = 3, classes: int = 4, bn: bool = True) -> nn.Module:
-    torch.manual_seed(seed)
-    layers: list[nn.Module] = [nn.Conv2d(channels, 4, 3, padding=1)]
-    if bn:
-        layers.append(nn.BatchNorm2d(4))
-    layers += [nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, classes)]
-    return nn.Sequential(*layers)
-
 
 ATTACK_FACTORIES = {
     "fgsm": lambda m, eps, norm: FGSM(m, eps=eps, norm=norm),
@@ -59,23 +50,9 @@ def test_attack_invariants(name, seed, eps, norm, batch, channels, size, train_m
     """x_adv in the eps-ball and [0, 1], same shape, detached, model mode restored, no param grads."""
     model = small_net(seed, channels=channels)
     model.train(train_mode)
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(batch, channels, size, size, generator=g)
-    if saturate:  # pixels at the box edges exercise the [0, 1] clipping
-        x = (x > 0.5).float()
-    y = torch.randint(0, 4, (batch,), generator=g)
-    attack = ATTACK_FACTORIES[name](model, eps, norm)
-    x_adv = attack(x, y)
-    assert x_adv.shape == x.shape and x_adv.dtype == x.dtype
-    assert not x_adv.requires_grad
-    assert float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0
-    delta = (x_adv - x).flatten(1)
-    if norm == "Linf":
-        assert float(delta.abs().max()) <= eps + 1e-6
-    else:
-        assert float(delta.norm(dim=1).max()) <= eps + 1e-5
-    assert model.training == train_mode
-    assert all(p.grad is None for p in model.parameters())
+    x, y = random_images(seed, batch, channels, size, saturate=saturate)
+    x_adv = ATTACK_FACTORIES[name](model, eps, norm)(x, y)
+    assert_attack_invariants(model, x, x_adv, eps=eps, norm=norm, train_mode=train_mode)
 
 
 def test_model_mode_restored_on_error():
