@@ -142,6 +142,25 @@ def small_net(seed: int, channels: int = 3, classes: int = 4, bn: bool = True):
     return nn.Sequential(*layers)
 
 
+def attack_cases(names: object, sizes: list[int]) -> dict[str, object]:
+    """``@given(**attack_cases(FACTORIES, sizes))``: hypothesis strategies for an attack's
+    invariant test: an attack name (a key of ``names``), seed, eps, norm, batch, channels, image
+    size (from ``sizes``), train mode and saturated pixels."""
+    from hypothesis import strategies as st
+
+    return {
+        "name": st.sampled_from(sorted(names)),  # type: ignore[call-overload]
+        "seed": st.integers(0, 10_000),
+        "eps": st.floats(1 / 255, 1.0),
+        "norm": st.sampled_from(["Linf", "L2"]),
+        "batch": st.integers(1, 5),
+        "channels": st.sampled_from([1, 3]),
+        "size": st.sampled_from(sizes),
+        "train_mode": st.booleans(),
+        "saturate": st.booleans(),
+    }
+
+
 def random_images(seed: int, batch: int, channels: int, size: int, *, saturate: bool = False):
     """``(x, y)``: ``batch`` random images in [0, 1] and labels of 4 classes drawn from ``seed``;
     ``saturate`` puts every pixel at a box edge (0 or 1), which exercises an attack's clipping."""

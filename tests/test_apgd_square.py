@@ -8,9 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import assert_attack_invariants, random_images, small_net
+from conftest import assert_attack_invariants, attack_cases, random_images, small_net
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 from torch import Tensor, nn
 
 from advedge.attacks import (
@@ -267,17 +266,7 @@ FACTORIES: dict[str, Callable[[nn.Module, float, str, int], Attack]] = {
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    name=st.sampled_from(sorted(FACTORIES)),
-    seed=st.integers(0, 10_000),
-    eps=st.floats(1 / 255, 1.0),
-    norm=st.sampled_from(["Linf", "L2"]),
-    batch=st.integers(1, 5),
-    channels=st.sampled_from([1, 3]),
-    size=st.sampled_from([3, 4, 8]),
-    train_mode=st.booleans(),
-    saturate=st.booleans(),
-)
+@given(**attack_cases(FACTORIES, sizes=[3, 4, 8]))
 def test_invariants(
     name: str,
     seed: int,

@@ -6,9 +6,8 @@ import math
 
 import pytest
 import torch
-from conftest import assert_attack_invariants, random_images, small_net
+from conftest import assert_attack_invariants, attack_cases, random_images, small_net
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 from torch import nn
 
 from advedge.attacks import (
@@ -35,17 +34,7 @@ ATTACK_FACTORIES = {
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    name=st.sampled_from(sorted(ATTACK_FACTORIES)),
-    seed=st.integers(0, 10_000),
-    eps=st.floats(1 / 255, 1.0),
-    norm=st.sampled_from(["Linf", "L2"]),
-    batch=st.integers(1, 5),
-    channels=st.sampled_from([1, 3]),
-    size=st.sampled_from([4, 8]),
-    train_mode=st.booleans(),
-    saturate=st.booleans(),
-)
+@given(**attack_cases(ATTACK_FACTORIES, sizes=[4, 8]))
 def test_attack_invariants(name, seed, eps, norm, batch, channels, size, train_mode, saturate):
     """x_adv in the eps-ball and [0, 1], same shape, detached, model mode restored, no param grads."""
     model = small_net(seed, channels=channels)
