@@ -26,6 +26,7 @@ from advedge.export.onnx_export import export_onnx
 from advedge.export.parity import ParityError, Tolerance, compare_outputs, gate
 from advedge.export.precisions import PRECISIONS
 from advedge.export.runtime import OrtRunner, TorchRunner
+from fakes.artifacts import random_calibration_set
 from onnx import TensorProto, helper
 
 from advedge.checkpoint import save_model
@@ -404,17 +405,10 @@ def test_torch_runner_and_ort_runner_agree_in_batches(tmp_path):
 def test_deploy_side_runs_and_calibrates_without_torch(tmp_path):
     """The import rule: both packages import, run ONNX Runtime and calibrate where torch cannot
     be imported at all."""
-    from advedge.calibration import CalibrationSet, save_calibration_set
+    from advedge.calibration import save_calibration_set
 
     path = export_onnx(_classifier(), tmp_path / "m.onnx", input_shape=(3, 32, 32))
-    rng = np.random.default_rng(0)
-    calib = CalibrationSet(
-        x=rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8),
-        y=np.arange(64, dtype=np.int64) % 10,
-        is_adv=np.zeros(64, dtype=bool),
-        meta={},
-    )
-    npz = save_calibration_set(calib, tmp_path / "calib.npz")
+    npz = save_calibration_set(random_calibration_set(), tmp_path / "calib.npz")
     code = f"""
 import sys
 sys.modules["torch"] = None  # `import torch` now raises ImportError

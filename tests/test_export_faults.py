@@ -21,10 +21,11 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from advedge.calibration import CalibrationSet, save_calibration_set
+from advedge.calibration import save_calibration_set
 from advedge.export.graph import check_external_data, check_onnx, read_sidecar
 from advedge.export.onnx_export import export_onnx
 from conftest import write_npz_dataset
+from fakes.artifacts import random_calibration_set
 from onnx import TensorProto, helper
 
 from advedge.checkpoint import save_model
@@ -584,13 +585,7 @@ sys.exit(main(sys.argv[2:]))
 
 
 def test_calibrate_error_stays_one_line_without_onnxruntime_logs_or_numpy_warnings(tmp_path):
-    rng = np.random.default_rng(0)
-    calib = CalibrationSet(
-        x=rng.integers(0, 256, (32, 8, 8, 3), dtype=np.uint8),
-        y=np.arange(32, dtype=np.int64) % 4,
-        is_adv=np.zeros(32, dtype=bool),
-        meta={},
-    )
+    calib = random_calibration_set(32, size=8, classes=4)
     npz = save_calibration_set(calib, tmp_path / "calib.npz")
     model = tmp_path / "faulty.onnx"
     args = [

@@ -22,7 +22,7 @@ from advedge.export.runtime.tensorrt import TrtRunner
 from advedge.export.tensorrt import BatchProfile, build_engine, engine_filename
 from conftest import argv
 from fakes import install_fake_tensorrt
-from fakes.artifacts import classifier_run, tiny_classifier
+from fakes.artifacts import classifier_run, random_calibration_set, tiny_classifier
 
 from advedge.cli import main
 from advedge.errors import ExportError, UsageError
@@ -171,16 +171,10 @@ def test_parser_rejection_is_one_error(monkeypatch, tmp_path):
 
 
 def test_legacy_calibrator_only_where_tensorrt_has_it(monkeypatch, tmp_path, onnx_file):
-    from advedge.calibration import CalibrationSet, make_legacy_calibrator
+    from advedge.calibration import make_legacy_calibrator
     from advedge.export.tensorrt import cuda_backend
 
-    rng = np.random.default_rng(0)
-    calib = CalibrationSet(
-        x=rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8),
-        y=np.arange(64, dtype=np.int64) % 10,
-        is_adv=np.zeros(64, dtype=bool),
-        meta={},
-    )
+    calib = random_calibration_set()
     trt = install_fake_tensorrt(monkeypatch, version="10.3.0")
     backend = cuda_backend()
     cache = tmp_path / "calib.cache"

@@ -1,11 +1,13 @@
-"""Small real artifacts for the runner, bench and TensorRT tests (not doubles): a seeded
-``tiny_cnn`` classifier, its run directory and its FP32 ONNX export with the metadata
-``advedge export`` records."""
+"""Small real artifacts for the runner, bench, export and TensorRT tests (not doubles): a seeded
+``tiny_cnn`` classifier, its run directory, its FP32 ONNX export with the metadata
+``advedge export`` records, and a random calibration set."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from advedge.export.onnx_export import export_onnx
 
@@ -13,7 +15,13 @@ from advedge.checkpoint import save_model
 from advedge.models import create_model
 from advedge.utils import sha256_file
 
-__all__ = ["SHAPE", "classifier_artifacts", "classifier_run", "tiny_classifier"]
+__all__ = [
+    "SHAPE",
+    "classifier_artifacts",
+    "classifier_run",
+    "random_calibration_set",
+    "tiny_classifier",
+]
 
 SHAPE = [3, 32, 32]
 
@@ -54,3 +62,17 @@ def classifier_artifacts(root: Path, name: str = "a", seed: int = 0) -> tuple[Pa
         },
     )
     return run, onnx_path
+
+
+def random_calibration_set(n: int = 64, *, size: int = 32, classes: int = 10) -> Any:
+    """A :class:`~advedge.calibration.CalibrationSet` of ``n`` random uint8 ``size`` x ``size``
+    RGB images (seed 0), labelled ``0, 1, ..., classes - 1`` in turn, none adversarial."""
+    from advedge.calibration import CalibrationSet
+
+    rng = np.random.default_rng(0)
+    return CalibrationSet(
+        x=rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
+        y=np.arange(n, dtype=np.int64) % classes,
+        is_adv=np.zeros(n, dtype=bool),
+        meta={},
+    )
