@@ -77,33 +77,23 @@ def test_timing_cache_is_read_back_and_a_corrupt_one_does_not_fail(
 ):
     install_fake_tensorrt(monkeypatch, version="10.3.0")
     cache = tmp_path / "timing.cache"
-    build_engine(
-        onnx_file,
-        tmp_path / "a",
-        name="t",
-        precision="fp32",
-        profile=BatchProfile(),
-        timing_cache=cache,
-    )
+
+    def build(folder: str):
+        return build_engine(
+            onnx_file,
+            tmp_path / folder,
+            name="t",
+            precision="fp32",
+            profile=BatchProfile(),
+            timing_cache=cache,
+        )
+
+    build("a")
     first = cache.read_bytes()
-    build_engine(
-        onnx_file,
-        tmp_path / "b",
-        name="t",
-        precision="fp32",
-        profile=BatchProfile(),
-        timing_cache=cache,
-    )
+    build("b")
     assert cache.read_bytes()[:16] == first[:16]  # same cache format, reused
     cache.write_bytes(b"garbage, not a timing cache")
-    b = build_engine(
-        onnx_file,
-        tmp_path / "c",
-        name="t",
-        precision="fp32",
-        profile=BatchProfile(),
-        timing_cache=cache,
-    )
+    b = build("c")
     assert b.engine.is_file() and cache.read_bytes() != b"garbage, not a timing cache"
 
 
@@ -174,19 +164,22 @@ def test_legacy_calibrator_only_where_tensorrt_has_it(monkeypatch, tmp_path, onn
     from advedge.calibration import make_legacy_calibrator
     from advedge.export.tensorrt import cuda_backend
 
-    calib = random_calibration_set()
     trt = install_fake_tensorrt(monkeypatch, version="10.3.0")
     backend = cuda_backend()
     cache = tmp_path / "calib.cache"
-    calibrator = make_legacy_calibrator(
-        trt,
-        calib,
-        method="entropy",
-        cache_file=cache,
-        batch_size=16,
-        alloc=backend.alloc,
-        copy_to_device=backend.to_device,
-    )
+
+    def calibrator_of(trt):
+        return make_legacy_calibrator(
+            trt,
+            random_calibration_set(),
+            method="entropy",
+            cache_file=cache,
+            batch_size=16,
+            alloc=backend.alloc,
+            copy_to_device=backend.to_device,
+        )
+
+    calibrator = calibrator_of(trt)
     build = build_engine(
         onnx_file,
         tmp_path,
@@ -203,15 +196,7 @@ def test_legacy_calibrator_only_where_tensorrt_has_it(monkeypatch, tmp_path, onn
     trt11 = install_fake_tensorrt(monkeypatch, version="11.2.0")
     assert not hasattr(trt11, "IInt8EntropyCalibrator2")
     with pytest.raises(UsageError, match="no implicit INT8"):
-        make_legacy_calibrator(
-            trt11,
-            calib,
-            method="entropy",
-            cache_file=cache,
-            batch_size=16,
-            alloc=backend.alloc,
-            copy_to_device=backend.to_device,
-        )
+        calibrator_of(trt11)
     with pytest.raises(UsageError, match="no implicit INT8"):
         build_engine(
             onnx_file,
@@ -248,28 +233,30 @@ def _export_int8_trt(run_dir: Path, out: Path, data: Path, **options: object) ->
     )
 
 
+def _export_engine(
+    capsys: pytest.CaptureFixture[str], run_dir: Path, tmp_path: Path, data: Path, **options: object
+) -> dict:
+    """:func:`_export_int8_trt` into ``tmp_path/out`` with the SMALL sizes and a cache dir in
+    ``tmp_path``, which must succeed; returns the engine's entry of the JSON report."""
+    rc = _export_int8_trt(
+        run_dir, tmp_path / "out", data, cache_dir=str(tmp_path / "cc"), **SMALL, **options
+    )
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    engines = [a for a in json.loads(captured.out)["artifacts"] if a["path"].endswith(".engine")]
+    assert len(engines) == 1
+    return engines[0]
+
+
 @pytest.mark.parametrize("version", ["10.3.0", "11.2.0"])
 def test_cli_int8_trt_builds_from_the_qdq_onnx(
     monkeypatch, tmp_path, run_dir, tiny_npz_data, capsys, version
 ):
     install_fake_tensorrt(monkeypatch, version=version)
     out = tmp_path / "out"
-    rc = _export_int8_trt(
-        run_dir,
-        out,
-        tiny_npz_data,
-        min_batch="1",
-        opt_batch="4",
-        max_batch="16",
-        cache_dir=str(tmp_path / "cc"),
-        **SMALL,
+    eng = _export_engine(
+        capsys, run_dir, tmp_path, tiny_npz_data, min_batch="1", opt_batch="4", max_batch="16"
     )
-    captured = capsys.readouterr()
-    assert rc == 0, captured.err
-    report = json.loads(captured.out)
-    engines = [a for a in report["artifacts"] if a["path"].endswith(".engine")]
-    assert len(engines) == 1
-    eng = engines[0]
     assert ENGINE_RE.match(Path(eng["path"]).name)["prec"] == "int8"
     assert eng["engine"]["source_onnx"] == "tiny_cnn.int8.onnx"
     assert eng["engine"]["layer_precisions"].get("Int8", 0) > 0
@@ -308,20 +295,16 @@ def test_cli_legacy_calibrator_on_tensorrt_10(
 ):
     install_fake_tensorrt(monkeypatch, version="10.3.0")
     out = tmp_path / "out"
-    rc = _export_int8_trt(
+    eng = _export_engine(
+        capsys,
         run_dir,
-        out,
+        tmp_path,
         tiny_npz_data,
         calib_batch="16",
         trt_calibrator="legacy-minmax",
         max_batch="16",
         opt_batch="16",
-        cache_dir=str(tmp_path / "cc"),
-        **SMALL,
     )
-    captured = capsys.readouterr()
-    assert rc == 0, captured.err
-    eng = next(a for a in json.loads(captured.out)["artifacts"] if a["path"].endswith(".engine"))
     assert ".int8-legacy.trt10.3.0." in eng["path"]
     assert (
         eng["engine"]["source_onnx"] == "tiny_cnn.fp32.onnx" and not eng["engine"]["strongly_typed"]
@@ -357,40 +340,14 @@ def test_cli_trt_writes_the_timing_cache_where_asked_and_legacy_calibrates_at_it
     install_fake_tensorrt(monkeypatch, version="10.3.0")
     cache = tmp_path / "elsewhere" / "my.cache"
     out = tmp_path / "out"
-    args = [
-        "export",
-        "--model",
-        str(run_dir),
-        "--out",
-        str(out),
-        "--precision",
-        "int8",
-        "--calib-data",
-        str(tiny_npz_data),
-        "--calib-n",
-        "64",
-        "--calib-batch",
-        "16",
-        "--parity-n",
-        "16",
-        "--report-n",
-        "16",
-        "--trt",
-        "--trt-calibrator",
-        "legacy-entropy",
-        "--opt-batch",
-        "4",
-        "--max-batch",
-        "32",
-        "--timing-cache",
-        str(cache),
-        "--cache-dir",
-        str(tmp_path / "cc"),
-        "--json",
-    ]
-    rc = main(args)
-    captured = capsys.readouterr()
-    assert rc == 0, captured.err
+    options = {
+        "calib_batch": "16",
+        "trt_calibrator": "legacy-entropy",
+        "opt_batch": "4",
+        "max_batch": "32",
+        "timing_cache": str(cache),
+    }
+    _export_engine(capsys, run_dir, tmp_path, tiny_npz_data, **options)
     assert (
         cache.is_file() and not (out / "my.cache").exists() and not (out / "timing.cache").exists()
     )
@@ -399,6 +356,5 @@ def test_cli_trt_writes_the_timing_cache_where_asked_and_legacy_calibrates_at_it
     calib_cache.write_bytes(marked)
     # a rerun finds the calibration cache in --out: TensorRT reads it instead of calibrating
     # (a recalibration would write a fresh cache without the mark)
-    assert main(args) == 0
-    capsys.readouterr()
+    _export_engine(capsys, run_dir, tmp_path, tiny_npz_data, **options)
     assert calib_cache.read_bytes() == marked
