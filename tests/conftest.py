@@ -71,6 +71,25 @@ def argv(*words: str, **options: object) -> list[str]:
 
 
 @pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str]]:
+    """``cli(*words, **options) -> (exit code, the single error line or "")``: ``advedge`` run
+    in-process on :func:`argv` of its arguments; it must not print a traceback or more than one
+    ``error:`` line."""
+    from advedge.cli import main
+
+    def run(*words: object, **options: object) -> tuple[int, str]:
+        capsys.readouterr()
+        code = main(argv(*(str(w) for w in words), **options))
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert "Traceback" not in err, err
+        assert len(errors) <= 1, err
+        return code, errors[0] if errors else ""
+
+    return run
+
+
+@pytest.fixture
 def read_only(monkeypatch: pytest.MonkeyPatch):
     """``make(folder)``: no file can be created in ``folder`` any more. chmod, and for root,
     who ignores permission bits, ``chattr +i`` (an immutable folder); where root cannot set

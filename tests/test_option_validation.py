@@ -11,14 +11,13 @@ import dataclasses
 import math
 import random
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import argv
 
-from advedge.cli import main
 from advedge.cli.options import parse_model_args
 from advedge.config import (
     MAX_CONFIG_BYTES,
@@ -40,20 +39,13 @@ ALIAS_BOMB = "a: &a [x,x,x,x,x,x,x,x,x]\n" + "".join(
 )
 
 
-@pytest.fixture
-def cli(capsys: pytest.CaptureFixture[str]):
-    """``cli(*words, **options) -> (exit code, the single error line)``, run in-process."""
-
-    def run(*words: Any, **options: Any) -> tuple[int, str]:
-        capsys.readouterr()
-        code = main(argv(*(str(w) for w in words), **options))
-        err = capsys.readouterr().err
-        errors = [line for line in err.splitlines() if line.startswith("error:")]
-        assert "Traceback" not in err, err
-        assert len(errors) <= 1, err
-        return code, errors[0] if errors else ""
-
-    return run
+def refused(cli: Callable[..., tuple[int, str]], run: Path, *words: Any, **options: Any) -> str:
+    """``cli(*words, **options)``, which must exit 2 (a usage problem) without writing ``run``;
+    returns its ``error:`` line."""
+    code, error = cli(*words, **options)
+    assert code == 2, error
+    assert not run.exists()
+    return error
 
 
 def train_options(data: Path, out: Path, **overrides: Any) -> dict[str, Any]:
@@ -90,10 +82,8 @@ def write_config(path: Path, data: Path, out: Path, extra: str) -> Path:
 # ------------------------------------------------------------------------- 1. eps fractions
 def test_eps_fraction_with_two_slashes_is_refused(cli, tiny_npz_data: Path, tmp_path: Path):
     run = tmp_path / "run"
-    code, error = cli("train", **train_options(tiny_npz_data, run, eps="8/255/2"))
-    assert code == 2
+    error = refused(cli, run, "train", **train_options(tiny_npz_data, run, eps="8/255/2"))
     assert "--eps" in error and "8/255/2" in error
-    assert not run.exists()
 
 
 @pytest.mark.parametrize("text", ["8/255/2", "1/2/3", "1_0/255", "1_000"])
@@ -130,10 +120,7 @@ def test_config_value_types_are_checked(
 ):
     run = tmp_path / "run"
     cfg = write_config(tmp_path / "train.yaml", tiny_npz_data, run, extra)
-    code, error = cli("train", config=cfg)
-    assert code == 2, error
-    assert expected in error
-    assert not run.exists()
+    assert expected in refused(cli, run, "train", config=cfg)
 
 
 def test_config_int_for_float_field_is_accepted_as_float():
@@ -210,10 +197,8 @@ def test_yaml_alias_bomb_is_refused(cli, tiny_npz_data: Path, tmp_path: Path):
     run = tmp_path / "run"
     cfg = tmp_path / "bomb.yaml"
     cfg.write_text(ALIAS_BOMB, encoding="utf-8")
-    code, error = cli("train", **train_options(tiny_npz_data, run), config=cfg)
-    assert code == 2
+    error = refused(cli, run, "train", **train_options(tiny_npz_data, run), config=cfg)
     assert "alias" in error and "bomb.yaml" in error
-    assert not run.exists()
     with pytest.raises(UsageError, match="alias"):
         load_yaml(cfg)
 
@@ -241,11 +226,9 @@ def test_binary_config_is_a_usage_error(cli, tiny_npz_data: Path, tmp_path: Path
     for name, raw in contents.items():
         cfg = tmp_path / name
         cfg.write_bytes(raw)
-        code, error = cli("train", **train_options(tiny_npz_data, run), config=cfg)
-        assert code == 2, (name, error)
+        error = refused(cli, run, "train", **train_options(tiny_npz_data, run), config=cfg)
         assert name in error, error
         assert "unexpected" not in error
-    assert not run.exists()
 
 
 def test_config_that_is_a_folder_or_unreadable_is_a_usage_error(
@@ -254,8 +237,7 @@ def test_config_that_is_a_folder_or_unreadable_is_a_usage_error(
     run = tmp_path / "run"
     folder = tmp_path / "conf.d"
     folder.mkdir()
-    code, error = cli("train", **train_options(tiny_npz_data, run), config=folder)
-    assert code == 2
+    error = refused(cli, run, "train", **train_options(tiny_npz_data, run), config=folder)
     assert "conf.d" in error and "folder" in error
 
     locked = tmp_path / "locked.yaml"
@@ -268,10 +250,8 @@ def test_config_that_is_a_folder_or_unreadable_is_a_usage_error(
         return real_open(self, *args, **kwargs)
 
     monkeypatch.setattr(Path, "open", deny)
-    code, error = cli("train", **train_options(tiny_npz_data, run), config=locked)
-    assert code == 2
+    error = refused(cli, run, "train", **train_options(tiny_npz_data, run), config=locked)
     assert "locked.yaml" in error and "permission denied" in error
-    assert not run.exists()
 
 
 def test_config_too_large_or_too_deep_is_a_usage_error(cli, tiny_npz_data: Path, tmp_path: Path):
@@ -279,16 +259,13 @@ def test_config_too_large_or_too_deep_is_a_usage_error(cli, tiny_npz_data: Path,
     big = tmp_path / "big.yaml"
     big.write_text("".join(f"k{i}: {i}\n" for i in range(MAX_CONFIG_BYTES // 8)), "utf-8")
     assert big.stat().st_size > MAX_CONFIG_BYTES
-    code, error = cli("train", **train_options(tiny_npz_data, run), config=big)
-    assert code == 2
+    error = refused(cli, run, "train", **train_options(tiny_npz_data, run), config=big)
     assert "big.yaml" in error and "larger than" in error
 
     deep = tmp_path / "deep.yaml"
     deep.write_text("model_kwargs: " + "[" * 50_000 + "]" * 50_000 + "\n", "utf-8")
-    code, error = cli("train", **train_options(tiny_npz_data, run), config=deep)
-    assert code == 2
+    error = refused(cli, run, "train", **train_options(tiny_npz_data, run), config=deep)
     assert "deep.yaml" in error and "nested too deeply" in error
-    assert not run.exists()
 
 
 # ---------------------------------------------------------------- 4. floats must be finite
@@ -307,10 +284,8 @@ def test_train_refuses_non_finite_float_options(
     cli, tiny_npz_data: Path, tmp_path: Path, flag: str, value: str
 ):
     run = tmp_path / "run"
-    code, error = cli("train", **train_options(tiny_npz_data, run, **{flag: value}))
-    assert code == 2
+    error = refused(cli, run, "train", **train_options(tiny_npz_data, run, **{flag: value}))
     assert f"'{flag}'" in error and "finite" in error
-    assert not run.exists()
 
 
 def _float_fields(cls: type) -> list[str]:
@@ -344,38 +319,32 @@ def test_purifier_config_float_fields_must_be_finite(bad: float):
 def test_distill_and_purifier_refuse_non_finite_lr(cli, tiny_npz_data: Path, tmp_path: Path):
     run = tmp_path / "run"
     common = {"data": tiny_npz_data, "epochs": 1, "out": run, "device": "cpu", "lr": "inf"}
-    code, error = cli(
-        "distill", teacher=tmp_path / "teacher", student="tiny_cnn", method="kd", **common
-    )
-    assert code == 2 and "finite" in error
-    code, error = cli("purifier", "train", classifier=tmp_path / "clf", **common)
-    assert code == 2 and "finite" in error
-    assert not run.exists()
+    teacher = tmp_path / "teacher"
+    error = refused(cli, run, "distill", teacher=teacher, student="tiny_cnn", method="kd", **common)
+    assert "finite" in error
+    assert "finite" in refused(cli, run, "purifier", "train", classifier=tmp_path / "clf", **common)
 
 
 # --------------------------------------------------------- 5. seeds and bounded integers
 @pytest.mark.parametrize("seed", ["-1", str(SEED_MAX + 1)])
 def test_train_refuses_seed_out_of_range(cli, tiny_npz_data: Path, tmp_path: Path, seed: str):
     run = tmp_path / "run"
-    code, error = cli("train", **train_options(tiny_npz_data, run, seed=seed))
-    assert code == 2
+    error = refused(cli, run, "train", **train_options(tiny_npz_data, run, seed=seed))
     assert "seed" in error and "4294967295" in error
-    assert not run.exists()
 
 
 def test_config_file_seed_out_of_range_is_refused(cli, tiny_npz_data: Path, tmp_path: Path):
     run = tmp_path / "run"
     for extra in ("seed: 100000000000000000000", "seed: -1"):
         cfg = write_config(tmp_path / "train.yaml", tiny_npz_data, run, extra)
-        code, error = cli("train", config=cfg)
-        assert code == 2
-        assert "seed must lie in [0, 4294967295]" in error
-    assert not run.exists()
+        assert "seed must lie in [0, 4294967295]" in refused(cli, run, "train", config=cfg)
 
 
 def test_distill_refuses_negative_seed(cli, tiny_npz_data: Path, tmp_path: Path):
     run = tmp_path / "run"
-    code, error = cli(
+    error = refused(
+        cli,
+        run,
         "distill",
         teacher=tmp_path / "teacher",
         student="tiny_cnn",
@@ -385,8 +354,7 @@ def test_distill_refuses_negative_seed(cli, tiny_npz_data: Path, tmp_path: Path)
         out=run,
         seed=-1,
     )
-    assert code == 2 and "seed must lie in" in error
-    assert not run.exists()
+    assert "seed must lie in" in error
 
 
 # (option, value out of bounds) for both TrainConfig and PurifierConfig
@@ -426,11 +394,9 @@ def test_python_api_refuses_bool_for_int():
 def test_model_arg_python_tag_is_a_usage_error(cli, tiny_npz_data: Path, tmp_path: Path):
     run = tmp_path / "run"
     options = train_options(tiny_npz_data, run, model_arg="width=!!python/object:os.system")
-    code, error = cli("train", **options)
-    assert code == 2
+    error = refused(cli, run, "train", **options)
     assert "--model-arg" in error and "width=!!python/object:os.system" in error
     assert "unexpected" not in error
-    assert not run.exists()
 
 
 @pytest.mark.parametrize(
