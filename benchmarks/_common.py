@@ -194,3 +194,13 @@ def stamp() -> dict[str, Any]:
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "environment": environment(),
     }
+
+
+def publish(
+    name: str, payload: dict[str, Any], rows: list[dict[str, Any]], columns: list[str], goals: Any
+) -> Path:
+    """Write the results (see :func:`write_results`), then print the table and the goals."""
+    path = write_results(name, payload, rows, columns, directory=RESULTS)
+    print(path.read_text())
+    print(json.dumps(goals, indent=1))
+    return path

@@ -17,8 +17,8 @@ from _common import base_parser, cifar_batch, compare, reference_pgd_examples
 
 from advedge.attacks import PGD
 from advedge.models import create_model
-from advedge.training.engine import autocast_context, prepare_model
-from advedge.utils import resolve_device
+from advedge.training.device import prepare_model
+from advedge.utils import autocast_context, resolve_device
 
 EPS, ALPHA, STEPS = 8 / 255, 2 / 255, 20
 

@@ -16,11 +16,10 @@ Square query attack on each artifact, and the per-example worst case.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
-from _common import DATA, RESULTS, stamp, write_results
+from _common import DATA, publish, stamp
 from advedge.export.runtime.bench import BenchOptions, run_bench
 
 
@@ -125,9 +124,7 @@ def main() -> None:
         "transfer_acc",
         "worst_case_acc",
     ]
-    path = write_results(f"bench_{args.tag}", payload, rows, cols, directory=RESULTS)
-    print(path.read_text())
-    print(json.dumps(goals, indent=1))
+    publish(f"bench_{args.tag}", payload, rows, cols, goals)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import DATA, RESULTS, stamp, write_results
+from _common import DATA, publish, stamp
 from advedge.export.exporter import ExportOptions, export_artifacts
 from advedge.export.runtime import OrtRunner
 
@@ -161,15 +161,10 @@ def rows_for(
         row = {
             "model": label,
             "precision": k,
-            "size_mb": round(a["bytes"] / 1e6, 3),
-            "b1_ms": round(b1[k]["median_ms"], 3),
-            "b1_speedup": round(b1["fp32"]["median_ms"] / b1[k]["median_ms"], 2),
-            "b64_ms": round(b64[k]["median_ms"], 2),
-            "b64_speedup": round(b64["fp32"]["median_ms"] / b64[k]["median_ms"], 2),
+            **size_and_latency(a, k, b1, b64),
             "clean_acc": None if not acc_k else round(100 * acc_k["clean_acc"], 2),
             "transfer_acc": None if not acc_k else round(100 * acc_k["transfer_robust_acc"], 2),
-            "parity_adv_max_abs": a["parity"]["figures"]["adversarial"]["max_abs"],
-            "parity_adv_agree": a["parity"]["figures"]["adversarial"]["agreement"],
+            **adversarial_parity(a),
             "runs_b1": b1[k]["runs"],
             "runs_b64": b64[k]["runs"],
         }
@@ -205,6 +200,25 @@ def goal_for(row: dict[str, Any]) -> dict[str, Any]:
         "met_accuracy": abs(d_clean) <= GOAL["max_drop_points"]
         and abs(d_transfer) <= GOAL["max_drop_points"],
     }
+
+
+def size_and_latency(
+    artifact: dict[str, Any], form: str, b1: dict[str, Any], b64: dict[str, Any]
+) -> dict[str, Any]:
+    """Size in MB, median latency at batch 1 and 64, and the speed-up over fp32 at each."""
+    return {
+        "size_mb": round(artifact["bytes"] / 1e6, 3),
+        "b1_ms": round(b1[form]["median_ms"], 3),
+        "b1_speedup": round(b1["fp32"]["median_ms"] / b1[form]["median_ms"], 2),
+        "b64_ms": round(b64[form]["median_ms"], 2),
+        "b64_speedup": round(b64["fp32"]["median_ms"] / b64[form]["median_ms"], 2),
+    }
+
+
+def adversarial_parity(artifact: dict[str, Any]) -> dict[str, Any]:
+    """The parity gate's figures on adversarial inputs."""
+    figures = artifact["parity"]["figures"]["adversarial"]
+    return {"parity_adv_max_abs": figures["max_abs"], "parity_adv_agree": figures["agreement"]}
 
 
 def main() -> None:
@@ -265,13 +279,8 @@ def main() -> None:
             {
                 "model": "purifier",
                 "precision": k,
-                "size_mb": round(a["bytes"] / 1e6, 3),
-                "b1_ms": round(b1[k]["median_ms"], 3),
-                "b1_speedup": round(b1["fp32"]["median_ms"] / b1[k]["median_ms"], 2),
-                "b64_ms": round(b64[k]["median_ms"], 2),
-                "b64_speedup": round(b64["fp32"]["median_ms"] / b64[k]["median_ms"], 2),
-                "parity_adv_max_abs": a["parity"]["figures"]["adversarial"]["max_abs"],
-                "parity_adv_agree": a["parity"]["figures"]["adversarial"]["agreement"],
+                **size_and_latency(a, k, b1, b64),
+                **adversarial_parity(a),
             }
         )
     r18 = {r["precision"]: r for r in rows if r["model"] == "resnet18"}
@@ -298,9 +307,7 @@ def main() -> None:
         "d_transfer",
         "parity_adv_agree",
     ]
-    path = write_results(f"export_{args.scale}", payload, rows, cols, directory=RESULTS)
-    print(path.read_text())
-    print(json.dumps(goals, indent=1))
+    publish(f"export_{args.scale}", payload, rows, cols, goals)
 
 
 if __name__ == "__main__":

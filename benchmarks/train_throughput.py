@@ -21,10 +21,11 @@ import torch.nn.functional as F
 from _common import base_parser, cifar_batch, compare, reference_pgd_examples
 
 from advedge.models import create_model
+from advedge.training.device import prepare_model
 from advedge.training.distillation import build_distill_method
-from advedge.training.engine import autocast_context, prepare_model, training_step
+from advedge.training.engine import training_step
 from advedge.training.objectives import build_method
-from advedge.utils import resolve_device
+from advedge.utils import autocast_context, resolve_device
 
 EPS, ALPHA, STEPS = 8 / 255, 2 / 255, 10
 
