@@ -70,6 +70,7 @@ class ExportPrecision:
         reference_level: The ONNX Runtime optimisation level that computes what TensorRT does,
             for the parity gate and the accuracy report's reference run (``all``: no separate
             reference run).
+        note: A few words the ``--precision`` help shows after the name (``"FP32 I/O"``).
     """
 
     tolerance: Tolerance
@@ -77,6 +78,7 @@ class ExportPrecision:
     needs_calibration: bool = False
     legacy_calibrator: bool = False
     reference_level: str = "all"
+    note: str = ""
 
 
 def _to_fp16(job: Conversion) -> tuple[Path, dict[str, Any]]:
@@ -118,7 +120,9 @@ PRECISIONS.register(
 PRECISIONS.register(
     "fp16",
     ExportPrecision(
-        Tolerance(max_abs_logits=0.1, max_abs_pixels=4e-3, min_agreement=0.97), convert=_to_fp16
+        Tolerance(max_abs_logits=0.1, max_abs_pixels=4e-3, min_agreement=0.97),
+        convert=_to_fp16,
+        note="FP32 I/O",
     ),
     description="FP16 inside, FP32 inputs and outputs (onnxconverter-common)",
 )
@@ -130,6 +134,7 @@ PRECISIONS.register(
         needs_calibration=True,
         legacy_calibrator=True,
         reference_level="basic",
+        note="symmetric Q/DQ",
     ),
     description="symmetric INT8 Q/DQ calibrated on --calib-data",
 )

@@ -25,9 +25,7 @@ def export_cmd(  # long: one parameter for each of its 30 options; the body is s
     fuse: Annotated[
         bool, typer.Option(help="One graph: purifier -> classifier, one input, logits out.")
     ] = False,
-    precision: Annotated[
-        str, typer.Option(help="fp32, fp16 (FP32 I/O) or int8 (symmetric Q/DQ).")
-    ] = "fp32",
+    precision: Annotated[str, typer.Option(help="{precisions}.")] = "fp32",
     data: Annotated[
         str | None,
         typer.Option(

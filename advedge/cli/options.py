@@ -4,7 +4,7 @@
   ``distill``, ``purifier train``, ``eval`` and the deploy commands. A command gives the
   default (or none, for a required option) in its signature.
 - Help text that lists the library's registries (training, distillation, purifier and
-  calibration methods, runner backends) is written with a placeholder such as
+  calibration methods, runner backends, export precisions) is written with a placeholder such as
   ``{training_methods}`` and filled in by :class:`RegistryHelpCommand` when the help is shown, so
   running a command never imports torch just for its help text.
 - ``--config FILE.yaml``: :data:`ConfigDefaults` makes the file's keys the command's defaults;
@@ -101,6 +101,12 @@ def _backends() -> Iterable[str]:
     return BACKENDS
 
 
+def _precisions() -> Iterable[str]:
+    from advedge.export.precisions import PRECISIONS
+
+    return [f"{n} ({p.note})" if p.note else n for n, p in PRECISIONS.items()]
+
+
 def _default_attacks() -> str:
     from advedge.evaluation import DEFAULT_ATTACKS
 
@@ -119,6 +125,7 @@ _HELP_LISTS: dict[str, Callable[[], str]] = {
     "purifier_methods": lambda: _one_of(_purifier_methods()),
     "calibration_methods": lambda: _one_of(_calibration_methods()),
     "backends": lambda: _one_of(_backends()),
+    "precisions": lambda: _one_of(_precisions()),
     "default_attacks": _default_attacks,
 }
 _PLACEHOLDER = re.compile(r"\{(" + "|".join(_HELP_LISTS) + r")\}")
