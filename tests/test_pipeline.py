@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import argv
+from conftest import argv, train_tiny
 
 from advedge.cli import main
 from advedge.errors import UsageError
@@ -214,23 +214,7 @@ def test_retrained_teacher_redoes_everything_downstream(
 
 def test_stage_key_follows_the_files_it_reads(tmp_path, tiny_npz_data, capsys, finished_pipeline):
     # another teacher's weights put in place by hand: the student and all after it are stale
-    other = tmp_path / "other"
-    from advedge.training.engine import TrainConfig, train
-
-    train(
-        TrainConfig(
-            data=str(tiny_npz_data),
-            model="tiny_cnn",
-            method="natural",
-            epochs=1,
-            out=str(other),
-            batch_size=32,
-            eval_n=16,
-            eval_steps=1,
-            seed=7,
-            device="cpu",
-        )
-    )
+    other = train_tiny(tiny_npz_data, tmp_path / "other", seed=7, device="cpu")
     (finished_pipeline / "teacher" / "model.safetensors").write_bytes(
         (other / "model.safetensors").read_bytes()
     )
