@@ -31,6 +31,14 @@ def _bench(artifact: object, data: object, **options: object) -> int:
     return main(argv("bench", artifact=paths, data=str(data), **options))
 
 
+def _bench_json(capsys: pytest.CaptureFixture[str], *args: object, **options: object) -> dict:
+    """:func:`_bench` with ``--json``, which must exit 0; returns the JSON it printed."""
+    rc = _bench(*args, json=True, **options)
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    return json.loads(captured.out)
+
+
 def _robust(model: object, query_n: int, n_queries: int) -> dict[str, object]:
     """The --robust flags: sets crafted on ``model``, Square on ``query_n`` images."""
     return {"robust": True, "model": str(model), "query_n": query_n, "n_queries": n_queries}
@@ -106,7 +114,8 @@ def test_latency_stats_formulas():
 
 def test_bench_cli_latency_accuracy_files(arts, tiny_npz_data, tmp_path, capsys):
     out = tmp_path / "b"
-    rc = _bench(
+    doc = _bench_json(
+        capsys,
         [arts["onnx_a"], arts["run_a"]],
         tiny_npz_data,
         batch_sizes="1,4",
@@ -114,11 +123,7 @@ def test_bench_cli_latency_accuracy_files(arts, tiny_npz_data, tmp_path, capsys)
         iters="5",
         n="32",
         out=str(out),
-        json=True,
     )
-    captured = capsys.readouterr()
-    assert rc == 0, captured.err
-    doc = json.loads(captured.out)
     assert doc["schema"] == "advedge.bench/1" and doc["environment"]["cpu"]
     onnx_r, torch_r = doc["results"]
     assert onnx_r["backend"] == "onnxruntime" and torch_r["backend"] == "torch"
@@ -134,7 +139,8 @@ def test_bench_cli_latency_accuracy_files(arts, tiny_npz_data, tmp_path, capsys)
 
 def test_bench_robust_transfer_query_and_worst_case(arts, tiny_npz_data, tmp_path, capsys):
     out = tmp_path / "r"
-    rc = _bench(
+    doc = _bench_json(
+        capsys,
         arts["onnx_a"],
         tiny_npz_data,
         batch_sizes="8",
@@ -143,11 +149,8 @@ def test_bench_robust_transfer_query_and_worst_case(arts, tiny_npz_data, tmp_pat
         n="24",
         **_robust(arts["run_a"], 12, 30),
         out=str(out),
-        json=True,
     )
-    captured = capsys.readouterr()
-    assert rc == 0, captured.err
-    r = json.loads(captured.out)["results"][0]
+    r = doc["results"][0]
     rob = r["robust"]
     kinds = {a["name"]: a["kind"] for a in rob["attacks"]}
     assert kinds == {"pgd20": "transfer", "apgd-ce": "transfer", "square": "query"}
@@ -163,7 +166,8 @@ def test_bench_robust_transfer_query_and_worst_case(arts, tiny_npz_data, tmp_pat
     assert set(advs) == {"pgd20", "apgd-ce"} and meta["n"] == 24
     assert np.abs(advs["pgd20"] - x).max() <= 8 / 255 + 1e-6
     # the same set evaluated without crafting (as on a device without torch)
-    rc = _bench(
+    again = _bench_json(
+        capsys,
         arts["onnx_a"],
         tiny_npz_data,
         batch_sizes="8",
@@ -171,11 +175,9 @@ def test_bench_robust_transfer_query_and_worst_case(arts, tiny_npz_data, tmp_pat
         transfer_set=str(tset),
         query_n="4",
         n_queries="5",
-        json=True,
         **QUICK,
-    )
-    again = json.loads(capsys.readouterr().out)["results"][0]["robust"]
-    assert rc == 0 and again["worst_case_transfer_acc"] == rob["worst_case_transfer_acc"]
+    )["results"][0]["robust"]
+    assert again["worst_case_transfer_acc"] == rob["worst_case_transfer_acc"]
 
 
 def test_bench_refuses_a_transfer_set_of_another_model_or_tampered(
@@ -255,12 +257,10 @@ def test_bench_engine_through_the_tensorrt_double_times_stages(
     info = json.loads(build.sidecar.read_text())
     info["artifact"] = {"kind": "classifier", "input_shape": [3, 32, 32]}
     build.sidecar.write_text(json.dumps(info))
-    rc = _bench(
-        build.engine, tiny_npz_data, batch_sizes="1,8,16", warmup="1", iters="3", n="16", json=True
+    doc = _bench_json(
+        capsys, build.engine, tiny_npz_data, batch_sizes="1,8,16", warmup="1", iters="3", n="16"
     )
-    captured = capsys.readouterr()
-    assert rc == 0, captured.err
-    r = json.loads(captured.out)["results"][0]
+    r = doc["results"][0]
     assert r["backend"] == "tensorrt"
     lat = {lat["batch"]: lat for lat in r["latency"]}
     assert set(lat[1]["stages_ms"]) == {"h2d", "compute", "d2h"}
