@@ -1144,7 +1144,23 @@ class _ParserError:
         )
 
 
-class _OnnxParser(_ContextManager):
+class _FlagBits:
+    """``set_flag``, ``clear_flag`` and ``get_flag`` on the bit field ``flags`` (bit ``int(flag)``
+    per enum member), as the parser and the builder config have them."""
+
+    flags: int
+
+    def set_flag(self, flag: Any) -> None:
+        self.flags |= 1 << int(flag)
+
+    def clear_flag(self, flag: Any) -> None:
+        self.flags &= ~(1 << int(flag))
+
+    def get_flag(self, flag: Any) -> bool:
+        return bool(self.flags & (1 << int(flag)))
+
+
+class _OnnxParser(_FlagBits, _ContextManager):
     _lib: _Lib
 
     def __init__(self, network: Any, logger: Any) -> None:
@@ -1167,15 +1183,6 @@ class _OnnxParser(_ContextManager):
 
     def clear_errors(self) -> None:
         self._errors.clear()
-
-    def set_flag(self, flag: Any) -> None:
-        self.flags |= 1 << int(flag)
-
-    def clear_flag(self, flag: Any) -> None:
-        self.flags &= ~(1 << int(flag))
-
-    def get_flag(self, flag: Any) -> bool:
-        return bool(self.flags & (1 << int(flag)))
 
     def supports_operator(self, op_name: str) -> bool:
         import onnx
@@ -1313,7 +1320,7 @@ class _ITimingCache:
         return True
 
 
-class _IBuilderConfig(_ContextManager):
+class _IBuilderConfig(_FlagBits, _ContextManager):
     _lib: _Lib
 
     def __init__(self, builder: Any) -> None:
@@ -1351,15 +1358,6 @@ class _IBuilderConfig(_ContextManager):
     @flags.setter
     def flags(self, value: int) -> None:
         self._flags = _as_int(value, "flags")
-
-    def set_flag(self, flag: Any) -> None:
-        self._flags |= 1 << int(flag)
-
-    def clear_flag(self, flag: Any) -> None:
-        self._flags &= ~(1 << int(flag))
-
-    def get_flag(self, flag: Any) -> bool:
-        return bool(self._flags & (1 << int(flag)))
 
     def _has(self, name: str) -> bool:
         member = self._lib.BuilderFlag.__members__.get(name)
