@@ -67,6 +67,19 @@ def train_options(data: Path, out: Path, **overrides: Any) -> dict[str, Any]:
     return opts
 
 
+@pytest.fixture
+def refused_train(cli, tiny_npz_data: Path, tmp_path: Path) -> Callable[..., str]:
+    """``refused_train(**overrides) -> error line``: a fast ``advedge train`` of
+    :func:`train_options` into ``tmp_path/run`` (``config=`` adds ``--config``), which must be
+    :func:`refused`."""
+    run = tmp_path / "run"
+
+    def go(**overrides: Any) -> str:
+        return refused(cli, run, "train", **train_options(tiny_npz_data, run, **overrides))
+
+    return go
+
+
 def write_config(path: Path, data: Path, out: Path, extra: str) -> Path:
     """A train config (fast settings) followed by the YAML text ``extra``."""
     base = (
@@ -80,9 +93,8 @@ def write_config(path: Path, data: Path, out: Path, extra: str) -> Path:
 
 
 # ------------------------------------------------------------------------- 1. eps fractions
-def test_eps_fraction_with_two_slashes_is_refused(cli, tiny_npz_data: Path, tmp_path: Path):
-    run = tmp_path / "run"
-    error = refused(cli, run, "train", **train_options(tiny_npz_data, run, eps="8/255/2"))
+def test_eps_fraction_with_two_slashes_is_refused(refused_train):
+    error = refused_train(eps="8/255/2")
     assert "--eps" in error and "8/255/2" in error
 
 
@@ -192,12 +204,11 @@ def test_config_from_dict_normalises_accepted_values():
 
 
 # ------------------------------------------------------------------ 3. YAML that is hostile
-def test_yaml_alias_bomb_is_refused(cli, tiny_npz_data: Path, tmp_path: Path):
+def test_yaml_alias_bomb_is_refused(refused_train, tmp_path: Path):
     assert len(ALIAS_BOMB) < 700
-    run = tmp_path / "run"
     cfg = tmp_path / "bomb.yaml"
     cfg.write_text(ALIAS_BOMB, encoding="utf-8")
-    error = refused(cli, run, "train", **train_options(tiny_npz_data, run), config=cfg)
+    error = refused_train(config=cfg)
     assert "alias" in error and "bomb.yaml" in error
     with pytest.raises(UsageError, match="alias"):
         load_yaml(cfg)
@@ -215,8 +226,7 @@ def test_config_loader_refuses_anchors_and_aliases():
     assert parse_yaml("x: 1\ny: [a, b]\n") == {"x": 1, "y": ["a", "b"]}
 
 
-def test_binary_config_is_a_usage_error(cli, tiny_npz_data: Path, tmp_path: Path):
-    run = tmp_path / "run"
+def test_binary_config_is_a_usage_error(refused_train, tmp_path: Path):
     rng = random.Random(0)
     contents = {
         "random.yaml": bytes(rng.randrange(256) for _ in range(700)),
@@ -226,18 +236,17 @@ def test_binary_config_is_a_usage_error(cli, tiny_npz_data: Path, tmp_path: Path
     for name, raw in contents.items():
         cfg = tmp_path / name
         cfg.write_bytes(raw)
-        error = refused(cli, run, "train", **train_options(tiny_npz_data, run), config=cfg)
+        error = refused_train(config=cfg)
         assert name in error, error
         assert "unexpected" not in error
 
 
 def test_config_that_is_a_folder_or_unreadable_is_a_usage_error(
-    cli, tiny_npz_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    refused_train, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    run = tmp_path / "run"
     folder = tmp_path / "conf.d"
     folder.mkdir()
-    error = refused(cli, run, "train", **train_options(tiny_npz_data, run), config=folder)
+    error = refused_train(config=folder)
     assert "conf.d" in error and "folder" in error
 
     locked = tmp_path / "locked.yaml"
@@ -250,21 +259,20 @@ def test_config_that_is_a_folder_or_unreadable_is_a_usage_error(
         return real_open(self, *args, **kwargs)
 
     monkeypatch.setattr(Path, "open", deny)
-    error = refused(cli, run, "train", **train_options(tiny_npz_data, run), config=locked)
+    error = refused_train(config=locked)
     assert "locked.yaml" in error and "permission denied" in error
 
 
-def test_config_too_large_or_too_deep_is_a_usage_error(cli, tiny_npz_data: Path, tmp_path: Path):
-    run = tmp_path / "run"
+def test_config_too_large_or_too_deep_is_a_usage_error(refused_train, tmp_path: Path):
     big = tmp_path / "big.yaml"
     big.write_text("".join(f"k{i}: {i}\n" for i in range(MAX_CONFIG_BYTES // 8)), "utf-8")
     assert big.stat().st_size > MAX_CONFIG_BYTES
-    error = refused(cli, run, "train", **train_options(tiny_npz_data, run), config=big)
+    error = refused_train(config=big)
     assert "big.yaml" in error and "larger than" in error
 
     deep = tmp_path / "deep.yaml"
     deep.write_text("model_kwargs: " + "[" * 50_000 + "]" * 50_000 + "\n", "utf-8")
-    error = refused(cli, run, "train", **train_options(tiny_npz_data, run), config=deep)
+    error = refused_train(config=deep)
     assert "deep.yaml" in error and "nested too deeply" in error
 
 
@@ -280,11 +288,8 @@ def test_config_too_large_or_too_deep_is_a_usage_error(cli, tiny_npz_data: Path,
         ("beta", "-inf"),
     ],
 )
-def test_train_refuses_non_finite_float_options(
-    cli, tiny_npz_data: Path, tmp_path: Path, flag: str, value: str
-):
-    run = tmp_path / "run"
-    error = refused(cli, run, "train", **train_options(tiny_npz_data, run, **{flag: value}))
+def test_train_refuses_non_finite_float_options(refused_train, flag: str, value: str):
+    error = refused_train(**{flag: value})
     assert f"'{flag}'" in error and "finite" in error
 
 
@@ -327,9 +332,8 @@ def test_distill_and_purifier_refuse_non_finite_lr(cli, tiny_npz_data: Path, tmp
 
 # --------------------------------------------------------- 5. seeds and bounded integers
 @pytest.mark.parametrize("seed", ["-1", str(SEED_MAX + 1)])
-def test_train_refuses_seed_out_of_range(cli, tiny_npz_data: Path, tmp_path: Path, seed: str):
-    run = tmp_path / "run"
-    error = refused(cli, run, "train", **train_options(tiny_npz_data, run, seed=seed))
+def test_train_refuses_seed_out_of_range(refused_train, seed: str):
+    error = refused_train(seed=seed)
     assert "seed" in error and "4294967295" in error
 
 
@@ -391,10 +395,8 @@ def test_python_api_refuses_bool_for_int():
 
 
 # ------------------------------------------------------------------------ 6. --model-arg
-def test_model_arg_python_tag_is_a_usage_error(cli, tiny_npz_data: Path, tmp_path: Path):
-    run = tmp_path / "run"
-    options = train_options(tiny_npz_data, run, model_arg="width=!!python/object:os.system")
-    error = refused(cli, run, "train", **options)
+def test_model_arg_python_tag_is_a_usage_error(refused_train):
+    error = refused_train(model_arg="width=!!python/object:os.system")
     assert "--model-arg" in error and "width=!!python/object:os.system" in error
     assert "unexpected" not in error
 
