@@ -63,7 +63,7 @@ def _write(path: Path, x: np.ndarray, y: np.ndarray, **extra: Any) -> None:
 
 
 def _train(
-    cli: Callable[..., tuple[int, str]], data: Path, out: Path, **kw: Any
+    cli_error: Callable[..., tuple[int, str]], data: Path, out: Path, **kw: Any
 ) -> tuple[int, str]:
     options: dict[str, Any] = {
         "data": data,
@@ -76,7 +76,7 @@ def _train(
         "device": "cpu",
     }
     options.update(kw)
-    return cli("train", **options)
+    return cli_error("train", **options)
 
 
 def _npy(shape: tuple[int, ...], descr: str = "|u1", payload: bytes = b"\0" * 16) -> bytes:
@@ -154,7 +154,7 @@ def test_label_asking_for_too_many_classes_is_refused_at_load(
 
 
 def test_label_asking_for_a_billion_classes_fails_train_before_a_model_is_built(
-    tmp_path: Path, cli, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, cli_error, monkeypatch: pytest.MonkeyPatch
 ):
     import advedge.training.engine
 
@@ -165,7 +165,7 @@ def test_label_asking_for_a_billion_classes_fails_train_before_a_model_is_built(
     _no_per_class_work(monkeypatch)  # refused while the data loads, before anything is sized
     _write(tmp_path / "d" / "train.npz", _images(8), [0, 1, 2, 10**9, 0, 1, 2, 3])
     _write(tmp_path / "d" / "test.npz", _images(4), [0, 1, 2, 3])
-    code, error = _train(cli, tmp_path / "d", tmp_path / "run")
+    code, error = _train(cli_error, tmp_path / "d", tmp_path / "run")
     assert code == 1, error
     assert "train.npz" in error and "1000000000" in error
     assert "unexpected" not in error
@@ -292,7 +292,7 @@ def test_checkpoint_architecture_arguments_are_bounded(
 
 
 def test_eval_of_a_checkpoint_asking_for_a_trillion_classes_fails_cleanly(
-    tiny_checkpoint: Path, small_data: Path, tmp_path: Path, cli
+    tiny_checkpoint: Path, small_data: Path, tmp_path: Path, cli_error
 ):
     bad = _rewrite_metadata(
         tiny_checkpoint,
@@ -301,7 +301,7 @@ def test_eval_of_a_checkpoint_asking_for_a_trillion_classes_fails_cleanly(
         arch_kwargs=json.dumps({"num_classes": 10**12}),
     )
     out = tmp_path / "results.json"
-    code, error = cli("eval", model=bad, data=small_data, n=8, out=out)
+    code, error = cli_error("eval", model=bad, data=small_data, n=8, out=out)
     assert code == 1
     assert "num_classes" in error and "unexpected" not in error
     assert not out.exists()
@@ -399,10 +399,10 @@ def test_images_wider_than_the_bound_are_refused_at_load(tmp_path: Path):
         load_dataset(tmp_path)
 
 
-def test_training_on_one_pixel_images_fails_cleanly(tmp_path: Path, cli):
+def test_training_on_one_pixel_images_fails_cleanly(tmp_path: Path, cli_error):
     _write(tmp_path / "d" / "train.npz", _images(16, size=1), np.arange(16) % 2)
     _write(tmp_path / "d" / "test.npz", _images(8, size=1), np.arange(8) % 2)
-    code, error = _train(cli, tmp_path / "d", tmp_path / "run")
+    code, error = _train(cli_error, tmp_path / "d", tmp_path / "run")
     assert code == 1
     assert "1x1" in error and "unexpected" not in error
 
@@ -420,7 +420,7 @@ def test_min_input_size_of_the_registered_models():
 
 
 def test_eval_refuses_images_smaller_than_the_architecture_accepts(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cli
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cli_error
 ):
     from advedge.models import registry
     from advedge.models.base import ImageClassifier
@@ -447,7 +447,7 @@ def test_eval_refuses_images_smaller_than_the_architecture_accepts(
     ckpt = tmp_path / "m.safetensors"
     save_model(create_model("pool4_test", num_classes=2), ckpt, metadata={"input_shape": [3, 2, 2]})
     out = tmp_path / "results.json"
-    code, error = cli("eval", model=ckpt, data=data, n=4, attacks="fgsm", out=out)
+    code, error = cli_error("eval", model=ckpt, data=data, n=4, attacks="fgsm", out=out)
     registry._min_side.cache_clear()
     assert code == 1, error
     assert "2x2" in error and "4x4" in error and "unexpected" not in error
@@ -469,7 +469,7 @@ def test_unreadable_data_folder_chmod_000_is_a_data_error(small_data: Path):
 
 
 def test_unreadable_data_folder_is_a_data_error(
-    small_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cli
+    small_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cli_error
 ):
     real_access = os.access
 
@@ -481,7 +481,7 @@ def test_unreadable_data_folder_is_a_data_error(
     monkeypatch.setattr(os, "access", access)
     with pytest.raises(DataError, match=rf"^cannot read {small_data}: permission denied"):
         load_dataset(small_data)
-    code, error = _train(cli, small_data, tmp_path / "run")
+    code, error = _train(cli_error, small_data, tmp_path / "run")
     assert code == 1
     assert f"cannot read {small_data}: permission denied" in error
 
@@ -521,7 +521,7 @@ def test_unreadable_class_folder_is_a_data_error(tmp_path: Path, monkeypatch: py
 
 # --------------------------------------------------------------- 6. non-finite logits
 def test_eval_of_nan_weights_is_refused_and_writes_nothing(
-    tiny_checkpoint: Path, small_data: Path, tmp_path: Path, cli
+    tiny_checkpoint: Path, small_data: Path, tmp_path: Path, cli_error
 ):
     state = load_file(str(tiny_checkpoint))
     state["fc.weight"] = torch.full_like(state["fc.weight"], float("nan"))
@@ -531,7 +531,7 @@ def test_eval_of_nan_weights_is_refused_and_writes_nothing(
     bad.parent.mkdir()
     save_file(state, str(bad), metadata=meta)
     out = tmp_path / "results.json"
-    code, error = cli("eval", model=bad, data=small_data, n=8, attacks="fgsm", out=out)
+    code, error = cli_error("eval", model=bad, data=small_data, n=8, attacks="fgsm", out=out)
     assert code == 1
     assert "the model produces non-finite logits (NaN/inf) on 16 of 16 images" in error
     assert not out.exists()

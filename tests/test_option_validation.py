@@ -39,10 +39,12 @@ ALIAS_BOMB = "a: &a [x,x,x,x,x,x,x,x,x]\n" + "".join(
 )
 
 
-def refused(cli: Callable[..., tuple[int, str]], run: Path, *words: Any, **options: Any) -> str:
-    """``cli(*words, **options)``, which must exit 2 (a usage problem) without writing ``run``;
+def refused(
+    cli_error: Callable[..., tuple[int, str]], run: Path, *words: Any, **options: Any
+) -> str:
+    """``cli_error(*words, **options)``, which must exit 2 (a usage problem) without writing ``run``;
     returns its ``error:`` line."""
-    code, error = cli(*words, **options)
+    code, error = cli_error(*words, **options)
     assert code == 2, error
     assert not run.exists()
     return error
@@ -68,14 +70,14 @@ def train_options(data: Path, out: Path, **overrides: Any) -> dict[str, Any]:
 
 
 @pytest.fixture
-def refused_train(cli, tiny_npz_data: Path, tmp_path: Path) -> Callable[..., str]:
+def refused_train(cli_error, tiny_npz_data: Path, tmp_path: Path) -> Callable[..., str]:
     """``refused_train(**overrides) -> error line``: a fast ``advedge train`` of
     :func:`train_options` into ``tmp_path/run`` (``config=`` adds ``--config``), which must be
     :func:`refused`."""
     run = tmp_path / "run"
 
     def go(**overrides: Any) -> str:
-        return refused(cli, run, "train", **train_options(tiny_npz_data, run, **overrides))
+        return refused(cli_error, run, "train", **train_options(tiny_npz_data, run, **overrides))
 
     return go
 
@@ -128,11 +130,11 @@ def test_parse_fraction_accepts_only_number_or_a_over_b(text: str):
     ],
 )
 def test_config_value_types_are_checked(
-    cli, tiny_npz_data: Path, tmp_path: Path, extra: str, expected: str
+    cli_error, tiny_npz_data: Path, tmp_path: Path, extra: str, expected: str
 ):
     run = tmp_path / "run"
     cfg = write_config(tmp_path / "train.yaml", tiny_npz_data, run, extra)
-    assert expected in refused(cli, run, "train", config=cfg)
+    assert expected in refused(cli_error, run, "train", config=cfg)
 
 
 def test_config_int_for_float_field_is_accepted_as_float():
@@ -321,13 +323,17 @@ def test_purifier_config_float_fields_must_be_finite(bad: float):
             PurifierConfig(classifier="c", data="d", **{name: bad})
 
 
-def test_distill_and_purifier_refuse_non_finite_lr(cli, tiny_npz_data: Path, tmp_path: Path):
+def test_distill_and_purifier_refuse_non_finite_lr(cli_error, tiny_npz_data: Path, tmp_path: Path):
     run = tmp_path / "run"
     common = {"data": tiny_npz_data, "epochs": 1, "out": run, "device": "cpu", "lr": "inf"}
     teacher = tmp_path / "teacher"
-    error = refused(cli, run, "distill", teacher=teacher, student="tiny_cnn", method="kd", **common)
+    error = refused(
+        cli_error, run, "distill", teacher=teacher, student="tiny_cnn", method="kd", **common
+    )
     assert "finite" in error
-    assert "finite" in refused(cli, run, "purifier", "train", classifier=tmp_path / "clf", **common)
+    assert "finite" in refused(
+        cli_error, run, "purifier", "train", classifier=tmp_path / "clf", **common
+    )
 
 
 # --------------------------------------------------------- 5. seeds and bounded integers
@@ -337,17 +343,17 @@ def test_train_refuses_seed_out_of_range(refused_train, seed: str):
     assert "seed" in error and "4294967295" in error
 
 
-def test_config_file_seed_out_of_range_is_refused(cli, tiny_npz_data: Path, tmp_path: Path):
+def test_config_file_seed_out_of_range_is_refused(cli_error, tiny_npz_data: Path, tmp_path: Path):
     run = tmp_path / "run"
     for extra in ("seed: 100000000000000000000", "seed: -1"):
         cfg = write_config(tmp_path / "train.yaml", tiny_npz_data, run, extra)
-        assert "seed must lie in [0, 4294967295]" in refused(cli, run, "train", config=cfg)
+        assert "seed must lie in [0, 4294967295]" in refused(cli_error, run, "train", config=cfg)
 
 
-def test_distill_refuses_negative_seed(cli, tiny_npz_data: Path, tmp_path: Path):
+def test_distill_refuses_negative_seed(cli_error, tiny_npz_data: Path, tmp_path: Path):
     run = tmp_path / "run"
     error = refused(
-        cli,
+        cli_error,
         run,
         "distill",
         teacher=tmp_path / "teacher",
