@@ -72,9 +72,9 @@ def argv(*words: str, **options: object) -> list[str]:
 
 @pytest.fixture
 def cli_error(capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str]]:
-    """``cli_error(*words, **options) -> (exit code, the single error line or "")``: ``advedge`` run
-    in-process on :func:`argv` of its arguments; it must not print a traceback or more than one
-    ``error:`` line."""
+    """``cli_error(*words, **options) -> (exit code, the single error line or "")``:
+    ``advedge`` run in-process on :func:`argv` of its arguments; it must not print a traceback
+    or more than one ``error:`` line."""
     from advedge.cli import main
 
     def run(*words: object, **options: object) -> tuple[int, str]:
