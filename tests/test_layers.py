@@ -193,3 +193,43 @@ def test_no_private_import_across_modules() -> None:
 )
 def test_the_checks_see_an_upward_edge(src: str, dst: str) -> None:
     assert _layer(dst) > _layer(src)
+
+
+MAX_MODULE_LINES = 600
+MAX_FUNCTION_LINES = 80
+REASON = ("# long:", "# one long function")  # a reason, written on the def line or just below
+
+
+def _long_functions(path: Path, root: Path = ROOT) -> list[str]:
+    lines = path.read_text().splitlines()
+    found = []
+    for node in ast.walk(ast.parse("\n".join(lines))):
+        if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        if node.end_lineno - node.lineno + 1 <= MAX_FUNCTION_LINES:
+            continue
+        first = node.body[0]
+        doc_end = first.end_lineno if isinstance(first, ast.Expr) else node.lineno
+        head = lines[node.lineno - 1 : doc_end + 2]
+        if not any(marker in line for line in head for marker in REASON):
+            found.append(f"{path.relative_to(root)}:{node.lineno} {node.name}")
+    return found
+
+
+def test_modules_and_functions_stay_short() -> None:
+    long_modules = [
+        f"{p.relative_to(ROOT)} ({n} lines)"
+        for p in MODULES.values()
+        if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES
+    ]
+    assert long_modules == []
+    assert [f for p in MODULES.values() for f in _long_functions(p)] == []
+
+
+def test_the_length_check_sees_a_long_function(tmp_path: Path) -> None:
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+    src = tmp_path / "m.py"
+    src.write_text(f"def f():\n{body}\n")
+    assert _long_functions(src, tmp_path) == ["m.py:1 f"]
+    src.write_text(f"def f():  # long: a reason\n{body}\n")
+    assert _long_functions(src, tmp_path) == []
