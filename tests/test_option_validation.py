@@ -42,8 +42,8 @@ ALIAS_BOMB = "a: &a [x,x,x,x,x,x,x,x,x]\n" + "".join(
 def refused(
     cli_error: Callable[..., tuple[int, str]], run: Path, *words: Any, **options: Any
 ) -> str:
-    """``cli_error(*words, **options)``, which must exit 2 (a usage problem) without writing ``run``;
-    returns its ``error:`` line."""
+    """``cli_error(*words, **options)``, which must exit 2 (a usage problem) without writing
+    ``run``; returns its ``error:`` line."""
     code, error = cli_error(*words, **options)
     assert code == 2, error
     assert not run.exists()
