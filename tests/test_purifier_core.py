@@ -12,16 +12,7 @@ from torch import Tensor, nn
 
 from advedge.errors import UsageError
 from advedge.models.complexity import count_parameters, mflops
-from advedge.purifier import Discriminator, Generator
-from advedge.purifier.losses import (
-    ape_gan_generator_loss,
-    d_loss,
-    feature_guidance_loss,
-    g_adv_loss,
-    guidance_loss,
-    inverse_perturbation_loss,
-    pixel_loss,
-)
+from advedge.purifier import Discriminator, Generator, losses
 
 LOG3 = math.log(3.0)
 
@@ -42,7 +33,7 @@ def test_inverse_perturbation_loss_value_and_gradient() -> None:
     r = torch.tensor([[0.1, -0.2], [0.0, 0.3]], requires_grad=True)
     delta = torch.tensor([[0.1, 0.2], [-0.1, -0.3]], requires_grad=True)
     # example 0: r + delta = [0.2, 0.0] -> 0.04; example 1: [-0.1, 0.0] -> 0.01; mean 0.025
-    loss = inverse_perturbation_loss(r, delta)
+    loss = losses.inverse_perturbation_loss(r, delta)
     assert loss.item() == pytest.approx(0.025)
     loss.backward()
     assert r.grad is not None
@@ -55,16 +46,16 @@ def test_inverse_perturbation_loss_value_and_gradient() -> None:
 def test_inverse_perturbation_loss_sums_over_pixels_of_images() -> None:
     r = torch.zeros(2, 3, 4, 4)
     delta = torch.full((2, 3, 4, 4), 0.5)
-    assert inverse_perturbation_loss(r, delta).item() == pytest.approx(48 * 0.25)
-    assert inverse_perturbation_loss(-delta, delta).item() == 0.0
+    assert losses.inverse_perturbation_loss(r, delta).item() == pytest.approx(48 * 0.25)
+    assert losses.inverse_perturbation_loss(-delta, delta).item() == 0.0
 
 
 def test_pixel_loss_values() -> None:
     x_hat = torch.tensor([[[[0.5, 0.25]]]], requires_grad=True)
     x = torch.tensor([[[[0.0, 1.0]]]], requires_grad=True)
-    assert pixel_loss(x_hat, x).item() == pytest.approx((0.5 + 0.75) / 2)
-    assert pixel_loss(x_hat, x, "l1").item() == pytest.approx(0.625)
-    loss = pixel_loss(x_hat, x, kind="l2")
+    assert losses.pixel_loss(x_hat, x).item() == pytest.approx((0.5 + 0.75) / 2)
+    assert losses.pixel_loss(x_hat, x, "l1").item() == pytest.approx(0.625)
+    loss = losses.pixel_loss(x_hat, x, kind="l2")
     assert loss.item() == pytest.approx((0.25 + 0.5625) / 2)
     loss.backward()
     assert x.grad is None and x_hat.grad is not None
@@ -76,13 +67,17 @@ def test_guidance_loss_value() -> None:
     y = torch.tensor([0])
     ce = math.log(2.0)
     kl = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
-    assert guidance_loss(logits_hat, logits_clean, y).item() == pytest.approx(ce + kl)
-    loss = guidance_loss(logits_hat, logits_clean, y, ce_weight=2.0, kl_weight=0.5)
+    assert losses.guidance_loss(logits_hat, logits_clean, y).item() == pytest.approx(ce + kl)
+    loss = losses.guidance_loss(logits_hat, logits_clean, y, ce_weight=2.0, kl_weight=0.5)
     assert loss.item() == pytest.approx(2 * ce + 0.5 * kl)
     loss.backward()
     assert logits_clean.grad is None and logits_hat.grad is not None
-    assert guidance_loss(logits_hat, logits_clean, y, ce_weight=0.0).item() == pytest.approx(kl)
-    assert guidance_loss(logits_hat, logits_clean, y, kl_weight=0.0).item() == pytest.approx(ce)
+    assert losses.guidance_loss(logits_hat, logits_clean, y, ce_weight=0.0).item() == pytest.approx(
+        kl
+    )
+    assert losses.guidance_loss(logits_hat, logits_clean, y, kl_weight=0.0).item() == pytest.approx(
+        ce
+    )
 
 
 def test_guidance_loss_averages_over_the_batch() -> None:
@@ -90,13 +85,13 @@ def test_guidance_loss_averages_over_the_batch() -> None:
     y = torch.tensor([0, 1])
     # KL of identical predictions is 0; CE = mean(log 2, -log 0.25)
     expected = (math.log(2.0) - math.log(0.25)) / 2
-    assert guidance_loss(logits, logits, y).item() == pytest.approx(expected, abs=1e-6)
+    assert losses.guidance_loss(logits, logits, y).item() == pytest.approx(expected, abs=1e-6)
 
 
 def test_feature_guidance_loss_value() -> None:
     feat_hat = torch.tensor([[1.0, -2.0, 3.0]], requires_grad=True)
     feat_clean = torch.tensor([[0.0, 0.0, 0.0]], requires_grad=True)
-    loss = feature_guidance_loss(feat_hat, feat_clean)
+    loss = losses.feature_guidance_loss(feat_hat, feat_clean)
     assert loss.item() == pytest.approx(2.0)
     loss.backward()
     assert feat_clean.grad is None
@@ -106,21 +101,21 @@ def test_lsgan_losses() -> None:
     real = torch.tensor([1.0, 0.0])
     fake = torch.tensor([0.0, 1.0])
     # 0.5 * mean([0, 1]) + 0.5 * mean([0, 1])
-    assert d_loss(real, fake).item() == pytest.approx(0.5)
-    assert d_loss(real, fake, kind="lsgan").item() == pytest.approx(0.5)
-    assert d_loss(torch.ones(3), torch.zeros(3), "lsgan").item() == 0.0
+    assert losses.d_loss(real, fake).item() == pytest.approx(0.5)
+    assert losses.d_loss(real, fake, kind="lsgan").item() == pytest.approx(0.5)
+    assert losses.d_loss(torch.ones(3), torch.zeros(3), "lsgan").item() == 0.0
     # 0.5 * mean([(0 - 1)^2, (3 - 1)^2])
-    assert g_adv_loss(torch.tensor([0.0, 3.0])).item() == pytest.approx(1.25)
-    assert g_adv_loss(torch.ones(1, 1, 2, 2), "lsgan").item() == 0.0
+    assert losses.g_adv_loss(torch.tensor([0.0, 3.0])).item() == pytest.approx(1.25)
+    assert losses.g_adv_loss(torch.ones(1, 1, 2, 2), "lsgan").item() == 0.0
 
 
 def test_nsgan_losses() -> None:
     zero = torch.zeros(1, 1, 2, 2)
-    assert d_loss(zero, zero, "nsgan").item() == pytest.approx(2 * math.log(2.0))
+    assert losses.d_loss(zero, zero, "nsgan").item() == pytest.approx(2 * math.log(2.0))
     t = torch.tensor([LOG3])  # sigmoid(log 3) = 0.75
-    assert d_loss(t, t, "nsgan").item() == pytest.approx(-math.log(0.75) - math.log(0.25))
-    assert g_adv_loss(t, "nsgan").item() == pytest.approx(-math.log(0.75))
-    assert g_adv_loss(zero, kind="nsgan").item() == pytest.approx(math.log(2.0))
+    assert losses.d_loss(t, t, "nsgan").item() == pytest.approx(-math.log(0.75) - math.log(0.25))
+    assert losses.g_adv_loss(t, "nsgan").item() == pytest.approx(-math.log(0.75))
+    assert losses.g_adv_loss(zero, kind="nsgan").item() == pytest.approx(math.log(2.0))
 
 
 def test_ape_gan_generator_loss_value() -> None:
@@ -128,44 +123,44 @@ def test_ape_gan_generator_loss_value() -> None:
     x = torch.tensor([[[[0.0, 1.0]]]])
     fake = torch.zeros(1, 1, 1, 1)
     expected = 0.7 * (0.25 + 0.5625) / 2 + 0.3 * math.log(2.0)
-    assert ape_gan_generator_loss(x_hat, x, fake).item() == pytest.approx(expected)
+    assert losses.ape_gan_generator_loss(x_hat, x, fake).item() == pytest.approx(expected)
 
 
 def test_gan_losses_give_d_and_g_opposite_pulls() -> None:
     for kind in ("lsgan", "nsgan"):
         fake = torch.full((4,), 0.5, requires_grad=True)
-        d_loss(torch.ones(4), fake, kind).backward()
+        losses.d_loss(torch.ones(4), fake, kind).backward()
         assert fake.grad is not None and bool((fake.grad > 0).all())  # D pushes fake down
         fake.grad = None
-        g_adv_loss(fake, kind).backward()
+        losses.g_adv_loss(fake, kind).backward()
         assert bool((fake.grad < 0).all())  # G pushes fake up
 
 
 def test_losses_reject_bad_kinds_with_a_hint() -> None:
     t = torch.zeros(2)
     with pytest.raises(UsageError, match="did you mean 'lsgan'"):
-        d_loss(t, t, "lsgn")
+        losses.d_loss(t, t, "lsgn")
     with pytest.raises(UsageError, match="did you mean 'nsgan'"):
-        g_adv_loss(t, "nsgn")
+        losses.g_adv_loss(t, "nsgn")
     with pytest.raises(UsageError, match="l1"):
-        pixel_loss(t, t, "l3")
+        losses.pixel_loss(t, t, "l3")
     with pytest.raises(UsageError):
-        pixel_loss(t, t, "wasserstein")
+        losses.pixel_loss(t, t, "wasserstein")
 
 
 def test_losses_reject_bad_shapes_and_weights() -> None:
     with pytest.raises(UsageError, match="same shape"):
-        inverse_perturbation_loss(torch.zeros(2, 3), torch.zeros(2, 4))
+        losses.inverse_perturbation_loss(torch.zeros(2, 3), torch.zeros(2, 4))
     with pytest.raises(UsageError, match="same shape"):
-        pixel_loss(torch.zeros(1, 3, 2, 2), torch.zeros(1, 1, 2, 2))
+        losses.pixel_loss(torch.zeros(1, 3, 2, 2), torch.zeros(1, 1, 2, 2))
     with pytest.raises(UsageError, match="same shape"):
-        feature_guidance_loss(torch.zeros(2, 3), torch.zeros(3, 2))
+        losses.feature_guidance_loss(torch.zeros(2, 3), torch.zeros(3, 2))
     logits, y = torch.zeros(2, 3), torch.zeros(2, dtype=torch.long)
     with pytest.raises(UsageError, match="same shape"):
-        guidance_loss(logits, torch.zeros(2, 4), y)
+        losses.guidance_loss(logits, torch.zeros(2, 4), y)
     for kw in ({"ce_weight": -1.0}, {"kl_weight": float("nan")}, {"ce_weight": float("inf")}):
         with pytest.raises(UsageError):
-            guidance_loss(logits, logits, y, **kw)
+            losses.guidance_loss(logits, logits, y, **kw)
 
 
 # -- generator ----------------------------------------------------------------------------------
@@ -336,17 +331,17 @@ def test_adam_on_inverse_perturbation_loss_reduces_it() -> None:
     assert delta.abs().max().item() <= eps + 1e-6
     g = Generator(3, 16, eps_r=2 * eps)
     opt = torch.optim.Adam(g.parameters(), lr=3e-3)
-    losses: list[float] = []
+    history: list[float] = []
     for _ in range(40):
-        loss = inverse_perturbation_loss(g.residual(x_adv), delta)
+        loss = losses.inverse_perturbation_loss(g.residual(x_adv), delta)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(loss.item())
-    assert losses[0] == pytest.approx(
-        inverse_perturbation_loss(torch.zeros_like(delta), delta).item()
+        history.append(loss.item())
+    assert history[0] == pytest.approx(
+        losses.inverse_perturbation_loss(torch.zeros_like(delta), delta).item()
     )
-    assert losses[-1] < 0.8 * losses[0]
+    assert history[-1] < 0.8 * history[0]
 
 
 # -- discriminator ------------------------------------------------------------------------------
@@ -372,7 +367,7 @@ def test_discriminator_default_and_config() -> None:
     x = torch.rand(2, 3, 32, 32)
     assert d(x).shape == (2, 1, 8, 8)
     # trains: the loss has gradients for every parameter
-    d_loss(d(x), d(x.flip(-1))).backward()
+    losses.d_loss(d(x), d(x.flip(-1))).backward()
     assert all(p.grad is not None for p in d.parameters())
 
 
