@@ -429,27 +429,27 @@ def _write_report(
     """Stage every file under a temporary name beside it, then rename them all in a row; only
     then, with ``replace``, remove a plot of the earlier report that this one does not draw."""
     with StagedFiles() as staged:
-        doc = _stage_report(rows, runs, out, staged)
+        files = {"markdown": str(out / "report.md"), "json": str(out / "report.json")}
+        for name, key, draw, what in (
+            ("pareto.png", "pareto", _pareto_png, rows),
+            ("training.png", "training", _training_png, runs),
+        ):
+            if draw(what, staged.path(out / name)):
+                files[key] = str(out / name)
+            else:
+                staged.drop(out / name)
+        doc = _report_doc(rows, runs, files)
+        staged.write_text(out / "report.json", json.dumps(to_jsonable(doc), indent=2) + "\n")
+        staged.write_text(out / "report.md", _markdown(rows, runs))
         stale = [out / name for name in PLOTS] if replace else []
         staged.install(stale=stale)  # removes only the plots not among the new files
     return doc
 
 
-def _stage_report(
-    rows: list[dict[str, Any]],
-    runs: dict[str, list[dict[str, float]]],
-    out: Path,
-    staged: StagedFiles,
+def _report_doc(
+    rows: list[dict[str, Any]], runs: dict[str, list[dict[str, float]]], files: dict[str, str]
 ) -> dict[str, Any]:
-    files = {"markdown": str(out / "report.md"), "json": str(out / "report.json")}
-    for name, key, draw, what in (
-        ("pareto.png", "pareto", _pareto_png, rows),
-        ("training.png", "training", _training_png, runs),
-    ):
-        if draw(what, staged.path(out / name)):
-            files[key] = str(out / name)
-        else:
-            staged.drop(out / name)
+    """``report.json``: the rows, the Pareto front, the honest headline, runs and files."""
     pts = [
         (r["p50_b1_ms"], r["worst_case_acc"])
         for r in rows
@@ -468,6 +468,4 @@ def _stage_report(
         "runs": dict(runs),
         "files": files,
     }
-    staged.write_text(out / "report.json", json.dumps(to_jsonable(doc), indent=2) + "\n")
-    staged.write_text(out / "report.md", _markdown(rows, runs))
     return doc
