@@ -42,7 +42,7 @@ from advedge.data import (
 )
 from advedge.errors import DataError, UsageError
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 HAS_CIFAR10 = (SHARED_DATA / "cifar10" / "test.npz").is_file()
 HAS_MNIST = (SHARED_DATA / "mnist" / "test.npz").is_file()
 
@@ -915,7 +915,7 @@ def test_import_does_not_touch_the_network_or_cache(tmp_path: Path) -> None:
         "assert advedge.data.NAMED_DATASETS\n"
     )
     env = dict(os.environ, ADVEDGE_DATA=str(tmp_path / "never"))
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[2]), env.get("PYTHONPATH", "")])
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert not (tmp_path / "never").exists()

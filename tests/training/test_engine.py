@@ -18,7 +18,7 @@ from advedge.training.config import TrainConfig
 from advedge.training.engine import TrainCallbacks, Trainer, train
 from advedge.training.schedule import lr_lambda
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 def colour_dataset(root: Path, n_train: int = 256, n_test: int = 128, classes: int = 4) -> Path:

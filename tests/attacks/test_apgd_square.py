@@ -28,7 +28,7 @@ from advedge.attacks import (
 )
 from advedge.errors import UsageError
 
-DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA_ROOT = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 @pytest.fixture(autouse=True, scope="module")
