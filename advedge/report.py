@@ -257,6 +257,16 @@ def _plt() -> Any:
     return plt
 
 
+def _save_png(fig: Any, path: Path) -> bool:
+    """Lay out, save and close a figure; True (a plot was drawn)."""
+    fig.tight_layout()
+    try:
+        fig.savefig(path, format="png")
+    finally:
+        _plt().close(fig)
+    return True
+
+
 def _pareto_png(rows: list[dict[str, Any]], path: Path) -> bool:
     pts = [
         (r["p50_b1_ms"], r["worst_case_acc"])
@@ -297,12 +307,7 @@ def _pareto_png(rows: list[dict[str, Any]], path: Path) -> bool:
     ax.set_title("robustness vs latency (circles: classifier, squares: with purifier)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right")
-    fig.tight_layout()
-    try:
-        fig.savefig(path, format="png")
-    finally:
-        plt.close(fig)
-    return True
+    return _save_png(fig, path)
 
 
 def _training_png(runs: dict[str, list[dict[str, float]]], path: Path) -> bool:
@@ -338,12 +343,7 @@ def _training_png(runs: dict[str, list[dict[str, float]]], path: Path) -> bool:
     for ax in (ax1, ax2):
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    try:
-        fig.savefig(path, format="png")
-    finally:
-        plt.close(fig)
-    return True
+    return _save_png(fig, path)
 
 
 def build_report(
