@@ -25,6 +25,7 @@ __all__ = [
     "ImageClassifier",
     "Normalize",
     "channel_values",
+    "common_args",
     "init_weights",
     "stack_stages",
 ]
@@ -154,6 +155,13 @@ def stack_stages(
     return nn.Sequential(*stages), channels
 
 
+def common_args(
+    num_classes: int, in_channels: int, mean: Sequence[float], std: Sequence[float]
+) -> dict[str, Any]:
+    """The four arguments every model factory passes on to its :class:`ImageClassifier`."""
+    return {"num_classes": num_classes, "in_channels": in_channels, "mean": mean, "std": std}
+
+
 class ImageClassifier(nn.Module):
     """Base class of every advedge classifier: images in [0, 1] to logits.
 
@@ -170,13 +178,29 @@ class ImageClassifier(nn.Module):
     Args:
         mean: Per-channel mean of the training data.
         std: Per-channel standard deviation of the training data.
+        num_classes: Number of classes, for :meth:`add_head`.
+        in_channels: Input channels; must match ``mean`` (:attr:`in_channels` reads it back).
     """
 
     fc: nn.Linear
 
-    def __init__(self, *, mean: Sequence[float], std: Sequence[float]) -> None:
+    def __init__(
+        self,
+        *,
+        mean: Sequence[float],
+        std: Sequence[float],
+        num_classes: int | None = None,
+        in_channels: int | None = None,
+    ) -> None:
         super().__init__()
         self.normalize = Normalize(mean, std)
+        if in_channels is not None and in_channels != self.normalize.channels:
+            raise UsageError(
+                f"in_channels is {in_channels} but mean and std have "
+                f"{self.normalize.channels} values",
+                "give one value per input channel",
+            )
+        self.head_classes = num_classes
         self.arch: str = ""
         self.arch_kwargs: dict[str, Any] = {}
 
@@ -195,14 +219,18 @@ class ImageClassifier(nn.Module):
         """The length of the penultimate feature vector, the input of the head."""
         return int(self.fc.in_features)
 
-    def add_head(self, channels: int, num_classes: int) -> None:
+    def add_head(self, channels: int, num_classes: int | None = None) -> None:
         """Add global average pooling and the linear head, then :func:`init_weights` the model.
 
-        Every architecture calls it last in ``__init__``, after its body.
+        Every architecture calls it last in ``__init__``, after its body. ``num_classes``
+        defaults to the one given to ``__init__``.
         """
+        classes = self.head_classes if num_classes is None else num_classes
+        if classes is None:
+            raise TypeError("add_head needs num_classes (give it to __init__ or here)")
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten(1)
-        self.fc = nn.Linear(channels, num_classes)
+        self.fc = nn.Linear(channels, classes)
         init_weights(self)
 
     def _features(self, x: Tensor) -> Tensor:

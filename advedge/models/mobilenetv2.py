@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 from torch import Tensor, nn
 
 from advedge.errors import UsageError
-from advedge.models.base import ImageClassifier
+from advedge.models.base import ImageClassifier, common_args
 from advedge.models.registry import float_argument, register_model
 
 logger = logging.getLogger(__name__)
@@ -103,31 +104,21 @@ class MobileNetV2(ImageClassifier):
     Args:
         width_mult: Multiplier of every channel count (rounded to multiples of 8); the last
             1x1 convolution keeps 1280 channels for ``width_mult <= 1``.
-        num_classes: Number of classes.
-        in_channels: Input channels.
-        mean: Per-channel mean for the normalisation layer.
-        std: Per-channel standard deviation for the normalisation layer.
+        **common: ``num_classes``, ``in_channels``, ``mean`` and ``std``
+            (:class:`~advedge.models.base.ImageClassifier`).
 
     Raises:
         UsageError: if ``width_mult`` is not a number in (0, 4].
     """
 
-    def __init__(
-        self,
-        width_mult: float = 1.0,
-        *,
-        num_classes: int,
-        in_channels: int,
-        mean: Sequence[float],
-        std: Sequence[float],
-    ) -> None:
+    def __init__(self, width_mult: float = 1.0, **common: Any) -> None:
         width_mult = float_argument(width_mult, "width_mult")
         if not 0.0 < width_mult <= 4.0:
             raise UsageError(f"width_mult must lie in (0, 4], got {width_mult}")
-        super().__init__(mean=mean, std=std)
+        super().__init__(**common)
         channels = make_divisible(32 * width_mult)
         last_channels = make_divisible(1280 * max(1.0, width_mult))
-        layers: list[nn.Module] = [_conv_bn_relu6(in_channels, channels, 3, 1)]
+        layers: list[nn.Module] = [_conv_bn_relu6(self.in_channels, channels, 3, 1)]
         for expansion, c, n, s in CIFAR_SETTINGS:
             out_channels = make_divisible(c * width_mult)
             for i in range(n):
@@ -137,7 +128,7 @@ class MobileNetV2(ImageClassifier):
                 channels = out_channels
         layers.append(_conv_bn_relu6(channels, last_channels, 1))
         self.layers = nn.Sequential(*layers)
-        self.add_head(last_channels, num_classes)
+        self.add_head(last_channels)
 
     def _features(self, x: Tensor) -> Tensor:
         """Stem, inverted residual stages, last 1x1 convolution and global average pooling.
@@ -158,6 +149,4 @@ def mobilenetv2(
     width_mult: float = 1.0,
 ) -> MobileNetV2:
     """MobileNetV2 (Sandler et al. 2018), CIFAR variant ending at 4x4, 2.2M parameters at 1.0."""
-    return MobileNetV2(
-        width_mult, num_classes=num_classes, in_channels=in_channels, mean=mean, std=std
-    )
+    return MobileNetV2(width_mult, **common_args(num_classes, in_channels, mean, std))

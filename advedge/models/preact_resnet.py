@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 from torch import Tensor, nn
 
-from advedge.models.base import ImageClassifier, stack_stages
+from advedge.models.base import ImageClassifier, common_args, stack_stages
 from advedge.models.registry import register_model
 
 logger = logging.getLogger(__name__)
@@ -62,30 +63,17 @@ class PreActResNet(ImageClassifier):
     """A CIFAR pre-activation ResNet with a final batch norm and ReLU before pooling.
 
     Args:
-        widths: Channels of each stage; the stem has ``widths[0]`` channels.
-        blocks: Number of pre-activation blocks in each stage.
-        num_classes: Number of classes.
-        in_channels: Input channels.
-        mean: Per-channel mean for the normalisation layer.
-        std: Per-channel standard deviation for the normalisation layer.
+        widths, blocks, **common: As for :class:`~advedge.models.resnet.ResNet`, with
+            pre-activation blocks.
     """
 
-    def __init__(
-        self,
-        widths: Sequence[int],
-        blocks: Sequence[int],
-        *,
-        num_classes: int,
-        in_channels: int,
-        mean: Sequence[float],
-        std: Sequence[float],
-    ) -> None:
-        super().__init__(mean=mean, std=std)
-        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
+    def __init__(self, widths: Sequence[int], blocks: Sequence[int], **common: Any) -> None:
+        super().__init__(**common)
+        self.conv1 = nn.Conv2d(self.in_channels, widths[0], 3, 1, 1, bias=False)
         self.layers, channels = stack_stages(PreActBlock, widths[0], widths, blocks)
         self.bn = nn.BatchNorm2d(channels)
         self.relu = nn.ReLU()
-        self.add_head(channels, num_classes)
+        self.add_head(channels)
 
     def _features(self, x: Tensor) -> Tensor:
         """Stem, pre-activation stages, final BN-ReLU and global average pooling.
@@ -104,10 +92,5 @@ def preact_resnet18(
 ) -> PreActResNet:
     """Pre-activation ResNet-18 (He et al. 2016b, CIFAR stem): [2, 2, 2, 2], 11.2M parameters."""
     return PreActResNet(
-        (64, 128, 256, 512),
-        (2, 2, 2, 2),
-        num_classes=num_classes,
-        in_channels=in_channels,
-        mean=mean,
-        std=std,
+        (64, 128, 256, 512), (2, 2, 2, 2), **common_args(num_classes, in_channels, mean, std)
     )

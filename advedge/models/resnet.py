@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 from torch import Tensor, nn
 
-from advedge.models.base import ImageClassifier, stack_stages
+from advedge.models.base import ImageClassifier, common_args, stack_stages
 from advedge.models.registry import register_model
 
 logger = logging.getLogger(__name__)
@@ -73,28 +74,17 @@ class ResNet(ImageClassifier):
     Args:
         widths: Channels of each stage; the stem has ``widths[0]`` channels.
         blocks: Number of basic blocks in each stage.
-        num_classes: Number of classes.
-        in_channels: Input channels.
-        mean: Per-channel mean for the normalisation layer.
-        std: Per-channel standard deviation for the normalisation layer.
+        **common: ``num_classes``, ``in_channels``, ``mean`` and ``std``
+            (:class:`~advedge.models.base.ImageClassifier`).
     """
 
-    def __init__(
-        self,
-        widths: Sequence[int],
-        blocks: Sequence[int],
-        *,
-        num_classes: int,
-        in_channels: int,
-        mean: Sequence[float],
-        std: Sequence[float],
-    ) -> None:
-        super().__init__(mean=mean, std=std)
-        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
+    def __init__(self, widths: Sequence[int], blocks: Sequence[int], **common: Any) -> None:
+        super().__init__(**common)
+        self.conv1 = nn.Conv2d(self.in_channels, widths[0], 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU()
         self.layers, channels = stack_stages(BasicBlock, widths[0], widths, blocks)
-        self.add_head(channels, num_classes)
+        self.add_head(channels)
 
     def _features(self, x: Tensor) -> Tensor:
         """Stem, stages and global average pooling.
@@ -113,12 +103,7 @@ def resnet18(
 ) -> ResNet:
     """ResNet-18 (CIFAR stem): basic blocks [2, 2, 2, 2], 64-512 channels, 11.2M parameters."""
     return ResNet(
-        (64, 128, 256, 512),
-        (2, 2, 2, 2),
-        num_classes=num_classes,
-        in_channels=in_channels,
-        mean=mean,
-        std=std,
+        (64, 128, 256, 512), (2, 2, 2, 2), **common_args(num_classes, in_channels, mean, std)
     )
 
 
@@ -127,14 +112,7 @@ def resnet20(
     *, num_classes: int, in_channels: int, mean: Sequence[float], std: Sequence[float]
 ) -> ResNet:
     """ResNet-20 (He et al. 2016, CIFAR): 3 stages of 3 basic blocks, 16/32/64 channels, 0.27M."""
-    return ResNet(
-        (16, 32, 64),
-        (3, 3, 3),
-        num_classes=num_classes,
-        in_channels=in_channels,
-        mean=mean,
-        std=std,
-    )
+    return ResNet((16, 32, 64), (3, 3, 3), **common_args(num_classes, in_channels, mean, std))
 
 
 @register_model
@@ -142,11 +120,4 @@ def resnet8(
     *, num_classes: int, in_channels: int, mean: Sequence[float], std: Sequence[float]
 ) -> ResNet:
     """ResNet-8 (He et al. 2016, CIFAR): 3 stages of 1 basic block, 16/32/64 channels, 0.078M."""
-    return ResNet(
-        (16, 32, 64),
-        (1, 1, 1),
-        num_classes=num_classes,
-        in_channels=in_channels,
-        mean=mean,
-        std=std,
-    )
+    return ResNet((16, 32, 64), (1, 1, 1), **common_args(num_classes, in_channels, mean, std))

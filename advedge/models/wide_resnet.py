@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 from torch import Tensor, nn
 
 from advedge.errors import UsageError
-from advedge.models.base import ImageClassifier, stack_stages
-from advedge.models.registry import float_argument, int_argument, register_model
+from advedge.models.base import ImageClassifier, common_args, stack_stages
+from advedge.models.registry import ModelFactory, float_argument, int_argument, register_model
 
 logger = logging.getLogger(__name__)
 
@@ -69,27 +70,15 @@ class WideResNet(ImageClassifier):
         depth: Total depth ``6n + 4``, for example 28 or 34.
         widen_factor: Channel multiplier ``k`` of the three groups (16k, 32k, 64k).
         dropout: Dropout probability inside each block.
-        num_classes: Number of classes.
-        in_channels: Input channels.
-        mean: Per-channel mean for the normalisation layer.
-        std: Per-channel standard deviation for the normalisation layer.
+        **common: ``num_classes``, ``in_channels``, ``mean`` and ``std``
+            (:class:`~advedge.models.base.ImageClassifier`).
 
     Raises:
         UsageError: if ``depth`` is not ``6n + 4`` with ``n >= 1``, ``widen_factor < 1`` or
             ``dropout`` is outside [0, 1).
     """
 
-    def __init__(
-        self,
-        depth: int,
-        widen_factor: int,
-        dropout: float = 0.0,
-        *,
-        num_classes: int,
-        in_channels: int,
-        mean: Sequence[float],
-        std: Sequence[float],
-    ) -> None:
+    def __init__(self, depth: int, widen_factor: int, dropout: float = 0.0, **common: Any) -> None:
         depth = int_argument(depth, "depth")
         widen_factor = int_argument(widen_factor, "widen_factor", minimum=1)
         dropout = float_argument(dropout, "dropout")
@@ -97,16 +86,16 @@ class WideResNet(ImageClassifier):
             raise UsageError(f"depth must be 6n + 4 (10, 16, 22, 28, 34, ...), got {depth}")
         if not 0.0 <= dropout < 1.0:
             raise UsageError(f"dropout must lie in [0, 1), got {dropout}")
-        super().__init__(mean=mean, std=std)
+        super().__init__(**common)
         n = (depth - 4) // 6
         widths = (16 * widen_factor, 32 * widen_factor, 64 * widen_factor)
-        self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
+        self.conv1 = nn.Conv2d(self.in_channels, 16, 3, 1, 1, bias=False)
         self.layers, channels = stack_stages(
             lambda cin, cout, stride: WideBlock(cin, cout, stride, dropout), 16, widths, (n,) * 3
         )
         self.bn = nn.BatchNorm2d(channels)
         self.relu = nn.ReLU()
-        self.add_head(channels, num_classes)
+        self.add_head(channels)
 
     def _features(self, x: Tensor) -> Tensor:
         """Stem, three wide groups, final BN-ReLU and global average pooling.
@@ -132,41 +121,32 @@ def wide_resnet(
 ) -> WideResNet:
     """Wide ResNet WRN-depth-widen_factor (Zagoruyko & Komodakis 2016), any depth 6n + 4."""
     return WideResNet(
-        depth,
-        widen_factor,
-        dropout,
-        num_classes=num_classes,
-        in_channels=in_channels,
-        mean=mean,
-        std=std,
+        depth, widen_factor, dropout, **common_args(num_classes, in_channels, mean, std)
     )
 
 
-@register_model
-def wrn34_10(
-    *,
-    num_classes: int,
-    in_channels: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    dropout: float = 0.0,
-) -> WideResNet:
-    """WRN-34-10 (Zagoruyko & Komodakis 2016), the usual robust teacher, 46.2M parameters."""
-    return WideResNet(
-        34, 10, dropout, num_classes=num_classes, in_channels=in_channels, mean=mean, std=std
-    )
+def _fixed_wrn(depth: int, description: str) -> ModelFactory:
+    """A factory of WRN-``depth``-10 (its only own argument is ``dropout``)."""
+
+    def factory(
+        *,
+        num_classes: int,
+        in_channels: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        dropout: float = 0.0,
+    ) -> WideResNet:
+        return WideResNet(depth, 10, dropout, **common_args(num_classes, in_channels, mean, std))
+
+    factory.__doc__ = description
+    return factory
 
 
-@register_model
-def wrn28_10(
-    *,
-    num_classes: int,
-    in_channels: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    dropout: float = 0.0,
-) -> WideResNet:
-    """WRN-28-10 (Zagoruyko & Komodakis 2016), 36.5M parameters."""
-    return WideResNet(
-        28, 10, dropout, num_classes=num_classes, in_channels=in_channels, mean=mean, std=std
+wrn34_10 = register_model("wrn34_10")(
+    _fixed_wrn(
+        34, "WRN-34-10 (Zagoruyko & Komodakis 2016), the usual robust teacher, 46.2M parameters."
     )
+)
+wrn28_10 = register_model("wrn28_10")(
+    _fixed_wrn(28, "WRN-28-10 (Zagoruyko & Komodakis 2016), 36.5M parameters.")
+)
