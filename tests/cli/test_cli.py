@@ -34,15 +34,7 @@ from advedge.checkpoint import load_model, load_state
 from advedge.cli import main
 
 EPS = 8 / 255
-METRIC_HEADER = [
-    "epoch",
-    "train_loss",
-    "train_acc",
-    "test_clean_acc",
-    "test_pgd_acc",
-    "lr",
-    "seconds",
-]
+METRIC_HEADER = "epoch train_loss train_acc test_clean_acc test_pgd_acc lr seconds".split()  # noqa: SIM905
 RUN_FILES = ("model.safetensors", "config.yaml", "metrics.csv", "state.pt")
 
 
