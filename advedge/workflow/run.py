@@ -52,7 +52,7 @@ def run_pipeline(
         root.mkdir(parents=True, exist_ok=True)
         configs = stage_configs(p, str(data))
         summary: dict[str, Any] = {
-            "schema": "advedge.workflow/1",
+            "schema": "advedge.pipeline/1",
             "out": str(root),
             "preset": asdict(p),
             "stages": {},

@@ -52,6 +52,7 @@ def _run(tmp_path: Path, data: Path, cfg: dict, capsys) -> dict:
 
 def test_pipeline_runs_skips_and_reruns_downstream(tmp_path, tiny_npz_data, capsys):
     first = _run(tmp_path, tiny_npz_data, TINY, capsys)
+    assert first["schema"] == "advedge.pipeline/1"  # a file format: the name predates workflow/
     assert list(first["stages"]) == list(STAGES)
     assert not any(s["skipped"] for s in first["stages"].values())
     out = tmp_path / "p"
