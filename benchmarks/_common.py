@@ -127,6 +127,16 @@ def base_parser(description: str, *, batch_size: int, iters: int) -> argparse.Ar
     return parser
 
 
+def eval_parser(description: str, *, n: int, batch_size: int) -> argparse.ArgumentParser:
+    """The options every evaluation benchmark takes: images, batch size, device, tag."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--n", type=int, default=n)
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--tag", default="", help="suffix of the results file name")
+    return parser
+
+
 def compare(
     benchmark: str,
     *,

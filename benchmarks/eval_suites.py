@@ -11,10 +11,9 @@ Square adding little.
 
 from __future__ import annotations
 
-import argparse
 import logging
 
-from _common import DATA, stamp, write_results
+from _common import DATA, eval_parser, stamp, write_results
 
 from advedge.checkpoint import read_metadata
 from advedge.data import load_dataset
@@ -22,12 +21,8 @@ from advedge.evaluation import evaluate_checkpoint
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = eval_parser(__doc__.splitlines()[0], n=1000, batch_size=250)
     parser.add_argument("--model", required=True)
-    parser.add_argument("--n", type=int, default=1000)
-    parser.add_argument("--batch-size", type=int, default=250)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--tag", default="")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     data = load_dataset(DATA)

@@ -17,14 +17,13 @@ make the cascade trivially cheap), unless ``--model-path`` names a checkpoint.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from _common import DATA, stamp, write_results
+from _common import DATA, eval_parser, stamp, write_results
 from attack_throughput import reference_pgd
 
 from advedge.checkpoint import load_model
@@ -35,16 +34,12 @@ from advedge.utils import resolve_device
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = eval_parser(__doc__.splitlines()[0], n=200, batch_size=200)
     parser.add_argument("--arch", default="resnet8")
     parser.add_argument("--model-path", default=None)
-    parser.add_argument("--n", type=int, default=200)
-    parser.add_argument("--batch-size", type=int, default=200)
     parser.add_argument("--n-queries", type=int, default=5000)
     parser.add_argument("--train-subset", type=int, default=2000)
     parser.add_argument("--train-epochs", type=int, default=3)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--tag", default="")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     device = resolve_device(args.device)

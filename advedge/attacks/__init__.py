@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -107,7 +106,7 @@ def build_attack(
     if key not in ATTACKS:
         raise UsageError(f"unknown attack {name!r}", did_you_mean(key, ATTACKS))
     cls = ATTACKS[key]
-    accepted = inspect.signature(cls.__init__).parameters
+    accepted = cls.options()
     opts: dict[str, Any] = {}
     for key, value in {"steps": steps, "alpha": alpha, **kwargs}.items():
         if value is None:

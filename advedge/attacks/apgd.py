@@ -24,6 +24,7 @@ for each of the top-k classes in turn.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -441,33 +442,10 @@ class APGDT(APGD):
 
     name = "apgd-t"
     SETTINGS = (*APGD.SETTINGS, "n_target_classes")
+    FIXED_OPTIONS = ("loss",)
 
-    def __init__(
-        self,
-        model: nn.Module,
-        *,
-        eps: float,
-        norm: str = "Linf",
-        n_target_classes: int = 9,
-        n_iter: int = 100,
-        n_restarts: int = 1,
-        rho: float = 0.75,
-        momentum: float = 0.75,
-        seed: int | None = None,
-        generator: torch.Generator | None = None,
-    ) -> None:
-        super().__init__(
-            model,
-            eps=eps,
-            norm=norm,
-            loss="dlr",
-            n_iter=n_iter,
-            n_restarts=n_restarts,
-            rho=rho,
-            momentum=momentum,
-            seed=seed,
-            generator=generator,
-        )
+    def __init__(self, model: nn.Module, *, n_target_classes: int = 9, **kwargs: Any) -> None:
+        super().__init__(model, loss="dlr", **kwargs)
         if n_target_classes < 1:
             raise UsageError(f"n_target_classes must be >= 1, got {n_target_classes}")
         self.name = "apgd-t"

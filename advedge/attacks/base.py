@@ -8,6 +8,7 @@ implement only :meth:`Attack.perturb`.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -158,6 +159,26 @@ class Attack:
     kind: str = "white-box"
     SETTINGS: tuple[str, ...] = ()
     """The attributes :meth:`settings` reports beyond ``eps`` and ``norm``, in order."""
+    FIXED_OPTIONS: tuple[str, ...] = ()
+    """Options of a base class that this attack sets itself (CW's loss), so a caller may not."""
+
+    @classmethod
+    def options(cls) -> set[str]:
+        """The keyword options ``cls(model, eps=..., ...)`` takes.
+
+        An ``__init__`` that ends in ``**kwargs`` passes them on to its base class, whose own
+        options count too; :attr:`FIXED_OPTIONS` are left out.
+        """
+        names: set[str] = set()
+        for klass in cls.__mro__:
+            init = vars(klass).get("__init__")
+            if init is None:
+                continue
+            params = list(inspect.signature(init).parameters.values())
+            names |= {p.name for p in params if p.kind is p.KEYWORD_ONLY}
+            if not any(p.kind is p.VAR_KEYWORD for p in params):
+                break
+        return names - set(cls.FIXED_OPTIONS)
 
     def __init__(
         self, model: nn.Module | Callable[..., Any], *, eps: float, norm: str = "Linf"

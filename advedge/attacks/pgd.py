@@ -7,6 +7,8 @@ one step of size eps from the clean point; CW-inf is PGD on the Carlini-Wagner m
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -161,34 +163,15 @@ class CW(PGD):
 
     name = "cw"
     SETTINGS = (*PGD.SETTINGS, "kappa")
+    FIXED_OPTIONS = ("loss",)
 
     def __init__(
-        self,
-        model: nn.Module,
-        *,
-        eps: float,
-        alpha: float | None = None,
-        steps: int = 30,
-        norm: str = "Linf",
-        kappa: float | None = None,
-        random_start: str | None = "uniform",
-        restarts: int = 1,
-        generator: torch.Generator | None = None,
+        self, model: nn.Module, *, steps: int = 30, kappa: float | None = None, **kwargs: Any
     ) -> None:
         self.kappa = kappa
 
         def cw_margin(logits: Tensor, target: Tensor) -> Tensor:
             return margin_loss(logits, target, kappa)
 
-        super().__init__(
-            model,
-            eps=eps,
-            alpha=alpha,
-            steps=steps,
-            norm=norm,
-            loss=cw_margin,
-            random_start=random_start,
-            restarts=restarts,
-            generator=generator,
-        )
+        super().__init__(model, steps=steps, loss=cw_margin, **kwargs)
         self.loss = "margin"

@@ -222,3 +222,19 @@ def test_bpda_lets_pgd_break_a_rounding_defense():
         acc_naive = (real(naive).argmax(1) == y).float().mean()
         acc_adaptive = (real(adaptive).argmax(1) == y).float().mean()
     assert acc_adaptive < acc_naive - 0.3, (acc_adaptive, acc_naive)
+
+
+def test_options_follow_kwargs_to_the_base_class_but_not_fixed_ones():
+    from advedge.attacks import APGD, ATTACKS, build_attack
+    from advedge.errors import UsageError
+
+    model = small_net(0)
+    assert ATTACKS["cw"].options() == ATTACKS["pgd"].options() - {"loss"} | {"kappa"}
+    assert ATTACKS["apgd-t"].options() == APGD.options() - {"loss"} | {"n_target_classes"}
+    cw = build_attack("cw", model, eps=0.1, steps=4, restarts=2, kappa=5.0)
+    assert (cw.steps, cw.restarts, cw.kappa, cw.loss) == (4, 2, 5.0, "margin")
+    apgd_t = build_attack("apgd-t", model, eps=0.1, n_iter=7, n_target_classes=2)
+    assert (apgd_t.n_iter, apgd_t.n_target_classes, apgd_t.loss) == (7, 2, "dlr-targeted")
+    for name in ("cw", "apgd-t"):
+        with pytest.raises(UsageError, match="does not take 'loss'"):
+            build_attack(name, model, eps=0.1, loss="ce")
