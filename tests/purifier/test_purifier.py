@@ -218,3 +218,14 @@ def test_training_batches_mix_attacks_and_clean_images_within_eps(setup, n):
     assert bool((delta[n - clean :] == 0).all())  # the last third stays clean
     if n >= 3:
         assert bool((delta[: n - clean] > 0).all())
+
+
+def test_resume_with_fewer_epochs_than_trained_is_refused(setup, tmp_path, capsys):
+    out = tmp_path / "p"
+    assert main(_train_argv(setup, out, "--epochs", "2")) == 0
+    before = {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()}
+    capsys.readouterr()
+    assert main([*_train_argv(setup, out), "--resume"]) == 2  # --epochs 1 after 2 trained
+    err = capsys.readouterr().err
+    assert "trained 2 epochs" in err and err.count("error:") == 1
+    assert {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()} == before
