@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import advedge
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,3 +49,14 @@ def test_torchvision_is_not_required():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stderr
+
+
+def test_every_subpackage_is_listed_for_the_wheel():
+    tomllib = pytest.importorskip("tomllib")
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    found = {
+        ".".join((name, *init.parent.relative_to(ROOT / path).parts))
+        for name, path in config["package-dir"].items()
+        for init in (ROOT / path).rglob("__init__.py")
+    }
+    assert found == set(config["packages"])
