@@ -135,14 +135,20 @@ class RegistryHelpCommand(TyperCommand):
     """A command whose option help may name a registry, e.g. ``"{training_methods}."``.
 
     The names are filled in when the help is shown (the registries live in modules that import
-    torch; a command that does not need torch must not load it for its help text).
+    torch; a command that does not need torch must not load it for its help text), and the text
+    is escaped for rich, which would otherwise take a bracketed ``[default: ...]`` for a tag.
     """
 
     def format_help(self, ctx: Any, formatter: Any) -> None:
-        for param in self.params:
-            text = getattr(param, "help", None)
-            if text:
-                param.help = _PLACEHOLDER.sub(lambda m: _HELP_LISTS[m.group(1)](), text)
+        from rich.markup import escape
+
+        if not getattr(self, "_help_filled", False):
+            for param in self.params:
+                text = getattr(param, "help", None)
+                if text:
+                    # rich would read "[default: eps/4]" in a help text as a markup tag and drop it
+                    param.help = escape(_PLACEHOLDER.sub(lambda m: _HELP_LISTS[m.group(1)](), text))
+            self._help_filled = True
         super().format_help(ctx, formatter)
 
 

@@ -887,3 +887,21 @@ def test_config_file_without_a_required_option_is_a_usage_error(
     assert res.code == 2
     assert "nope.yaml" in res.error
     assert not run.exists()
+
+
+@pytest.mark.parametrize(
+    ("command", "shown"),
+    [
+        (["train"], "Attack step size [default: eps/4; 1.25*eps for fgsm-rs]."),
+        (["eval"], "instead of a suite [default: fgsm,pgd,cw,mifgsm]."),
+        (["distill"], "Temperature tau [default: the method's]."),
+        (["calibrate"], "Calibration-range cache [default: ~/.cache/advedge]."),
+    ],
+)
+def test_help_keeps_bracketed_defaults(command, shown, capsys, monkeypatch):
+    """rich must not read a help text's "[default: ...]" as a markup tag and drop it."""
+    monkeypatch.setenv("COLUMNS", "240")
+    assert main([*command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert shown in out
+    assert " .  " not in out and " . " not in out.replace("...", "")
