@@ -155,11 +155,19 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+DEPLOYED_SUFFIXES = {
+    ".onnx": "an ONNX artifact",
+    ".engine": "a TensorRT engine",
+    ".plan": "a TensorRT engine",
+}
+"""File types that are deployed artifacts, which only ``advedge bench`` runs."""
+
+
 def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
     """Turn a run directory or a file path into the model file to load.
 
     Raises:
-        CheckpointError: if nothing is there.
+        CheckpointError: if nothing is there, or it is an ONNX or TensorRT artifact.
     """
     p = Path(path)
     if p.is_dir():
@@ -172,6 +180,13 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
         return candidate
     if not p.exists():
         raise CheckpointError(f"checkpoint not found: {p}")
+    kind = DEPLOYED_SUFFIXES.get(p.suffix.lower())
+    if kind is not None:
+        raise CheckpointError(
+            f"{p} is {kind}, not a PyTorch checkpoint",
+            "give the run directory it was exported from, or measure the artifact itself with "
+            "advedge bench --robust",
+        )
     return p
 
 

@@ -64,12 +64,14 @@ def eval_cmd(
     attack_list = None if attacks is None else [a.strip() for a in attacks.split(",") if a.strip()]
     options = EvalOptions(**params(ctx, drop=("model", "data", "purifier"), attacks=attack_list))
     options.validate()  # bad flags fail before any data is loaded or downloaded
-    if purifier is not None:  # a bad purifier fails before any data is loaded
-        from advedge.checkpoint import read_metadata
+    from advedge.checkpoint import read_metadata
+
+    meta = read_metadata(model)  # so does a missing, corrupt or non-PyTorch checkpoint
+    if purifier is not None:  # and a purifier that does not fit it
         from advedge.purifier import load_purifier
         from advedge.purifier.checkpoint import check_purifier_fits
 
-        check_purifier_fits(load_purifier(purifier), read_metadata(model), str(purifier))
+        check_purifier_fits(load_purifier(purifier), meta, str(purifier))
     dataset = load_data(data, output)
     progress = EvalProgress(output)
     with progress:

@@ -304,3 +304,15 @@ def test_resume_with_fewer_epochs_than_trained_is_refused(tmp_path, tiny_npz_dat
     # the same count is a finished run: resuming it is a no-op, not an error
     assert _run(capsys, *fast_train_flags(tiny_npz_data, run, epochs=2), "--resume")[0] == 0
     assert file_bytes(run) == before
+
+
+@pytest.mark.parametrize("suffix", [".onnx", ".engine"])
+def test_eval_of_a_deployed_artifact_names_it_before_any_data_is_read(tmp_path, capsys, suffix):
+    artifact = tmp_path / f"model{suffix}"
+    artifact.write_bytes(b"\x08\x07" + b"\x00" * 64)  # not safetensors, whatever it holds
+    missing_data = tmp_path / "no-data-here"
+    code, err = _run(capsys, "eval", "--model", artifact, "--data", missing_data)
+    assert code == 1
+    (line,) = _error_lines(err)
+    assert "not a PyTorch checkpoint" in line and "advedge bench" in line
+    assert "header too large" not in line and "no-data-here" not in err
