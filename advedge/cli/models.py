@@ -11,12 +11,17 @@ __all__ = ["models_cmd"]
 
 
 def models_cmd(json_out: JsonOpt = False) -> None:
-    """List the model registry."""
-    from advedge.models import list_models, model_info
+    """List the model registry, with each model's parameters and MACs at 3x32x32."""
+    from advedge.models import list_models, model_cost, model_info
 
     out = Output(json_out)
-    infos = [model_info(name) for name in list_models()]
-    table = Table("name", "description", title="advedge models")
+    infos = [{**model_info(name), **model_cost(name)} for name in list_models()]
+    table = Table("name", "params", "MACs", "description", title="advedge models (3x32x32)")
     for info in infos:
-        table.add_row(info["name"], info.get("description", ""))
+        table.add_row(
+            info["name"],
+            f"{info['parameters'] / 1e6:.2f}M",
+            f"{info['macs'] / 1e6:.1f}M",
+            info.get("description", ""),
+        )
     out.result({"schema": "advedge.models/1", "models": infos}, human=table)

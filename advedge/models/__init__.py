@@ -8,7 +8,7 @@ them all. Importing this package registers every architecture.
 # Imported for their side effect: each architecture module registers its factories.
 from advedge.models import mobilenetv2, preact_resnet, resnet, tiny, wide_resnet  # noqa: F401
 from advedge.models.base import ImageClassifier, Normalize
-from advedge.models.complexity import count_parameters, estimate_flops, mflops
+from advedge.models.complexity import count_parameters, estimate_flops, mflops, model_cost
 from advedge.models.registry import create_model, list_models, model_info, register_model
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "estimate_flops",
     "list_models",
     "mflops",
+    "model_cost",
     "model_info",
     "register_model",
 ]

@@ -503,3 +503,27 @@ def test_estimate_flops_scales_with_resolution_and_restores_mode() -> None:
     assert at_64 - linear == 4 * (at_32 - linear)  # convolutions scale with the pixel count
     grey = create_model("resnet20", in_channels=1)
     assert estimate_flops(grey) == estimate_flops(grey, (1, 32, 32)) < at_32
+
+
+@pytest.mark.parametrize("name", ["tiny_cnn", "resnet8", "mobilenetv2"])
+def test_model_cost_on_meta_equals_a_real_build(name):
+    from advedge.models import count_parameters, estimate_flops, model_cost
+
+    torch.manual_seed(0)
+    real = create_model(name)
+    cost = model_cost(name)
+    assert cost == {"parameters": count_parameters(real), "macs": estimate_flops(real)}
+    assert next(real.parameters()).device.type == "cpu"  # the real build was not touched
+
+
+def test_models_command_lists_parameters_and_macs(capsys):
+    from advedge.cli import main
+
+    assert main(["models", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    by_name = {m["name"]: m for m in doc["models"]}
+    assert set(by_name) == set(list_models())
+    # ResNet-18 (CIFAR stem): 11.17M parameters, 0.56 GMACs on a 32x32 image
+    assert by_name["resnet18"]["parameters"] == 11_173_962
+    assert 550e6 < by_name["resnet18"]["macs"] < 560e6
+    assert all(m["parameters"] > 0 and m["macs"] > 0 for m in doc["models"])
