@@ -103,9 +103,7 @@ def _rows_from_bench(path: Path) -> list[dict[str, Any]]:
                 "worst_case_kinds": kinds,
                 "worst_case_transfer_acc": robust.get("worst_case_transfer_acc"),
                 "white_box": robust.get("white_box", False),
-                "source_sha256": json.dumps(robust.get("source_sha256"), sort_keys=True)
-                if robust
-                else None,
+                "source_sha256": robust.get("source_sha256") if robust else None,
                 "p50_b1_ms": b1["p50_ms"] if b1 else None,
                 "p99_b1_ms": b1["p99_ms"] if b1 else None,
                 "best_batch": best["batch"] if best else None,
@@ -191,12 +189,16 @@ def honest_robustness(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per deployed artifact: its transfer and worst-case figures next to the white-box worst
     case of its FP32 PyTorch parent (same source checkpoint), with a flag where transfer
     robustness exceeds white-box robustness: that is the precision gap, not extra robustness."""
-    parents = {r["source_sha256"]: r for r in rows if r.get("white_box") and r["source_sha256"]}
+
+    def key(r: dict[str, Any]) -> str:  # a fused artifact's source is a dict of two sha256
+        return json.dumps(r["source_sha256"], sort_keys=True)
+
+    parents = {key(r): r for r in rows if r.get("white_box") and r["source_sha256"]}
     out = []
     for r in rows:
         if r.get("white_box") or r["worst_case_transfer_acc"] is None:
             continue
-        parent = parents.get(r["source_sha256"])
+        parent = parents.get(key(r))
         # like with like: the parent's white-box figure over the same PGD-20/APGD attacks (the
         # transfer set crafted on it), without the query attack
         wb = parent["worst_case_transfer_acc"] if parent else None

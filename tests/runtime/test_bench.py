@@ -335,6 +335,12 @@ def test_report_writes_table_json_and_pngs(arts, tiny_npz_data, tmp_path, capsys
     rows = {r["artifact"]: r for r in doc["rows"]}
     assert rows["a.fp32.onnx"]["worst_case_kinds"] == ["query", "transfer"]
     assert rows["run_a"]["worst_case_kinds"] == ["query", "white-box"]  # crafted on itself
+    bench_rows = {
+        r["name"]: r for r in json.loads((bench_dir / "bench.json").read_text())["results"]
+    }
+    for name in ("a.fp32.onnx", "run_a"):  # the sha256 as bench wrote it, not JSON in a string
+        assert rows[name]["source_sha256"] == bench_rows[name]["robust"]["source_sha256"]
+        assert len(rows[name]["source_sha256"]) == 64
     assert set(doc["pareto_front"]) <= {"a.fp32.onnx", "run_a"} and doc["pareto_front"]
     (ships,) = doc["robustness_of_what_ships"]
     assert ships["artifact"] == "a.fp32.onnx" and ships["parent"] == "run_a"
