@@ -25,6 +25,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "advedge.utils",
             "advedge.config",
             "advedge.registry",
+            "advedge.stats",
             "advedge.locks",
             "advedge.outputs",
             "advedge.distributed",
