@@ -1,4 +1,4 @@
-"""Robust-accuracy evaluation with per-example bookkeeping (results schema ``advedge.eval/1``).
+"""Robust-accuracy evaluation with per-example bookkeeping (results schema ``advedge.eval/2``).
 
 Every attack runs on the examples the model classifies correctly when clean; an example counts
 as robust to an attack when its adversarial version is still classified correctly. The headline
@@ -6,20 +6,24 @@ as robust to an attack when its adversarial version is still classified correctl
 clean *and* survive every attack that was run. It is never the minimum of the per-attack
 accuracies, which would overstate robustness.
 
-Results JSON (``schema: advedge.eval/1``)::
+Results JSON (``schema: advedge.eval/2``)::
 
     {
-      "schema": "advedge.eval/1",
+      "schema": "advedge.eval/2",
       "model": {"path", "sha256", "architecture", "dataset", "method", "train_eps", ...},
       "dataset": {"name", "root", "split", "n_examples"},
       "threat_model": "Linf", "norm": "Linf", "eps": 0.0314, "n_examples": 1000,
-      "clean_acc": 0.83,
-      "attacks": [{"name", "kind", "settings", "robust_acc", "n_robust", "seconds"}, ...],
-      "worst_case_acc": 0.41, "worst_case_attacks": ["pgd", ...],
+      "clean_acc": 0.83, "clean_acc_ci95": [0.80, 0.85],
+      "attacks": [{"name", "kind", "settings", "robust_acc", "robust_acc_ci95", "n_robust",
+                   "seconds"}, ...],
+      "worst_case_acc": 0.41, "worst_case_acc_ci95": [0.38, 0.44],
+      "worst_case_attacks": ["pgd", ...],
       "environment": {...}, "seconds": 12.3, "created": "2026-11-23T22:29:00+00:00"
     }
 
-Accuracies are fractions in [0, 1].
+Accuracies are fractions in [0, 1]; each ``*_ci95`` is its 95% Wilson interval over the
+``n_examples`` (:func:`advedge.stats.wilson_interval`). Schema 2 added the intervals; nothing
+else changed from ``advedge.eval/1``.
 
 The package, lowest module first: :mod:`~advedge.evaluation.sanity` (gradient-masking flags),
 :mod:`~advedge.evaluation.state` (the resumable per-example state),

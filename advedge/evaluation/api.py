@@ -273,7 +273,7 @@ def evaluate_checkpoint(
         **overrides: Fields of :class:`EvalOptions`.
 
     Returns:
-        The results dict (schema ``advedge.eval/1``), as written to ``out``.
+        The results dict (schema ``advedge.eval/2``), as written to ``out``.
 
     Raises:
         TypeError: an unknown option name.

@@ -27,6 +27,7 @@ from advedge.data import ImageArrays, to_tensor
 from advedge.errors import AdvedgeError, DataError, UsageError
 from advedge.evaluation.sanity import run_sanity_checks
 from advedge.evaluation.state import EvalState, fingerprint
+from advedge.stats import wilson_interval
 from advedge.utils import autocast_context, environment
 
 logger = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ __all__ = [
     "predict",
 ]
 
-SCHEMA = "advedge.eval/1"
+SCHEMA = "advedge.eval/2"
 
 _SANITY_CHECKS = ("deterministic", "gradients", "eps_monotonic", "more_steps")
 
@@ -137,7 +138,7 @@ class EvalResult(Mapping[str, Any]):
     Reads as a mapping over :attr:`summary` (``result["worst_case_acc"]``).
 
     Attributes:
-        summary: The results dict (schema ``advedge.eval/1``), as written to JSON.
+        summary: The results dict (schema ``advedge.eval/2``), as written to JSON.
         clean: ``[n]`` bool: each example is classified correctly when clean.
         not_broken: Per attack name, ``[n]`` bool: the attack did not break the example.
     """
@@ -277,7 +278,7 @@ def evaluate(
         seed: The attacks' seed, recorded (and part of the resume fingerprint).
 
     Returns:
-        The results (schema ``advedge.eval/1``, read as a mapping) with the boolean flags per
+        The results (schema ``advedge.eval/2``, read as a mapping) with the boolean flags per
         example (``clean`` and, per attack, "not broken by it") as typed fields.
 
     Raises:
@@ -379,6 +380,10 @@ class _Evaluation:
     def _running_acc(self, running: np.ndarray) -> float:
         return float(running.mean()) if self.total else 0.0
 
+    def _interval(self, mask: np.ndarray) -> list[float]:
+        """The 95% Wilson interval of ``mask``'s accuracy over all ``total`` examples."""
+        return list(wilson_interval(int(mask.sum()), self.total))
+
     def attack(
         self, attack: Attack, state: EvalState, base: np.ndarray
     ) -> tuple[np.ndarray, dict[str, Any]]:
@@ -460,6 +465,7 @@ class _Evaluation:
         entry = {
             **attack.describe(),
             "robust_acc": self._running_acc(running),
+            "robust_acc_ci95": self._interval(running),
             "n_robust": int(running.sum()),
             "n_attacked": int(base.sum()),
             "n_broken": int((~not_broken).sum()),
@@ -498,7 +504,7 @@ class _Evaluation:
         entries: list[dict[str, Any]],
         started: float,
     ) -> dict[str, Any]:
-        """The results dict (schema ``advedge.eval/1``); runs the sanity checks first."""
+        """The results dict (schema ``advedge.eval/2``); runs the sanity checks first."""
         s, total = self.settings, self.total
         m = min(s.flags_n, total)
         flags = self._flags({"clean": clean, **not_broken}, m)
@@ -516,8 +522,10 @@ class _Evaluation:
             "cascade": s.cascade,
             "seed": s.seed,
             "clean_acc": self._running_acc(clean),
+            "clean_acc_ci95": self._interval(clean),
             "attacks": entries,
             "worst_case_acc": self._running_acc(_worst_case(clean, not_broken)),
+            "worst_case_acc_ci95": self._interval(_worst_case(clean, not_broken)),
             "worst_case_attacks": [e["name"] for e in entries if e["n_broken"] > 0],
             "flags": flags,
             "flags_triggered": [f["name"] for f in flags if f["triggered"]],

@@ -33,6 +33,7 @@ from advedge.evaluation.core import EvalResult, EvalSettings, predict
 from advedge.evaluation.suites import AttackSettings
 from advedge.models.purified import Purified
 from advedge.purifier.checkpoint import check_purifier_fits, load_purifier, resolve_purifier
+from advedge.stats import wilson_interval
 from advedge.utils import sha256_file
 
 logger = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ def evaluate_purified(
             ``<out>.<setting>.state.json``.
 
     Returns:
-        An ``advedge.eval/1`` result whose ``attacks`` carry a ``setting`` and a ``kind``,
+        An ``advedge.eval/2`` result whose ``attacks`` carry a ``setting`` and a ``kind``,
         ``worst_case_acc`` over every setting, ``worst_case_by_setting``, ``clean_acc`` (through
         ``G``), ``clean_acc_no_purifier`` and a ``purifier`` record.
     """
@@ -163,6 +164,7 @@ def _merge(runs: dict[str, EvalResult], total: int) -> dict[str, Any]:
     result.update(
         attacks=entries,
         worst_case_acc=float(worst.mean()) if total else 0.0,
+        worst_case_acc_ci95=list(wilson_interval(int(worst.sum()), total)),
         worst_case_by_setting={s: r["worst_case_acc"] for s, r in runs.items()},
         worst_case_attacks=[e["name"] for e in entries if e["n_broken"] > 0],
     )

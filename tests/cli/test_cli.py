@@ -215,9 +215,20 @@ def test_eval_json_schema_and_out_file(cli, trained: TrainedRun, tmp_path: Path)
     )
     assert res.code == 0, res.err
     doc = json.loads(res.out)
-    assert doc["schema"] == "advedge.eval/1"
+    assert doc["schema"] == "advedge.eval/2"
     for key in ("clean_acc", "attacks", "worst_case_acc", "eps", "n_examples"):
         assert key in doc, key
+    from advedge.stats import wilson_interval
+
+    for record, key, count in [
+        (doc, "clean_acc", None),
+        (doc, "worst_case_acc", None),
+        *[(a, "robust_acc", a["n_robust"]) for a in doc["attacks"]],
+    ]:
+        k = round(record[key] * 32) if count is None else count
+        assert record[f"{key}_ci95"] == pytest.approx(list(wilson_interval(k, 32)))
+        low, high = record[f"{key}_ci95"]
+        assert low <= record[key] <= high and high - low > 0.1  # n = 32: wide
     assert doc["n_examples"] == 32
     assert doc["eps"] == pytest.approx(EPS)
     assert [a["name"] for a in doc["attacks"]] == ["fgsm", "pgd", "cw", "mifgsm"]

@@ -128,6 +128,11 @@ def test_eval_with_purifier_lists_every_setting(setup, tmp_path, capsys):
     assert result["purifier"]["same_classifier"] is True
     assert result["purifier"]["eot"].startswith("not run")
     assert 0 <= result["worst_case_acc"] <= min(result["worst_case_by_setting"].values())
+    from advedge.stats import wilson_interval
+
+    # the interval is the merged worst case's, over every setting, not one setting's
+    merged = round(result["worst_case_acc"] * 16)
+    assert result["worst_case_acc_ci95"] == pytest.approx(list(wilson_interval(merged, 16)))
     assert 0 <= result["clean_acc_no_purifier"] <= 1
     # A purifier trained against one classifier may guard another: allowed and recorded.
     argv[argv.index("--model") + 1] = str(setup["other"])
