@@ -217,7 +217,7 @@ class PurifierMethod:
         a, b = n // 3, 2 * n // 3
         eps_fgsm, eps_pgd = (float(e) * cfg.eps for e in 1 - torch.rand(2))  # in (0, eps]
         parts = [x[b:]]
-        if b > a:
+        if b > a:  # a batch of one or two images stays clean
             pgd = PGD(f, eps=eps_pgd, alpha=2.5 * eps_pgd / cfg.steps, steps=cfg.steps)
             parts.insert(0, pgd(x[a:b], y[a:b]))
         if a > 0:
