@@ -17,7 +17,7 @@ from advedge.cli.bench import bench_cmd, report_cmd
 from advedge.cli.evaluate import eval_cmd
 from advedge.cli.export import calibrate_cmd, export_cmd
 from advedge.cli.models import models_cmd
-from advedge.cli.options import RegistryHelpCommand, click
+from advedge.cli.options import RegistryHelpCommand, RegistryHelpGroup, click
 from advedge.cli.output import setup_logging
 from advedge.cli.pipeline import pipeline_cmd
 from advedge.cli.purifier import purifier_train_cmd
@@ -29,12 +29,14 @@ __all__ = ["app", "console_main", "main"]
 app = typer.Typer(
     name="advedge",
     help="Robust small image classifiers, from adversarial training to edge GPUs.",
+    cls=RegistryHelpGroup,
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 purifier_app = typer.Typer(
+    cls=RegistryHelpGroup,
     help="Train input purifiers (IPCM, APE-GAN, HGD) to put in front of a classifier.",
     no_args_is_help=True,
 )

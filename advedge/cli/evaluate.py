@@ -9,7 +9,7 @@ import typer
 from rich.console import Group
 from rich.table import Table
 
-from advedge.cli.options import Data, Device, JsonOpt, Norm, params
+from advedge.cli.options import Data, Device, JsonOpt, Norm, choices, params
 from advedge.cli.output import Output
 from advedge.cli.progress import EvalProgress, load_data
 
@@ -23,13 +23,15 @@ def eval_cmd(
     suite: Annotated[
         str | None,
         typer.Option(
-            help="standard (APGD-CE, APGD-T, Square), rand (APGD with EOT) or quick (PGD, CW)."
+            help="standard (APGD-CE, APGD-T, Square), rand (APGD with EOT) or quick (PGD, CW).",
+            metavar=choices("{suites}"),
         ),
     ] = None,
     attacks: Annotated[
         str | None,
         typer.Option(
-            help="Comma-separated attacks instead of a suite [default: {default_attacks}]."
+            help="Comma-separated attacks instead of a suite [default: {default_attacks}].",
+            metavar=choices("{attacks}") + ",...",
         ),
     ] = None,
     eps: Annotated[str, typer.Option(help="Threat-model eps, e.g. 8/255.")] = "8/255",
@@ -42,7 +44,13 @@ def eval_cmd(
     batch_size: Annotated[int, typer.Option(help="Attack batch size.")] = 256,
     seed: Annotated[int, typer.Option(help="Random seed of the attacks.")] = 0,
     device: Device = "auto",
-    amp: Annotated[str, typer.Option(help="off (fp32), bf16 or fp16 autocast on CUDA.")] = "off",
+    amp: Annotated[
+        str,
+        typer.Option(
+            help="Autocast on CUDA; off: fp32; auto: bf16 on CUDA.",
+            metavar=choices("off", "bf16", "fp16", "auto"),
+        ),
+    ] = "off",
     flags_n: Annotated[int, typer.Option(help="Examples used by the sanity checks.")] = 100,
     out: Annotated[Path | None, typer.Option(help="Write the results JSON here.")] = None,
     resume: Annotated[

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from advedge.cli.options import CacheDir, JsonOpt, SelectionSeed, params
+from advedge.cli.options import CacheDir, JsonOpt, SelectionSeed, choices, params
 from advedge.cli.output import Output
 
 __all__ = ["calibrate_cmd", "export_cmd"]
@@ -25,7 +25,9 @@ def export_cmd(  # long: one parameter for each of its 30 options; the body is s
     fuse: Annotated[
         bool, typer.Option(help="One graph: purifier -> classifier, one input, logits out.")
     ] = False,
-    precision: Annotated[str, typer.Option(help="{precisions}.")] = "fp32",
+    precision: Annotated[
+        str, typer.Option(help="{precisions}.", metavar=choices("{precisions}"))
+    ] = "fp32",
     data: Annotated[
         str | None,
         typer.Option(
@@ -38,7 +40,13 @@ def export_cmd(  # long: one parameter for each of its 30 options; the body is s
         typer.Option(help="int8: data directory (training split) or a saved calibration .npz."),
     ] = None,
     calib_n: Annotated[int, typer.Option(help="int8: calibration images (stratified).")] = 512,
-    calib_method: Annotated[str, typer.Option(help="int8: {calibration_methods}.")] = "entropy",
+    calib_method: Annotated[
+        str,
+        typer.Option(
+            help="int8: how activation ranges are chosen.",
+            metavar=choices("{calibration_methods}"),
+        ),
+    ] = "entropy",
     calib_mix_adv: Annotated[
         float,
         typer.Option(help="int8: fraction of calibration images made adversarial (PGD on FP32)."),
@@ -79,7 +87,8 @@ def export_cmd(  # long: one parameter for each of its 30 options; the body is s
         str,
         typer.Option(
             help="--trt int8: qdq (explicit, default) or LEGACY implicit calibration "
-            "legacy-entropy / legacy-minmax (TensorRT 10 only; removed in 11)."
+            "legacy-entropy / legacy-minmax (TensorRT 10 only; removed in 11).",
+            metavar=choices("qdq", "legacy-entropy", "legacy-minmax"),
         ),
     ] = "qdq",
     cache_dir: CacheDir = None,
@@ -87,7 +96,8 @@ def export_cmd(  # long: one parameter for each of its 30 options; the body is s
         str,
         typer.Option(
             help="int8: tensorrt (symmetric Q/DQ, portable, default) or onnxruntime-cpu (uint8 "
-            "activations with zero points: fastest on x86 CPUs without VNNI; never an engine)."
+            "activations with zero points: fastest on x86 CPUs without VNNI; never an engine).",
+            metavar=choices("tensorrt", "onnxruntime-cpu"),
         ),
     ] = "tensorrt",
     parity_min_agree: Annotated[
@@ -155,7 +165,12 @@ def calibrate_cmd(
         str, typer.Option(help="Data directory (training split) or a saved calibration .npz.")
     ],
     out: Annotated[Path, typer.Option(help="QDQ INT8 ONNX to write.")],
-    method: Annotated[str, typer.Option(help="{calibration_methods}.")] = "entropy",
+    method: Annotated[
+        str,
+        typer.Option(
+            help="How activation ranges are chosen.", metavar=choices("{calibration_methods}")
+        ),
+    ] = "entropy",
     n: Annotated[int, typer.Option(help="Calibration images (stratified).")] = 512,
     mix_adv: Annotated[
         float, typer.Option(help="Fraction made adversarial (PGD on --model); needs --model.")
@@ -173,7 +188,11 @@ def calibrate_cmd(
     ] = None,
     cache_dir: CacheDir = None,
     target: Annotated[
-        str, typer.Option(help="tensorrt (symmetric, default) or onnxruntime-cpu.")
+        str,
+        typer.Option(
+            help="tensorrt (symmetric, default) or onnxruntime-cpu.",
+            metavar=choices("tensorrt", "onnxruntime-cpu"),
+        ),
     ] = "tensorrt",
     seed: Annotated[int, typer.Option(help="Seed of the image selection.")] = 0,
     json_out: JsonOpt = False,

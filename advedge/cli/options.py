@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
-from typer.core import TyperCommand
+from typer.core import TyperCommand, TyperGroup
 
 from advedge.errors import UsageError, did_you_mean
 
@@ -39,11 +39,13 @@ __all__ = [
     "Norm",
     "PeakLr",
     "RegistryHelpCommand",
+    "RegistryHelpGroup",
     "Resume",
     "RunDir",
     "Seed",
     "SelectionSeed",
     "Subset",
+    "choices",
     "click",
     "int_list",
     "merge_given",
@@ -71,34 +73,29 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 # ------------------------------------------------------------------ help from the registries
-def _training_methods() -> Iterable[str]:
-    from advedge.training.objectives import TRAINING_METHODS
+def _names(module: str, attribute: str) -> Callable[[], list[str]]:
+    """The names of the registry ``module.attribute``, imported when asked for."""
 
-    return TRAINING_METHODS
+    def names() -> list[str]:
+        import importlib
 
+        return list(getattr(importlib.import_module(module), attribute))
 
-def _distill_methods() -> Iterable[str]:
-    from advedge.training.distillation import DISTILL_METHODS
-
-    return DISTILL_METHODS
-
-
-def _purifier_methods() -> Iterable[str]:
-    from advedge.purifier.train import PURIFIER_METHODS
-
-    return PURIFIER_METHODS
+    return names
 
 
-def _calibration_methods() -> Iterable[str]:
-    from advedge.calibration import CALIBRATION_METHODS
-
-    return CALIBRATION_METHODS
-
-
-def _backends() -> Iterable[str]:
-    from advedge.export.runtime import BACKENDS
-
-    return BACKENDS
+#: The registries an option's help or choices may name, as ``{name}``.
+_REGISTRIES: dict[str, Callable[[], list[str]]] = {
+    "models": _names("advedge.models.registry", "MODELS"),
+    "training_methods": _names("advedge.training.objectives", "TRAINING_METHODS"),
+    "distill_methods": _names("advedge.training.distillation", "DISTILL_METHODS"),
+    "purifier_methods": _names("advedge.purifier.train", "PURIFIER_METHODS"),
+    "calibration_methods": _names("advedge.calibration", "CALIBRATION_METHODS"),
+    "backends": _names("advedge.export.runtime", "BACKENDS"),
+    "precisions": _names("advedge.export.precisions", "PRECISIONS"),
+    "attacks": _names("advedge.attacks", "ATTACKS"),
+    "suites": _names("advedge.evaluation.suites", "SUITES"),
+}
 
 
 def _precisions() -> Iterable[str]:
@@ -120,46 +117,94 @@ def _one_of(names: Iterable[str]) -> str:
 
 
 _HELP_LISTS: dict[str, Callable[[], str]] = {
-    "training_methods": lambda: _one_of(_training_methods()),
-    "distill_methods": lambda: _one_of(_distill_methods()),
-    "purifier_methods": lambda: _one_of(_purifier_methods()),
-    "calibration_methods": lambda: _one_of(_calibration_methods()),
-    "backends": lambda: _one_of(_backends()),
+    **{key: (lambda names=names: _one_of(names())) for key, names in _REGISTRIES.items()},
     "precisions": lambda: _one_of(_precisions()),
     "default_attacks": _default_attacks,
 }
 _PLACEHOLDER = re.compile(r"\{(" + "|".join(_HELP_LISTS) + r")\}")
+_CHOICE_PLACEHOLDER = re.compile(r"\{(" + "|".join(_REGISTRIES) + r")\}")
+
+
+def choices(*values: str) -> str:
+    """The metavar of an option that takes one of a fixed set of values: ``[a|b|c]``, as
+    click's ``Choice`` shows it in the help.
+
+    A value in braces (``"{backends}"``) stands for the names of that registry, filled in when
+    the help is shown (the registries live in modules that import torch). The option's value is
+    still checked by the library, with a close-match suggestion.
+    """
+    return "[" + "|".join(values) + "]"
+
+
+def _fill_help(command: Any, ctx: Any) -> None:
+    """Fill in a command's registry names, once, before its help is shown.
+
+    - help texts: ``{training_methods}`` becomes ``natural, pgd-at, trades or fgsm-rs``, and the
+      text is escaped for rich, which would otherwise take a bracketed ``[default: ...]`` for a
+      tag and drop it;
+    - metavars made by :func:`choices`: ``[{backends}]`` becomes ``[torch|onnxruntime|...]``;
+    - flags (``--json``, ``--resume/--no-resume``) take no value, so they show no metavar
+      (typer would show ``<bool>``).
+    """
+    from rich.markup import escape
+
+    if getattr(command, "_help_filled", False):
+        return
+    for param in command.get_params(ctx):
+        text = getattr(param, "help", None)
+        if text:
+            param.help = escape(_PLACEHOLDER.sub(lambda m: _HELP_LISTS[m.group(1)](), text))
+        if param.metavar:
+            param.metavar = _wrap_choices(
+                _CHOICE_PLACEHOLDER.sub(
+                    lambda m: "|".join(_REGISTRIES[m.group(1)]()), param.metavar
+                )
+            )
+        elif getattr(param, "is_flag", False):
+            param.metavar = ""
+    command._help_filled = True
+
+
+def _wrap_choices(metavar: str, width: int = 16) -> str:
+    """A long ``[a|b|c|...]`` broken into lines after a ``|`` (rich would break it anywhere)."""
+    lines = [""]
+    for part in re.findall(r"[^|]+\|?|\|", metavar):
+        if lines[-1] and len(lines[-1]) + len(part) > width:
+            lines.append("")
+        lines[-1] += part
+    return "\n".join(lines)
 
 
 class RegistryHelpCommand(TyperCommand):
-    """A command whose option help may name a registry, e.g. ``"{training_methods}."``.
+    """A command whose option help may name a registry, e.g. ``"{training_methods}."``, and
+    whose options' choices may come from one (:func:`choices`); see :func:`_fill_help`.
 
-    The names are filled in when the help is shown (the registries live in modules that import
-    torch; a command that does not need torch must not load it for its help text), and the text
-    is escaped for rich, which would otherwise take a bracketed ``[default: ...]`` for a tag.
+    The names are filled in when the help is shown: a command that does not need torch must
+    not load it for its help text.
     """
 
     def format_help(self, ctx: Any, formatter: Any) -> None:
-        from rich.markup import escape
+        _fill_help(self, ctx)
+        super().format_help(ctx, formatter)
 
-        if not getattr(self, "_help_filled", False):
-            for param in self.params:
-                text = getattr(param, "help", None)
-                if text:
-                    # rich would read "[default: eps/4]" in a help text as a markup tag and drop it
-                    param.help = escape(_PLACEHOLDER.sub(lambda m: _HELP_LISTS[m.group(1)](), text))
-            self._help_filled = True
+
+class RegistryHelpGroup(TyperGroup):
+    """A command group (``advedge``, ``advedge purifier``) whose help is filled in the same way
+    (its flags show no metavar)."""
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        _fill_help(self, ctx)
         super().format_help(ctx, formatter)
 
 
 # ----------------------------------------------------------------------- shared options
 JsonOpt = Annotated[bool, typer.Option("--json", help="Write only the result JSON to stdout.")]
-Data = Annotated[str, typer.Option(help="Dataset directory, or cifar10/cifar100/mnist.")]
+Data = Annotated[str, typer.Option(help="Dataset directory, or cifar10, cifar100 or mnist.")]
 Epochs = Annotated[int, typer.Option(help="Number of epochs.")]
 RunDir = Annotated[Path, typer.Option(help="Run directory to write.")]
 BatchSize = Annotated[int, typer.Option(help="Global batch size.")]
 PeakLr = Annotated[float, typer.Option(help="Peak learning rate.")]
-Norm = Annotated[str, typer.Option(help="Linf or L2.")]
+Norm = Annotated[str, typer.Option(help="The threat model's norm.", metavar=choices("Linf", "L2"))]
 Subset = Annotated[int | None, typer.Option(help="Stratified sample of N images.")]
 Seed = Annotated[int, typer.Option(help="Random seed.")]
 SelectionSeed = Annotated[int, typer.Option(help="Seed of image selection and attacks.")]

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from advedge.cli.options import Data, JsonOpt
+from advedge.cli.options import Data, JsonOpt, choices
 from advedge.cli.output import Output
 from advedge.cli.progress import PipelineProgress
 
@@ -19,7 +19,10 @@ def pipeline_cmd(
     data: Data,
     out: Annotated[Path, typer.Option(help="Folder for every stage's outputs.")],
     preset: Annotated[
-        str, typer.Option(help="quick (a 2-core CPU, < 20 min) or full (a GPU).")
+        str,
+        typer.Option(
+            help="quick (a 2-core CPU, < 20 min) or full (a GPU).", metavar=choices("quick", "full")
+        ),
     ] = "quick",
     config: Annotated[
         Path | None, typer.Option(help="YAML file overriding preset options.")

@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 import typer
 
-from advedge.cli.options import Data, Epochs, RunDir, params, parse_eps_r, run_options
+from advedge.cli.options import Data, Epochs, RunDir, choices, params, parse_eps_r, run_options
 from advedge.cli.output import Output, report_training
 from advedge.cli.progress import TrainProgress, load_data
 
@@ -22,7 +22,9 @@ def purifier_train_cmd(
     data: Data,
     epochs: Epochs,
     out: RunDir,
-    method: Annotated[str, typer.Option(help="{purifier_methods}.")] = "ipcm",
+    method: Annotated[
+        str, typer.Option(help="Purifier method.", metavar=choices("{purifier_methods}"))
+    ] = "ipcm",
     eps: Annotated[str, typer.Option(help="Largest training-attack eps, e.g. 8/255.")] = "8/255",
     eps_r: Annotated[
         str | None, typer.Option(help="Bound of the inverse perturbation [default: 1.25*eps].")
@@ -36,8 +38,16 @@ def purifier_train_cmd(
     w_kl: Annotated[float, typer.Option(help="Weight of KL(f(x) || f(x_hat)).")] = 1.0,
     w_adv: Annotated[float, typer.Option(help="Weight of the GAN loss.")] = 0.01,
     w_feat: Annotated[float, typer.Option(help="Weight of feature guidance.")] = 1.0,
-    gan: Annotated[str, typer.Option(help="lsgan or nsgan.")] = "lsgan",
-    guidance: Annotated[str, typer.Option(help="logits or features (HGD-style).")] = "logits",
+    gan: Annotated[
+        str, typer.Option(help="GAN loss.", metavar=choices("lsgan", "nsgan"))
+    ] = "lsgan",
+    guidance: Annotated[
+        str,
+        typer.Option(
+            help="Guidance by the logits, or by the features (HGD-style).",
+            metavar=choices("logits", "features"),
+        ),
+    ] = "logits",
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 128,
     lr: Annotated[float, typer.Option(help="Generator learning rate (Adam).")] = 1e-3,
     lr_d: Annotated[float, typer.Option(help="Discriminator learning rate (Adam).")] = 2e-4,

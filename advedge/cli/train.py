@@ -19,6 +19,7 @@ from advedge.cli.options import (
     PeakLr,
     RunDir,
     Seed,
+    choices,
     merge_given,
     params,
     parse_model_args,
@@ -37,8 +38,13 @@ _NOT_SETTINGS = ("model_arg", "config", "resume", "json_out")
 def train_cmd(
     ctx: typer.Context,
     data: Data = None,  # type: ignore[assignment]  # may come from --config
-    model: Annotated[str | None, typer.Option(help="Architecture (see `advedge models`).")] = None,
-    method: Annotated[str, typer.Option(help="{training_methods}.")] = "pgd-at",
+    model: Annotated[
+        str | None,
+        typer.Option(help="Architecture (see `advedge models`).", metavar=choices("{models}")),
+    ] = None,
+    method: Annotated[
+        str, typer.Option(help="Training method.", metavar=choices("{training_methods}"))
+    ] = "pgd-at",
     epochs: Epochs = 10,
     out: RunDir = None,  # type: ignore[assignment]  # may come from --config
     eps: Annotated[str, typer.Option(help="Training eps, e.g. 8/255.")] = "8/255",
@@ -53,13 +59,24 @@ def train_cmd(
     momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
     nesterov: Annotated[bool, typer.Option(help="Nesterov momentum.")] = False,
     weight_decay: Annotated[float, typer.Option(help="Weight decay.")] = 5e-4,
-    schedule: Annotated[str, typer.Option(help="cosine, multistep or constant.")] = "cosine",
+    schedule: Annotated[
+        str,
+        typer.Option(
+            help="Learning-rate schedule.", metavar=choices("cosine", "multistep", "constant")
+        ),
+    ] = "cosine",
     subset: Annotated[
         int | None, typer.Option(help="Train on a stratified sample of N images.")
     ] = None,
     seed: Seed = 0,
     device: Device = "auto",
-    amp: Annotated[str, typer.Option(help="auto (bf16 on CUDA), bf16, fp16 or off.")] = "auto",
+    amp: Annotated[
+        str,
+        typer.Option(
+            help="Mixed precision; auto: bf16 on CUDA.",
+            metavar=choices("auto", "bf16", "fp16", "off"),
+        ),
+    ] = "auto",
     channels_last: Annotated[
         bool | None,
         typer.Option(
@@ -112,8 +129,15 @@ def train_cmd(
 def distill_cmd(
     ctx: typer.Context,
     teacher: Annotated[str, typer.Option(help="Teacher run directory or model.safetensors.")],
-    student: Annotated[str, typer.Option(help="Student architecture (see `advedge models`).")],
-    method: Annotated[str, typer.Option(help="{distill_methods}.")],
+    student: Annotated[
+        str,
+        typer.Option(
+            help="Student architecture (see `advedge models`).", metavar=choices("{models}")
+        ),
+    ],
+    method: Annotated[
+        str, typer.Option(help="Distillation method.", metavar=choices("{distill_methods}"))
+    ],
     data: Data,
     epochs: Epochs,
     out: RunDir,
