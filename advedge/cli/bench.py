@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from advedge.cli.options import JsonOpt, SelectionSeed, int_list, params
@@ -48,6 +50,13 @@ def bench_cmd(
         str,
         typer.Option(help="auto (by file type), {backends}."),
     ] = "auto",
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            help="CPU threads per backend (PyTorch and ONNX Runtime), 1-1024; recorded with the "
+            "load average [default: one per physical core this process may use]."
+        ),
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="Write bench.json and bench.csv here.")] = None,
     seed: SelectionSeed = 0,
     overwrite: Annotated[
@@ -57,9 +66,11 @@ def bench_cmd(
 ) -> None:
     """Latency (mean, p50/p90/p99) and accuracy measured on the deployed artifact itself."""
     from advedge.export.runtime.bench import BenchOptions, run_bench
+    from advedge.export.runtime.threads import apply_threads, check_threads
     from advedge.utils import parse_eps
 
     output = Output(json_out)
+    check_threads(threads)
     settings = params(
         ctx,
         drop=("artifact",),
@@ -69,15 +80,46 @@ def bench_cmd(
         eps=parse_eps(eps),
         out=None if out is None else str(out),
     )
+    applied = None
+    if "threads" not in {f.name for f in dataclasses.fields(BenchOptions)}:
+        applied = apply_threads(settings.pop("threads"))  # a run_bench that does not yet
     doc = run_bench(BenchOptions(**settings), status=output.info)
+    if applied is not None:
+        doc.setdefault("threads", applied)
     for warning in doc["warnings"]:
-        output.err.print(f"[bold yellow]warning[/]: {warning}", highlight=False)
+        output.err.print(  # one line each, however long
+            f"[bold yellow]warning[/]: {escape(warning)}", highlight=False, soft_wrap=True
+        )
     output.result(doc, human=_latency_table(doc["results"]))
+    conditions = _conditions(doc)
+    if conditions and not json_out:  # with --json, bench.json's fields say it
+        output.out.print(conditions, highlight=False)
+
+
+def _conditions(doc: dict[str, Any]) -> str | None:
+    """``threads 2 (of 2 CPUs); 1-minute load average 0.31 before, 1.95 after``: the run's
+    threads and the load around it, from bench.json's ``threads`` (what
+    :func:`~advedge.export.runtime.threads.apply_threads` returned) and ``load_average``
+    (``{"before": [1, 5, 15 min], "after": [...]}``); None where it records neither."""
+    applied = doc.get("threads") or {}
+    load = doc.get("load_average") or {}
+    parts = []
+    if applied.get("threads") is not None:
+        cpus = applied.get("cpus_available")
+        parts.append(f"threads {applied['threads']}" + (f" (of {cpus} CPUs)" if cpus else ""))
+    shown = [
+        f"{load[when][0]:.2f} {when}"
+        for when in ("before", "after")
+        if isinstance(load.get(when), list) and load[when]
+    ]
+    if shown:
+        parts.append("1-minute load average " + ", ".join(shown))
+    return "; ".join(parts) or None
 
 
 def _latency_table(results: list[dict[str, Any]]) -> Table:
     table = Table(
-        "artifact", "backend", "batch", "p50 ms", "p99 ms", "cv", "img/s", "clean", "worst"
+        "artifact", "backend", "batch", "p50 ms", "p99 ms", "cv", "img/s", "clean %", "worst %"
     )
     for r in results:
         worst = (r.get("robust") or {}).get("worst_case_acc")
@@ -92,8 +134,8 @@ def _latency_table(results: list[dict[str, Any]]) -> Table:
                 f"{lat['p99_ms']:.3f}",
                 f"{lat['cv']:.2f}",
                 f"{lat['images_per_s']:.0f}",
-                f"{r['clean_acc']:.4f}",
-                "-" if worst is None else f"{worst:.4f}",
+                f"{100 * r['clean_acc']:.1f}",
+                "-" if worst is None else f"{100 * worst:.1f}",
             )
     return table
 

@@ -55,6 +55,7 @@ __all__ = [
     "RunnerInfo",
     "artifact_bytes",
     "artifact_kind",
+    "model_name",
     "open_runner",
     "stage_times",
 ]
@@ -85,6 +86,12 @@ class RunnerInfo:
         host_compute: Whether it computes in host memory (its activations count against the
             machine's RAM), rather than on a GPU.
         size_bytes: The artifact's size on disk.
+        model: The architecture the artifact records (a checkpoint's ``architecture``, the
+            ONNX metadata's, an engine sidecar's); for a fused purifier + classifier (kind
+            ``"fused"``) the classifier's. None where the artifact does not say.
+        threads: The intra-op CPU threads the runner computes with, where it sets them (an ONNX
+            Runtime session); None where it does not (PyTorch uses the process-wide count
+            :func:`~advedge.export.runtime.threads.apply_threads` sets; TensorRT, the GPU).
     """
 
     backend: str
@@ -99,6 +106,20 @@ class RunnerInfo:
     gradients: bool = False
     host_compute: bool = False
     size_bytes: int = 0
+    model: str | None = None
+    threads: int | None = None
+
+
+def model_name(metadata: Mapping[str, Any]) -> str | None:
+    """The :attr:`RunnerInfo.model` of an artifact from its metadata: the ``architecture``
+    recorded, and for a fused artifact (``kind: fused``, whose architecture ``advedge export``
+    writes as ``purifier-generator+<classifier>``) the classifier's part."""
+    arch = metadata.get("architecture")
+    if not isinstance(arch, str) or not arch:
+        return None
+    if metadata.get("kind") == "fused":
+        return arch.rsplit("+", 1)[-1]
+    return arch
 
 
 def stage_times(t0: float, t1: float, t2: float, t3: float) -> dict[str, float]:
@@ -176,7 +197,8 @@ class Backend:
     Attributes:
         artifact: The file type it runs (``"engine"``, ``"onnx"`` or ``"checkpoint"``).
         open: ``open(path, name, *, device, threads)``: the runner for ``path``; ``name`` is
-            the registered name (one opener may serve several backends).
+            the registered name (one opener may serve several backends); ``threads`` as
+            :func:`open_runner` takes it.
         default: Whether ``backend="auto"`` picks it for its file type (one per type).
     """
 
@@ -244,7 +266,11 @@ def _default_backend(kind: str) -> str:
 
 
 def open_runner(
-    path: str | os.PathLike[str], *, backend: str = "auto", device: str = "auto", threads: int = 0
+    path: str | os.PathLike[str],
+    *,
+    backend: str = "auto",
+    device: str = "auto",
+    threads: int | None = None,
 ) -> Runner:
     """The runner for an artifact (see the module docstring).
 
@@ -252,7 +278,9 @@ def open_runner(
         path: An ``.engine``, an ``.onnx``, a ``.safetensors`` checkpoint or a run directory.
         backend: A name from :data:`BACKENDS`, or ``"auto"`` (by the file type).
         device: For PyTorch backends: ``"auto"``, ``"cpu"``, ``"cuda"``...
-        threads: For ONNX Runtime: ``intra_op_num_threads`` (0 lets it choose).
+        threads: For ONNX Runtime: ``intra_op_num_threads``; None: the count
+            :func:`~advedge.export.runtime.threads.apply_threads` set, else ONNX Runtime's
+            choice; 0: ONNX Runtime's choice. PyTorch backends use the process-wide count.
 
     Raises:
         ExportError: missing artifact or unknown file type.

@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 from advedge.export._deps import ORT_LOG_SEVERITY, quiet_active, require
 from advedge.export.graph import check_external_data, load_onnx_graph, read_onnx_metadata
-from advedge.export.runtime.base import Runner, RunnerInfo, register_backend
+from advedge.export.runtime.base import Runner, RunnerInfo, model_name, register_backend
+from advedge.export.runtime.threads import configured_threads
 
 from advedge.errors import ExportError, MissingDependencyError
 
@@ -42,7 +43,12 @@ class OrtRunner(Runner):
     Args:
         path: The ``.onnx`` file (external-data paths are checked first).
         providers: Execution providers; default ``["CPUExecutionProvider"]``.
-        threads: ``intra_op_num_threads`` (0 lets ONNX Runtime choose).
+        threads: ``intra_op_num_threads``; None (default): the count
+            :func:`~advedge.export.runtime.threads.apply_threads` set in this process, else
+            ONNX Runtime's choice; 0: ONNX Runtime's choice. With a count set, the session also
+            runs nodes one at a time (sequential execution, one inter-op thread): advedge's
+            graphs are a chain of layers, so a second pool would only compete for the CPUs.
+            The count in effect is :attr:`threads` (None: ONNX Runtime's choice).
         optimization: ONNX Runtime's graph optimisation level: ``"all"`` (default: what a
             deployment runs; on a CPU it fuses Q/DQ pairs into int8 kernels), ``"basic"`` or
             ``"none"``. With ``"basic"`` a QDQ model is computed as written (quantise, dequantise,
@@ -55,7 +61,7 @@ class OrtRunner(Runner):
         path: str | os.PathLike[str],
         *,
         providers: list[str] | None = None,
-        threads: int = 0,
+        threads: int | None = None,
         optimization: str = "all",
     ) -> None:
         ort = require("onnxruntime", purpose="running an ONNX artifact")
@@ -74,7 +80,13 @@ class OrtRunner(Runner):
             raise ExportError(f"ONNX file not found: {self.path}")
         check_external_data(self.path)
         options = ort.SessionOptions()
-        options.intra_op_num_threads = int(threads)
+        count = configured_threads() if threads is None else int(threads)
+        self.threads = count or None
+        if self.threads is not None:
+            options.intra_op_num_threads = self.threads
+            options.inter_op_num_threads = 1
+            options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        self.options = options
         options.log_severity_level = ORT_LOG_SEVERITY
         options.graph_optimization_level = levels[optimization]
         self.providers = list(providers or ["CPUExecutionProvider"])
@@ -107,8 +119,8 @@ class OrtRunner(Runner):
         )
 
     def describe(self) -> RunnerInfo:
-        """The session's provider and the precision, kind, source and input shape the ONNX
-        metadata records (written by ``advedge export``)."""
+        """The session's provider and threads, and the precision, kind, source, input shape and
+        architecture the ONNX metadata records (written by ``advedge export``)."""
         meta = read_onnx_metadata(self.path)
         provider = self.providers[0]
         name = next((n for n, p in PROVIDERS.items() if p == provider), "onnxruntime")
@@ -124,6 +136,8 @@ class OrtRunner(Runner):
             batch_range=self.batch_range,
             host_compute=provider == "CPUExecutionProvider",
             size_bytes=self.path.stat().st_size,
+            model=model_name(meta),
+            threads=self.threads,
         )
 
 
@@ -191,7 +205,9 @@ def _check_io(path: Path, runner: OrtRunner) -> None:
         )
 
 
-def open_onnx(path: Path, name: str, *, device: str = "auto", threads: int = 0) -> OrtRunner:
+def open_onnx(
+    path: Path, name: str, *, device: str = "auto", threads: int | None = None
+) -> OrtRunner:
     """Backend ``name``'s runner for an ONNX artifact, checked for bench (module docstring).
 
     ``device`` is unused: the execution provider decides where it runs.

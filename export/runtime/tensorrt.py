@@ -15,7 +15,13 @@ from typing import Any
 
 import numpy as np
 from advedge.export.graph import read_sidecar
-from advedge.export.runtime.base import Runner, RunnerInfo, register_backend, stage_times
+from advedge.export.runtime.base import (
+    Runner,
+    RunnerInfo,
+    model_name,
+    register_backend,
+    stage_times,
+)
 from advedge.export.tensorrt.cuda import cuda_backend
 from advedge.export.tensorrt.engine import (
     check_engine_compatible,
@@ -144,16 +150,19 @@ class TrtRunner(Runner):
         return np.concatenate(parts, axis=0)
 
     def describe(self) -> RunnerInfo:
-        """The engine's GPU, precision and batch profile from its sidecar, and the kind, source
-        and input shape of the ONNX it was built from (the sidecar's ``artifact``)."""
+        """The engine's GPU, precision and batch profile from its sidecar, and the kind, source,
+        input shape and architecture of the ONNX it was built from (the sidecar's
+        ``artifact``)."""
         side = self.sidecar
         art = side.get("artifact") if isinstance(side.get("artifact"), dict) else {}
         shape = side.get("input_shape") or art.get("input_shape")
+        kind = side.get("kind") or art.get("kind") or "classifier"
+        arch = side.get("architecture") or art.get("architecture")
         return RunnerInfo(
             backend="tensorrt",
             device=side.get("gpu"),
             precision=side.get("precision"),
-            kind=side.get("kind") or art.get("kind") or "classifier",
+            kind=kind,
             source_sha256=side["source_sha256"]
             if "source_sha256" in side
             else art.get("source_sha256"),
@@ -161,10 +170,13 @@ class TrtRunner(Runner):
             batch_range=self.batch_range,
             batch_range_source="the engine's profile",
             size_bytes=self.path.stat().st_size,
+            model=model_name({"architecture": arch, "kind": kind}),
         )
 
 
-def open_engine(path: Path, name: str, *, device: str = "auto", threads: int = 0) -> TrtRunner:
+def open_engine(
+    path: Path, name: str, *, device: str = "auto", threads: int | None = None
+) -> TrtRunner:
     """The ``tensorrt`` backend's runner for an engine (on CUDA device 0; ``device`` and
     ``threads`` are unused)."""
     return TrtRunner(path)

@@ -18,6 +18,7 @@ from advedge.export.runtime.base import (
     Runner,
     RunnerInfo,
     artifact_bytes,
+    model_name,
     register_backend,
     stage_times,
 )
@@ -39,7 +40,8 @@ class TorchRunner(Runner):
         mode: ``"eager"``, ``"compile"`` (``torch.compile``) or ``"cudagraph"`` (one CUDA graph
             per input shape, captured on first use; CUDA only).
         path: The checkpoint it was loaded from, if any (for :attr:`info`).
-        metadata: The checkpoint's metadata (kind, input shape, source sha256 where recorded).
+        metadata: The checkpoint's metadata (kind, architecture, input shape, source sha256
+            where recorded).
     """
 
     def __init__(
@@ -104,8 +106,8 @@ class TorchRunner(Runner):
         return self.timed(batch)[0]
 
     def describe(self) -> RunnerInfo:
-        """FP32 on this device, with gradients; kind, source and input shape from the
-        checkpoint's metadata (a checkpoint is its own source)."""
+        """FP32 on this device, with gradients; kind, source, input shape and architecture from
+        the checkpoint's metadata (a checkpoint is its own source)."""
         meta = self.metadata
         shape = meta.get("input_shape")
         return RunnerInfo(
@@ -118,6 +120,7 @@ class TorchRunner(Runner):
             gradients=True,
             host_compute=self.device.type == "cpu",
             size_bytes=artifact_bytes(self.path) if self.path is not None else 0,
+            model=model_name(meta),
         )
 
     def _source(self) -> Any:
@@ -135,8 +138,9 @@ class TorchRunner(Runner):
 def _purified_from_run(path: Path, device: Any) -> tuple[Any, dict[str, Any]]:
     """A purifier run directory -> ``f(G(x))`` with the classifier its checkpoint records.
 
-    The metadata says what the fused ONNX export would say (kind ``fused``, both sha256), so
-    bench treats it as the FP32 PyTorch parent of the fused artifacts.
+    The metadata says what the fused ONNX export would say (kind ``fused``, the architecture
+    ``purifier-generator+<classifier>``, both sha256), so bench treats it as the FP32 PyTorch
+    parent of the fused artifacts.
     """
     from advedge.checkpoint import load_model
     from advedge.errors import CheckpointError
@@ -156,9 +160,12 @@ def _purified_from_run(path: Path, device: Any) -> tuple[Any, dict[str, Any]]:
         raise CheckpointError(
             f"{path}: the classifier at {clf} changed since the purifier was trained"
         )
-    model = Purified(gen, load_model(clf, device=device)).eval()
+    classifier = load_model(clf, device=device)
+    model = Purified(gen, classifier).eval()
+    arch = dict(getattr(classifier, "checkpoint_metadata", {})).get("architecture")
     meta = {
         "kind": "fused",
+        "architecture": f"purifier-generator+{arch}" if arch else None,
         "input_shape": gmeta.get("input_shape"),
         "source_sha256": {
             "purifier": sha256_file(path / "purifier.safetensors"),
@@ -169,9 +176,12 @@ def _purified_from_run(path: Path, device: Any) -> tuple[Any, dict[str, Any]]:
 
 
 def open_checkpoint(
-    path: Path, name: str, *, device: str = "auto", threads: int = 0
+    path: Path, name: str, *, device: str = "auto", threads: int | None = None
 ) -> TorchRunner:
-    """Backend ``name``'s runner for a checkpoint or run directory (``threads`` is unused).
+    """Backend ``name``'s runner for a checkpoint or run directory.
+
+    ``threads`` is unused: PyTorch's thread count is the process's, set by
+    :func:`~advedge.export.runtime.threads.apply_threads`.
 
     Raises:
         MissingDependencyError: no torch, or CUDA graphs without a CUDA device (exit 3).
