@@ -1,6 +1,7 @@
-"""The environment record ``advedge bench`` writes beside its measurements: CPU, GPU and compute
-capability, library and driver versions, and on a Jetson the power mode, the clocks and a
-tegrastats sample. Reading it never fails: what cannot be read is recorded as None.
+"""The environment record ``advedge bench`` writes beside its measurements: CPU (and the CPUs and
+physical cores this process may use), GPU and compute capability, library and driver versions,
+and on a Jetson the power mode, the clocks and a tegrastats sample. Reading it never fails: what
+cannot be read is recorded as None.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from advedge.export.runtime.threads import cpus_available, default_threads
 
 import advedge
 from advedge.utils import cpu_model
@@ -39,6 +41,8 @@ def environment_manifest() -> dict[str, Any]:
         "platform": platform.platform(),
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
+        "cpus_available": cpus_available(),  # this process's affinity: what it may run on
+        "physical_cores_available": default_threads(),
         "numpy": np.__version__,
     }
     for mod in ("torch", "onnxruntime", "tensorrt"):

@@ -11,6 +11,7 @@ import torch
 from advedge.export.onnx_export import export_onnx
 from advedge.export.runtime import threads as threads_mod
 from advedge.export.runtime.base import model_name, open_runner
+from advedge.export.runtime.environment import environment_manifest
 from advedge.export.runtime.latency import CV_WARN, TAIL_WARN, latency_stats, latency_warning
 from advedge.export.runtime.onnxruntime import OrtRunner
 from advedge.export.runtime.threads import (
@@ -118,9 +119,12 @@ def test_busy_warning_rule_at_its_boundary():
     assert busy_warning(None, threads=64, cpus=1) is None  # no load figure, no claim
 
 
-def test_load_average_is_three_figures_or_none():
+def test_load_average_and_the_environment_record():
     load = load_average()
     assert load is None or (len(load) == 3 and all(v >= 0 for v in load))
+    env = environment_manifest()
+    assert env["cpus_available"] == cpus_available()
+    assert 1 <= env["physical_cores_available"] == default_threads() <= cpus_available()
 
 
 def test_latency_warning_tail_rule_catches_what_cv_misses():
