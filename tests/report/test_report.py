@@ -10,7 +10,7 @@ from conftest import argv
 from fakes.artifacts import classifier_artifacts
 
 from advedge.cli import main
-from advedge.report import pareto_front
+from advedge.report import md_escape, pareto_front
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -80,7 +80,13 @@ def test_report_writes_table_json_and_pngs(arts, tiny_npz_data, tmp_path, capsys
     assert ships["white_box_parent_acc"] == rows["run_a"]["worst_case_transfer_acc"]
     assert ships["precision_gap"] is False  # the FP32 ONNX is the same model: same figure
     md = (out / "report.md").read_text()
-    assert "| a.fp32.onnx | fp32 | no |" in md and "## Training runs" in md
+    label = md_escape(bench_rows["a.fp32.onnx"].get("label", "a.fp32.onnx"))  # bench/2 names it
+    assert f"| {label} | fp32 | no |" in md and "## Training runs" in md
+    assert doc["schema"] == "advedge.report/2" and doc["threat_model"]["summary"]
+    assert md.splitlines()[2] == f"Threat model: {md_escape(doc['threat_model']['summary'])}."
+    for row in doc["rows"]:  # every accuracy with its 95% interval around it
+        lo, hi = row["clean_acc_ci95"]
+        assert lo <= row["clean_acc"] <= hi
     assert "## Robustness of what ships" in md
     for png in ("pareto.png", "training.png"):
         assert (out / png).read_bytes()[:8] == PNG and (out / png).stat().st_size > 5000
