@@ -64,6 +64,7 @@ from advedge.export.targets import (
     ExportTarget,
     load_targets,
     load_test_images,
+    with_calibration_default,
 )
 
 from advedge.errors import UsageError
@@ -150,11 +151,6 @@ class ExportOptions:
             raise UsageError(
                 "--int8-target onnxruntime-cpu cannot be built into a TensorRT engine",
                 "TensorRT needs symmetric int8 Q/DQ: use --int8-target tensorrt with --trt",
-            )
-        if precision.needs_calibration and not self.calib_data:
-            raise UsageError(
-                f"{self.precision} needs calibration data",
-                "pass --calib-data DIR (a data directory or a saved calibration .npz)",
             )
         if self.fuse and not self.purifier:
             raise UsageError("--fuse needs --purifier")
@@ -274,6 +270,7 @@ def export_artifacts(
     out = check_out(opts.out)
     if opts.timing_cache:
         check_out_file(opts.timing_cache, option="--timing-cache")
+    opts = with_calibration_default(opts, say)  # cheap: the checkpoint's records only
 
     with quiet_onnxruntime(), output_lock(out):
         if examples is None:

@@ -9,8 +9,10 @@ report run on shuffled test images and on PGD examples crafted on the FP32 PyTor
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +23,14 @@ import advedge
 from advedge.errors import DataError, ExportError, UsageError
 from advedge.utils import sha256_file
 
-__all__ = ["AdversarialExamples", "ExportTarget", "load_targets", "load_test_images"]
+__all__ = [
+    "AdversarialExamples",
+    "ExportTarget",
+    "default_calibration_data",
+    "load_targets",
+    "load_test_images",
+    "with_calibration_default",
+]
 
 
 @dataclass
@@ -135,6 +144,62 @@ def _purifier_targets(
     }
     pur = ExportTarget("purifier", "purifier", gen, "pixels", pur_meta, classifier, classifier)
     return [alone, pur]
+
+
+def with_calibration_default(opts: Any, say: Callable[[str], None]) -> Any:
+    """``opts`` (export options), with ``calib_data`` defaulted when the precision calibrates
+    and none was given: see :func:`default_calibration_data`; ``say`` tells the user so."""
+    from advedge.export.precisions import PRECISIONS
+
+    if not PRECISIONS[opts.precision].needs_calibration or opts.calib_data:
+        return opts
+    data = default_calibration_data(opts.model)
+    say(
+        f"calibrating on {opts.calib_n} images of the training split of {data}, "
+        "the dataset the checkpoint records"
+    )
+    return dataclasses.replace(opts, calib_data=data)
+
+
+def default_calibration_data(model: str) -> str:
+    """``--calib-data``'s default: the dataset the checkpoint was trained on.
+
+    Its folder as the run's ``config.yaml`` records it (``resolved.dataset.root``), else the
+    dataset name of the checkpoint's metadata (a folder of that name, or the named dataset in
+    advedge's data cache). Calibration draws from its training split only, never its test split.
+    Cheap: no images are read.
+
+    Raises:
+        CheckpointError: no readable checkpoint at ``model``.
+        UsageError: the checkpoint records no dataset.
+        DataError: the dataset it records is not on this machine.
+    """
+    from pathlib import Path
+
+    from advedge.checkpoint import read_metadata, resolve_checkpoint
+    from advedge.config import load_yaml
+    from advedge.data import NAMED_DATASETS, data_dir
+
+    hint = "pass --calib-data DIR (a data directory or a saved calibration .npz)"
+    name = read_metadata(model).get("dataset")
+    config = resolve_checkpoint(model).parent / "config.yaml"
+    root = None
+    if config.is_file():
+        try:
+            root = (load_yaml(config).get("resolved") or {}).get("dataset", {}).get("root")
+        except (UsageError, AttributeError):  # not advedge's config: use the name
+            root = None
+    if not root and not name:
+        raise UsageError("int8 needs calibration data and the checkpoint records no dataset", hint)
+    if root and Path(root).is_dir():
+        return str(root)
+    if name and (Path(name).is_dir() or (name in NAMED_DATASETS and (data_dir() / name).is_dir())):
+        return str(name)  # what load_dataset finds: a folder here, or the cached named dataset
+    raise DataError(
+        f"the dataset the checkpoint records ({root or name}) is not on this machine; "
+        "int8 needs calibration data",
+        hint,
+    )
 
 
 def load_test_images(
