@@ -332,7 +332,7 @@ def quantize_qdq(
             write_cache(run.cache_path, run.key, ranges_file)
         n_pairs = _verify_and_write(run, tmp / "qdq.onnx")
     seconds = time.perf_counter() - t0
-    logger.info(
+    logger.debug(  # the export's staging paths: a detail (advedge calibrate prints a table)
         "quantised %s -> %s (%s, %d Q/DQ pairs, %d FP32 nodes, cache %s) in %.1f s",
         run.src,
         run.out,

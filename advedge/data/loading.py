@@ -28,6 +28,9 @@ from advedge.errors import DataError, did_you_mean
 
 logger = logging.getLogger(__name__)
 
+#: The dataset folders this process has reported loading (each is reported once, then at debug).
+_REPORTED: set[str] = set()
+
 __all__ = ["load_dataset", "load_directory"]
 
 
@@ -102,7 +105,11 @@ def load_directory(path: Path, *, name: str) -> Dataset:
     except OSError as exc:  # a file or folder of the dataset that cannot be read
         raise read_error(exc, path) from None
     dataset = assemble(name, path, fmt, train, test)
-    logger.info(
+    key = os.path.realpath(path)
+    level = logging.DEBUG if key in _REPORTED else logging.INFO
+    _REPORTED.add(key)
+    logger.log(
+        level,
         "loaded %s from %s (%s): %d train / %d test images, %d classes, shape %s",
         name,
         path,

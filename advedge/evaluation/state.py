@@ -146,7 +146,7 @@ class EvalState:
         state = cls(path, fingerprint, settings)
         if path is None or not path.exists():
             if resume:
-                logger.info("no evaluation state at %s; starting from the beginning", path)
+                logger.debug("no evaluation state at %s; starting from the beginning", path)
             return state
         if not resume:
             logger.warning(

@@ -72,5 +72,5 @@ def channels_last_is_faster(model: nn.Module, x: Tensor, *, repeats: int = 2) ->
     nhwc = copy.deepcopy(model).train().to(memory_format=torch.channels_last)
     t_nchw = best(nchw, x)
     t_nhwc = best(nhwc, x.contiguous(memory_format=torch.channels_last))
-    logger.info("layout probe: NCHW %.4f s, channels_last %.4f s", t_nchw, t_nhwc)
+    logger.debug("layout probe: NCHW %.4f s, channels_last %.4f s", t_nchw, t_nhwc)
     return t_nhwc < 0.95 * t_nchw

@@ -117,7 +117,7 @@ def check_run_dir(out: Path, resume: bool, *, clean: bool = False) -> bool:
                 f"{out} has a model but no {STATE_FILE} to resume from",
                 "choose another --out to train anew",
             )
-        logger.info("nothing to resume in %s; starting a new run", out)
+        logger.debug("nothing to resume in %s; starting a new run", out)
         return False
     return True
 
