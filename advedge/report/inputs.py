@@ -79,26 +79,29 @@ def eps_text(eps: Any) -> str | None:
 
 
 def interval(acc: Any, n: Any, given: Any = None, *, what: str = "accuracy") -> list[float] | None:
-    """The 95% interval of an accuracy: ``given`` when it is a pair ``[lo, hi]`` of fractions,
-    else the Wilson interval of ``round(acc * n)`` successes in ``n``; None when ``acc`` or ``n``
-    is missing.
+    """The 95% interval of an accuracy: ``given`` when it is a pair ``[lo, hi]`` of fractions
+    around ``acc``, else the Wilson interval of ``round(acc * n)`` successes in ``n``; None when
+    ``acc`` or ``n`` is missing.
 
     Raises:
-        DataError: an accuracy outside [0, 1], or a ``given`` that is not ``lo <= hi`` in [0, 1].
+        DataError: an accuracy outside [0, 1], or a ``given`` that is not ``lo <= acc <= hi``
+            within [0, 1].
     """
+    if acc is None:
+        return None
+    if not isinstance(acc, (int, float)) or isinstance(acc, bool) or not 0 <= acc <= 1:
+        raise DataError(f"{what} {acc!r} is not a fraction in [0, 1]")
     if given is not None:
-        if (
+        if not (
             isinstance(given, list)
             and len(given) == 2
             and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in given)
             and 0 <= given[0] <= given[1] <= 1
         ):
-            return [float(given[0]), float(given[1])]
-        raise DataError(f"{what}: its 95% interval {given!r} is not [lo, hi] within [0, 1]")
-    if acc is None:
-        return None
-    if not isinstance(acc, (int, float)) or isinstance(acc, bool) or not 0 <= acc <= 1:
-        raise DataError(f"{what} {acc!r} is not a fraction in [0, 1]")
+            raise DataError(f"{what}: its 95% interval {given!r} is not [lo, hi] within [0, 1]")
+        if not given[0] - 1e-9 <= acc <= given[1] + 1e-9:
+            raise DataError(f"{what} {acc!r} lies outside its 95% interval {given!r}")
+        return [float(given[0]), float(given[1])]
     if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
         return None
     return list(wilson_interval(round(acc * n), n))

@@ -79,12 +79,16 @@ def latency_ranges(lats: list[float]) -> list[tuple[float, float]]:
 
 
 def _fit_y(ax: Any, pts: list[tuple[float, float, list[float] | None]]) -> None:
-    """Fit the y axis (percent) to the points and their interval bars, with a margin."""
+    """Fit the y axis (percent) to the points and their interval bars, with a margin; no tick
+    label outside [0, 100]."""
+    from matplotlib.ticker import FuncFormatter
+
     lows = [100 * (ci[0] if ci else acc) for _, acc, ci in pts]
     highs = [100 * (ci[1] if ci else acc) for _, acc, ci in pts]
     lo, hi = min(lows), max(highs)
     pad = 0.12 * max(hi - lo, 4.0)
-    ax.set_ylim(max(0.0, lo - pad), min(100.0, hi + pad))
+    ax.set_ylim(lo - pad, hi + pad)  # past 0 or 100 too: a point at 0% is drawn whole
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}" if 0 <= v <= 100 else ""))
 
 
 def _fit_x(ax: Any, lo: float, hi: float) -> None:
@@ -335,7 +339,8 @@ def pareto_figure(rows: list[dict[str, Any]], threat: str | None) -> Any | None:
         if threat and "worst_case_acc" in metrics
         else "No robust figures (the bench ran without --robust): clean accuracy against latency"
     )
-    fig.suptitle(textwrap.fill(title, width=int(15 * width)), fontsize=9)
+    # about 12 characters an inch at 9 points, kept left of the key
+    fig.suptitle(textwrap.fill(title, width=int(12 * 6.2 * len(metrics))), fontsize=9)
     _legends(fig, items, colours)
     fig.draw_without_rendering()  # the layout fixes the axes' place before pixels are read
     for axes, metric in panels:
