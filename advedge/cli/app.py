@@ -18,7 +18,7 @@ from advedge.cli.evaluate import eval_cmd
 from advedge.cli.export import calibrate_cmd, export_cmd
 from advedge.cli.models import models_cmd
 from advedge.cli.options import RegistryHelpCommand, RegistryHelpGroup, click
-from advedge.cli.output import setup_logging
+from advedge.cli.output import set_verbosity, setup_logging
 from advedge.cli.pipeline import pipeline_cmd
 from advedge.cli.purifier import purifier_train_cmd
 from advedge.cli.train import distill_cmd, train_cmd
@@ -69,8 +69,18 @@ def _root(
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
     ] = False,
+    quiet: Annotated[
+        bool,
+        typer.Option(
+            "--quiet", "-q", help="Warnings and errors only: no progress or status lines."
+        ),
+    ] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Also the debug messages.")
+    ] = False,
 ) -> None:
     """advedge: robust training, distillation, evaluation and edge deployment."""
+    set_verbosity(quiet=quiet, verbose=verbose)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,11 +120,20 @@ def _fail(message: str) -> None:
     sys.stderr.flush()
 
 
+#: The app's own options, which go before the command (``advedge --quiet pipeline ...``).
+_GLOBAL_OPTIONS = ("--quiet", "-q", "--verbose", "-v")
+
+
 def _click_error(exc: Any) -> int:
     """click's own errors: bare ``advedge``/``advedge train`` shows help; usage errors are one
     line naming the command's ``--help``, exit 2."""
     if type(exc).__name__ == "NoArgsIsHelpError":  # bare `advedge` or `advedge train`
         sys.stderr.write(exc.format_message() + "\n")
+        return 2
+    if getattr(exc, "option_name", None) in _GLOBAL_OPTIONS and _command(exc):
+        command = _command(exc).strip()
+        option = exc.option_name
+        _fail(f"error: {option} goes before the command: advedge {option} {command} ...")
         return 2
     if isinstance(exc, click.exceptions.UsageError):
         _fail(f"error: {exc.format_message()} (see advedge {_command(exc)}--help)")

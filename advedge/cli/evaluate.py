@@ -10,7 +10,7 @@ from rich.console import Group
 from rich.table import Table
 
 from advedge.cli.options import Data, Device, JsonOpt, Norm, choices, params
-from advedge.cli.output import Output
+from advedge.cli.output import Output, percent
 from advedge.cli.progress import EvalProgress, load_data
 
 __all__ = ["eval_cmd"]
@@ -90,9 +90,9 @@ def eval_cmd(
 
 
 def _ci(record: dict[str, Any], key: str) -> str:
-    """``[low, high]`` of ``record[key + "_ci95"]``, or nothing."""
+    """``[low, high]`` of ``record[key + "_ci95"]`` in percent, or nothing."""
     ci = record.get(f"{key}_ci95")
-    return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
+    return f"[{percent(ci[0])}, {percent(ci[1])}]" if ci else ""
 
 
 def _results_table(result: dict[str, Any]) -> Table:
@@ -100,19 +100,19 @@ def _results_table(result: dict[str, Any]) -> Table:
         f"advedge eval {result.get('suite') or ''} (eps={result['eps']:.5g}, {result['norm']}, "
         f"n={result['n_examples']})"
     )
-    table = Table("attack", "kind", "robust acc", "95% interval", "seconds", title=title)
+    table = Table("attack", "kind", "accuracy %", "95% interval", "seconds", title=title)
     if "clean_acc_no_purifier" in result:
-        table.add_row("clean, no purifier", "-", f"{result['clean_acc_no_purifier']:.4f}", "", "")
-        table.add_row("clean, through purifier", "-", f"{result['clean_acc']:.4f}", "", "")
+        table.add_row("clean, no purifier", "-", percent(result["clean_acc_no_purifier"]), "", "")
+        table.add_row("clean, through purifier", "-", percent(result["clean_acc"]), "", "")
     else:
-        table.add_row("clean", "-", f"{result['clean_acc']:.4f}", _ci(result, "clean_acc"), "")
+        table.add_row("clean", "-", percent(result["clean_acc"]), _ci(result, "clean_acc"), "")
     for entry in result["attacks"]:
         name = entry["name"] + (" (cumulative)" if entry.get("cumulative") else "")
-        acc, ci = f"{entry['robust_acc']:.4f}", _ci(entry, "robust_acc")
+        acc, ci = percent(entry["robust_acc"]), _ci(entry, "robust_acc")
         table.add_row(name, entry["kind"], acc, ci, f"{entry['seconds']:.1f}")
     for setting, acc in result.get("worst_case_by_setting", {}).items():
-        table.add_row(f"worst case, {setting}", "per-example", f"{acc:.4f}", "", "")
-    worst, seconds = f"{result['worst_case_acc']:.4f}", f"{result['seconds']:.1f}"
+        table.add_row(f"worst case, {setting}", "per-example", percent(acc), "", "")
+    worst, seconds = percent(result["worst_case_acc"]), f"{result['seconds']:.1f}"
     table.add_row("worst case", "per-example", worst, _ci(result, "worst_case_acc"), seconds)
     return table
 

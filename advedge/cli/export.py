@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from advedge.cli.options import CacheDir, JsonOpt, SelectionSeed, choices, params
-from advedge.cli.output import Output
+from advedge.cli.output import Output, percent
 
 __all__ = ["calibrate_cmd", "export_cmd"]
 
@@ -37,7 +37,10 @@ def export_cmd(  # long: one parameter for each of its 30 options; the body is s
     ] = None,
     calib_data: Annotated[
         str | None,
-        typer.Option(help="int8: data directory (training split) or a saved calibration .npz."),
+        typer.Option(
+            help="int8: data directory (training split) or a saved calibration .npz "
+            "[default: the training split of the dataset the checkpoint records]."
+        ),
     ] = None,
     calib_n: Annotated[int, typer.Option(help="int8: calibration images (stratified).")] = 512,
     calib_method: Annotated[
@@ -138,9 +141,7 @@ def export_cmd(  # long: one parameter for each of its 30 options; the body is s
 
 
 def _artifacts_table(artifacts: list[dict[str, Any]]) -> Table:
-    table = Table(
-        "artifact", "kind", "precision", "size", "parity (adv)", "clean acc", "transfer acc"
-    )
+    table = Table("artifact", "kind", "precision", "size", "parity (adv)", "clean %", "transfer %")
     for a in artifacts:
         parity = a.get("parity", {}).get("figures", {}).get("adversarial")
         acc = a.get("accuracy_report", {}).get("accuracy", {}).get(a["precision"], {})
@@ -152,8 +153,8 @@ def _artifacts_table(artifacts: list[dict[str, Any]]) -> Table:
             ""
             if not parity
             else f"max|Δ| {parity['max_abs']:.2g}, {100 * parity['agreement']:.1f}%",
-            f"{acc['clean_acc']:.4f}" if acc else "",
-            f"{acc['transfer_robust_acc']:.4f}" if acc else "",
+            percent(acc.get("clean_acc")),
+            percent(acc.get("transfer_robust_acc")),
         )
     return table
 

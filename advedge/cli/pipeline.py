@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from rich.console import Group
 from rich.table import Table
 
 from advedge.cli.options import Data, JsonOpt, choices
-from advedge.cli.output import Output
+from advedge.cli.output import Output, percent
 from advedge.cli.progress import PipelineProgress
 
 __all__ = ["pipeline_cmd"]
@@ -40,8 +41,35 @@ def pipeline_cmd(
             data, str(out), preset=chosen, status=progress.on_stage, train_callbacks=progress
         )
         progress.finish()
-    table = Table("stage", "status", "seconds", title=f"advedge pipeline -> {out}")
+    from advedge.workflow import headline
+
+    stages = Table("stage", "status", "seconds", title=f"advedge pipeline -> {out}")
     for name, info in summary["stages"].items():
-        table.add_row(name, "skipped" if info.get("skipped") else "ran", str(info.get("seconds")))
-    output.result(summary, human=table)
+        stages.add_row(name, "skipped" if info.get("skipped") else "ran", str(info.get("seconds")))
+    head = headline(summary)
+    output.result(summary, human=Group(stages, _headline_table(head["rows"])))
+    for warning in head["warnings"]:
+        output.warn(warning)
     output.info(f"report: {summary['report']}")
+
+
+def _headline_table(rows: list[dict[str, Any]]) -> Table:
+    """Per artifact: clean and worst-case robust accuracy (percent), median latency."""
+    batches = sorted({row["batch"] for row in rows if row["batch"] is not None})
+    table = Table(
+        title="headline: robust % is the worst case over the bench's attacks",
+        caption=f"p50 at batch {', '.join(map(str, batches))}" if batches else None,
+    )
+    table.add_column("artifact", no_wrap=True)
+    for header in ("backend", "clean %", "robust %", "p50 ms"):
+        table.add_column(header, justify="left" if header == "backend" else "right")
+    for row in rows:
+        p50 = row["p50_ms"]
+        table.add_row(
+            str(row["name"]),
+            str(row["backend"] or ""),
+            percent(row["clean_acc"]),
+            percent(row["worst_case_acc"]),
+            "" if p50 is None else f"{p50:.3g}",
+        )
+    return table

@@ -4,10 +4,15 @@
 :class:`TrainProgress` follows the training engine (and the purifier trainer),
 :class:`EvalProgress` the evaluation, :class:`PipelineProgress` the pipeline's stages (and the
 training inside them); :func:`load_data` shows a download bar while a named dataset is fetched.
+
+When stderr is not a terminal (a log file, a pipe), a live bar would print nothing until it
+stops: the bars then write plain progress lines instead, at most one every
+:data:`PLAIN_INTERVAL` seconds (a stage's own messages always). ``--quiet`` shows neither.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from rich.progress import (
@@ -21,9 +26,24 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from advedge.cli.output import Output
+from advedge.cli.output import Output, is_quiet
 
-__all__ = ["Bars", "EvalProgress", "PipelineProgress", "TrainProgress", "load_data"]
+__all__ = [
+    "PLAIN_INTERVAL",
+    "Bars",
+    "EvalProgress",
+    "PipelineProgress",
+    "TrainProgress",
+    "load_data",
+]
+
+#: Seconds between two plain progress lines (stderr not a terminal) of the same task.
+PLAIN_INTERVAL = 30.0
+
+
+def _now() -> float:
+    """The clock of the plain lines' rate limit (seconds)."""
+    return time.monotonic()
 
 
 def load_data(spec: str, output: Output) -> Any:
@@ -39,6 +59,7 @@ def load_data(spec: str, output: Output) -> Any:
                 DownloadColumn(),
                 TransferSpeedColumn(),
                 console=output.err,
+                disable=is_quiet(),
             )
             bar.start()
             state["bar"] = bar
@@ -65,7 +86,20 @@ class Bars:
         if remaining:
             columns.append(TimeRemainingColumn())
         columns.append(TextColumn("{task.fields[status]}"))
-        self.progress = Progress(*columns, console=output.err)
+        quiet = is_quiet()
+        #: stderr is not a terminal: plain lines (:meth:`line`) instead of a live bar
+        self.plain = not quiet and not output.err.is_terminal
+        self.progress = Progress(*columns, console=output.err, disable=quiet or self.plain)
+        self.err = output.err
+        self._last_line = -PLAIN_INTERVAL
+
+    def line(self, text: str, *, force: bool = False) -> None:
+        """Write ``text`` as a plain progress line when stderr is not a terminal: always with
+        ``force``, else only :data:`PLAIN_INTERVAL` seconds after the previous one."""
+        now = _now()
+        if self.plain and (force or now - self._last_line >= PLAIN_INTERVAL):
+            self._last_line = now
+            self.err.print(text, highlight=False, markup=False)
 
     def __enter__(self) -> Any:
         self.progress.start()
@@ -82,8 +116,8 @@ class TrainProgress(Bars):
         self,
         output: Output,
         *,
-        batch_status: str = "loss {loss:.4f} acc {acc:.3f}",
-        epoch_status: str = "clean {test_clean_acc:.3f} pgd {test_pgd_acc:.3f}",
+        batch_status: str = "loss {loss:.4f} acc {acc:.1%}",
+        epoch_status: str = "clean {test_clean_acc:.1%} pgd {test_pgd_acc:.1%}",
     ) -> None:
         super().__init__(output, remaining=True)
         self.epoch_task: Any = None
@@ -104,6 +138,8 @@ class TrainProgress(Bars):
             description=f"epoch {epoch + 1}",
             status=self.batch_status.format(loss=loss, acc=acc),
         )
+        total = self.progress.tasks[self.batch_task].total if self.batch_task is not None else None
+        self.line(f"epoch {epoch + 1}: batch {batch + 1}/{total}")
 
     def on_eval_start(self, *, epoch: int) -> None:
         self.progress.update(self.batch_task, status="scoring held-out batch (clean, PGD)")
@@ -128,15 +164,18 @@ class EvalProgress(Bars):
         self.tasks[name] = self.progress.add_task(name, total=max(n_todo, 1), status="")
 
     def on_batch_end(self, name: str, n_done: int, running_acc: float) -> None:
-        self.progress.update(
-            self.tasks[name], completed=n_done, status=f"robust acc {running_acc:.4f}"
-        )
+        self.progress.update(self.tasks[name], completed=n_done, status=f"robust {running_acc:.1%}")
+        total = self.progress.tasks[self.tasks[name]].total
+        self.line(f"{name}: {n_done}/{total} attacked, robust so far {running_acc:.1%}")
+
+    def on_examples(self, name: str, idx: Any, x_adv: Any) -> None:
+        """The attacked batch's adversarial images: nothing to show."""
 
     def on_attack_end(self, name: str, result: dict[str, Any]) -> None:
         self.progress.update(
             self.tasks[name],
             completed=self.progress.tasks[self.tasks[name]].total,
-            status=f"robust acc {result['robust_acc']:.4f}",
+            status=f"robust {result['robust_acc']:.1%}",
         )
 
 
@@ -170,6 +209,7 @@ class PipelineProgress(Bars):
                 self.progress.advance(self.task)
             self.stage = stage
         self.progress.update(self.task, description=f"pipeline: {stage}", status=message[:70])
+        self.line(f"pipeline: {stage}: {message}", force=True)
 
     def finish(self) -> None:
         self.progress.update(self.task, completed=len(self.stages), status="done")
@@ -191,3 +231,4 @@ class PipelineProgress(Bars):
 
     def _status(self, text: str) -> None:
         self.progress.update(self.task, status=text)
+        self.line(f"pipeline: {self.stage}: {text}")

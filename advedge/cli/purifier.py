@@ -73,7 +73,7 @@ def purifier_train_cmd(
     progress = TrainProgress(
         output,
         batch_status="G {loss:.4f} inv {acc:.4f}",
-        epoch_status="clean via G {test_clean_acc:.3f} grey-box PGD {test_greybox_pgd_acc:.3f}",
+        epoch_status="clean via G {test_clean_acc:.1%} grey-box PGD {test_greybox_pgd_acc:.1%}",
     )
     with progress:
         result = train_purifier(cfg, resume=resume, callbacks=progress, dataset=dataset)

@@ -35,7 +35,7 @@ __all__ = ["distill_cmd", "train_cmd"]
 _NOT_SETTINGS = ("model_arg", "config", "resume", "json_out")
 
 
-def train_cmd(
+def train_cmd(  # long: one parameter for each of its 28 options; the body is short
     ctx: typer.Context,
     data: Data = None,  # type: ignore[assignment]  # may come from --config
     model: Annotated[

@@ -23,6 +23,14 @@ the new run has finished, so a failed redo loses nothing; the whole run holds th
 """
 
 from advedge.workflow.presets import PRESETS, STAGES, Preset, check_preset, load_preset
-from advedge.workflow.run import run_pipeline
+from advedge.workflow.run import headline, run_pipeline
 
-__all__ = ["PRESETS", "STAGES", "Preset", "check_preset", "load_preset", "run_pipeline"]
+__all__ = [
+    "PRESETS",
+    "STAGES",
+    "Preset",
+    "check_preset",
+    "headline",
+    "load_preset",
+    "run_pipeline",
+]

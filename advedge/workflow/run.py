@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -14,7 +15,7 @@ from advedge.workflow.presets import STAGES, Preset, check_preset
 from advedge.workflow.records import SUPERSEDED, StageRecord, data_key, stage_inputs
 from advedge.workflow.stages import STAGE_FUNCTIONS, Stage, check_stage_options, stage_configs
 
-__all__ = ["run_pipeline"]
+__all__ = ["headline", "run_pipeline"]
 
 
 def run_pipeline(
@@ -87,3 +88,38 @@ def run_pipeline(
             summary["stages"][name] = {"skipped": False, "seconds": round(seconds, 1), **info}
         summary["report"] = str(root / "report" / "report.md")
         return summary
+
+
+def headline(summary: dict[str, Any]) -> dict[str, Any]:
+    """What a finished pipeline shows last: per artifact its clean and worst-case robust
+    accuracy and its median latency at the smallest batch (from the bench stage's
+    ``bench.json``), and the warnings of the export and bench stages.
+
+    Args:
+        summary: What :func:`run_pipeline` returned.
+
+    Returns:
+        ``{"rows": [{"name", "backend", "precision", "clean_acc", "worst_case_acc",
+        "batch", "p50_ms"}, ...], "warnings": [...]}``; accuracies are fractions, and a figure
+        the bench did not measure is None.
+    """
+    bench = Path(summary["out"]) / "bench" / "bench.json"
+    doc = json.loads(bench.read_text()) if bench.is_file() else {"results": [], "warnings": []}
+    rows = []
+    for result in doc.get("results", []):
+        timed = [lat for lat in result.get("latency", []) if "p50_ms" in lat]
+        first = min(timed, key=lambda lat: lat["batch"]) if timed else {}
+        rows.append(
+            {
+                "name": result.get("name"),
+                "backend": result.get("backend"),
+                "precision": result.get("precision"),
+                "clean_acc": result.get("clean_acc"),
+                "worst_case_acc": (result.get("robust") or {}).get("worst_case_acc"),
+                "batch": first.get("batch"),
+                "p50_ms": first.get("p50_ms"),
+            }
+        )
+    export = summary.get("stages", {}).get("export", {})
+    warnings = [*export.get("warnings", []), *doc.get("warnings", [])]
+    return {"rows": rows, "warnings": list(dict.fromkeys(warnings))}

@@ -264,3 +264,32 @@ def test_a_stage_folder_in_use_by_another_command_is_not_moved(
     assert proc.returncode == 1 and "being written by another" in proc.stderr
     assert _teacher_files(finished_pipeline) == before
     assert not (finished_pipeline / ".superseded").exists()
+
+
+def test_the_pipeline_ends_with_the_headline_table_and_its_warnings(
+    tmp_path, tiny_npz_data, capsys, finished_pipeline
+):
+    """Not only stage times: per artifact its clean and worst-case robust accuracy (percent, as
+    the report shows them) and its p50 latency, then the bench's warnings (on stderr)."""
+    bench = json.loads((finished_pipeline / "bench/bench.json").read_text())
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    rc = main(argv("pipeline", data=str(tiny_npz_data), out=str(finished_pipeline), config=path))
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    out = captured.out
+    assert "headline" in out and out.index("headline") > out.index("stage")  # it comes last
+    table = out[out.index("headline") :]
+    assert "clean %" in table and "robust %" in table and "p50 ms" in table
+    for result in bench["results"]:
+        row = next(line for line in table.splitlines() if f" {result['name']} " in line)
+        cells = [c.strip() for c in row.strip("│ ").split("│")]
+        assert cells[2] == f"{100 * result['clean_acc']:.1f}", row
+        assert cells[3] == f"{100 * result['robust']['worst_case_acc']:.1f}", row
+        timed = [lat for lat in result["latency"] if "p50_ms" in lat]
+        p50 = min(timed, key=lambda lat: lat["batch"])["p50_ms"]
+        assert cells[4] == f"{p50:.3g}", row
+    said = "".join(captured.err.split())  # rich wraps long lines, paths anywhere
+    for warning in bench["warnings"]:
+        assert "warning:" + "".join(warning.split()) in said
+    assert said.endswith(f"report:{finished_pipeline}/report/report.md")
