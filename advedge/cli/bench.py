@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -10,13 +9,13 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from advedge.cli.options import JsonOpt, SelectionSeed, int_list, params
+from advedge.cli.options import JsonOpt, int_list, params
 from advedge.cli.output import Output
 
 __all__ = ["bench_cmd", "report_cmd"]
 
 
-def bench_cmd(
+def bench_cmd(  # long: one parameter for each of its 21 options; the body is short
     ctx: typer.Context,
     artifact: Annotated[
         list[str],
@@ -27,14 +26,35 @@ def bench_cmd(
     warmup: Annotated[int, typer.Option(help="Untimed calls before timing.")] = 50,
     iters: Annotated[int, typer.Option(help="Timed calls per batch size.")] = 500,
     robust: Annotated[
-        bool, typer.Option("--robust", help="Transfer (PGD-20, APGD) and query (Square) attacks.")
+        bool,
+        typer.Option(
+            "--robust",
+            help="eval --suite standard's attacks (APGD-CE, APGD-T, Square) and CW-20 crafted "
+            "on the FP32 --model and transferred, then Square on each artifact itself.",
+        ),
     ] = False,
-    n: Annotated[int, typer.Option(help="Test images for accuracy and the transfer set.")] = 1000,
+    n: Annotated[
+        int,
+        typer.Option(help="The first N test images (as eval --n takes them): accuracy, attacks."),
+    ] = 1000,
     query_n: Annotated[
         int | None,
         typer.Option(help="--robust: Square on the first N images only [default: all --n]."),
     ] = None,
-    n_queries: Annotated[int, typer.Option(help="--robust: Square's query budget.")] = 1000,
+    n_queries: Annotated[
+        int,
+        typer.Option(
+            help="--robust: Square's query budget, on the FP32 parent and on each artifact "
+            "(AutoAttack's 5000)."
+        ),
+    ] = 5000,
+    n_iter: Annotated[
+        int,
+        typer.Option(
+            help="--robust: APGD-CE's iterations and APGD-T's per target class "
+            "(eval --suite standard's 100)."
+        ),
+    ] = 100,
     eps: Annotated[str, typer.Option(help="--robust: L-inf eps.")] = "8/255",
     model: Annotated[
         str | None, typer.Option(help="--robust: the FP32 checkpoint the artifacts come from.")
@@ -58,7 +78,7 @@ def bench_cmd(
         ),
     ] = None,
     out: Annotated[Path | None, typer.Option(help="Write bench.json and bench.csv here.")] = None,
-    seed: SelectionSeed = 0,
+    seed: Annotated[int, typer.Option(help="--robust: the attacks' seed (eval's --seed).")] = 0,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an earlier bench.json in --out.")
     ] = False,
@@ -66,7 +86,7 @@ def bench_cmd(
 ) -> None:
     """Latency (mean, p50/p90/p99) and accuracy measured on the deployed artifact itself."""
     from advedge.export.runtime.bench import BenchOptions, run_bench
-    from advedge.export.runtime.threads import apply_threads, check_threads
+    from advedge.export.runtime.threads import check_threads
     from advedge.utils import parse_eps
 
     output = Output(json_out)
@@ -80,12 +100,7 @@ def bench_cmd(
         eps=parse_eps(eps),
         out=None if out is None else str(out),
     )
-    applied = None
-    if "threads" not in {f.name for f in dataclasses.fields(BenchOptions)}:
-        applied = apply_threads(settings.pop("threads"))  # a run_bench that does not yet
     doc = run_bench(BenchOptions(**settings), status=output.info)
-    if applied is not None:
-        doc.setdefault("threads", applied)
     for warning in doc["warnings"]:
         output.err.print(  # one line each, however long
             f"[bold yellow]warning[/]: {escape(warning)}", highlight=False, soft_wrap=True
@@ -127,7 +142,7 @@ def _latency_table(results: list[dict[str, Any]]) -> Table:
             if "p50_ms" not in lat:
                 continue
             table.add_row(
-                r["name"],
+                r.get("label") or r["name"],
                 r["backend"],
                 str(lat["batch"]),
                 f"{lat['p50_ms']:.3f}",
@@ -157,18 +172,33 @@ def report_cmd(
     doc = build_report(inputs, out, overwrite=overwrite)
     table = Table(
         "artifact",
-        "precision",
-        "clean",
-        "worst-case",
+        "clean % [95%]",
+        "worst-case % [95%]",
         "p50 ms (b1)",
         title=f"advedge report -> {out}",
     )
     for r in doc["rows"]:
         table.add_row(
-            r["artifact"],
-            str(r["precision"]),
-            "-" if r["clean_acc"] is None else f"{r['clean_acc']:.4f}",
-            "-" if r["worst_case_acc"] is None else f"{r['worst_case_acc']:.4f}",
+            r.get("label") or r["artifact"],
+            _pct(r["clean_acc"], r.get("clean_acc_ci95")),
+            _pct(r["worst_case_acc"], r.get("worst_case_acc_ci95")),
             "-" if r["p50_b1_ms"] is None else f"{r['p50_b1_ms']:.3f}",
         )
     output.result(doc, human=table)
+    if not json_out:
+        labels = {r["artifact"]: r.get("label") or r["artifact"] for r in doc["rows"]}
+        for pair in doc.get("distinguishability") or []:
+            if pair.get("distinguishable") is False:
+                output.out.print(
+                    f"{labels.get(pair['a'], pair['a'])} vs {labels.get(pair['b'], pair['b'])}: "
+                    f"{pair['text']}",
+                    highlight=False,
+                    markup=False,
+                )
+
+
+def _pct(acc: float | None, ci: list[float] | None) -> str:
+    """``45.5 [38.7, 52.4]``: an accuracy in percent with its 95% interval."""
+    if acc is None:
+        return "-"
+    return f"{100 * acc:.1f}" + ("" if not ci else f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]")

@@ -60,6 +60,11 @@ class EvalProgress:
     def on_attack_end(self, name: str, result: dict[str, Any]) -> None:
         """Called with the attack's entry of the results JSON."""
 
+    def on_examples(self, name: str, idx: np.ndarray, x_adv: Tensor) -> None:
+        """Called after each batch with the indices of the examples attacked (into the ``n``
+        evaluated) and the adversarial images the attack returned for them, broken or not
+        (``advedge bench`` keeps them as its transfer set)."""
+
 
 def non_finite_logits_error(n_bad: int, n_total: int, what: str = "images") -> AdvedgeError:
     """The one-line error for a model whose logits hold NaN or infinity."""
@@ -440,6 +445,7 @@ class _Evaluation:
                 x_adv = attack(xb, yb)
                 preds = predict(self.model, x_adv, batch_size, what=f"{attack.name} examples")
                 ok = (preds == yb).cpu().numpy()
+            self.progress.on_examples(attack.name, idx, x_adv)
             not_broken[idx[~ok]] = False
             running[idx[~ok]] = False
             rec["done"].extend(int(i) for i in idx)

@@ -9,20 +9,29 @@ For each artifact (an ``.engine``, an ``.onnx`` or a checkpoint, each run by its
   separate them the host-to-device, compute and device-to-host shares;
 - size on disk and clean accuracy on ``n`` test images, computed by the artifact.
 
-With ``robust``:
+The test images are the first ``n`` of the test split in their official order, the images
+``advedge eval --n`` takes.
 
-(a) **transfer**: PGD-20 and APGD-CE examples crafted once on the FP32 PyTorch model the artifact
-    was exported from (for a fused artifact, on the FP32 purifier + classifier end to end),
-    saved as ``transfer-<sha>.npz`` with their sha256 and the source checkpoint's sha256, so a
-    device without torch evaluates the same set; a set made for another model is refused;
-(b) **query**: the Square attack run against the artifact's runner directly (no gradients);
-(c) the per-example worst case over clean-correct, transfer and query: the headline. It is
-    taken over the images the query attack ran on (all ``n`` by default; ``query_n`` restricts
-    the query attack, and the headline, to the first ``query_n``).
+With ``robust`` (details in :mod:`~advedge.export.runtime.robust` and
+:mod:`~advedge.export.runtime.craft`):
+
+(a) **transfer**: the attacks of ``advedge eval --suite standard`` (APGD-CE, APGD-T, Square; as
+    eval runs them) and CW-20, crafted once on the FP32 PyTorch model the artifact was exported
+    from (for a fused artifact, on the FP32 purifier + classifier end to end), every attack's
+    examples saved as ``transfer-<sha>.npz`` with their sha256 and the source checkpoint's
+    sha256, so a device without torch evaluates the same set; a set made for another model is
+    refused;
+(b) **query**: the Square attack (5000 queries by default, AutoAttack's budget) run against
+    the artifact's runner directly (no gradients), on the images still robust;
+(c) the per-example worst case over clean-correct, transfer and query: the headline, over the
+    first ``query_n`` images (all ``n`` by default). On the FP32 parent it is never above
+    ``eval --suite standard``'s on the same images.
 
 Transfer examples overstate the robustness of a quantised artifact (they were crafted at another
-precision); the query attack does not have that gap. Everything is written to ``bench.json``
-(``schema: advedge.bench/1``) and ``bench.csv``, with an environment manifest.
+precision); the query attack does not have that gap. Every accuracy carries its 95% Wilson
+interval. Everything is written to ``bench.json`` (``schema: advedge.bench/2``, with the threat
+model, one ``label`` per artifact and the per-example flags) and ``bench.csv``, with an
+environment manifest.
 
 Checked before the first timed call or crafted attack (:func:`run_bench`): every option's range
 (batch sizes up to ``MAX_BATCH`` and what half the available memory holds: their host input
@@ -49,7 +58,7 @@ import io
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,8 +66,17 @@ from typing import Any
 import numpy as np
 from advedge.export.runtime.base import BACKENDS, Runner, RunnerInfo, open_runner
 from advedge.export.runtime.environment import environment_manifest
-from advedge.export.runtime.feed import Feed, query_attack
+from advedge.export.runtime.feed import Feed
+from advedge.export.runtime.labels import artifact_label, unique_labels
 from advedge.export.runtime.latency import measure_latency
+from advedge.export.runtime.robust import flags_text, interval, measure_robust, threat_model
+from advedge.export.runtime.threads import (
+    MAX_THREADS,
+    apply_threads,
+    busy_warning,
+    load_average,
+    reset_threads,
+)
 from advedge.export.runtime.transfer import (
     TransferSet,
     cached_set,
@@ -82,7 +100,7 @@ from advedge.utils import available_memory, to_jsonable
 
 __all__ = ["BenchOptions", "run_bench"]
 
-SCHEMA = "advedge.bench/1"
+SCHEMA = "advedge.bench/2"
 OUTPUTS = ("bench.json", "bench.csv")
 
 # Sane limits, checked before anything is loaded or allocated. A batch of 4096 CIFAR images is
@@ -93,6 +111,7 @@ MAX_WARMUP = 10_000
 MAX_ITERS = 100_000
 MAX_N = 100_000
 MAX_QUERIES = 100_000
+MAX_ITER = 10_000
 # Memory one image of a batch takes in flight on a runner that computes on the host (ONNX
 # Runtime's CPU provider, PyTorch on the CPU): its input times this factor, a generous bound on
 # a classifier's activations (a ResNet-18 on 32x32 inputs needs about 40x its input). A batch
@@ -117,7 +136,8 @@ class BenchOptions:
     robust: bool = False
     n: int = 1000
     query_n: int | None = None  # None: every one of the n images
-    n_queries: int = 1000
+    n_queries: int = 5000  # AutoAttack's and advedge eval's budget
+    n_iter: int = 100  # APGD-CE's iterations, APGD-T's per target class (eval's default)
     eps: float = 8 / 255
     model: str | None = None
     purifier: str | None = None
@@ -126,6 +146,7 @@ class BenchOptions:
     seed: int = 0
     transfer_set: str | None = None
     overwrite: bool = False  # replace an earlier bench.json / bench.csv in out
+    threads: int | None = None  # intra-op threads of torch and ONNX Runtime (None: the default)
 
     def validate(self) -> None:
         """Check every option's value and range (nothing is read or run).
@@ -148,6 +169,9 @@ class BenchOptions:
         if self.query_n is not None:
             _bounded("--query-n", self.query_n, 1, MAX_N)
         _bounded("--n-queries", self.n_queries, 1, MAX_QUERIES)
+        _bounded("--n-iter", self.n_iter, 1, MAX_ITER)
+        if self.threads is not None:
+            _bounded("--threads", self.threads, 1, MAX_THREADS)
         _bounded("--seed", self.seed, 0, 2**32 - 1)
         if not (math.isfinite(self.eps) and 0.0 < self.eps <= 1.0):
             raise UsageError(f"--eps must lie in (0, 1], got {self.eps}")
@@ -192,7 +216,9 @@ def _check_memory(opts: BenchOptions, image_shape: Sequence[int], n: int) -> Non
             f"than half of the {avail / gib:.1f} GiB available",
             "choose smaller --batch-sizes",
         )
-    copies = 5 if opts.robust else 2  # images, a timing batch; two attacks and Square's copy
+    # images and a timing batch; with robust, the four attacks' arrays, the crafting's
+    # working copy and Square's
+    copies = 8 if opts.robust else 2
     if n * per_image * copies > budget:
         raise UsageError(
             f"--n {n} images of {list(image_shape)} need about {n * per_image * copies / gib:.1f} "
@@ -283,10 +309,29 @@ def run_bench(opts: BenchOptions, *, status: Callable[[str], None] | None = None
                 refuse_overwrite(out_dir, OUTPUTS, opts.overwrite)
             made = Leftovers(out_dir)  # the folders this run creates, removed when empty
             try:
-                return _run(opts, out_dir, say)
+                with _threads(opts.threads) as applied:
+                    return _run(opts, out_dir, say, applied)
             except BaseException:
                 made.remove()
                 raise
+
+
+@contextlib.contextmanager
+def _threads(n: int | None) -> Iterator[dict[str, Any]]:
+    """:func:`~advedge.export.runtime.threads.apply_threads` for the run, torch's own thread
+    count and the ONNX Runtime setting restored after it (a caller's process keeps its own)."""
+    try:
+        import torch
+
+        before: int | None = torch.get_num_threads()
+    except ImportError:
+        torch, before = None, None
+    try:
+        yield apply_threads(n)
+    finally:
+        reset_threads()
+        if torch is not None and before is not None:
+            torch.set_num_threads(before)
 
 
 @dataclass
@@ -294,6 +339,7 @@ class _Plan:
     """What the checks found: the test images, the artifacts, the transfer sets to use or
     craft."""
 
+    test: Any  # the ImageArrays the attacks read (uint8, as advedge eval reads them)
     x: np.ndarray
     y: np.ndarray
     num_classes: int
@@ -302,19 +348,20 @@ class _Plan:
     to_craft: dict[bool, Path] = field(default_factory=dict)
 
 
-def _test_images(opts: BenchOptions) -> tuple[np.ndarray, np.ndarray, int]:
-    """The ``n`` test images (float32 NCHW in [0, 1], in a seeded order), labels, class count."""
-    from advedge.data import load_dataset, stratified_subset
+def _test_images(opts: BenchOptions) -> tuple[Any, np.ndarray, np.ndarray, int]:
+    """The first ``n`` test images in their official order, as ``advedge eval --n`` takes them:
+    the split's subset, the images as float32 NCHW in [0, 1], the labels and the class count."""
+    from advedge.data import load_dataset
 
     try:
         ds = load_dataset(opts.data, download=False)
     except DataError as exc:
         raise DataError(exc.message, "pass --data DIR with a test split") from None
-    test = stratified_subset(ds.test, opts.n, opts.seed)
-    _check_memory(opts, test.x.shape[1:], len(test))
-    test = test.subset(np.random.default_rng(opts.seed).permutation(len(test)))
+    n = min(opts.n, len(ds.test))
+    _check_memory(opts, ds.test.x.shape[1:], n)
+    test = ds.test.subset(np.arange(n))
     x = np.ascontiguousarray(test.x.transpose(0, 3, 1, 2).astype(np.float32) / 255.0)
-    return x, test.y.astype(np.int64), int(ds.num_classes)
+    return test, x, test.y.astype(np.int64), int(ds.num_classes)
 
 
 def _check(opts: BenchOptions, out_dir: Path | None) -> _Plan:
@@ -328,13 +375,13 @@ def _check(opts: BenchOptions, out_dir: Path | None) -> _Plan:
 
     if opts.robust and opts.transfer_set is None:
         source_of(False)  # --model exists and is a classifier checkpoint
-    x, y, num_classes = _test_images(opts)
+    test, x, y, num_classes = _test_images(opts)
     given = None
     if opts.robust and opts.transfer_set is not None:
         given = TransferSet.load(Path(opts.transfer_set), num_classes=num_classes)
         check_set_fits(given, x, y, opts)
 
-    plan = _Plan(x, y, num_classes, [_open(a, opts, x) for a in opts.artifacts])
+    plan = _Plan(test, x, y, num_classes, [_open(a, opts, x) for a in opts.artifacts])
     for art in plan.arts:  # before any batch runs on it
         _check_activations(art, x.shape[1:])
     for art in plan.arts:  # every artifact on every test image: shapes, classes, finite logits
@@ -384,30 +431,47 @@ def _plan_set(
         plan.to_craft[art.fused] = path
 
 
-def _run(opts: BenchOptions, out_dir: Path | None, say: Callable[[str], None]) -> dict[str, Any]:
+def _run(
+    opts: BenchOptions, out_dir: Path | None, say: Callable[[str], None], threads: dict[str, Any]
+) -> dict[str, Any]:
+    load_before = load_average()
     with held_logs():  # a refused run prints its error only, not the checks' progress
         plan = _check(opts, out_dir)
     x, y = plan.x, plan.y
     results = [_time(art, opts, x, say) for art in plan.arts]
+    unique_labels(results)
     for fused, path in plan.to_craft.items():
         # not a leftover: a set is complete once its atomic write finished, and it is costly;
         # a later failure (or Ctrl-C) keeps it for the next run, which checks it on load
-        craft_transfer_set(opts, x, y, fused, path, say)
+        craft_transfer_set(opts, plan.test, fused, path, say)
         plan.sets[fused] = TransferSet.load(path, num_classes=plan.num_classes)
     for art, entry in zip(plan.arts, results, strict=True):
         entry["clean_acc"] = float(art.clean_ok.mean())
+        entry["clean_acc_ci95"] = interval(art.clean_ok)
+        entry["clean_flags"] = flags_text(art.clean_ok)
         entry["n"] = len(y)
         if opts.robust:
-            entry["robust"] = _robust(opts, art, x, y, plan.sets[art.fused], say)
+            entry["robust"] = measure_robust(opts, art, x, y, plan.sets[art.fused], say)
+    given = next(iter(plan.sets.values())) if opts.transfer_set is not None else None
+    load = {"before": load_before, "after": load_average()}
+    busy = busy_warning(
+        load["before"], threads["threads"], threads["cpus_available"], after=load["after"]
+    )
     doc = {
         "schema": SCHEMA,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "environment": environment_manifest(),
         "settings": {k: v for k, v in vars(opts).items() if k != "artifacts"},
-        "data": {"path": str(opts.data), "split": "test", "n": len(y)},
+        "data": {"path": str(opts.data), "split": "test", "n": len(y), "order": "official"},
+        "threat_model": (
+            threat_model(opts, len(y), plan.num_classes, given) if opts.robust else None
+        ),
+        "threads": threads,
+        "load_average": load,
         "results": results,
-        "warnings": [
-            f"{r['name']} batch {lat['batch']}: {lat['warning']}"
+        "warnings": [busy] * (busy is not None)
+        + [
+            f"{r['label']} batch {lat['batch']}: {lat['warning']}"
             for r in results
             for lat in r["latency"]
             if lat.get("warning")
@@ -473,6 +537,8 @@ def _time(
     entry: dict[str, Any] = {
         "artifact": str(art.path),
         "name": art.path.name,
+        "label": artifact_label(info, art.path.stem),
+        "model": getattr(info, "model", None),
         "backend": info.backend,
         "device": info.device,
         "precision": info.precision,
@@ -491,81 +557,6 @@ def _time(
             measure_latency(art.runner, x, b, warmup=opts.warmup, iters=opts.iters)
         )
     return entry
-
-
-def _robust(
-    opts: BenchOptions,
-    art: _Art,
-    x: np.ndarray,
-    y: np.ndarray,
-    tset: TransferSet,
-    say: Callable[[str], None],
-) -> dict[str, Any]:
-    """The transfer attacks' and the query attack's accuracy on the artifact, and the per-example
-    worst case over them and the clean images."""
-    result, worst = _transfer_results(art, y, tset)
-    q = len(y) if opts.query_n is None else min(opts.query_n, len(y))
-    try:
-        __import__("torch")
-    except ImportError:
-        result["query"] = "skipped: the Square attack needs torch on this machine"
-        result["worst_case_acc"] = result["worst_case_transfer_acc"]
-        result["worst_case_n"] = len(y)
-        return result
-    say(f"{art.path.name}: Square ({opts.n_queries} queries) on the artifact itself, {q} images")
-    t0 = time.perf_counter()
-    ok_q = query_attack(
-        art.feed, x[:q], y[:q], eps=opts.eps, n_queries=opts.n_queries, seed=opts.seed
-    )
-    result["attacks"].append(
-        {
-            "name": "square",
-            "kind": "query",
-            "n_queries": opts.n_queries,
-            "n": q,
-            "robust_acc": float(ok_q.mean()),
-            "seconds": round(time.perf_counter() - t0, 1),
-        }
-    )
-    # the headline: per example, over clean, every transfer attack and the query attack
-    result["worst_case_acc"] = float((worst[:q] & ok_q).mean())
-    result["worst_case_n"] = q
-    return result
-
-
-def _transfer_results(
-    art: _Art, y: np.ndarray, tset: TransferSet
-) -> tuple[dict[str, Any], np.ndarray]:
-    """Each transfer attack's accuracy, and per example whether it survived clean and all."""
-    source, tmeta = art.source, tset.meta
-    attacks: list[dict[str, Any]] = []
-    worst = art.clean_ok.copy()
-    # crafted on this very FP32 PyTorch model, the "transfer" set is a white-box attack on it
-    white_box = art.info.gradients and source == tmeta.get("source_sha256")
-    for name, adv in tset.advs.items():
-        ok = art.feed.predict(adv) == y
-        worst &= ok
-        attacks.append(
-            {
-                "name": name,
-                "kind": "white-box" if white_box else "transfer",
-                "crafted_on": "fp32 pytorch",
-                "n": len(y),
-                "unperturbed": tmeta["unperturbed"][name],
-                "robust_acc": float(ok.mean()),
-            }
-        )
-    result: dict[str, Any] = {
-        "source_sha256": source,
-        "white_box": white_box,
-        "transfer_set": {
-            "path": None if tset.path is None else str(tset.path),
-            "sha256": tmeta["sha256"],
-        },
-        "attacks": attacks,
-        "worst_case_transfer_acc": float(worst.mean()),
-    }
-    return result, worst
 
 
 def _csv(results: list[dict[str, Any]]) -> str:

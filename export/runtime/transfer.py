@@ -2,11 +2,15 @@
 PyTorch model an artifact came from, stored so that a device without torch evaluates the same set.
 
 A set is an npz archive (no pickles) with the clean images ``x``, the labels ``y``, one array
-``adv_<attack>`` per attack (PGD-20 and APGD-CE, float32 as the attacks made them), a JSON
-``meta`` (schema, source checkpoint sha256, eps, norm, n) and the sha256 of its arrays. Every
-place that reads a set goes through :func:`load_transfer_set`: its sha256, then what it holds
-(:func:`validate_transfer_set`). Sets crafted into ``--out`` are named by their source model,
-eps, seed and images (:func:`transfer_path`) and reused by the next run that matches.
+``adv_<attack>`` per attack (float32 as the attacks made them; which attacks and how they are
+crafted: :mod:`~advedge.export.runtime.craft`), from version 2 the per-example worst case on the
+parent as scored when crafted (``source_survived``), a JSON ``meta`` (schema, source checkpoint
+sha256, eps, norm, n, the recipe and its attacks with their budgets) and the sha256 of its
+arrays. Every place that reads a set goes through :func:`load_transfer_set`: its sha256, then
+what it holds (:func:`validate_transfer_set`). Sets crafted into ``--out`` are named by their
+source model, recipe (attacks, budgets, seed, eps) and images (:func:`transfer_path`) and reused
+by the next run that matches. Version 1 sets (PGD-20 and APGD-CE, no ``source_survived``) are
+still read when given as ``--transfer-set``; a cached one is never reused.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+from advedge.export.runtime.craft import Recipe, craft_examples
 
 from advedge.errors import AdvedgeError, ExportError, UsageError
 from advedge.utils import atomic_write_bytes, sha256_file
@@ -39,7 +44,9 @@ __all__ = [
     "validate_transfer_set",
 ]
 
-TRANSFER_SCHEMA = "advedge.transfer-set/1"
+TRANSFER_SCHEMA = "advedge.transfer-set/2"
+#: Every version :func:`load_transfer_set` reads.
+READABLE_SCHEMAS = ("advedge.transfer-set/1", TRANSFER_SCHEMA)
 # Transfer sets hold the attacks' float32 images as they came out (never rounded to uint8), so
 # the eps-ball check allows float rounding only.
 TRANSFER_TOL = 1e-6
@@ -52,6 +59,13 @@ class SetOptions(Protocol):
     purifier: str | None  # the purifier, for fused artifacts
     eps: float
     seed: int
+    n_iter: int  # APGD's iterations
+    n_queries: int  # Square's queries
+
+
+def recipe_of(opts: SetOptions) -> Recipe:
+    """The crafting recipe these options ask for."""
+    return Recipe(eps=opts.eps, seed=opts.seed, n_iter=opts.n_iter, n_queries=opts.n_queries)
 
 
 def array_sha(*arrays: np.ndarray) -> str:
@@ -63,17 +77,25 @@ def array_sha(*arrays: np.ndarray) -> str:
 
 
 def save_transfer_set(
-    path: Path, x: np.ndarray, y: np.ndarray, advs: dict[str, np.ndarray], meta: dict[str, Any]
+    path: Path,
+    x: np.ndarray,
+    y: np.ndarray,
+    advs: dict[str, np.ndarray],
+    meta: dict[str, Any],
+    survived: np.ndarray | None = None,
 ) -> str:
-    """npz (no pickles) with the clean images, labels, one array per attack and a sha256."""
-    names = sorted(advs)
-    sha = array_sha(x, y, *(advs[k] for k in names))
+    """npz (no pickles) with the clean images, labels, one array per attack (in the order they
+    ran), the parent's per-example worst case when given, and a sha256 of them all."""
+    names = list(advs)
+    extra = {} if survived is None else {"source_survived": np.asarray(survived, dtype=bool)}
+    sha = array_sha(x, y, *(advs[k] for k in sorted(names)), *extra.values())
     buf = io.BytesIO()
     np.savez(
         buf,
         x=x,
         y=y,
         **{f"adv_{k}": advs[k] for k in names},
+        **extra,
         meta=np.array(json.dumps({**meta, "attacks": names})),
         sha256=np.array(sha),
     )
@@ -93,8 +115,9 @@ def load_transfer_set(
     (:func:`validate_transfer_set`): every place that reads a set goes through here.
 
     Returns:
-        ``(x, y, advs, meta)``; ``meta`` gains ``sha256`` and ``unperturbed`` (per attack, the
-        images it left equal to the clean ones).
+        ``(x, y, advs, meta)``; ``advs`` in the order the attacks ran; ``meta`` gains ``sha256``,
+        ``unperturbed`` (per attack, the images it left equal to the clean ones) and
+        ``source_survived`` (a version 2 set's ``[n]`` bool array, else None).
 
     Raises:
         ExportError: a missing, unreadable, tampered (sha256 mismatch) or invalid set.
@@ -128,18 +151,26 @@ def load_transfer_set(
                 raise ExportError(f"transfer set {p} lacks {', '.join(missing)}")
             x, y = z["x"], z["y"]
             advs = {a: z[f"adv_{a}"] for a in attacks}
+            survived = z["source_survived"] if "source_survived" in z.files else None
             stored = str(z["sha256"])
     except AdvedgeError:
         raise
     except Exception as exc:  # a truncated zip, not a zip, pickled or malformed arrays
         raise ExportError(f"unreadable transfer set {p}: {_first_line(exc)}") from None
-    for a in (x, y, *advs.values()):
+    extra = () if survived is None else (survived,)
+    for a in (x, y, *advs.values(), *extra):
         if a.dtype.hasobject or a.dtype.kind not in "biuf":
             raise ExportError(f"transfer set {p} holds {a.dtype} arrays, not images and labels")
-    if array_sha(x, y, *(advs[k] for k in sorted(advs))) != stored:
+    if array_sha(x, y, *(advs[k] for k in sorted(advs)), *extra) != stored:
         raise ExportError(f"transfer set {p} does not match its sha256 (modified or corrupt)")
     unperturbed = validate_transfer_set(x, y, advs, meta, where=p, num_classes=num_classes)
-    return x, y, advs, {**meta, "sha256": stored, "unperturbed": unperturbed}
+    if survived is not None and (survived.dtype != np.bool_ or survived.shape != y.shape):
+        raise ExportError(
+            f"transfer set {p}: source_survived is {survived.dtype} {list(survived.shape)}, "
+            f"not bool [{len(y)}]"
+        )
+    meta = {**meta, "sha256": stored, "unperturbed": unperturbed}
+    return x, y, advs, {**meta, "source_survived": survived}
 
 
 def _image_problem(name: str, images: np.ndarray, x: np.ndarray) -> str | None:
@@ -195,7 +226,7 @@ def validate_transfer_set(
             "craft it again with advedge bench --robust --model",
         )
 
-    if meta.get("schema") != TRANSFER_SCHEMA:
+    if meta.get("schema") not in READABLE_SCHEMAS:
         raise bad(f"schema {meta.get('schema')!r}, not {TRANSFER_SCHEMA}")
     norm = str(meta.get("norm", "linf")).lower()
     if norm != "linf":
@@ -270,25 +301,33 @@ def model_source(opts: SetOptions, fused: bool) -> tuple[Any, Path, Path | None]
 
 
 def transfer_path(out_dir: Path, source: Any, opts: SetOptions, x: np.ndarray) -> Path:
-    """The cache file of a set: named by its source model, eps, seed and images."""
-    key = {"source": source, "eps": opts.eps, "seed": opts.seed, "images": array_sha(x)}
+    """The cache file of a set: named by its source model, recipe (attacks, budgets, eps, seed)
+    and images."""
+    key = {"source": source, **recipe_of(opts).key(), "images": array_sha(x)}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     return out_dir / f"transfer-{digest}-n{len(x)}.npz"
 
 
 def craft_transfer_set(
     opts: SetOptions,
-    x: np.ndarray,
-    y: np.ndarray,
+    test: Any,
     fused: bool,
     path: Path,
     say: Callable[[str], None],
 ) -> tuple[Path, dict[str, Any]]:
-    """PGD-20 and APGD-CE on the FP32 PyTorch model (or purifier + model), saved at ``path``."""
-    torch = __import__("torch")
-    from advedge.attacks import PGD
-    from advedge.attacks.apgd import APGD
+    """The recipe of :mod:`~advedge.export.runtime.craft` on the FP32 PyTorch model (or
+    purifier + model), saved at ``path``.
+
+    Args:
+        opts: The bench options (the checkpoints, eps, seed and budgets).
+        test: The test images, an :class:`~advedge.data.ImageArrays` as eval reads them.
+        fused: Craft on the purifier + classifier end to end.
+        path: Where the set goes.
+        say: Where progress goes.
+    """
     from advedge.checkpoint import load_model
+    from advedge.data import to_tensor
+    from advedge.utils import seed_everything
 
     source, ckpt, pfile = model_source(opts, fused)
     model = load_model(ckpt)
@@ -299,30 +338,25 @@ def craft_transfer_set(
         model = Purified(load_purifier(pfile), model).eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    gen = torch.Generator().manual_seed(opts.seed)
-    attacks = {
-        "pgd20": PGD(model, eps=opts.eps, steps=20, generator=gen),
-        "apgd-ce": APGD(model, eps=opts.eps, n_iter=50, loss="ce", seed=opts.seed),
-    }
-    advs = {}
-    for name, attack in attacks.items():
-        say(f"crafting the transfer set: {name} on the FP32 PyTorch model ({len(y)} images)")
-        parts = []
-        for i in range(0, len(y), 128):
-            xb, yb = torch.from_numpy(x[i : i + 128]), torch.from_numpy(y[i : i + 128])
-            parts.append(attack(xb, yb).detach().numpy().astype(np.float32))
-        advs[name] = np.concatenate(parts)
+    recipe = recipe_of(opts)
+    seed_everything(recipe.seed)  # as advedge eval does before its attacks
+    advs, survived, _ = craft_examples(model, test, recipe, say)
+    num_classes = len(test.class_names) or int(test.y.max()) + 1
     meta = {
         "schema": TRANSFER_SCHEMA,
         "source_sha256": source,
         "fused": fused,
         "eps": opts.eps,
         "norm": "linf",
-        "n": len(y),
+        "n": len(test),
+        "num_classes": num_classes,
         "crafted_on": "fp32 pytorch",
+        "recipe": recipe.key(),
+        "budgets": {a["name"]: a["budget"] for a in recipe.attacks(num_classes)},
     }
-    sha = save_transfer_set(path, x, y, advs, meta)
-    return path, {**meta, "attacks": sorted(advs), "sha256": sha}
+    x = to_tensor(test.x).numpy()
+    sha = save_transfer_set(path, x, test.y.astype(np.int64), advs, meta, survived)
+    return path, {**meta, "attacks": list(advs), "sha256": sha}
 
 
 @dataclass
@@ -334,11 +368,16 @@ class TransferSet:
     y: np.ndarray
     advs: dict[str, np.ndarray]
     meta: dict[str, Any]
+    #: ``[n]`` bool: correct clean and unbroken by every attack on the parent, as scored when
+    #: crafted (version 2 sets; None for version 1).
+    survived: np.ndarray | None = None
 
     @classmethod
     def load(cls, path: Path, *, num_classes: int | None = None) -> TransferSet:
         """:func:`load_transfer_set`, kept with its path."""
-        return cls(path, *load_transfer_set(path, num_classes=num_classes))
+        x, y, advs, meta = load_transfer_set(path, num_classes=num_classes)
+        survived = meta.pop("source_survived", None)
+        return cls(path, x, y, advs, meta, survived)
 
 
 def check_set_fits(tset: TransferSet, x: np.ndarray, y: np.ndarray, opts: SetOptions) -> None:
@@ -376,7 +415,7 @@ def cached_set(
     if not path.is_file():
         return None
     tset = TransferSet.load(path, num_classes=num_classes)
-    if tset.meta.get("source_sha256") != source:
+    if tset.meta.get("source_sha256") != source or tset.meta.get("recipe") != recipe_of(opts).key():
         return None
     try:
         check_set_fits(tset, x, y, opts)

@@ -23,7 +23,13 @@ def _bench(artifact: object, data: object, **options: object) -> int:
 
 def _robust(model: object, query_n: int, n_queries: int) -> dict[str, object]:
     """The --robust flags: sets crafted on ``model``, Square on ``query_n`` images."""
-    return {"robust": True, "model": str(model), "query_n": query_n, "n_queries": n_queries}
+    return {
+        "robust": True,
+        "model": str(model),
+        "query_n": query_n,
+        "n_queries": n_queries,
+        "n_iter": 2,  # APGD's iterations: tiny, the report is under test
+    }
 
 
 @pytest.fixture(scope="module")

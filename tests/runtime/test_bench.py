@@ -38,9 +38,16 @@ def _bench_json(capsys: pytest.CaptureFixture[str], *args: object, **options: ob
     return json.loads(captured.out)
 
 
-def _robust(model: object, query_n: int, n_queries: int) -> dict[str, object]:
-    """The --robust flags: sets crafted on ``model``, Square on ``query_n`` images."""
-    return {"robust": True, "model": str(model), "query_n": query_n, "n_queries": n_queries}
+def _robust(model: object, query_n: int, n_queries: int, n_iter: int = 3) -> dict[str, object]:
+    """The --robust flags: sets crafted on ``model`` (APGD with ``n_iter`` iterations), Square
+    with ``n_queries`` on ``query_n`` images."""
+    return {
+        "robust": True,
+        "model": str(model),
+        "query_n": query_n,
+        "n_queries": n_queries,
+        "n_iter": n_iter,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +130,7 @@ def test_bench_cli_latency_accuracy_files(arts, tiny_npz_data, tmp_path, capsys)
         n="32",
         out=str(out),
     )
-    assert doc["schema"] == "advedge.bench/1" and doc["environment"]["cpu"]
+    assert doc["schema"] == "advedge.bench/2" and doc["environment"]["cpu"]
     onnx_r, torch_r = doc["results"]
     assert onnx_r["backend"] == "onnxruntime" and torch_r["backend"] == "torch"
     assert onnx_r["clean_acc"] == torch_r["clean_acc"]  # the same model, run two ways
@@ -152,18 +159,47 @@ def test_bench_robust_transfer_query_and_worst_case(arts, tiny_npz_data, tmp_pat
     r = doc["results"][0]
     rob = r["robust"]
     kinds = {a["name"]: a["kind"] for a in rob["attacks"]}
-    assert kinds == {"pgd20": "transfer", "apgd-ce": "transfer", "square": "query"}
-    square = next(a for a in rob["attacks"] if a["name"] == "square")
-    assert square["n"] == 12 and rob["worst_case_n"] == 12
-    assert rob["worst_case_acc"] <= square["robust_acc"]  # per example over the query subset
-    assert rob["worst_case_transfer_acc"] <= r["clean_acc"]
+    # eval --suite standard's attacks and CW, crafted on the FP32 parent; Square on the artifact
+    assert kinds == {
+        "apgd-ce": "transfer",
+        "apgd-t": "transfer",
+        "square": "transfer",
+        "cw": "transfer",
+        "square-query": "query",
+    }
+    assert [a["name"] for a in rob["attacks"]][:3] == ["apgd-ce", "apgd-t", "square"]  # as run
+    square = next(a for a in rob["attacks"] if a["name"] == "square-query")
+    assert square["n"] == 12 and rob["worst_case_n"] == 12 and square["budget"] == "30 queries"
+    assert rob["worst_case_acc"] == square["robust_acc"]  # cumulative: after everything
+    assert rob["worst_case_acc"] <= rob["worst_case_transfer_acc"] <= r["clean_acc"]
     assert rob["worst_case_transfer_acc"] <= min(
         a["robust_acc"] for a in rob["attacks"] if a["kind"] == "transfer"
     )
+    # every accuracy with its 95% Wilson interval around it, and the flags behind them
+    for acc, ci in [
+        (r["clean_acc"], r["clean_acc_ci95"]),
+        (rob["worst_case_acc"], rob["worst_case_acc_ci95"]),
+        *((a["robust_acc"], a["robust_acc_ci95"]) for a in rob["attacks"]),
+    ]:
+        assert ci[0] <= acc <= ci[1] and ci[1] - ci[0] > 0.05
+    assert len(r["clean_flags"]) == 24 and r["clean_flags"].count("1") / 24 == r["clean_acc"]
+    assert rob["worst_case_flags"].count("1") / 12 == rob["worst_case_acc"]
+    assert all(a <= b for a, b in zip(rob["worst_case_flags"], r["clean_flags"], strict=False))
+    tm = doc["threat_model"]
+    assert tm["eps_text"] == "8/255" and tm["n"] == 24 and tm["query_n"] == 12
+    assert [a["name"] for a in tm["transfer"]] == ["apgd-ce", "apgd-t", "square", "cw"]
+    assert "apgd-t (9 target classes x 3 iterations)" in tm["summary"], tm["summary"]
     (tset,) = out.glob("transfer-*.npz")
-    x, _, advs, meta = load_transfer_set(tset)
-    assert set(advs) == {"pgd20", "apgd-ce"} and meta["n"] == 24
-    assert np.abs(advs["pgd20"] - x).max() <= 8 / 255 + 1e-6
+    x, y, advs, meta = load_transfer_set(tset)
+    assert list(advs) == ["apgd-ce", "apgd-t", "square", "cw"] and meta["n"] == 24
+    assert meta["schema"] == "advedge.transfer-set/2" and meta["recipe"]["n_iter"] == 3
+    survived = meta["source_survived"]
+    assert survived.dtype == bool and survived.shape == (24,)
+    for adv in advs.values():
+        assert np.abs(adv - x).max() <= 8 / 255 + 1e-6
+    # the first 24 test images in their official order, as advedge eval --n 24 takes them
+    with np.load(tiny_npz_data / "test.npz") as z:
+        np.testing.assert_array_equal(y, z["y"][:24])
     # the same set evaluated without crafting (as on a device without torch)
     again = _bench_json(
         capsys,
@@ -204,7 +240,7 @@ def test_bench_refuses_a_transfer_set_of_another_model_or_tampered(
     assert rc == 1 and "crafted on another model" in err
     with np.load(tset) as z:
         data = {k: z[k] for k in z.files}
-    data["adv_pgd20"] = np.clip(data["adv_pgd20"] + 0.01, 0, 1)
+    data["adv_cw"] = np.clip(data["adv_cw"] + 0.01, 0, 1)
     np.savez(tmp_path / "tampered.npz", **data)
     rc = _bench(
         arts["onnx_a"],
@@ -345,6 +381,7 @@ def test_purifier_run_is_the_white_box_parent_of_fused_artifacts(
         model=str(arts["run_a"]),
         purifier=str(pur),
         n_queries="3",
+        n_iter="2",
         out=str(bench),
     )
     assert rc == 0, capsys.readouterr().err

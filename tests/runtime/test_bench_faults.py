@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 import pytest
 from advedge.export.runtime import bench as bench_mod
+from advedge.export.runtime import robust as robust_mod
 from advedge.export.runtime.base import RunnerInfo
 from advedge.export.runtime.bench import BenchOptions
 from advedge.export.runtime.transfer import load_transfer_set, save_transfer_set
@@ -119,8 +120,9 @@ def _bench_args(artifact: Path, data: Path, out: Path | None = None, **kw: objec
 
 
 def _robust(model: object) -> dict[str, object]:
-    """The --robust flags: sets crafted on ``model``, a two-query Square on two images."""
-    return {"robust": True, "model": str(model), "query_n": "2", "n_queries": "2"}
+    """The --robust flags: sets crafted on ``model`` with two APGD iterations, a two-query
+    Square on two images."""
+    return {"robust": True, "model": str(model), "query_n": "2", "n_queries": "2", "n_iter": "2"}
 
 
 def _bench_json(
@@ -174,7 +176,7 @@ def no_work(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     monkeypatch.setattr(bench_mod, "measure_latency", refuse("timing"))
     monkeypatch.setattr(bench_mod, "craft_transfer_set", refuse("crafting"))
-    monkeypatch.setattr(bench_mod, "query_attack", refuse("query"))
+    monkeypatch.setattr(robust_mod, "query_attack", refuse("query"))
     return calls
 
 
@@ -252,7 +254,7 @@ def test_bench_refuses_to_overwrite_bench_json_without_overwrite(
     assert rc == 1 and "bench.json" in line and "--overwrite" in line
     assert (out / "bench.json").read_text() == "earlier\n"
     assert main(_bench_args(linear["ok"], tiny_npz_data, out, overwrite=True)) == 0
-    assert json.loads((out / "bench.json").read_text())["schema"] == "advedge.bench/1"
+    assert json.loads((out / "bench.json").read_text())["schema"] == "advedge.bench/2"
 
 
 def test_report_refuses_to_overwrite_report_md_without_overwrite(tmp_path, capsys):
@@ -376,7 +378,7 @@ def _variant(genuine: Path, tmp_path: Path, kind: str) -> Path:
     with np.load(src) as z:
         arrays = {k: z[k] for k in z.files}
     if kind == "sha256 mismatch":  # edited, hash left as it was
-        arrays["adv_pgd20"] = np.clip(arrays["adv_pgd20"] + 0.01, 0, 1)
+        arrays["adv_cw"] = np.clip(arrays["adv_cw"] + 0.01, 0, 1)
         np.savez(dst, **arrays)
         return dst
     if kind == "wrong keys":
@@ -387,11 +389,11 @@ def _variant(genuine: Path, tmp_path: Path, kind: str) -> Path:
     x, y = arrays["x"], arrays["y"]
     advs = {a: arrays[f"adv_{a}"] for a in meta["attacks"]}
     if kind == "wrong shapes":
-        advs["pgd20"] = advs["pgd20"][:, :, :16, :16].copy()
+        advs["cw"] = advs["cw"][:, :, :16, :16].copy()
     elif kind == "wrong dtype":
         advs = {a: v.astype(np.float64) for a, v in advs.items()}
     elif kind == "nan":
-        advs["pgd20"][3, 0, 0, 0] = np.nan
+        advs["cw"][3, 0, 0, 0] = np.nan
     elif kind == "labels out of range":
         y = y.copy()
         y[0] = 10
@@ -400,7 +402,7 @@ def _variant(genuine: Path, tmp_path: Path, kind: str) -> Path:
     elif kind == "outside eps":
         advs["apgd-ce"] = np.clip(x + 0.1, 0, 1).astype(np.float32)
     elif kind == "scaled x300":
-        advs["pgd20"] = (advs["pgd20"] * 300).astype(np.float32)
+        advs["cw"] = (advs["cw"] * 300).astype(np.float32)
     else:
         raise AssertionError(kind)
     save_transfer_set(dst, x, y, advs, meta)  # a recomputed sha256
@@ -414,11 +416,11 @@ BAD_SETS = [
     ("sha256 mismatch", "does not match its sha256"),
     ("wrong shapes", "not float32 [16, 3, 32, 32]"),
     ("wrong dtype", "float64"),
-    ("nan", "1 of 16 pgd20 images hold NaN or inf"),
+    ("nan", "1 of 16 cw images hold NaN or inf"),
     ("labels out of range", "1 of 16 labels lie outside [0, 10)"),
     ("equal to clean", "every adversarial image equals its clean image"),
     ("outside eps", "16 of 16 apgd-ce images lie outside the eps ball"),
-    ("scaled x300", "pgd20 images leave the pixel range [0, 1]"),
+    ("scaled x300", "cw images leave the pixel range [0, 1]"),
 ]
 
 
@@ -513,12 +515,12 @@ def test_bad_robust_options_leave_no_transfer_set(
 def test_a_failure_after_crafting_keeps_the_transfer_set_for_the_next_run(
     arts, tiny_npz_data, tmp_path, capsys, monkeypatch, failure
 ):
-    real_query = bench_mod.query_attack
+    real_measure = bench_mod.measure_robust
 
     def broken(*args: object, **kwargs: object) -> None:
         raise failure
 
-    monkeypatch.setattr(bench_mod, "query_attack", broken)
+    monkeypatch.setattr(bench_mod, "measure_robust", broken)  # the attacks on the artifact
     out = tmp_path / "deep" / "out"
     args = _bench_args(
         arts["onnx"],
@@ -540,7 +542,7 @@ def test_a_failure_after_crafting_keeps_the_transfer_set_for_the_next_run(
         raise AssertionError("the transfer set was crafted again")
 
     monkeypatch.setattr(bench_mod, "craft_transfer_set", no_crafting)
-    monkeypatch.setattr(bench_mod, "query_attack", real_query)
+    monkeypatch.setattr(bench_mod, "measure_robust", real_measure)
     assert main(args) == 0, capsys.readouterr().err
     assert sha256_file(tset) == sha
     doc = json.loads((out / "bench.json").read_text())
@@ -610,7 +612,7 @@ def test_bench_overwrite_replaces_csv_and_json_together_or_not_at_all(
     assert _files(out) == before  # the earlier pair, whole; no temporary left
     monkeypatch.undo()
     assert main(_bench_args(linear["ok"], tiny_npz_data, out, overwrite=True)) == 0
-    assert json.loads((out / "bench.json").read_text())["schema"] == "advedge.bench/1"
+    assert json.loads((out / "bench.json").read_text())["schema"] == "advedge.bench/2"
     assert (out / "bench.csv").read_text().startswith("artifact,")
     assert sorted(_files(out)) == ["bench.csv", "bench.json"]
 
