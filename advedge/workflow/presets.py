@@ -36,7 +36,8 @@ class Preset:
     bench_warmup: int = 10
     bench_iters: int = 50
     query_n: int | None = None  # the Square attack on all bench_n images
-    n_queries: int = 300
+    n_queries: int = 5000  # Square's budget (AutoAttack's), on the parent and on each artifact
+    n_iter: int = 100  # APGD's iterations in bench's transfer set (eval --suite standard's)
     seed: int = 0
     device: str = "auto"
 
@@ -63,7 +64,6 @@ PRESETS: dict[str, Preset] = {
         bench_batch_sizes=[1, 8, 32, 128],
         bench_warmup=50,
         bench_iters=500,
-        n_queries=5000,
     ),
 }
 
@@ -124,6 +124,7 @@ def check_preset(p: Preset) -> None:
         "bench_warmup": 10**6,
         "bench_iters": 10**6,
         "n_queries": 10**6,
+        "n_iter": 10_000,
     }
     for key, high in bounds.items():
         value = getattr(p, key)

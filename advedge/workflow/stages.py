@@ -41,6 +41,8 @@ class Stage:
 
 
 def stage_configs(p: Preset, data: str) -> dict[str, dict[str, Any]]:
+    from advedge.export.runtime.bench import SCHEMA as BENCH_SCHEMA
+
     common = {"eps": p.eps, "seed": p.seed, "subset": p.subset, "batch_size": p.batch_size}
     return {
         "teacher": {
@@ -74,7 +76,9 @@ def stage_configs(p: Preset, data: str) -> dict[str, dict[str, Any]]:
             "iters": p.bench_iters,
             "query_n": p.query_n,
             "n_queries": p.n_queries,
+            "n_iter": p.n_iter,
             "eps": p.eps,
+            "schema": BENCH_SCHEMA,  # a bench that measures differently redoes the stage
         },
         "report": {},
     }
@@ -239,6 +243,7 @@ def _bench_options(root: Path, p: Preset, data: str, artifacts: list[str]) -> An
         n=p.bench_n,
         query_n=p.query_n,
         n_queries=p.n_queries,
+        n_iter=p.n_iter,
         eps=p.eps,
         model=str(root / "student"),
         purifier=str(root / "purifier"),

@@ -35,6 +35,7 @@ TINY = {
     "bench_iters": 2,
     "query_n": 4,
     "n_queries": 4,
+    "n_iter": 2,
     "device": "cpu",
 }
 
