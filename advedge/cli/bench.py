@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from advedge.cli.options import JsonOpt, int_list, params
+from advedge.cli.options import JsonOpt, choices, int_list, params
 from advedge.cli.output import Output
 
 __all__ = ["bench_cmd", "report_cmd"]
@@ -68,7 +68,7 @@ def bench_cmd(  # long: one parameter for each of its 21 options; the body is sh
     ] = None,
     backend: Annotated[
         str,
-        typer.Option(help="auto (by file type), {backends}."),
+        typer.Option(metavar=choices("auto", "{backends}"), help="auto: by the file type."),
     ] = "auto",
     threads: Annotated[
         int | None,

@@ -421,7 +421,7 @@ class _Evaluation:
             state.save(force=True)
         entry = self._entry(attack, rec, base, not_broken, running)
         self.progress.on_attack_end(attack.name, entry)
-        logger.info("%s: robust accuracy %.4f", attack.name, entry["robust_acc"])
+        logger.info("%s: robust accuracy %.1f%%", attack.name, 100 * entry["robust_acc"])
         return not_broken, entry
 
     def _attack_batches(

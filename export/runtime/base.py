@@ -292,5 +292,15 @@ def open_runner(
     name = _default_backend(kind) if backend == "auto" else backend
     entry = BACKENDS.get(name)
     if entry.artifact != kind:
-        raise UsageError(f"backend {name} cannot run {p.name} (a {kind})")
+        what = {
+            "engine": "a TensorRT engine",
+            "onnx": "an ONNX model",
+            "checkpoint": "a checkpoint",
+        }
+        runs = {"engine": "engines", "onnx": "ONNX models", "checkpoint": "checkpoints"}
+        fits = [n for n, b in BACKENDS.items() if b.artifact == kind]
+        raise UsageError(
+            f"backend {name} runs {runs[entry.artifact]}, and {p.name} is {what[kind]}",
+            "choose " + ", ".join(["auto", *fits]),
+        )
     return entry.open(p, name, device=device, threads=threads)

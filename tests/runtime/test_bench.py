@@ -67,8 +67,10 @@ def test_artifact_kind_and_backend_choice(arts, tmp_path):
     (tmp_path / "m.pt").write_bytes(b"x")
     with pytest.raises(ExportError, match=r"unknown artifact type \.pt"):
         artifact_kind(tmp_path / "m.pt")
-    with pytest.raises(UsageError, match="cannot run"):
+    with pytest.raises(UsageError) as err:
         open_runner(arts["onnx_a"], backend="torch")
+    assert "backend torch runs checkpoints, and a.fp32.onnx is an ONNX model" in str(err.value)
+    assert "onnxruntime" in err.value.hint and "torch" not in err.value.hint
     with pytest.raises(MissingDependencyError, match="CUDAExecutionProvider"):
         open_runner(arts["onnx_a"], backend="onnxruntime-cuda")
     with pytest.raises(MissingDependencyError, match="CUDA graphs"):
