@@ -60,14 +60,13 @@ def _headline_table(rows: list[dict[str, Any]]) -> Table:
         title="headline: robust % is the worst case over the bench's attacks",
         caption=f"p50 at batch {', '.join(map(str, batches))}" if batches else None,
     )
-    table.add_column("artifact", no_wrap=True)
-    for header in ("backend", "clean %", "robust %", "p50 ms"):
-        table.add_column(header, justify="left" if header == "backend" else "right")
+    table.add_column("artifact (model, precision, backend)", no_wrap=True)
+    for header in ("clean %", "robust %", "p50 ms"):
+        table.add_column(header, justify="right")
     for row in rows:
         p50 = row["p50_ms"]
         table.add_row(
             str(row["name"]),
-            str(row["backend"] or ""),
             percent(row["clean_acc"]),
             percent(row["worst_case_acc"]),
             "" if p50 is None else f"{p50:.3g}",

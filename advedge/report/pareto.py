@@ -106,18 +106,26 @@ def _fit_x(ax: Any, lo: float, hi: float) -> None:
     ax.xaxis.set_minor_locator(NullLocator())
 
 
+#: The smallest gap between two tick labels, as a fraction of the axis' width.
+_TICK_GAP = 0.15
+
+
 def log_ticks(lo: float, hi: float) -> list[float]:
     """Ticks for a log axis over ``[lo / 1.6, hi * 1.6]``: 1, 2 and 5 times the powers of ten
     (only the powers when that gives more than 8), and ``lo`` and ``hi`` themselves (to three
-    digits) when fewer than two fall inside."""
+    digits) when fewer than two fall inside, each only where no other tick lies within 15% of
+    the axis' width (their labels would overlap)."""
     a, b = lo / _MARGIN, hi * _MARGIN
     powers = range(math.floor(math.log10(a)), math.ceil(math.log10(b)) + 1)
     ticks = [m * 10.0**k for k in powers for m in (1, 2, 5) if a <= m * 10.0**k <= b]
     if len(ticks) > 8:
         ticks = [t for t in ticks if math.isclose(t, 10 ** round(math.log10(t)))]
     if len(ticks) < 2:
-        ticks = sorted({*ticks, float(f"{lo:.3g}"), float(f"{hi:.3g}")})
-    return ticks
+        for v in (float(f"{lo:.3g}"), float(f"{hi:.3g}")):
+            # a label beside a nearby tick would print over it ("2" and "2.13" read "22.13")
+            if all(abs(math.log10(v / t)) > _TICK_GAP * math.log10(b / a) for t in ticks):
+                ticks.append(v)
+    return sorted(ticks)
 
 
 def _draw(ax: Any, pts: list[dict[str, Any]], metric: str, colours: _Colours) -> None:

@@ -99,7 +99,7 @@ def headline(summary: dict[str, Any]) -> dict[str, Any]:
         summary: What :func:`run_pipeline` returned.
 
     Returns:
-        ``{"rows": [{"name", "backend", "precision", "clean_acc", "worst_case_acc",
+        ``{"rows": [{"name" (the artifact's label), "backend", "precision", "clean_acc", "worst_case_acc",
         "batch", "p50_ms"}, ...], "warnings": [...]}``; accuracies are fractions, and a figure
         the bench did not measure is None.
     """
@@ -111,7 +111,7 @@ def headline(summary: dict[str, Any]) -> dict[str, Any]:
         first = min(timed, key=lambda lat: lat["batch"]) if timed else {}
         rows.append(
             {
-                "name": result.get("name"),
+                "name": result.get("label") or result.get("name"),
                 "backend": result.get("backend"),
                 "precision": result.get("precision"),
                 "clean_acc": result.get("clean_acc"),

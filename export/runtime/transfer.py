@@ -396,7 +396,7 @@ def check_set_fits(tset: TransferSet, x: np.ndarray, y: np.ndarray, opts: SetOpt
     if len(tset.y) != len(y) or not np.array_equal(tset.y, y) or not np.array_equal(tset.x, x):
         raise ExportError(
             f"the transfer set {name} holds other images than this run's test images",
-            "use the same --data, --n and --seed",
+            "use the same --data and --n (the first n test images)",
         )
 
 

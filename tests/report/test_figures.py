@@ -71,6 +71,8 @@ def test_an_outlier_breaks_the_latency_axis_instead_of_squashing_the_rest(twelve
     assert latency_ranges([0.0, 5.0]) == [(0.0, 5.0)]  # no log axis for 0 ms
     assert log_ticks(276.0, 276.0) == [200.0, 276.0]  # a lone point still gets two ticks
     assert log_ticks(0.1, 0.5) == [0.1, 0.2, 0.5]
+    # no label beside a tick it would print over ("2" and "2.13" read "22.13")
+    assert log_ticks(2.13, 2.13) == [2.0]
 
 
 def test_the_y_axis_is_fitted_to_the_interval_bars(twelve):

@@ -283,13 +283,14 @@ def test_the_pipeline_ends_with_the_headline_table_and_its_warnings(
     table = out[out.index("headline") :]
     assert "clean %" in table and "robust %" in table and "p50 ms" in table
     for result in bench["results"]:
-        row = next(line for line in table.splitlines() if f" {result['name']} " in line)
+        # one name per artifact: bench's label (model, precision, backend), as the report shows it
+        row = next(line for line in table.splitlines() if f" {result['label']} " in line)
         cells = [c.strip() for c in row.strip("│ ").split("│")]
-        assert cells[2] == f"{100 * result['clean_acc']:.1f}", row
-        assert cells[3] == f"{100 * result['robust']['worst_case_acc']:.1f}", row
+        assert cells[1] == f"{100 * result['clean_acc']:.1f}", row
+        assert cells[2] == f"{100 * result['robust']['worst_case_acc']:.1f}", row
         timed = [lat for lat in result["latency"] if "p50_ms" in lat]
         p50 = min(timed, key=lambda lat: lat["batch"])["p50_ms"]
-        assert cells[4] == f"{p50:.3g}", row
+        assert cells[3] == f"{p50:.3g}", row
     said = "".join(captured.err.split())  # rich wraps long lines, paths anywhere
     for warning in bench["warnings"]:
         assert "warning:" + "".join(warning.split()) in said
