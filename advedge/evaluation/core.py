@@ -421,7 +421,8 @@ class _Evaluation:
             state.save(force=True)
         entry = self._entry(attack, rec, base, not_broken, running)
         self.progress.on_attack_end(attack.name, entry)
-        logger.info("%s: robust accuracy %.1f%%", attack.name, 100 * entry["robust_acc"])
+        # the CLI shows it in its progress line, bench in its own: not again at INFO
+        logger.debug("%s: robust accuracy %.1f%%", attack.name, 100 * entry["robust_acc"])
         return not_broken, entry
 
     def _attack_batches(
