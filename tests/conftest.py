@@ -12,6 +12,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# One intra-op thread for the tests' tiny models, here and in the CLI subprocesses they start:
+# on a busy machine threads fight other processes for the cores and a tiny forward pass waits
+# at every barrier (bench --threads measured eager ResNet-8 at batch 1 17x slower with two
+# threads than with one on a loaded 2-core machine; benchmarks/results/threads_cpu.md), and on a
+# quiet one these models are too small to gain from a second thread.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+try:
+    import torch
+
+    torch.set_num_threads(1)
+except ImportError:  # pragma: no cover - torch is a test dependency
+    pass
+
 
 def write_npz_dataset(
     root: Path,

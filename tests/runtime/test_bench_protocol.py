@@ -15,8 +15,8 @@ from fakes.artifacts import classifier_run, tiny_classifier
 from advedge.cli import main
 from advedge.data import to_tensor
 
-N = 16
-EPS = "3/255"
+N = 8
+EPS = "8/255"
 QUERIES = "40"
 
 
