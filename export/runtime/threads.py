@@ -96,8 +96,12 @@ def default_threads() -> int:
     second thread on a core adds contention, not compute, for these dense kernels. Where the
     topology cannot be read (not Linux), every CPU this process may use counts as a core. A
     busy machine gets a warning (:func:`busy_warning`) rather than fewer threads, so that the
-    default does not change with the load of the moment.
+    default does not change with the load of the moment. A positive ``OMP_NUM_THREADS`` in the
+    environment wins, as it does for PyTorch's own default.
     """
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) >= 1:
+        return min(int(env), MAX_THREADS)
     return min(cpus_available(), _physical_cores(_cpu_ids()) or cpus_available())
 
 
