@@ -74,7 +74,8 @@ def bench_cmd(  # long: one parameter for each of its 21 options; the body is sh
         int | None,
         typer.Option(
             help="CPU threads per backend (PyTorch and ONNX Runtime), 1-1024; recorded with the "
-            "load average [default: OMP_NUM_THREADS if set, else one per physical core this process may use]."
+            "load average [default: OMP_NUM_THREADS if set, else one per physical core this "
+            "process may use]."
         ),
     ] = None,
     out: Annotated[Path | None, typer.Option(help="Write bench.json and bench.csv here.")] = None,
