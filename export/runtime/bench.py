@@ -260,6 +260,7 @@ class _Art:
     step: int = 1
     feed: Any = None
     clean_ok: Any = None
+    label: str = ""  # its one human name (labels.artifact_label)
 
     @property
     def lo(self) -> int:
@@ -438,8 +439,12 @@ def _run(
     with held_logs():  # a refused run prints its error only, not the checks' progress
         plan = _check(opts, out_dir)
     x, y = plan.x, plan.y
+    labels = [artifact_label(a.info, a.path.stem) for a in plan.arts]
+    for art, label in zip(
+        plan.arts, unique_labels(labels, [a.path.name for a in plan.arts]), strict=True
+    ):
+        art.label = label
     results = [_time(art, opts, x, say) for art in plan.arts]
-    unique_labels(results)
     for fused, path in plan.to_craft.items():
         # not a leftover: a set is complete once its atomic write finished, and it is costly;
         # a later failure (or Ctrl-C) keeps it for the next run, which checks it on load
@@ -537,7 +542,7 @@ def _time(
     entry: dict[str, Any] = {
         "artifact": str(art.path),
         "name": art.path.name,
-        "label": artifact_label(info, art.path.stem),
+        "label": art.label,
         "model": getattr(info, "model", None),
         "backend": info.backend,
         "device": info.device,
@@ -552,7 +557,7 @@ def _time(
                 {"batch": b, "skipped": f"outside {info.batch_range_source} {art.lo}-{art.hi}"}
             )
             continue
-        say(f"{art.path.name}: timing batch {b} ({opts.warmup} warm-up, {opts.iters} timed)")
+        say(f"{art.label}: timing batch {b} ({opts.warmup} warm-up, {opts.iters} timed)")
         entry["latency"].append(
             measure_latency(art.runner, x, b, warmup=opts.warmup, iters=opts.iters)
         )

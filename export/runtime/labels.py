@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from advedge.export.runtime.base import RunnerInfo
 
 __all__ = ["artifact_label", "unique_labels"]
@@ -23,11 +21,11 @@ def artifact_label(info: RunnerInfo, fallback: str) -> str:
     return " ".join((model, info.precision or "unknown-precision", info.backend))
 
 
-def unique_labels(results: list[dict[str, Any]]) -> None:
-    """Labels that two artifacts share get the file name added, so each names one artifact."""
-    seen: dict[str, int] = {}
-    for r in results:
-        seen[r["label"]] = seen.get(r["label"], 0) + 1
-    for r in results:
-        if seen[r["label"]] > 1:
-            r["label"] = f"{r['label']} ({r['name']})"
+def unique_labels(labels: list[str], names: list[str]) -> list[str]:
+    """``labels`` with the file name added to each label two artifacts share, so that every
+    label names one artifact."""
+    counts = {label: labels.count(label) for label in labels}
+    return [
+        f"{label} ({name})" if counts[label] > 1 else label
+        for label, name in zip(labels, names, strict=True)
+    ]

@@ -148,7 +148,7 @@ def measure_robust(
         return _headline(result, worst)
     todo = np.flatnonzero(worst)
     say(
-        f"{art.path.name}: Square ({opts.n_queries} queries) on the artifact itself, "
+        f"{art.label}: Square ({opts.n_queries} queries) on the artifact itself, "
         f"{len(todo)} of {q} images still robust"
     )
     t0 = time.perf_counter()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from advedge.export.onnx_export import export_onnx
-from advedge.export.runtime.base import artifact_kind, open_runner
+from advedge.export.runtime.base import RunnerInfo, artifact_kind, open_runner
 from advedge.export.runtime.latency import latency_stats
 from advedge.export.runtime.transfer import load_transfer_set
 from conftest import argv
@@ -409,3 +409,20 @@ def test_purifier_run_is_the_white_box_parent_of_fused_artifacts(
     )
     rc = main(argv("bench", artifact=str(tmp_path / "moved"), data=str(tiny_npz_data)))
     assert rc == 1 and "not at" in capsys.readouterr().err
+
+
+def test_one_label_per_artifact():
+    from advedge.export.runtime.labels import artifact_label, unique_labels
+
+    onnx = RunnerInfo(backend="onnxruntime", precision="int8", model="resnet8")
+    fused = RunnerInfo(backend="torch", precision="fp32", kind="fused", model="resnet8")
+    unknown = RunnerInfo(backend="tensorrt")
+    assert artifact_label(onnx, "a.int8") == "resnet8 int8 onnxruntime"
+    assert artifact_label(fused, "purifier") == "purifier+resnet8 fp32 torch"
+    assert artifact_label(unknown, "m") == "m unknown-precision tensorrt"
+    # two artifacts that share a label are told apart by their file names; others keep theirs
+    assert unique_labels(["x", "x", "y"], ["a.onnx", "b.onnx", "c.onnx"]) == [
+        "x (a.onnx)",
+        "x (b.onnx)",
+        "y",
+    ]
