@@ -220,3 +220,24 @@ def assert_attack_invariants(model, x, x_adv, *, eps: float, norm: str, train_mo
         assert float(delta.norm(dim=1).max()) <= eps + 1e-5
     assert model.training == train_mode
     assert all(p.grad is None for p in model.parameters())
+
+
+def run_bench(artifact: object, data: object, **options: object) -> int:
+    """``advedge bench`` on ``artifact`` (a path, or a list of paths) and ``data``; ``options``
+    are further flags, as :func:`argv` writes them. Returns the exit code."""
+    from advedge.cli import main
+
+    paths = [str(a) for a in artifact] if isinstance(artifact, list) else str(artifact)
+    return main(argv("bench", artifact=paths, data=str(data), **options))
+
+
+def robust_flags(model: object, query_n: int, n_queries: int, n_iter: int) -> dict[str, object]:
+    """bench's --robust flags: the transfer set crafted on ``model`` with ``n_iter`` APGD
+    iterations, Square with ``n_queries`` queries on the first ``query_n`` images."""
+    return {
+        "robust": True,
+        "model": str(model),
+        "query_n": query_n,
+        "n_queries": n_queries,
+        "n_iter": n_iter,
+    }

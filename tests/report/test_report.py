@@ -6,30 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import argv
+from conftest import robust_flags, run_bench
 from fakes.artifacts import classifier_artifacts
 
 from advedge.cli import main
 from advedge.report import md_escape, pareto_front
 
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-def _bench(artifact: object, data: object, **options: object) -> int:
-    """``advedge bench`` on ``artifact`` (a path, or a list of paths) and ``data``."""
-    paths = [str(a) for a in artifact] if isinstance(artifact, list) else str(artifact)
-    return main(argv("bench", artifact=paths, data=str(data), **options))
-
-
-def _robust(model: object, query_n: int, n_queries: int) -> dict[str, object]:
-    """The --robust flags: sets crafted on ``model``, Square on ``query_n`` images."""
-    return {
-        "robust": True,
-        "model": str(model),
-        "query_n": query_n,
-        "n_queries": n_queries,
-        "n_iter": 2,  # APGD's iterations: tiny, the report is under test
-    }
 
 
 @pytest.fixture(scope="module")
@@ -48,14 +31,14 @@ def test_pareto_front():
 def test_report_writes_table_json_and_pngs(arts, tiny_npz_data, tmp_path, capsys):
     bench_dir = tmp_path / "bench"
     assert (
-        _bench(
+        run_bench(
             [arts["onnx_a"], arts["run_a"]],
             tiny_npz_data,
             batch_sizes="1,8",
             warmup="1",
             iters="3",
             n="16",
-            **_robust(arts["run_a"], 4, 5),
+            **robust_flags(arts["run_a"], 4, 5, 2),
             out=str(bench_dir),
         )
         == 0

@@ -13,7 +13,7 @@ from advedge.export.onnx_export import export_onnx
 from advedge.export.runtime.base import RunnerInfo, artifact_kind, open_runner
 from advedge.export.runtime.latency import latency_stats
 from advedge.export.runtime.transfer import load_transfer_set
-from conftest import argv
+from conftest import argv, robust_flags, run_bench
 from fakes.artifacts import classifier_artifacts, tiny_classifier
 
 from advedge.cli import main
@@ -23,31 +23,12 @@ PNG = b"\x89PNG\r\n\x1a\n"
 QUICK = {"warmup": "0", "iters": "1"}  # one untimed-ish call: the checks and accuracy matter
 
 
-def _bench(artifact: object, data: object, **options: object) -> int:
-    """``advedge bench`` on ``artifact`` (a path, or a list of paths) and ``data``; ``options``
-    are further flags, as :func:`conftest.argv` writes them."""
-    paths = [str(a) for a in artifact] if isinstance(artifact, list) else str(artifact)
-    return main(argv("bench", artifact=paths, data=str(data), **options))
-
-
 def _bench_json(capsys: pytest.CaptureFixture[str], *args: object, **options: object) -> dict:
-    """:func:`_bench` with ``--json``, which must exit 0; returns the JSON it printed."""
-    rc = _bench(*args, json=True, **options)
+    """:func:`conftest.run_bench` with ``--json``, which must exit 0; returns the JSON it printed."""
+    rc = run_bench(*args, json=True, **options)
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     return json.loads(captured.out)
-
-
-def _robust(model: object, query_n: int, n_queries: int, n_iter: int = 3) -> dict[str, object]:
-    """The --robust flags: sets crafted on ``model`` (APGD with ``n_iter`` iterations), Square
-    with ``n_queries`` on ``query_n`` images."""
-    return {
-        "robust": True,
-        "model": str(model),
-        "query_n": query_n,
-        "n_queries": n_queries,
-        "n_iter": n_iter,
-    }
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +136,7 @@ def test_bench_robust_transfer_query_and_worst_case(arts, tiny_npz_data, tmp_pat
         warmup="1",
         iters="2",
         n="24",
-        **_robust(arts["run_a"], 12, 30),
+        **robust_flags(arts["run_a"], 12, 30, 3),
         out=str(out),
     )
     r = doc["results"][0]
@@ -222,12 +203,12 @@ def test_bench_refuses_a_transfer_set_of_another_model_or_tampered(
 ):
     out = tmp_path / "r"
     assert (
-        _bench(
+        run_bench(
             arts["onnx_a"],
             tiny_npz_data,
             batch_sizes="8",
             n="16",
-            **_robust(arts["run_a"], 2, 2),
+            **robust_flags(arts["run_a"], 2, 2, 3),
             out=str(out),
             **QUICK,
         )
@@ -235,7 +216,7 @@ def test_bench_refuses_a_transfer_set_of_another_model_or_tampered(
     )
     capsys.readouterr()
     (tset,) = out.glob("transfer-*.npz")
-    rc = _bench(
+    rc = run_bench(
         arts["onnx_b"], tiny_npz_data, n="16", batch_sizes="8", transfer_set=str(tset), **QUICK
     )
     err = capsys.readouterr().err
@@ -244,7 +225,7 @@ def test_bench_refuses_a_transfer_set_of_another_model_or_tampered(
         data = {k: z[k] for k in z.files}
     data["adv_cw"] = np.clip(data["adv_cw"] + 0.01, 0, 1)
     np.savez(tmp_path / "tampered.npz", **data)
-    rc = _bench(
+    rc = run_bench(
         arts["onnx_a"],
         tiny_npz_data,
         n="16",
@@ -372,7 +353,7 @@ def test_purifier_run_is_the_white_box_parent_of_fused_artifacts(
         },
     )
     bench = tmp_path / "bench"
-    rc = _bench(
+    rc = run_bench(
         [pur, fused],
         tiny_npz_data,
         batch_sizes="4",
