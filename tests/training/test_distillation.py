@@ -58,15 +58,37 @@ def test_formulas(logits):
     assert dd_loss(s_clean, t_clean, tau=20.0).item() == pytest.approx(
         _kl(t_clean, s_clean, 20.0).item(), rel=1e-4
     )
+    # The official reductions (K = 5 classes here): ARD's nn.KLDivLoss() mean over N*K
+    # elements (1/K of the batch mean), AdaAD's CIFAR-10 branch likewise, RSLAD's (and ADD's)
+    # 1/10 of the batch mean; reduction="batchmean" drops the factor.
+    k = s_adv.shape[1]
+    ard_kl = 0.5 * 4 * _kl(t_clean, s_adv, 2.0)
     assert ard_loss(s_adv, s_clean, t_clean, y, tau=2.0, mix=0.5).item() == pytest.approx(
-        (0.5 * 4 * _kl(t_clean, s_adv, 2.0) + 0.5 * ce).item(), rel=1e-5
+        (ard_kl / k + 0.5 * ce).item(), rel=1e-5
     )
+    assert ard_loss(
+        s_adv, s_clean, t_clean, y, tau=2.0, mix=0.5, reduction="batchmean"
+    ).item() == pytest.approx((ard_kl + 0.5 * ce).item(), rel=1e-5)
+    adaad = 0.7 * _kl(t_adv, s_adv) + 0.3 * _kl(t_clean, s_clean)
     assert adaad_loss(s_adv, s_clean, t_adv, t_clean, mix=0.7).item() == pytest.approx(
-        (0.7 * _kl(t_adv, s_adv) + 0.3 * _kl(t_clean, s_clean)).item(), rel=1e-5
+        (adaad / k).item(), rel=1e-5
     )
+    assert adaad_loss(
+        s_adv, s_clean, t_adv, t_clean, mix=0.7, reduction="batchmean"
+    ).item() == pytest.approx(adaad.item(), rel=1e-5)
+    add = 16 * (0.9 * _kl(t_clean, s_adv, 4.0) + 0.1 * _kl(t_clean, s_clean, 4.0))
     assert add_loss(s_adv, s_clean, t_clean, tau=4.0, mix=0.9).item() == pytest.approx(
-        (16 * (0.9 * _kl(t_clean, s_adv, 4.0) + 0.1 * _kl(t_clean, s_clean, 4.0))).item(),
-        rel=1e-5,
+        (add / 10).item(), rel=1e-5
+    )
+    assert add_loss(
+        s_adv, s_clean, t_clean, tau=4.0, mix=0.9, reduction="batchmean"
+    ).item() == pytest.approx(add.item(), rel=1e-5)
+    rslad = 5 / 6 * _kl(t_clean, s_adv) + 1 / 6 * _kl(t_clean, s_clean)
+    assert rslad_loss(s_adv, s_clean, t_clean).item() == pytest.approx(
+        (rslad / 10).item(), rel=1e-5
+    )
+    assert rslad_loss(s_adv, s_clean, t_clean, reduction="batchmean").item() == pytest.approx(
+        rslad.item(), rel=1e-5
     )
 
 
