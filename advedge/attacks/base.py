@@ -149,14 +149,17 @@ class Attack:
         eps: The perturbation budget in pixel units, in (0, 1].
         norm: ``"Linf"`` or ``"L2"``.
 
-    ``__call__`` validates its inputs, switches the model to eval mode if it is an ``nn.Module``
-    (restoring the previous mode afterwards, even on error), enables gradients, calls
+    ``__call__`` validates its inputs, switches the model to :attr:`model_mode` if it is an
+    ``nn.Module`` (restoring the previous mode afterwards, even on error), enables gradients, calls
     :meth:`perturb` and projects the result onto the eps-ball and [0, 1]. The returned tensor is
     detached.
     """
 
     name: str = "attack"
     kind: str = "white-box"
+    model_mode: str = "eval"
+    """``"eval"``, or ``"train"`` for a training method's inner attack that follows an official
+    code running it with batch statistics (which also updates BN's running statistics)."""
     SETTINGS: tuple[str, ...] = ()
     """The attributes :meth:`settings` reports beyond ``eps`` and ``norm``, in order."""
     FIXED_OPTIONS: tuple[str, ...] = ()
@@ -225,7 +228,7 @@ class Attack:
         module = self.model if isinstance(self.model, nn.Module) else None
         was_training = module.training if module is not None else False
         if module is not None:
-            module.eval()
+            module.train(self.model_mode == "train")
         try:
             with torch.enable_grad():
                 x_adv = self.perturb(x, y)

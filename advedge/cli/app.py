@@ -16,7 +16,7 @@ from advedge import __version__
 from advedge.cli.bench import bench_cmd, report_cmd
 from advedge.cli.evaluate import eval_cmd
 from advedge.cli.export import calibrate_cmd, export_cmd
-from advedge.cli.models import models_cmd
+from advedge.cli.models import methods_cmd, models_cmd
 from advedge.cli.options import RegistryHelpCommand, RegistryHelpGroup, click
 from advedge.cli.output import set_verbosity, setup_logging
 from advedge.cli.pipeline import pipeline_cmd
@@ -44,6 +44,7 @@ purifier_app = typer.Typer(
 # The commands in the order `advedge --help` lists them.
 for _name, _func in (
     ("models", models_cmd),
+    ("methods", methods_cmd),
     ("train", train_cmd),
     ("distill", distill_cmd),
     ("eval", eval_cmd),

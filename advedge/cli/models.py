@@ -7,7 +7,7 @@ from rich.table import Table
 from advedge.cli.options import JsonOpt
 from advedge.cli.output import Output
 
-__all__ = ["models_cmd"]
+__all__ = ["methods_cmd", "models_cmd"]
 
 
 def models_cmd(json_out: JsonOpt = False) -> None:
@@ -25,3 +25,16 @@ def models_cmd(json_out: JsonOpt = False) -> None:
             info.get("description", ""),
         )
     out.result({"schema": "advedge.models/1", "models": infos}, human=table)
+
+
+def methods_cmd(json_out: JsonOpt = False) -> None:
+    """List the training and distillation methods with the published recipe each defaults to."""
+    from advedge.training.official import OFFICIAL, describe
+
+    out = Output(json_out)
+    rows = [describe(name) for name in OFFICIAL]
+    columns = ["method", "paper", "optimiser", "epochs, schedule", "inner attack", "loss"]
+    table = Table(*columns, title="advedge methods (defaults = the official code's)")
+    for row in rows:
+        table.add_row(*(row[c] for c in columns))
+    out.result({"schema": "advedge.methods/1", "methods": rows}, human=table)

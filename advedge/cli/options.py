@@ -27,6 +27,7 @@ from typer.core import TyperCommand, TyperGroup
 from advedge.errors import UsageError, did_you_mean
 
 __all__ = [
+    "AttackBN",
     "BatchSize",
     "CacheDir",
     "ConfigDefaults",
@@ -36,15 +37,21 @@ __all__ = [
     "Epochs",
     "EvalN",
     "JsonOpt",
+    "MethodBatchSize",
+    "MethodEpochs",
+    "MethodLr",
+    "MethodSteps",
     "Norm",
     "PeakLr",
     "RegistryHelpCommand",
     "RegistryHelpGroup",
     "Resume",
     "RunDir",
+    "Schedule",
     "Seed",
     "SelectionSeed",
     "Subset",
+    "WeightDecay",
     "choices",
     "click",
     "int_list",
@@ -204,6 +211,26 @@ Epochs = Annotated[int, typer.Option(help="Number of epochs.")]
 RunDir = Annotated[Path, typer.Option(help="Run directory to write.")]
 BatchSize = Annotated[int, typer.Option(help="Global batch size.")]
 PeakLr = Annotated[float, typer.Option(help="Peak learning rate.")]
+_OFFICIAL = " [default: the method's published value, see `advedge methods`]"
+MethodEpochs = Annotated[int | None, typer.Option(help="Number of epochs." + _OFFICIAL)]
+MethodBatchSize = Annotated[int | None, typer.Option(help="Global batch size." + _OFFICIAL)]
+MethodLr = Annotated[float | None, typer.Option(help="Peak learning rate." + _OFFICIAL)]
+MethodSteps = Annotated[int | None, typer.Option(help="Inner-attack steps." + _OFFICIAL)]
+WeightDecay = Annotated[float | None, typer.Option(help="Weight decay." + _OFFICIAL)]
+Schedule = Annotated[
+    str | None,
+    typer.Option(
+        help="Learning-rate schedule." + _OFFICIAL,
+        metavar=choices("cosine", "multistep", "constant"),
+    ),
+]
+AttackBN = Annotated[
+    str | None,
+    typer.Option(
+        help="Batch-norm mode of the model inside the inner attack." + _OFFICIAL,
+        metavar=choices("eval", "train"),
+    ),
+]
 Norm = Annotated[str, typer.Option(help="The threat model's norm.", metavar=choices("Linf", "L2"))]
 Subset = Annotated[int | None, typer.Option(help="Stratified sample of N images.")]
 Seed = Annotated[int, typer.Option(help="Random seed.")]

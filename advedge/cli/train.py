@@ -8,17 +8,21 @@ from typing import Annotated, Any
 import typer
 
 from advedge.cli.options import (
-    BatchSize,
+    AttackBN,
     ConfigFile,
     Data,
     Device,
-    Epochs,
     EvalN,
     JsonOpt,
+    MethodBatchSize,
+    MethodEpochs,
+    MethodLr,
+    MethodSteps,
     Norm,
-    PeakLr,
     RunDir,
+    Schedule,
     Seed,
+    WeightDecay,
     choices,
     merge_given,
     params,
@@ -35,7 +39,7 @@ __all__ = ["distill_cmd", "train_cmd"]
 _NOT_SETTINGS = ("model_arg", "config", "resume", "json_out")
 
 
-def train_cmd(  # long: one parameter for each of its 28 options; the body is short
+def train_cmd(  # long: one parameter for each of its 29 options; the body is short
     ctx: typer.Context,
     data: Data = None,  # type: ignore[assignment]  # may come from --config
     model: Annotated[
@@ -45,26 +49,26 @@ def train_cmd(  # long: one parameter for each of its 28 options; the body is sh
     method: Annotated[
         str, typer.Option(help="Training method.", metavar=choices("{training_methods}"))
     ] = "pgd-at",
-    epochs: Epochs = 10,
+    epochs: MethodEpochs = None,
     out: RunDir = None,  # type: ignore[assignment]  # may come from --config
     eps: Annotated[str, typer.Option(help="Training eps, e.g. 8/255.")] = "8/255",
     alpha: Annotated[
-        str | None, typer.Option(help="Attack step size [default: eps/4; 1.25*eps for fgsm-rs].")
+        str | None,
+        typer.Option(
+            help="Attack step size [default: the method's: eps/4; 1.25*eps for fgsm-rs; "
+            "0.007/0.031*eps for trades]."
+        ),
     ] = None,
-    steps: Annotated[int, typer.Option(help="Attack steps of the inner maximisation.")] = 10,
+    steps: MethodSteps = None,
     norm: Norm = "Linf",
     beta: Annotated[float, typer.Option(help="TRADES robust-term weight.")] = 6.0,
-    batch_size: BatchSize = 128,
-    lr: PeakLr = 0.1,
+    batch_size: MethodBatchSize = None,
+    lr: MethodLr = None,
     momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
     nesterov: Annotated[bool, typer.Option(help="Nesterov momentum.")] = False,
-    weight_decay: Annotated[float, typer.Option(help="Weight decay.")] = 5e-4,
-    schedule: Annotated[
-        str,
-        typer.Option(
-            help="Learning-rate schedule.", metavar=choices("cosine", "multistep", "constant")
-        ),
-    ] = "cosine",
+    weight_decay: WeightDecay = None,
+    schedule: Schedule = None,
+    attack_bn: AttackBN = None,
     subset: Annotated[
         int | None, typer.Option(help="Train on a stratified sample of N images.")
     ] = None,
@@ -139,8 +143,8 @@ def distill_cmd(
         str, typer.Option(help="Distillation method.", metavar=choices("{distill_methods}"))
     ],
     data: Data,
-    epochs: Epochs,
     out: RunDir,
+    epochs: MethodEpochs = None,
     temperature: Annotated[
         float | None, typer.Option(help="Temperature tau [default: the method's].")
     ] = None,
@@ -148,10 +152,23 @@ def distill_cmd(
         float | None, typer.Option(help="Loss mixing weight in [0, 1] [default: the method's].")
     ] = None,
     eps: Annotated[str, typer.Option(help="Inner-attack eps, e.g. 8/255.")] = "8/255",
-    alpha_step: Annotated[str, typer.Option(help="Inner-attack step size.")] = "2/255",
-    steps: Annotated[int, typer.Option(help="Inner-attack steps.")] = 10,
-    batch_size: BatchSize = 128,
-    lr: PeakLr = 0.1,
+    alpha_step: Annotated[
+        str | None, typer.Option(help="Inner-attack step size [default: the method's, eps/4].")
+    ] = None,
+    steps: MethodSteps = None,
+    batch_size: MethodBatchSize = None,
+    lr: MethodLr = None,
+    weight_decay: WeightDecay = None,
+    schedule: Schedule = None,
+    attack_bn: AttackBN = None,
+    kl_reduction: Annotated[
+        str,
+        typer.Option(
+            help="official: each KL reduced as the method's own code does; batchmean: every "
+            "KL averaged over the batch (advedge before 0.15).",
+            metavar=choices("official", "batchmean"),
+        ),
+    ] = "official",
     **run: Any,
 ) -> None:
     """Distil a robust teacher into a small student (soft labels guide attack and loss)."""
@@ -164,7 +181,7 @@ def distill_cmd(
         model=student,
         out=str(out),
         eps=parse_eps(eps, name="--eps"),
-        alpha=parse_eps(alpha_step, name="--alpha-step"),
+        alpha=None if alpha_step is None else parse_eps(alpha_step, name="--alpha-step"),
         mix_alpha=alpha,
     )
     cfg = TrainConfig(**settings)

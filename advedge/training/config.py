@@ -18,6 +18,7 @@ from advedge.errors import UsageError, did_you_mean
 from advedge.models import list_models
 from advedge.training.distillation import DISTILL_METHODS
 from advedge.training.objectives import TRAINING_METHODS
+from advedge.training.official import ATTACK_BN, KL_REDUCTIONS, kl_scale, official
 from advedge.training.rundir import config_fingerprint
 
 __all__ = ["SCHEDULES", "TrainConfig", "check_ranges"]
@@ -53,23 +54,28 @@ def check_ranges(
 class TrainConfig:
     """Resolved options of one training run (written to ``RUN_DIR/config.yaml``).
 
+    A field marked *official* left as None takes the method's published value
+    (:data:`advedge.training.official.OFFICIAL`) when the config is built, and is written out
+    resolved.
+
     Attributes:
         data: Dataset directory or name (``cifar10``, ``cifar100``, ``mnist``).
         model: Registry name of the architecture.
         method: A training method (``natural``, ``pgd-at``, ``trades``, ``fgsm-rs``) or, with
             a ``teacher``, a distillation method (``kd``, ``dd``, ``ard``, ...).
-        epochs: Total number of epochs.
+        epochs: Total number of epochs (official).
         out: Run directory.
         eps: Training perturbation budget (pixel units).
-        alpha: Attack step size; None means 2/255-per-8/255 (eps/4) for PGD-based methods and
-            1.25 * eps for ``fgsm-rs``.
-        steps: Attack iterations of the inner maximisation.
+        alpha: Attack step size; None means the method's (``step * eps``: eps/4 for most,
+            1.25 * eps for ``fgsm-rs``, 0.007/0.031 * eps for ``trades``).
+        steps: Attack iterations of the inner maximisation (official).
         norm: ``Linf`` or ``L2``.
         beta: TRADES' robust-term weight.
-        batch_size: Global batch size (split across ranks under torchrun).
-        lr, momentum, nesterov, weight_decay: SGD settings.
-        schedule: ``cosine``, ``multistep`` or ``constant``, stepped per iteration.
-        milestones: Fractions of training at which ``multistep`` multiplies the LR by ``gamma``.
+        batch_size: Global batch size (split across ranks under torchrun) (official).
+        lr, momentum, nesterov, weight_decay: SGD settings (lr and weight decay official).
+        schedule: ``cosine``, ``multistep`` or ``constant``, stepped per iteration (official).
+        milestones: Fractions of training at which ``multistep`` multiplies the LR by ``gamma``
+            (official).
         gamma: The multistep factor.
         subset: Train on a stratified sample of this many training images.
         seed: Seed for weights, data order, subset and attacks.
@@ -88,6 +94,10 @@ class TrainConfig:
         temperature: Distillation only: the temperature tau (the method's default when None).
         mix_alpha: Distillation only: the loss mix weight in [0, 1] (``advedge distill
             --alpha``; the method's default when None).
+        attack_bn: ``eval`` or ``train``: batch-norm mode of the model inside the inner attack
+            (official).
+        kl_reduction: ``official`` (each KL reduced as the method's code does) or
+            ``batchmean`` (every KL averaged over the batch; advedge's behaviour before 0.15).
     """
 
     RESUMABLE: ClassVar[frozenset[str]] = frozenset(
@@ -98,20 +108,20 @@ class TrainConfig:
     data: str
     model: str
     method: str = "pgd-at"
-    epochs: int = 10
+    epochs: int | None = None
     out: str = "runs/train"
     eps: float = 8 / 255
     alpha: float | None = None
-    steps: int = 10
+    steps: int | None = None
     norm: str = "Linf"
     beta: float = 6.0
-    batch_size: int = 128
-    lr: float = 0.1
+    batch_size: int | None = None
+    lr: float | None = None
     momentum: float = 0.9
     nesterov: bool = False
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"
-    milestones: tuple[float, ...] = (0.5, 0.75)
+    weight_decay: float | None = None
+    schedule: str | None = None
+    milestones: tuple[float, ...] | None = None
     gamma: float = 0.1
     subset: int | None = None
     seed: int = 0
@@ -126,12 +136,15 @@ class TrainConfig:
     teacher: str | None = None
     temperature: float | None = None
     mix_alpha: float | None = None
+    attack_bn: str | None = None
+    kl_reduction: str = "official"
 
     def __post_init__(self) -> None:
         # Types first (a bool is not an int, floats are finite), then ranges: every later
         # check may compare and hash the values.
         check_fields(self)
         self._check_method()
+        self._resolve_official()
         if self.model not in list_models():
             raise UsageError(
                 f"unknown model {self.model!r}", did_you_mean(self.model, list_models())
@@ -152,6 +165,23 @@ class TrainConfig:
             raise UsageError(f"temperature must be > 0, got {self.temperature}")
         if self.mix_alpha is not None and not 0 <= self.mix_alpha <= 1:
             raise UsageError(f"alpha must lie in [0, 1], got {self.mix_alpha}")
+
+    def _resolve_official(self) -> None:
+        """Fill each unset official field with the method's published value."""
+        recipe = official(self.method)
+        resolved = {
+            "epochs": recipe.epochs,
+            "steps": recipe.steps or 10,  # no attack: the value is unused, kept as before
+            "batch_size": recipe.batch_size,
+            "lr": recipe.lr,
+            "weight_decay": recipe.weight_decay,
+            "schedule": recipe.schedule,
+            "milestones": recipe.milestones,
+            "attack_bn": recipe.attack_bn,
+        }
+        for name, value in resolved.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
 
     def _bounded(self) -> list[tuple[str, int | None, int, int]]:
         return [
@@ -185,16 +215,54 @@ class TrainConfig:
                 self.amp in ("auto", "bf16", "fp16", "off"),
                 f"amp must be auto, bf16, fp16 or off, got {self.amp!r}",
             ),
-            (all(0 < m < 1 for m in self.milestones), "milestones are fractions in (0, 1)"),
+            (all(0 < m < 1 for m in self.milestones or ()), "milestones are fractions in (0, 1)"),
+            (
+                self.attack_bn in ATTACK_BN,
+                f"attack_bn must be eval or train, got {self.attack_bn!r}",
+            ),
+            (
+                self.kl_reduction in KL_REDUCTIONS,
+                f"kl_reduction must be official or batchmean, got {self.kl_reduction!r}",
+            ),
         ]
 
     @property
     def resolved_alpha(self) -> float:
-        """The attack step size actually used."""
+        """The attack step size actually used: ``alpha``, else the method's ``step * eps``."""
         if self.alpha is not None:
             return self.alpha
+        return official(self.method).step * self.eps if self._step_changed() else self._legacy_alpha
+
+    @property
+    def _legacy_alpha(self) -> float:
+        """The step size an unset ``alpha`` meant before per-method defaults (0.15)."""
         return 1.25 * self.eps if self.method == "fgsm-rs" else self.eps / 4
 
+    def _step_changed(self) -> bool:
+        step = official(self.method).step
+        return bool(step) and step * self.eps != self._legacy_alpha
+
     def fingerprint(self) -> str:
-        """Hash of the options that must not change across a resume (all but RESUMABLE)."""
-        return config_fingerprint(self, self.RESUMABLE)
+        """Hash of the options that must not change across a resume (all but RESUMABLE).
+
+        Options added in 0.15 are hashed only where they change what older versions did, so
+        a run started before them still resumes: ``attack_bn`` when ``train``,
+        ``kl_reduction`` when it changes the method's loss, and an unset ``alpha`` when the
+        method's step is not the one it used to mean.
+        """
+
+        def view(d: dict[str, Any]) -> dict[str, Any]:
+            if d.get("attack_bn") == "eval":
+                d.pop("attack_bn")
+            if d.get("kl_reduction") == "batchmean" or self._kl_is_batchmean():
+                d.pop("kl_reduction", None)
+            if self.alpha is None and self._step_changed():
+                d["alpha_resolved"] = self.resolved_alpha
+            return d
+
+        return config_fingerprint(self, self.RESUMABLE, view=view)
+
+    def _kl_is_batchmean(self) -> bool:
+        if self.method not in DISTILL_METHODS:
+            return True  # TRADES' KL is a batch mean; the others have none
+        return all(kl_scale(self.method, k) == 1.0 for k in (10, 100))

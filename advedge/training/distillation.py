@@ -3,8 +3,13 @@
 Notation: ``T`` is the frozen teacher, ``S`` the student, ``tau`` the temperature, ``x'`` the
 adversarial example, ``KL(p || q) = sum_k p_k (log p_k - log q_k)`` with ``p`` the target, and
 ``softmax(z / tau)`` written ``z / tau`` inside KL, and ``mix`` the loss's mixing weight in
-[0, 1] (``advedge distill --alpha``; not the attack step size). Every KL here is averaged over
-the batch.
+[0, 1] (``advedge distill --alpha``; not the attack step size).
+
+Every KL term is reduced as the method's official code reduces it (``reduction="official"``,
+the default; see :mod:`advedge.training.official`): ``KL_batch`` below is the batch mean
+``(1/N) sum_i KL_i`` and ``s`` the method's factor (:func:`~advedge.training.official.kl_scale`):
+1 for KD, DD and IAD, ``1/K`` for ARD, ``1/10`` for RSLAD and ADD, and for AdaAD ``1/K``
+(``1`` with 100 classes). ``reduction="batchmean"`` sets ``s = 1`` for every method.
 
 Each method (:data:`DISTILL_METHODS`) is one of these losses plus its inner maximisation, run
 by the training engine like any training method.
@@ -19,10 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from advedge.attacks import PGD, kl_loss
+from advedge.attacks import kl_loss
 from advedge.errors import UsageError
 from advedge.registry import Registry
 from advedge.training.objectives import Method, MethodOutput, attack_view
+from advedge.training.official import OFFICIAL, kl_scale
 
 __all__ = [
     "DISTILL_METHODS",
@@ -58,13 +64,16 @@ def kd_loss(
 ) -> Tensor:
     """Knowledge distillation (Hinton et al. 2015), clean inputs only.
 
-    ``L = mix * tau^2 * KL(T(x)/tau || S(x)/tau) + (1 - mix) * CE(S(x), y)``: :func:`ard_loss`
-    with ``x' = x``.
+    ``L = mix * tau^2 * KL_batch(T(x)/tau || S(x)/tau) + (1 - mix) * CE(S(x), y)``, the KL
+    averaged over the batch (there is no official code to follow).
     """
-    return ard_loss(s_clean, s_clean, t_clean, y, tau=tau, mix=mix)
+    _check_mix(mix)
+    return mix * tau**2 * soft_kl(t_clean, s_clean, tau) + (1 - mix) * F.cross_entropy(
+        s_clean.float(), y
+    )
 
 
-def dd_loss(s_clean: Tensor, t_clean: Tensor, *, tau: float = 20.0) -> Tensor:
+def dd_loss(s_clean: Tensor, t_clean: Tensor, *, tau: float = 100.0) -> Tensor:
     """Defensive distillation (Papernot et al., S&P 2016).
 
     The student is trained at temperature ``tau`` on the teacher's soft labels at the same
@@ -81,16 +90,19 @@ def ard_loss(
     t_clean: Tensor,
     y: Tensor,
     *,
-    tau: float = 1.0,
+    tau: float = 30.0,
     mix: float = 1.0,
+    reduction: str = "official",
 ) -> Tensor:
     """ARD (Goldblum et al., AAAI 2020).
 
-    ``L = mix * tau^2 * KL(T(x)/tau || S(x')/tau) + (1 - mix) * CE(S(x), y)``, with
-    ``x' = argmax CE(S(x'), y)`` (PGD).
+    ``L = mix * tau^2 * s * KL_batch(T(x)/tau || S(x')/tau) + (1 - mix) * CE(S(x), y)``, with
+    ``x' = argmax CE(S(x'), y)`` (PGD) and ``s = 1/K``: the official ``nn.KLDivLoss()``
+    averages over all ``N K`` elements.
     """
     _check_mix(mix)
-    return mix * tau**2 * soft_kl(t_clean, s_adv, tau) + (1 - mix) * F.cross_entropy(
+    s = kl_scale("ard", s_adv.shape[1], reduction)
+    return mix * tau**2 * s * soft_kl(t_clean, s_adv, tau) + (1 - mix) * F.cross_entropy(
         s_clean.float(), y
     )
 
@@ -136,25 +148,38 @@ def iad_loss(
     )
 
 
-def rslad_loss(s_adv: Tensor, s_clean: Tensor, t_clean: Tensor) -> Tensor:
+def rslad_loss(
+    s_adv: Tensor, s_clean: Tensor, t_clean: Tensor, *, reduction: str = "official"
+) -> Tensor:
     """RSLAD (Zi et al., ICCV 2021): robust soft labels, no hard labels anywhere.
 
-    ``L = 5/6 * KL(T(x) || S(x')) + 1/6 * KL(T(x) || S(x))``, with
-    ``x' = argmax KL(T(x) || S(x'))``.
+    ``L = s * (5/6 * KL_batch(T(x) || S(x')) + 1/6 * KL_batch(T(x) || S(x)))``, with
+    ``x' = argmax KL(T(x) || S(x'))`` and ``s = 1/10``: the official code averages the KL over
+    all ``N K`` elements on CIFAR-10 (``K = 10``) and takes 10 times that on CIFAR-100.
     """
-    return 5 / 6 * soft_kl(t_clean, s_adv) + 1 / 6 * soft_kl(t_clean, s_clean)
+    s = kl_scale("rslad", s_adv.shape[1], reduction)
+    return s * (5 / 6 * soft_kl(t_clean, s_adv) + 1 / 6 * soft_kl(t_clean, s_clean))
 
 
 def adaad_loss(
-    s_adv: Tensor, s_clean: Tensor, t_adv: Tensor, t_clean: Tensor, *, mix: float = 1.0
+    s_adv: Tensor,
+    s_clean: Tensor,
+    t_adv: Tensor,
+    t_clean: Tensor,
+    *,
+    mix: float = 1.0,
+    reduction: str = "official",
 ) -> Tensor:
     """AdaAD (Huang et al., CVPR 2023).
 
-    ``L = mix * KL(T(x') || S(x')) + (1 - mix) * KL(T(x) || S(x))``, with
-    ``x' = argmax KL(T(x') || S(x'))`` (the teacher inside the attack loop).
+    ``L = s * (mix * KL_batch(T(x') || S(x')) + (1 - mix) * KL_batch(T(x) || S(x)))``, with
+    ``x' = argmax KL(T(x') || S(x'))`` (the teacher inside the attack loop) and ``s = 1/K``
+    (the official CIFAR-10 branch's ``nn.KLDivLoss()``), or ``s = 1`` with ``K = 100`` (its
+    CIFAR-100 branch sums over classes).
     """
     _check_mix(mix)
-    return mix * soft_kl(t_adv, s_adv) + (1 - mix) * soft_kl(t_clean, s_clean)
+    s = kl_scale("adaad", s_adv.shape[1], reduction)
+    return s * (mix * soft_kl(t_adv, s_adv) + (1 - mix) * soft_kl(t_clean, s_clean))
 
 
 def add_loss(
@@ -164,17 +189,21 @@ def add_loss(
     *,
     tau: float = 1.0,
     mix: float = 5 / 6,
+    reduction: str = "official",
 ) -> Tensor:
     """Adversarial defensive distillation (ADD), the thesis method.
 
     With ``p_T = softmax(T(x) / tau)`` replacing hard labels everywhere:
-    ``L = mix * tau^2 * KL(p_T || S(x')/tau) + (1 - mix) * tau^2 * KL(p_T || S(x)/tau)``,
-    with ``x' = argmax KL(p_T || softmax(S(x')/tau))`` in the eps-ball. With ``tau = 1`` and
-    ``mix = 5/6`` it equals :func:`rslad_loss`.
+    ``L = s * tau^2 * (mix * KL_batch(p_T || S(x')/tau) + (1 - mix) * KL_batch(p_T || S(x)/tau))``,
+    with ``x' = argmax KL(p_T || softmax(S(x')/tau))`` in the eps-ball and RSLAD's reduction
+    ``s = 1/10``, so that with ``tau = 1`` and ``mix = 5/6`` it equals :func:`rslad_loss`.
     """
     _check_mix(mix)
-    return tau**2 * (
-        mix * soft_kl(t_clean, s_adv, tau) + (1 - mix) * soft_kl(t_clean, s_clean, tau)
+    s = kl_scale("add", s_adv.shape[1], reduction)
+    return (
+        s
+        * tau**2
+        * (mix * soft_kl(t_clean, s_adv, tau) + (1 - mix) * soft_kl(t_clean, s_clean, tau))
     )
 
 
@@ -228,6 +257,9 @@ class DistillMethod(Method):
         tau: Temperature (each method's default when None).
         mix: The loss's mixing weight (``advedge distill --alpha``; each method's default when
             None), recorded as ``alpha`` in the method settings.
+        reduction: ``"official"`` (each KL reduced as the method's official code does) or
+            ``"batchmean"`` (every KL averaged over the batch only).
+        attack_bn: The student's BN mode inside the attack (see :class:`Method`).
     """
 
     default_tau: ClassVar[float] = 1.0
@@ -239,9 +271,12 @@ class DistillMethod(Method):
         teacher: nn.Module,
         tau: float | None = None,
         mix: float | None = None,
+        reduction: str = "official",
         **kw: Any,
     ) -> None:
         super().__init__(**kw)
+        kl_scale(self.name, 10, reduction)  # checks the name
+        self.reduction = reduction
         self.teacher = teacher.eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
@@ -252,7 +287,7 @@ class DistillMethod(Method):
             _check_mix(self.mix)
 
     def settings(self) -> dict[str, Any]:
-        out = {**super().settings(), "temperature": self.tau}
+        out = {**super().settings(), "temperature": self.tau, "kl_reduction": self.reduction}
         if self.mix is not None:
             out["alpha"] = self.mix
         return out
@@ -262,17 +297,6 @@ class DistillMethod(Method):
         """``T(x)`` without gradients, in eval mode (under the engine's autocast on CUDA)."""
         self.teacher.eval()
         return self.teacher(x).float()
-
-    def _pgd(self, model: nn.Module, loss: Any, start: str) -> PGD:
-        return PGD(
-            attack_view(model),
-            eps=self.eps,
-            alpha=self.alpha,
-            steps=self.steps,
-            norm=self.norm,
-            loss=loss,
-            random_start=start,
-        )
 
 
 DISTILL_METHODS: Registry[type[DistillMethod]] = Registry("method")
@@ -288,8 +312,8 @@ class KD(DistillMethod):
 
     name = "kd"
     adversarial = False
-    default_tau = 4.0
-    default_mix = 0.9
+    default_tau = float(OFFICIAL["kd"].tau or 4.0)
+    default_mix = OFFICIAL["kd"].mix
 
     def settings(self) -> dict[str, Any]:
         return {"temperature": self.tau, "alpha": self.mix}
@@ -301,14 +325,14 @@ class KD(DistillMethod):
 
 @DISTILL_METHODS.register("dd")
 class DD(DistillMethod):
-    """Defensive distillation (Papernot et al. 2016) at temperature 20; deployed at tau 1.
+    """Defensive distillation (Papernot et al. 2016) at temperature 100; deployed at tau 1.
 
     :func:`dd_loss`, no attack.
     """
 
     name = "dd"
     adversarial = False
-    default_tau = 20.0
+    default_tau = float(OFFICIAL["dd"].tau or 100.0)
 
     def settings(self) -> dict[str, Any]:
         return {"temperature": self.tau}
@@ -326,12 +350,12 @@ class ARD(DistillMethod):
     """
 
     name = "ard"
-    default_tau = 30.0
-    default_mix = 1.0
+    default_tau = float(OFFICIAL["ard"].tau or 30.0)
+    default_mix = OFFICIAL["ard"].mix
 
     def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> MethodOutput:
         t = self.teacher_logits(x)
-        s_adv = model(self._pgd(model, "ce", "uniform")(x, y))
+        s_adv = model(self.pgd(model, loss="ce", start="uniform")(x, y))
         return self._ard_output(model, x, y, t, s_adv)
 
     def _ard_output(
@@ -339,7 +363,13 @@ class ARD(DistillMethod):
     ) -> MethodOutput:
         """:func:`ard_loss` on ``S(x')``; ``S(x)`` is computed only when its weight is not 0."""
         s_clean = model(x) if self.mix < 1 else s_adv.detach()
-        return MethodOutput(ard_loss(s_adv, s_clean, t, y, tau=self.tau, mix=self.mix), s_adv)
+        loss = ard_loss(
+            s_adv, s_clean, t, y, tau=self.tau, mix=self.mix, reduction=self._ard_reduction()
+        )
+        return MethodOutput(loss, s_adv)
+
+    def _ard_reduction(self) -> str:
+        return self.reduction
 
 
 @DISTILL_METHODS.register("iad")
@@ -355,7 +385,7 @@ class IAD(ARD):
     """
 
     name = "iad"
-    default_tau = 1.0
+    default_tau = float(OFFICIAL["iad"].tau or 1.0)
 
     def __init__(self, *, beta: float = 0.1, warmup: float = 0.3, **kw: Any) -> None:
         super().__init__(**kw)
@@ -373,9 +403,13 @@ class IAD(ARD):
     def on_epoch_start(self, epoch: int, epochs: int) -> None:
         self.introspective = epoch >= math.floor(self.warmup * epochs)
 
+    def _ard_reduction(self) -> str:
+        # IAD-I's warm-up branch averages its KL over the batch (ARD's averages over N K too).
+        return "batchmean"
+
     def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> MethodOutput:
         t = self.teacher_logits(x)
-        x_adv = self._pgd(model, "ce", "uniform")(x, y)
+        x_adv = self.pgd(model, loss="ce", start="uniform")(x, y)
         s_adv = model(x_adv)
         if not self.introspective:
             return self._ard_output(model, x, y, t, s_adv)
@@ -406,9 +440,9 @@ class RSLAD(DistillMethod):
 
     def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> MethodOutput:
         t = self.teacher_logits(x)
-        x_adv = self._pgd(model, "kl", "normal")(x, F.softmax(t, 1))
+        x_adv = self.pgd(model, loss="kl", start="normal")(x, F.softmax(t, 1))
         s_adv = model(x_adv)
-        return MethodOutput(rslad_loss(s_adv, model(x), t), s_adv)
+        return MethodOutput(rslad_loss(s_adv, model(x), t, reduction=self.reduction), s_adv)
 
 
 @DISTILL_METHODS.register("adaad")
@@ -419,20 +453,29 @@ class AdaAD(DistillMethod):
     """
 
     name = "adaad"
-    default_mix = 1.0
+    default_mix = OFFICIAL["adaad"].mix
 
     def settings(self) -> dict[str, Any]:
         return {k: v for k, v in super().settings().items() if k != "temperature"}
 
     def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> MethodOutput:
-        pair = _StudentTeacher(attack_view(model), self.teacher)
-        x_adv = self._pgd(pair, _pair_kl, "normal")(x, y)
+        pair = _StudentTeacher(attack_view(model), self.teacher).train(model.training)
+        x_adv = self.pgd(pair, loss=_pair_kl, start="normal")(x, y)
         t_adv = self.teacher_logits(x_adv)
         s_adv = model(x_adv)
         if self.mix < 1:
-            loss = adaad_loss(s_adv, model(x), t_adv, self.teacher_logits(x), mix=self.mix)
+            loss = adaad_loss(
+                s_adv,
+                model(x),
+                t_adv,
+                self.teacher_logits(x),
+                mix=self.mix,
+                reduction=self.reduction,
+            )
         else:
-            loss = adaad_loss(s_adv, s_adv.detach(), t_adv, t_adv, mix=1.0)
+            loss = adaad_loss(
+                s_adv, s_adv.detach(), t_adv, t_adv, mix=1.0, reduction=self.reduction
+            )
         return MethodOutput(loss, s_adv)
 
 
@@ -449,7 +492,7 @@ class ADD(DistillMethod):
     """
 
     name = "add"
-    default_mix = 5 / 6
+    default_mix = OFFICIAL["add"].mix
 
     def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> MethodOutput:
         t = self.teacher_logits(x)
@@ -458,9 +501,11 @@ class ADD(DistillMethod):
         def soft_label_kl(logits: Tensor, p: Tensor) -> Tensor:
             return kl_loss(logits / tau, p)
 
-        x_adv = self._pgd(model, soft_label_kl, "normal")(x, F.softmax(t / tau, 1))
+        x_adv = self.pgd(model, loss=soft_label_kl, start="normal")(x, F.softmax(t / tau, 1))
         s_adv = model(x_adv)
-        return MethodOutput(add_loss(s_adv, model(x), t, tau=tau, mix=self.mix), s_adv)
+        return MethodOutput(
+            add_loss(s_adv, model(x), t, tau=tau, mix=self.mix, reduction=self.reduction), s_adv
+        )
 
 
 def build_distill_method(name: str, **kwargs: Any) -> DistillMethod:

@@ -164,6 +164,7 @@ class Trainer:
             alpha=config.resolved_alpha,
             steps=config.steps,
             norm=config.norm,
+            attack_bn=config.attack_bn,
             **({"beta": config.beta} if config.method == "trades" else {}),
         )
         self.run_dir = RunDir(config, is_main=self.is_main)
@@ -189,6 +190,8 @@ class Trainer:
             norm=cfg.norm,
             tau=cfg.temperature,
             mix=cfg.mix_alpha,
+            reduction=cfg.kl_reduction,
+            attack_bn=cfg.attack_bn,
         )
 
     def _build_model(self) -> nn.Module:

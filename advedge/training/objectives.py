@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from advedge.attacks import PGD
 from advedge.errors import UsageError
 from advedge.registry import Registry
+from advedge.training.official import ATTACK_BN
 
 __all__ = [
     "FGSMRS",
@@ -106,18 +107,31 @@ class Method:
         alpha: Attack step size.
         steps: Attack iterations.
         norm: ``"Linf"`` or ``"L2"``.
+        attack_bn: ``"eval"`` (the attack sees batch norm's running statistics and leaves them
+            alone) or ``"train"`` (batch statistics, and every attack forward pass updates the
+            running ones, as the official ARD, IAD, Madry and Wong code do).
     """
 
     name: ClassVar[str] = ""
     adversarial: ClassVar[bool] = True
 
     def __init__(
-        self, *, eps: float, alpha: float, steps: int, norm: str = "Linf", **options: Any
+        self,
+        *,
+        eps: float,
+        alpha: float,
+        steps: int,
+        norm: str = "Linf",
+        attack_bn: str = "eval",
+        **options: Any,
     ) -> None:
         self.eps = eps
         self.alpha = alpha
         self.steps = steps
         self.norm = norm
+        if attack_bn not in ATTACK_BN:
+            raise UsageError(f"unknown attack BN mode {attack_bn!r}", "use eval or train")
+        self.attack_bn = attack_bn
         if options:
             raise UsageError(f"method {self.name!r} does not take {', '.join(sorted(options))}")
 
@@ -125,7 +139,27 @@ class Method:
         """The method's settings, as recorded in checkpoints."""
         if not self.adversarial:
             return {}
-        return {"eps": self.eps, "alpha": self.alpha, "steps": self.steps, "norm": self.norm}
+        return {
+            "eps": self.eps,
+            "alpha": self.alpha,
+            "steps": self.steps,
+            "norm": self.norm,
+            "attack_bn": self.attack_bn,
+        }
+
+    def pgd(self, model: nn.Module, *, loss: Any = "ce", start: str | None = "uniform") -> PGD:
+        """The method's inner PGD on ``model`` (its :func:`attack_view`), in its BN mode."""
+        attack = PGD(
+            attack_view(model),
+            eps=self.eps,
+            alpha=self.alpha,
+            steps=self.steps,
+            norm=self.norm,
+            loss=loss,
+            random_start=start,
+        )
+        attack.model_mode = self.attack_bn
+        return attack
 
     def on_epoch_start(self, epoch: int, epochs: int) -> None:
         """Called by the engine before epoch ``epoch`` (0-based) of ``epochs``; a no-op here."""
@@ -168,10 +202,7 @@ class PGDAT(Method):
     name = "pgd-at"
 
     def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> MethodOutput:
-        attack = PGD(
-            attack_view(model), eps=self.eps, alpha=self.alpha, steps=self.steps, norm=self.norm
-        )
-        x_adv = attack(x, y)
+        x_adv = self.pgd(model)(x, y)
         logits = model(x_adv)
         return MethodOutput(pgd_at_loss(logits, y), logits)
 
@@ -180,7 +211,8 @@ class PGDAT(Method):
 class Trades(Method):
     """TRADES (Zhang et al., ICML 2019): clean cross-entropy plus beta times a robust KL term.
 
-    PGD on ``KL(f(x) || f(x'))`` from ``x + 0.001 N(0, I)``, then :func:`trades_loss`.
+    PGD on ``KL(f(x) || f(x'))`` from ``x + 0.001 N(0, I)``, with ``f(x)`` and the attack in
+    eval mode (``attack_bn``), then :func:`trades_loss`.
 
     Args:
         beta: Weight of the robust KL term (6.0 in the paper for CIFAR-10).
@@ -201,20 +233,13 @@ class Trades(Method):
         local = attack_view(model)
         with torch.no_grad():
             was_training = local.training
-            local.eval()
+            local.train(self.attack_bn == "train")
             p_clean = F.softmax(local(x).float(), dim=1)
             local.train(was_training)
-        attack = PGD(
-            local,
-            eps=self.eps,
-            alpha=self.alpha,
-            steps=self.steps,
-            norm=self.norm,
-            loss="kl",
-            random_start="normal",
-        )
-        x_adv = attack(x, p_clean)
-        # Two forward passes, as in the paper's code: one mixed batch would change BN statistics.
+        x_adv = self.pgd(model, loss="kl", start="normal")(x, p_clean)
+        # Separate clean and adversarial forward passes (one mixed batch would change the BN
+        # statistics). The official code makes three, S(x) twice: same loss and gradient, one
+        # BN running-statistics update fewer here.
         logits_clean = model(x)
         logits_adv = model(x_adv)
         return MethodOutput(trades_loss(logits_clean, logits_adv, y, self.beta), logits_clean)

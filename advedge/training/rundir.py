@@ -68,9 +68,20 @@ class RunConfig(Protocol):
         ...
 
 
-def config_fingerprint(config: Any, resumable: frozenset[str]) -> str:
-    """Hash of the options of ``config`` (a dataclass) other than ``resumable``: 16 hex digits."""
+def config_fingerprint(
+    config: Any,
+    resumable: frozenset[str],
+    *,
+    view: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+) -> str:
+    """Hash of the options of ``config`` (a dataclass) other than ``resumable``: 16 hex digits.
+
+    ``view``, if given, maps the options to the form that is hashed (to keep old runs'
+    fingerprints when an option is added).
+    """
     d = {k: v for k, v in config_to_dict(config).items() if k not in resumable}
+    if view is not None:
+        d = view(d)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

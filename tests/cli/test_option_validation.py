@@ -115,18 +115,18 @@ def test_parse_fraction_accepts_only_number_or_a_over_b(text: str):
 @pytest.mark.parametrize(
     ("extra", "expected"),
     [
-        ("epochs: true", "config key 'epochs' must be an integer, got True"),
-        ("epochs: 1.7", "config key 'epochs' must be an integer, got 1.7"),
-        ("batch_size: lots", "config key 'batch_size' must be an integer, got 'lots'"),
-        ("batch_size: [32, 64]", "config key 'batch_size' must be an integer, got [32, 64]"),
-        ("lr: '0.1'", "config key 'lr' must be a finite number, got '0.1'"),
+        ("epochs: true", "config key 'epochs' must be an integer or null, got True"),
+        ("epochs: 1.7", "config key 'epochs' must be an integer or null, got 1.7"),
+        ("batch_size: lots", "config key 'batch_size' must be an integer or null, got 'lots'"),
+        ("batch_size: [32, 64]", "config key 'batch_size' must be an integer or null, got [32, 64]"),
+        ("lr: '0.1'", "config key 'lr' must be a finite number or null, got '0.1'"),
         ("subset: 1e400", "config key 'subset' must be an integer or null, got '1e400'"),
         ("subset: 1.0e+400", "config key 'subset' must be an integer or null, got inf"),
         ("seed: x", "config key 'seed' must be an integer, got 'x'"),
         ("model_kwargs: abc", "config key 'model_kwargs' must be a mapping"),
         ("nesterov: 1", "config key 'nesterov' must be true or false, got 1"),
         ("milestones: [0.5, x]", "config key 'milestones' must be a list of finite numbers"),
-        ("lr: .inf", "config key 'lr' must be a finite number, got inf"),
+        ("lr: .inf", "config key 'lr' must be a finite number or null, got inf"),
     ],
 )
 def test_config_value_types_are_checked(
@@ -394,7 +394,7 @@ def test_purifier_config_integers_are_bounded(name: str, value: int):
 
 
 def test_python_api_refuses_bool_for_int():
-    with pytest.raises(UsageError, match=r"^epochs must be an integer, got True"):
+    with pytest.raises(UsageError, match=r"^epochs must be an integer or null, got True"):
         TrainConfig(data="d", model="tiny_cnn", epochs=True)
     with pytest.raises(UsageError, match=r"^seed must be an integer, got 1\.5"):
         PurifierConfig(classifier="c", data="d", seed=1.5)

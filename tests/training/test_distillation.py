@@ -109,9 +109,11 @@ def test_iad_formula_weights_the_introspective_term_by_teacher_distrust(logits):
     want = 0.8 * 4 * _kl(t_clean, s_adv, 2.0) + 0.8 * intro + 0.2 * F.cross_entropy(s_clean, y)
     got = iad_loss(s_adv, s_clean, t_clean, t_adv, y, tau=2.0, mix=0.8, beta=0.1)
     assert got.item() == pytest.approx(want.item(), rel=1e-5)
-    # A teacher fully confident on x' (w = 1) removes the introspective term: ARD is left.
+    # A teacher fully confident on x' (w = 1) removes the introspective term: ARD is left, with
+    # IAD-I's batch-mean KL (ARD's own code averages over all N K elements).
     sure = torch.full_like(t_adv, -50.0)
     sure[torch.arange(6), y] = 50.0
-    assert iad_loss(s_adv, s_clean, t_clean, sure, y, tau=2.0, mix=0.8).item() == pytest.approx(
-        ard_loss(s_adv, s_clean, t_clean, y, tau=2.0, mix=0.8).item()
-    )
+    left = iad_loss(s_adv, s_clean, t_clean, sure, y, tau=2.0, mix=0.8).item()
+    ard_batchmean = ard_loss(s_adv, s_clean, t_clean, y, tau=2.0, mix=0.8, reduction="batchmean")
+    assert left == pytest.approx(ard_batchmean.item())
+    assert left != pytest.approx(ard_loss(s_adv, s_clean, t_clean, y, tau=2.0, mix=0.8).item())

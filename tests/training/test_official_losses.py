@@ -482,11 +482,6 @@ def test_batchmean_reduction_is_a_different_step(name, adversarial):
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DISCREPANCY: during IAD's warm-up IAD._ard_output calls ard_loss, whose KL is "
-    "ARD's 1/K mean; IAD-I.py's warm-up branch is the batch mean (1/len)*sum (K times more)",
-)
 def test_iad_warmup_loss_is_iad_i_warmup_branch(adversarial):
     student, teacher = _linear(0, 0.05), _linear(1, 0.3)
     method = _build("iad", teacher, warmup=0.3)
@@ -556,16 +551,7 @@ def test_attack_bn_mode_updates_running_statistics_only_in_train(name, mode, mon
         assert n1 == n0 and torch.equal(mean0, mean1)
 
 
-ADAAD_MODE = pytest.mark.xfail(
-    strict=True,
-    reason="DISCREPANCY (minor): AdaAD's attack runs on a fresh _StudentTeacher, whose "
-    "training flag is True, so Attack.__call__ 'restores' train mode on an eval-mode student",
-)
-
-
-@pytest.mark.parametrize(
-    "name", [pytest.param(m, marks=ADAAD_MODE if m == "adaad" else ()) for m in ATTACKED]
-)
+@pytest.mark.parametrize("name", ATTACKED)
 def test_attack_restores_eval_mode(name, monkeypatch):
     model = _bn_model().eval()
     seen = _attack_probe(monkeypatch, model)
