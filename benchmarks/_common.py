@@ -92,8 +92,11 @@ def write_results(
     rows: list[dict[str, Any]],
     columns: list[str],
     directory: Path = RESULTS,
+    *,
+    notes: list[str] | None = None,
 ) -> Path:
-    """Write ``<directory>/<name>.json`` and ``.md`` (a table naming the machine)."""
+    """Write ``<directory>/<name>.json`` and ``.md`` (a table naming the machine, then ``notes``,
+    Markdown lines)."""
     env = payload["environment"]
     machine = env.get("gpu") or env.get("processor")
     lines = [
@@ -108,6 +111,8 @@ def write_results(
     for row in rows:
         lines.append("| " + " | ".join(str(row.get(c, "")) for c in columns) + " |")
     lines.append("")
+    if notes:
+        lines += [*notes, ""]
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write_text(directory / f"{name}.json", json.dumps(payload, indent=2) + "\n")
     atomic_write_text(directory / f"{name}.md", "\n".join(lines))
