@@ -60,3 +60,10 @@ def test_every_subpackage_is_listed_for_the_wheel():
         for init in (ROOT / path).rglob("__init__.py")
     }
     assert found == set(config["packages"])
+
+
+def test_readme_method_table_is_the_official_recipes():
+    from advedge.training.official import markdown_table
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert markdown_table() in readme, "regenerate the README table from markdown_table()"
