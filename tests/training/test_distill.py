@@ -153,3 +153,35 @@ def test_teacher_runs_once_per_batch(method, teacher_run):
     student = create_model("tiny_cnn", num_classes=10).train()
     m.loss(student, torch.rand(8, 3, 16, 16), torch.arange(8) % 10).loss.backward()
     assert seen == [8]
+
+
+def test_add_at_its_defaults_trains_bit_for_bit_as_rslad(teacher_run, tmp_path):
+    """ADD at (tau 1, mix 5/6) is RSLAD: same attack, same loss, same weights after training.
+
+    The distillation study relies on this to reuse the RSLAD run as ADD's default point.
+    """
+    from advedge.training.engine import TrainConfig, train
+
+    data, teacher = teacher_run
+
+    def run(method: str, **kw: object) -> dict[str, torch.Tensor]:
+        cfg = TrainConfig(
+            data=str(data),
+            model="tiny_cnn",
+            method=method,
+            teacher=str(teacher),
+            epochs=1,
+            out=str(tmp_path / f"{method}{len(kw)}"),
+            batch_size=32,
+            steps=2,
+            eval_n=16,
+            channels_last=False,
+            **kw,  # type: ignore[arg-type]
+        )
+        train(cfg)
+        return load_model(cfg.out).state_dict()
+
+    rslad, add = run("rslad"), run("add")
+    assert all(torch.equal(rslad[k], add[k]) for k in rslad)
+    tau2 = run("add", temperature=2.0)
+    assert not all(torch.equal(rslad[k], tau2[k]) for k in rslad)
