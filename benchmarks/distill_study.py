@@ -42,9 +42,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from _common import DATA, RESULTS, stamp, write_results
 
-from advedge.checkpoint import MODEL_FILE, load_model
+from advedge.checkpoint import MODEL_FILE, STATE_FILE, load_model
 from advedge.config import load_yaml
 from advedge.data import ImageArrays, load_dataset, stratified_subset
 from advedge.evaluation import build_suite, evaluate
@@ -81,6 +82,7 @@ class Scale:
     eval_n: int
     suite_n: int
     methods: tuple[str, ...] = STUDENT_METHODS
+    teacher_suite_n: int | None = None  # None: suite_n
 
 
 SCALES = {
@@ -146,7 +148,7 @@ class Study:
         scale = SCALES[args.scale]
         overrides = {
             k: getattr(args, k)
-            for k in ("epochs", "teacher_epochs", "subset", "eval_n", "suite_n")
+            for k in ("epochs", "teacher_epochs", "subset", "eval_n", "suite_n", "teacher_suite_n")
             if getattr(args, k) is not None
         }
         self.scale = dataclasses.replace(scale, **overrides)
@@ -183,8 +185,10 @@ class Study:
 
     def _train(self, cfg: TrainConfig) -> dict[str, Any]:
         t0 = time.perf_counter()
-        result = train(cfg, resume=True, dataset=self.dataset)
-        if result.epochs_run:
+        metrics = self._finished(cfg)
+        if metrics is None:  # train (or resume); a finished run is only read, never locked
+            result = train(cfg, resume=True, dataset=self.dataset)
+            metrics = result.metrics
             self.log.warning(
                 "trained %s (%d epochs) in %.0f s",
                 cfg.out,
@@ -194,8 +198,8 @@ class Study:
         resolved = load_yaml(Path(cfg.out) / "config.yaml").get("resolved", {})
         return {
             "run": cfg.out,
-            "train_seconds": round(sum(r["seconds"] for r in result.metrics), 1),
-            "last_epoch": result.metrics[-1],
+            "train_seconds": round(sum(r["seconds"] for r in metrics), 1),
+            "last_epoch": metrics[-1],
             "settings": {
                 "weight_decay": cfg.weight_decay,
                 "lr": cfg.lr,
@@ -207,6 +211,20 @@ class Study:
                 **resolved.get("method_settings", {}),
             },
         }
+
+    @staticmethod
+    def _finished(cfg: TrainConfig) -> list[dict[str, float]] | None:
+        """The metrics rows of a run that trained all ``cfg.epochs`` with ``cfg``'s options."""
+        run = Path(cfg.out)
+        try:
+            state = torch.load(run / STATE_FILE, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError):
+            return None
+        if state.get("fingerprint") != cfg.fingerprint() or int(state["epoch"]) != cfg.epochs:
+            return None
+        if not (run / MODEL_FILE).exists():
+            return None
+        return [dict(r) for r in state.get("metrics", [])]
 
     def teacher(self) -> tuple[Path, dict[str, Any]]:
         s = self.scale
@@ -233,6 +251,11 @@ class Study:
         tau: float | None = None,
         alpha: float | None = None,
     ) -> tuple[Path, dict[str, Any]]:
+        if method == "add" and (tau, alpha) in ((None, None), (1.0, 5 / 6)):
+            # ADD's (tau 1, mix 5/6) point trains bit for bit as RSLAD (the test
+            # test_add_at_its_defaults_trains_bit_for_bit_as_rslad): reuse that run.
+            run, info = self.student(model, "rslad", teacher)
+            return run, {**info, "same_run_as": "rslad"}
         name = f"{model}_{method}"
         kw: dict[str, Any] = {}
         if method not in TEACHERLESS:
@@ -244,9 +267,9 @@ class Study:
         return self.runs / name, info
 
     # ----------------------------------------------------------------------- evaluation
-    def evaluate(self, run: Path, *, standard: bool) -> dict[str, Any]:
+    def evaluate(self, run: Path, *, standard: bool, suite_n: int | None = None) -> dict[str, Any]:
         """Clean, PGD-20, CW-20 (and the standard suite, the worst case); cached in the run."""
-        s = self.scale
+        s = dataclasses.replace(self.scale, suite_n=suite_n or self.scale.suite_n)
         key = {"eval_n": s.eval_n, "suite_n": s.suite_n if standard else 0, "seed": 0, "v": 2}
         cache = run / "study_eval.json"
         if cache.exists():
@@ -325,9 +348,9 @@ class Study:
         started = time.perf_counter()
         rows = []
         teacher = self.runs / "no-teacher"
-        if only - set(TEACHERLESS):  # the teacher is trained (and scored) only when needed
+        need_teacher = bool(only - set(TEACHERLESS))
+        if need_teacher:  # the teacher is trained (and scored, last) only when needed
             teacher, tinfo = self.teacher()
-            rows.append(self._row("teacher", s.teacher, s.teacher_method, teacher, tinfo))
         for model in s.students:
             for method in s.methods:
                 if method not in only:
@@ -338,6 +361,8 @@ class Study:
                 else:
                     run, info = self.student(model, method, teacher)
                 rows.append(self._row("student", model, method, run, info))
+        if need_teacher and not self.args.no_teacher_eval:
+            rows.insert(0, self._row("teacher", s.teacher, s.teacher_method, teacher, tinfo))
         self._write(f"distill_{self.args.scale}", rows, started, standard=True)
 
     def run_sweep(self) -> None:
@@ -480,7 +505,8 @@ class Study:
         *,
         standard: bool = True,
     ) -> dict[str, Any]:
-        scores = self.evaluate(run, standard=standard)
+        suite_n = self.scale.teacher_suite_n if role == "teacher" else None
+        scores = self.evaluate(run, standard=standard, suite_n=suite_n)
         self.log.warning(
             "%s %s: clean %.3f PGD-20 %.3f CW-20 %.3f%s",
             model,
@@ -586,15 +612,17 @@ def pairwise_mcnemar(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for i, a in enumerate(rows):
         for b in rows[i + 1 :]:
-            fa, fb = a["worst_flags"], b["worst_flags"]
+            n = min(len(a["worst_flags"]), len(b["worst_flags"]))  # the same first n images
+            fa, fb = a["worst_flags"][:n], b["worst_flags"][:n]
             only_a = sum(x == "1" and y == "0" for x, y in zip(fa, fb, strict=True))
             only_b = sum(x == "0" and y == "1" for x, y in zip(fa, fb, strict=True))
             out.append(
                 {
                     "a": _key(a),
                     "b": _key(b),
-                    "a_acc": a["worst_case"],
-                    "b_acc": b["worst_case"],
+                    "n": n,
+                    "a_acc": fa.count("1") / n,
+                    "b_acc": fb.count("1") / n,
                     "only_a_robust": only_a,
                     "only_b_robust": only_b,
                     "p_value": mcnemar_exact(only_a, only_b),
@@ -629,13 +657,13 @@ def ordering_notes(rows: list[dict[str, Any]], tests: list[dict[str, Any]]) -> l
         "Paired comparisons on the worst case (exact McNemar test on the same images; "
         "p < 0.05 means the difference is beyond chance):",
         "",
-        "| A | B | A worst | B worst | A - B | only A robust | only B robust | p |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| A | B | images | A worst | B worst | A - B | only A robust | only B robust | p |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for a, b in pairs:
         t = by_pair[(a, b)]
         lines.append(
-            f"| {a} | {b} | {t['a_acc']:.3f} | {t['b_acc']:.3f} | "
+            f"| {a} | {b} | {t['n']} | {t['a_acc']:.3f} | {t['b_acc']:.3f} | "
             f"{t['a_acc'] - t['b_acc']:+.3f} | {t['only_a_robust']} | {t['only_b_robust']} | "
             f"{t['p_value']:.3g} |"
         )
@@ -646,6 +674,7 @@ def _swap(t: dict[str, Any]) -> dict[str, Any]:
     return {
         "a": t["b"],
         "b": t["a"],
+        "n": t["n"],
         "a_acc": t["b_acc"],
         "b_acc": t["a_acc"],
         "only_a_robust": t["only_b_robust"],
@@ -660,6 +689,12 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="ADD's (tau, alpha) grid vs RSLAD")
     parser.add_argument("--only", help="comma-separated student methods to run")
     parser.add_argument("--teacher-only", action="store_true", help="train the teacher and stop")
+    parser.add_argument(
+        "--score-teacher", action="store_true", help="evaluate the teacher (cached) and stop"
+    )
+    parser.add_argument(
+        "--no-teacher-eval", action="store_true", help="leave the teacher unscored (a partial run)"
+    )
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--runs", help="where the runs live (default runs/distill_<scale>)")
     parser.add_argument("--device", default="auto")
@@ -671,11 +706,16 @@ def main() -> None:
     parser.add_argument("--eval-n", type=int, help="override the evaluation size")
     parser.add_argument("--suite-n", type=int, help="override the standard suite's size")
     parser.add_argument("--n-val", type=int, default=1000, help="validation images (--sweep)")
+    parser.add_argument("--teacher-suite-n", type=int, help="the teacher's standard-suite size")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
     study = Study(args)
     if args.teacher_only:
         study.teacher()
+    elif args.score_teacher:
+        teacher, info = study.teacher()
+        s = study.scale
+        study._row("teacher", s.teacher, s.teacher_method, teacher, info)
     elif args.sweep:
         study.run_sweep()
     else:

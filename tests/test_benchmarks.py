@@ -54,9 +54,15 @@ def test_distill_study_runs_reuses_and_tabulates(tmp_path):
         assert 0 <= r["worst_case"] <= r["standard"] <= r["clean_suite_n"]
         assert r["params_m"] > 0 and r["mflops"] > 0 and r["train_seconds"] > 0
     table = (tmp_path / "results" / "distill_mini.md").read_text()
-    assert "| resnet20 (teacher) | pgd-at |" in table and "worst case" in table
-    # The add run is named by its settings, so the sweep and the study share it.
-    assert (tmp_path / "runs" / "resnet8_add_t1_a0.833" / "model.safetensors").exists()
+    assert "| resnet20 (teacher) | pgd-at |" in table and "worst case [95% CI]" in table
+    # ADD at its defaults trains bit for bit as RSLAD: the study reuses the RSLAD run.
+    assert rows[3]["same_run_as"] == "rslad"
+    assert (tmp_path / "runs" / "resnet8_rslad" / "model.safetensors").exists()
+    assert not (tmp_path / "runs" / "resnet8_add_t1_a0.833").exists()
+    # Every pair has an exact McNemar test on the same images.
+    tests = payload["mcnemar"]
+    assert len(tests) == 6 and all(0 <= t["p_value"] <= 1 and t["n"] == 6 for t in tests)
+    assert "| add | natural |" not in table and "exact McNemar" in table
     # A rerun reuses every finished run and evaluation: the numbers do not move.
     again = _study(tmp_path, data, "--only", "natural,dd,add")
     assert again.returncode == 0, again.stderr[-3000:]
@@ -65,3 +71,22 @@ def test_distill_study_runs_reuses_and_tabulates(tmp_path):
         (r["train_seconds"], r["worst_case"]) for r in rows
     ]
     assert "trained" not in again.stderr
+
+
+def test_add_sweep_selects_on_a_validation_split_outside_the_training_subset(tmp_path):
+    from conftest import write_npz_dataset
+
+    data = write_npz_dataset(tmp_path / "data", n_train=60, n_test=12, size=32)
+    proc = _study(tmp_path, data, "--sweep", "--n-val", "12")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    payload = json.loads((tmp_path / "results" / "distill_sweep_mini.json").read_text())
+    assert payload["settings"]["n_val"] == 12
+    adds = [r for r in payload["rows"] if r["method"] == "add"]
+    assert len(adds) == 6 and sum(bool(r.get("selected")) for r in adds) == 1
+    best = max(adds, key=lambda r: (r["val_worst"], r["val_clean"]))
+    assert best.get("selected")
+    assert payload["selected"] == {"temperature": best["temperature"], "alpha": best["alpha"]}
+    # Scored on validation images only: no test-set evaluation was made for the sweep.
+    for r in payload["rows"]:
+        assert "clean" not in r and 0 <= r["val_worst"] <= r["val_clean"] <= 1
+        assert not (Path(r["run"]) / "study_eval.json").exists()
