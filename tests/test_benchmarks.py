@@ -83,10 +83,38 @@ def test_add_sweep_selects_on_a_validation_split_outside_the_training_subset(tmp
     assert payload["settings"]["n_val"] == 12
     adds = [r for r in payload["rows"] if r["method"] == "add"]
     assert len(adds) == 6 and sum(bool(r.get("selected")) for r in adds) == 1
-    best = max(adds, key=lambda r: (r["val_worst"], r["val_clean"]))
-    assert best.get("selected")
-    assert payload["selected"] == {"temperature": best["temperature"], "alpha": best["alpha"]}
+    chosen = next(r for r in adds if r.get("selected"))
+    sel = payload["selected"]
+    assert (sel["temperature"], sel["alpha"]) == (chosen["temperature"], chosen["alpha"])
+    # The best on validation replaces the default (tau 1, 5/6) only beyond chance.
+    if (chosen["temperature"], chosen["alpha"]) != (1.0, 0.8333):
+        assert sel["p_value"] < 0.05
+    assert all(len(r["val_worst_flags"]) == 12 for r in adds)
+    assert "exact McNemar" in (tmp_path / "results" / "distill_sweep_mini.md").read_text()
     # Scored on validation images only: no test-set evaluation was made for the sweep.
     for r in payload["rows"]:
         assert "clean" not in r and 0 <= r["val_worst"] <= r["val_clean"] <= 1
         assert not (Path(r["run"]) / "study_eval.json").exists()
+
+
+def test_select_add_replaces_the_default_only_beyond_chance():
+    sys.path.insert(0, str(BENCH))
+    from distill_study import select_add
+
+    def row(tau: float, alpha: float, flags: str) -> dict:
+        return {
+            "temperature": tau,
+            "alpha": alpha,
+            "val_worst": flags.count("1") / len(flags),
+            "val_clean": 0.5,
+            "val_worst_flags": flags,
+        }
+
+    default = "1" * 10 + "0" * 90
+    close = row(2.0, 0.9, "1" * 12 + "0" * 88)  # 2 more images: chance
+    chosen = select_add([row(1.0, 0.8333, default), close], 1.0, 5 / 6)
+    assert (chosen["temperature"], chosen["alpha"]) == (1.0, 0.8333)
+    assert chosen["selection"]["p_value"] == 0.5 and not close.get("selected")
+    far = row(4.0, 0.9, "1" * 30 + "0" * 70)  # 20 more images, none fewer: p ~ 2e-6
+    chosen = select_add([row(1.0, 0.8333, default), far], 1.0, 5 / 6)
+    assert chosen is far and chosen["selection"]["p_value"] < 1e-5
