@@ -268,7 +268,7 @@ class Study:
 
     def supplement(self, *, train_missing: bool) -> list[dict[str, Any]]:
         """RSLAD with ``kl_reduction="batchmean"`` (advedge's KL before issue 15, 10x the
-        official loss): clean, PGD-20 and CW-20 only. It shows what the official reduction's
+        official loss), scored like every student. It shows what the official reduction's
         smaller loss costs at this short budget. Empty when not trained and not asked to."""
         model = self.scale.students[0]
         name = f"{model}_rslad_batchmean"
@@ -279,10 +279,8 @@ class Study:
         if not train_missing and self._finished(cfg) is None:
             return []
         info = self._train(cfg)
-        scores = self.evaluate(self.runs / name, standard=False)
         label = "rslad (--kl-reduction batchmean)"
-        row = {"role": "supplement", "model": model, "method": label, **info, **scores}
-        return [{**row, **self.describe(self.runs / name)}]
+        return [self._row("student", model, label, self.runs / name, info)]
 
     # ----------------------------------------------------------------------- evaluation
     def evaluate(self, run: Path, *, standard: bool, suite_n: int | None = None) -> dict[str, Any]:
@@ -381,8 +379,9 @@ class Study:
                 rows.append(self._row("student", model, method, run, info))
         if need_teacher and not self.args.no_teacher_eval:
             rows.insert(0, self._row("teacher", s.teacher, s.teacher_method, teacher, tinfo))
-        extra = self.supplement(train_missing=False) if need_teacher else []
-        self._write(f"distill_{self.args.scale}", rows, started, standard=True, extra=extra)
+        if need_teacher:
+            rows += self.supplement(train_missing=False)
+        self._write(f"distill_{self.args.scale}", rows, started, standard=True)
 
     def run_sweep(self) -> None:
         """ADD's grid next to RSLAD, scored and selected on a validation split (not the test)."""
@@ -569,7 +568,6 @@ class Study:
         started: float,
         *,
         standard: bool,
-        extra: list[dict[str, Any]] = (),  # type: ignore[assignment]
     ) -> None:
         s = self.scale
         payload = {
@@ -603,19 +601,6 @@ class Study:
         if standard:
             payload["mcnemar"] = pairwise_mcnemar(rows)
             notes = ordering_notes(rows, payload["mcnemar"])
-        if extra:
-            payload["supplement"] = list(extra)
-            notes += [
-                "",
-                "Supplement (clean / PGD-20 / CW-20 on the first eval_n images only):",
-                "",
-            ]
-            notes += [
-                f"- {r['model']} {r['method']}: clean {r['clean']:.3f}, PGD-20 {r['pgd20']:.3f}, "
-                f"CW-20 {r['cw20']:.3f} ({r['train_seconds'] / 60:.1f} train min, sha256 "
-                f"{r.get('model_sha256', '')[:12]})"
-                for r in extra
-            ]
         table = [table_row(r, standard) for r in rows]
         columns = ["model", "method", "clean", "PGD-20", "CW-20"]
         if standard:
