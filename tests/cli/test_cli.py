@@ -905,7 +905,10 @@ def test_config_file_without_a_required_option_is_a_usage_error(
 @pytest.mark.parametrize(
     ("command", "shown"),
     [
-        (["train"], "Attack step size [default: the method's: eps/4; 1.25*eps for fgsm-rs; 0.007/0.031*eps for trades]."),
+        (
+            ["train"],
+            "Attack step size [default: the method's: eps/4; 1.25*eps for fgsm-rs; 0.007/0.031*eps for trades].",
+        ),
         (["eval"], "instead of a suite [default: fgsm,pgd,cw,mifgsm]."),
         (["distill"], "Temperature tau [default: the method's]."),
         (["calibrate"], "Calibration-range cache [default: ~/.cache/advedge]."),

@@ -118,7 +118,10 @@ def test_parse_fraction_accepts_only_number_or_a_over_b(text: str):
         ("epochs: true", "config key 'epochs' must be an integer or null, got True"),
         ("epochs: 1.7", "config key 'epochs' must be an integer or null, got 1.7"),
         ("batch_size: lots", "config key 'batch_size' must be an integer or null, got 'lots'"),
-        ("batch_size: [32, 64]", "config key 'batch_size' must be an integer or null, got [32, 64]"),
+        (
+            "batch_size: [32, 64]",
+            "config key 'batch_size' must be an integer or null, got [32, 64]",
+        ),
         ("lr: '0.1'", "config key 'lr' must be a finite number or null, got '0.1'"),
         ("subset: 1e400", "config key 'subset' must be an integer or null, got '1e400'"),
         ("subset: 1.0e+400", "config key 'subset' must be an integer or null, got inf"),
