@@ -90,8 +90,13 @@ def init_distributed(device: str = "auto") -> bool:
 
     use_cuda = resolve_device(device).type == "cuda"
     if use_cuda:
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        local = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(local)
+        # device_id binds the group to this rank's GPU: NCCL connects eagerly and never
+        # guesses the device (no warning, no hang from a rank using another rank's GPU)
+        dist.init_process_group(backend="nccl", device_id=local)
+    else:
+        dist.init_process_group(backend="gloo")
     # A group left alive at interpreter exit can abort the process from gloo's or NCCL's
     # destructors ("terminate called without an active exception"); callers of the Python API
     # (train() straight under torchrun) rarely destroy it, so do it at exit for them.

@@ -446,6 +446,8 @@ def _export_target(job: _Export, target: ExportTarget) -> list[Path]:
                 save_set=opts.builds_calibration_set(),
             )
         )
+        if extra.get("warning"):
+            job.report.warnings.append(f"{target.name}: {extra.pop('warning')}")
         extra["parity"] = gate_onnx(target, final, opts.precision, images)
         job.say(f"parity {opts.precision} ok: {summary(extra['parity'])}")
         files.append((final, opts.precision, extra))

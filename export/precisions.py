@@ -21,7 +21,7 @@ from typing import Any
 
 from advedge.calibration.quantize import QuantizeOptions, quantize_artifact
 from advedge.calibration.sets import CalibrationSet, save_calibration_set
-from advedge.export.fp16 import convert_fp16
+from advedge.export.fp16 import clamp_warning, convert_fp16
 from advedge.export.graph import read_onnx_metadata
 from advedge.export.parity import Tolerance
 
@@ -82,7 +82,11 @@ class ExportPrecision:
 
 
 def _to_fp16(job: Conversion) -> tuple[Path, dict[str, Any]]:
-    return convert_fp16(job.fp32, job.stage / f"{job.name}.fp16.onnx"), {}
+    path = convert_fp16(job.fp32, job.stage / f"{job.name}.fp16.onnx")
+    clamped = read_onnx_metadata(path).get("fp16_clamped")
+    if not clamped:
+        return path, {}
+    return path, {"fp16_clamped": clamped, "warning": f"FP16: {clamp_warning(clamped)}"}
 
 
 def _to_int8(job: Conversion) -> tuple[Path, dict[str, Any]]:

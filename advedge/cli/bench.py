@@ -15,7 +15,7 @@ from advedge.cli.output import Output
 __all__ = ["bench_cmd", "report_cmd"]
 
 
-def bench_cmd(  # long: one parameter for each of its 21 options; the body is short
+def bench_cmd(  # long: one parameter for each of its 22 options; the body is short
     ctx: typer.Context,
     artifact: Annotated[
         list[str],
@@ -23,7 +23,12 @@ def bench_cmd(  # long: one parameter for each of its 21 options; the body is sh
     ],
     data: Annotated[str, typer.Option(help="Data directory whose test split is used.")],
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,8,32,128",
-    warmup: Annotated[int, typer.Option(help="Untimed calls before timing.")] = 50,
+    warmup: Annotated[
+        int,
+        typer.Option(
+            help="Untimed calls per batch size before timing (at least 1: the first compiles)."
+        ),
+    ] = 50,
     iters: Annotated[int, typer.Option(help="Timed calls per batch size.")] = 500,
     robust: Annotated[
         bool,
@@ -78,6 +83,13 @@ def bench_cmd(  # long: one parameter for each of its 21 options; the body is sh
             "process may use]."
         ),
     ] = None,
+    device: Annotated[
+        str,
+        typer.Option(
+            help="auto, cpu, cuda or cuda:N: where PyTorch backends run and the transfer set is "
+            "crafted, and the GPU of ONNX Runtime's CUDA/TensorRT providers."
+        ),
+    ] = "auto",
     out: Annotated[Path | None, typer.Option(help="Write bench.json and bench.csv here.")] = None,
     seed: Annotated[int, typer.Option(help="--robust: the attacks' seed (eval's --seed).")] = 0,
     overwrite: Annotated[

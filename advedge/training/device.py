@@ -29,12 +29,17 @@ def prepare_model(
     """Move ``model`` to ``device``, in the channels_last memory format where that pays.
 
     ``channels_last=None`` means: on CUDA always; on CPU when ``probe_input`` is given and
-    :func:`channels_last_is_faster` says so; otherwise not.
+    :func:`channels_last_is_faster` says so; otherwise not. On CUDA it also switches on
+    ``torch.backends.cudnn.benchmark`` (training's shapes are fixed, so autotuning pays).
 
     Returns:
         ``(model, channels_last)``.
     """
     model = model.to(device)
+    if device.type == "cuda":
+        # Fixed input shapes all run long: let cuDNN time its convolution algorithms once per
+        # shape and keep the fastest (the default picks by heuristics only).
+        torch.backends.cudnn.benchmark = True
     use_cl = channels_last
     if use_cl is None:
         if device.type == "cuda":

@@ -55,7 +55,12 @@ from advedge.training.inputs import (
     load_training_data,
     training_split,
 )
-from advedge.training.objectives import Method, MethodOutput, build_method
+from advedge.training.objectives import (
+    Method,
+    MethodOutput,
+    build_method,
+    register_attack_view,
+)
 from advedge.training.rundir import RunDir, check_run_dir, epoch_seed, resumed_progress
 from advedge.training.schedule import lr_lambda, relay_schedule
 from advedge.utils import autocast_context, resolve_device, seed_everything
@@ -333,6 +338,8 @@ class Trainer:
             )
         if self.config.compile:
             train_model = torch.compile(train_model)  # type: ignore[assignment]
+            if self.world_size > 1:  # the inner attack runs on the local module: compile it too
+                register_attack_view(train_model, torch.compile(model))
         return train_model
 
     def _run_epoch(

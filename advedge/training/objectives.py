@@ -10,6 +10,7 @@ and ``fgsm-rs`` (Wong et al., ICLR 2020).
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -75,14 +76,30 @@ def trades_loss(logits_clean: Tensor, logits_adv: Tensor, y: Tensor, beta: float
     return natural + beta * robust
 
 
+#: Training model -> the compiled local module its inner attacks run on (see
+#: :func:`register_attack_view`); weak, so a finished run's models are freed.
+_ATTACK_VIEWS: weakref.WeakKeyDictionary[nn.Module, nn.Module] = weakref.WeakKeyDictionary()
+
+
+def register_attack_view(train_model: nn.Module, view: nn.Module) -> None:
+    """Make ``view`` what :func:`attack_view` returns for ``train_model``: the engine registers
+    ``torch.compile(local module)`` for a compiled DDP model, so the inner attack (most of an
+    adversarial step's cost) is compiled too."""
+    _ATTACK_VIEWS[train_model] = view
+
+
 def attack_view(model: nn.Module) -> nn.Module:
     """The module an inner attack should differentiate: ``model`` without its DDP wrapper.
 
     Under DDP every rank holds the same weights, so the attack runs on the local module: its
     forward passes then skip DDP's buffer broadcasts and never arm the gradient reducer, which
-    expects exactly one backward per forward. A ``torch.compile`` wrapper is kept unless it
-    wraps DDP (then the eager local module is used).
+    expects exactly one backward per forward. A ``torch.compile`` wrapper is kept; one that
+    wraps DDP is replaced by the compiled local module registered for it
+    (:func:`register_attack_view`), else by the eager local module.
     """
+    registered = _ATTACK_VIEWS.get(model)
+    if registered is not None:
+        return registered
     inner = getattr(model, "_orig_mod", None)
     if isinstance(model, nn.parallel.DistributedDataParallel):
         return model.module

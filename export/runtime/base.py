@@ -38,7 +38,7 @@ import abc
 import functools
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,7 +71,11 @@ class RunnerInfo:
     Attributes:
         backend: The registered backend name (``"onnxruntime"``, ``"torch"``, ``"tensorrt"``...).
         device: Where it computes: ``"cpu"``, ``"cuda"``, ``"cuda:0"``, an engine's GPU name.
-        precision: ``"fp32"``, ``"fp16"``, ``"int8"``...; None where the artifact does not say.
+        precision: The arithmetic it runs in: ``"fp32"``, ``"fp16"``, ``"int8"``, or
+            ``"int8-simulated"`` (an INT8 Q/DQ graph computed in FP32 on dequantised values, as
+            ONNX Runtime's CUDA provider runs it); None where the artifact does not say.
+        stored_precision: The artifact's own precision where it differs from ``precision``
+            (``"int8"`` for an ``"int8-simulated"`` run); None where they agree.
         kind: What the artifact computes: ``"classifier"``, ``"purifier"`` or ``"fused"``.
         source_sha256: The sha256 of the checkpoint the artifact came from (a checkpoint is its
             own source); for a fused artifact ``{"purifier": ..., "classifier": ...}``; None
@@ -97,6 +101,7 @@ class RunnerInfo:
     backend: str
     device: str | None = None
     precision: str | None = None
+    stored_precision: str | None = None
     kind: str = "classifier"
     source_sha256: str | Mapping[str, str] | None = None
     input_shape: tuple[int, ...] | None = None
@@ -186,7 +191,7 @@ class Runner(abc.ABC):
         return np.concatenate(parts, axis=0)
 
 
-#: How a backend opens an artifact: ``opener(path, name, device=..., threads=...)``.
+#: How a backend opens an artifact: ``opener(path, name, device=, threads=, batch_sizes=)``.
 Opener = Callable[..., Runner]
 
 
@@ -196,9 +201,9 @@ class Backend:
 
     Attributes:
         artifact: The file type it runs (``"engine"``, ``"onnx"`` or ``"checkpoint"``).
-        open: ``open(path, name, *, device, threads)``: the runner for ``path``; ``name`` is
-            the registered name (one opener may serve several backends); ``threads`` as
-            :func:`open_runner` takes it.
+        open: ``open(path, name, *, device, threads, batch_sizes)``: the runner for ``path``;
+            ``name`` is the registered name (one opener may serve several backends);
+            ``device``, ``threads`` and ``batch_sizes`` as :func:`open_runner` takes them.
         default: Whether ``backend="auto"`` picks it for its file type (one per type).
     """
 
@@ -271,6 +276,7 @@ def open_runner(
     backend: str = "auto",
     device: str = "auto",
     threads: int | None = None,
+    batch_sizes: Sequence[int] | None = None,
 ) -> Runner:
     """The runner for an artifact (see the module docstring).
 
@@ -281,6 +287,9 @@ def open_runner(
         threads: For ONNX Runtime: ``intra_op_num_threads``; None: the count
             :func:`~advedge.export.runtime.threads.apply_threads` set, else ONNX Runtime's
             choice; 0: ONNX Runtime's choice. PyTorch backends use the process-wide count.
+        batch_sizes: The batch sizes the caller will run, where a backend prepares for them
+            (ONNX Runtime's TensorRT provider builds its optimisation profile to cover them);
+            None: the backend's default.
 
     Raises:
         ExportError: missing artifact or unknown file type.
@@ -303,4 +312,4 @@ def open_runner(
             f"backend {name} runs {runs[entry.artifact]}, and {p.name} is {what[kind]}",
             "choose " + ", ".join(["auto", *fits]),
         )
-    return entry.open(p, name, device=device, threads=threads)
+    return entry.open(p, name, device=device, threads=threads, batch_sizes=batch_sizes)

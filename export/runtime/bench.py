@@ -53,10 +53,9 @@ consistent counts, not every image left clean).
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import json
 import math
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -69,6 +68,7 @@ from advedge.export.runtime.environment import environment_manifest
 from advedge.export.runtime.feed import Feed
 from advedge.export.runtime.labels import artifact_label, unique_labels
 from advedge.export.runtime.latency import measure_latency
+from advedge.export.runtime.records import bench_csv
 from advedge.export.runtime.robust import flags_text, interval, measure_robust, threat_model
 from advedge.export.runtime.threads import (
     MAX_THREADS,
@@ -147,6 +147,7 @@ class BenchOptions:
     transfer_set: str | None = None
     overwrite: bool = False  # replace an earlier bench.json / bench.csv in out
     threads: int | None = None  # intra-op threads of torch and ONNX Runtime (None: the default)
+    device: str = "auto"  # PyTorch backends and the transfer set's crafting; GPU providers' index
 
     def validate(self) -> None:
         """Check every option's value and range (nothing is read or run).
@@ -163,7 +164,9 @@ class BenchOptions:
                 f"batch size {max(self.batch_sizes)} is above the limit of {MAX_BATCH}",
                 "choose smaller --batch-sizes",
             )
-        _bounded("--warmup", self.warmup, 0, MAX_WARMUP)
+        # at least one: the first call at a batch size compiles, captures a graph or builds an
+        # engine (torch-compile, torch-cudagraph, onnxruntime-trt), which must not be timed
+        _bounded("--warmup", self.warmup, 1, MAX_WARMUP)
         _bounded("--iters", self.iters, 1, MAX_ITERS)
         _bounded("--n", self.n, 1, MAX_N)
         if self.query_n is not None:
@@ -175,6 +178,8 @@ class BenchOptions:
         _bounded("--seed", self.seed, 0, 2**32 - 1)
         if not (math.isfinite(self.eps) and 0.0 < self.eps <= 1.0):
             raise UsageError(f"--eps must lie in (0, 1], got {self.eps}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device).strip().lower()):
+            raise UsageError(f"unknown device {self.device!r}", "use auto, cpu, cuda or cuda:N")
         if self.backend != "auto" and self.backend not in BACKENDS:
             raise UsageError(f"unknown backend {self.backend!r}", "choose " + ", ".join(BACKENDS))
         if self.robust and self.model is None and self.transfer_set is None:
@@ -457,6 +462,8 @@ def _run(
         entry["n"] = len(y)
         if opts.robust:
             entry["robust"] = measure_robust(opts, art, x, y, plan.sets[art.fused], say)
+        if getattr(art.runner, "shapes", None) and art.runner.shapes():
+            entry["shapes"] = art.runner.shapes()  # compiled / captured batches, padded calls
     given = next(iter(plan.sets.values())) if opts.transfer_set is not None else None
     load = {"before": load_before, "after": load_average()}
     busy = busy_warning(
@@ -492,7 +499,7 @@ def _write(out_dir: Path, results: list[dict[str, Any]], doc: dict[str, Any]) ->
     old JSON."""
     try:
         with StagedFiles() as files:
-            files.write_text(out_dir / "bench.csv", _csv(results))
+            files.write_text(out_dir / "bench.csv", bench_csv(results))
             files.write_text(out_dir / "bench.json", json.dumps(to_jsonable(doc), indent=2) + "\n")
             files.install()
     except OSError as exc:
@@ -520,7 +527,9 @@ def _check_image_shape(info: RunnerInfo, x: np.ndarray, name: str) -> None:
 def _open(artifact: str, opts: BenchOptions, x: np.ndarray) -> _Art:
     """Open an artifact's runner and check its input and batch sizes against this run."""
     path = Path(artifact)
-    runner = open_runner(artifact, backend=opts.backend)
+    runner = open_runner(
+        artifact, backend=opts.backend, device=opts.device, batch_sizes=opts.batch_sizes
+    )
     _check_image_shape(runner.info, x, path.name)
     art = _Art(path, runner, runner.info)
     fitting = [b for b in opts.batch_sizes if art.fits(b)]
@@ -547,6 +556,7 @@ def _time(
         "backend": info.backend,
         "device": info.device,
         "precision": info.precision,
+        **({"artifact_precision": info.stored_precision} if info.stored_precision else {}),
         "bytes": info.size_bytes,
         "kind": info.kind,
         "latency": [],
@@ -562,30 +572,3 @@ def _time(
             measure_latency(art.runner, x, b, warmup=opts.warmup, iters=opts.iters)
         )
     return entry
-
-
-def _csv(results: list[dict[str, Any]]) -> str:
-    cols = [
-        "artifact",
-        "backend",
-        "precision",
-        "bytes",
-        "batch",
-        "mean_ms",
-        "p50_ms",
-        "p90_ms",
-        "p99_ms",
-        "cv",
-        "images_per_s",
-        "clean_acc",
-        "worst_case_acc",
-    ]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
-    w.writeheader()
-    for r in results:
-        for lat in r["latency"]:
-            w.writerow(
-                {**r, **lat, "worst_case_acc": (r.get("robust") or {}).get("worst_case_acc")}
-            )
-    return buf.getvalue()

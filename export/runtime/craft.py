@@ -98,13 +98,21 @@ def _recorder(n: int, x: np.ndarray, say: Callable[[str], None]) -> Any:
     return Keep()
 
 
+def _device_of(model: Any) -> Any:
+    """The device of a model's parameters (the CPU for a model without any)."""
+    import torch
+
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
 def craft_examples(
     model: Any,
     test: Any,
     recipe: Recipe,
     say: Callable[[str], None],
 ) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, Any]]:
-    """Run :class:`Recipe`'s attacks on ``model`` (the FP32 parent, on the CPU).
+    """Run :class:`Recipe`'s attacks on ``model`` (the FP32 parent, on its own device: a GPU
+    where bench runs on one).
 
     Args:
         model: The FP32 PyTorch classifier (or purifier + classifier), in eval mode.
@@ -135,8 +143,10 @@ def craft_examples(
         n_iter=recipe.n_iter,
         seed=recipe.seed,
     )
+    device = _device_of(model)
     settings = EvalSettings(
         eps=recipe.eps,
+        device=device,
         batch_size=EVAL_BATCH,
         cascade=True,
         suite="standard",
@@ -154,10 +164,15 @@ def craft_examples(
         eps=recipe.eps,
         alpha=recipe.eps / 4,
         steps=recipe.cw_steps,
-        generator=torch.Generator().manual_seed(recipe.seed),
+        generator=torch.Generator(device=device).manual_seed(recipe.seed),
     )
     cw_result = EvalSettings(
-        eps=recipe.eps, batch_size=EVAL_BATCH, flags_n=0, seed=recipe.seed, progress=keep
+        eps=recipe.eps,
+        device=device,
+        batch_size=EVAL_BATCH,
+        flags_n=0,
+        seed=recipe.seed,
+        progress=keep,
     ).run(model, test, [cw])
     advs["cw"] = keep.cumulative[cw.name]
     survived &= cw_result.worst_case()

@@ -327,15 +327,16 @@ def craft_transfer_set(
     """
     from advedge.checkpoint import load_model
     from advedge.data import to_tensor
-    from advedge.utils import seed_everything
+    from advedge.utils import resolve_device, seed_everything
 
     source, ckpt, pfile = model_source(opts, fused)
-    model = load_model(ckpt)
+    device = resolve_device(getattr(opts, "device", "auto"))  # a GPU where there is one
+    model = load_model(ckpt, device=device)
     if fused:
         from advedge.models.purified import Purified
         from advedge.purifier import load_purifier
 
-        model = Purified(load_purifier(pfile), model).eval()
+        model = Purified(load_purifier(pfile, device=device), model).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     recipe = recipe_of(opts)
@@ -351,6 +352,7 @@ def craft_transfer_set(
         "n": len(test),
         "num_classes": num_classes,
         "crafted_on": "fp32 pytorch",
+        "crafted_device": str(device),
         "recipe": recipe.key(),
         "budgets": {a["name"]: a["budget"] for a in recipe.attacks(num_classes)},
     }

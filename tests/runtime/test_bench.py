@@ -20,7 +20,7 @@ from advedge.cli import main
 from advedge.errors import ExportError, MissingDependencyError, UsageError
 
 PNG = b"\x89PNG\r\n\x1a\n"
-QUICK = {"warmup": "0", "iters": "1"}  # one untimed-ish call: the checks and accuracy matter
+QUICK = {"warmup": "1", "iters": "1"}  # one untimed call (the least bench takes): checks matter
 
 
 def _bench_json(capsys: pytest.CaptureFixture[str], *args: object, **options: object) -> dict:
@@ -305,7 +305,7 @@ def test_bench_bounds_activations_in_host_memory_only_for_host_backends(
     common = {
         "data": str(tiny_npz_data),
         "batch_sizes": "256",
-        "warmup": "0",
+        "warmup": "1",
         "iters": "1",
         "n": "16",
         "json": True,
@@ -357,7 +357,7 @@ def test_purifier_run_is_the_white_box_parent_of_fused_artifacts(
         [pur, fused],
         tiny_npz_data,
         batch_sizes="4",
-        warmup="0",
+        warmup="1",
         iters="2",
         n="16",
         robust=True,

@@ -109,7 +109,7 @@ def _bench_args(artifact: Path, data: Path, out: Path | None = None, **kw: objec
         "artifact": str(artifact),
         "data": str(data),
         "batch_sizes": "8",
-        "warmup": "0",
+        "warmup": "1",
         "iters": "1",
         "n": "16",
     }

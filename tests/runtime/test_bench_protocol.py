@@ -74,7 +74,7 @@ def test_bench_headline_on_the_parent_is_never_above_eval_standard(parent, tmp_p
             artifact=[str(run)],
             data=str(data),
             batch_sizes="4",  # another batch than eval's: the parent's verdict still counts
-            warmup="0",
+            warmup="1",
             iters="1",
             n=str(N),
             robust=True,
