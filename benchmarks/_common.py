@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -15,8 +16,15 @@ import torch
 
 from advedge.utils import atomic_write_text, environment
 
-RESULTS = Path(__file__).resolve().parent / "results"
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
+# Both can be moved (benchmarks/gpu_check.py does, on a machine that has only the working tree
+# and writes where its results travel back from).
+RESULTS = Path(
+    os.environ.get("ADVEDGE_BENCH_RESULTS") or Path(__file__).resolve().parent / "results"
+)
+DATA = Path(
+    os.environ.get("ADVEDGE_BENCH_DATA")
+    or Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
+)
 
 
 def sync(device: torch.device) -> None:
