@@ -6,6 +6,10 @@ no TensorRT, no pip, no internet; only the working tree travels)::
     python benchmarks/gpu_check.py --prepare             # here: the payload (real CIFAR-10
                                                          # images and a trained student)
     python benchmarks/gpu_check.py --out "$OUT"          # there: every step below
+    python benchmarks/gpu_check.py --dry-run --out /tmp/x  # here: the same plumbing on the CPU
+
+The payload (``benchmarks/gpu_payload/``, about 18 MB) is ignored by git, so the device call
+must carry it: ``run(command=..., carry=["benchmarks/gpu_payload"])``.
 
 The steps, in order, each under its own time limit, each writing its part of
 ``gpu_check.json`` and ``gpu_check.md`` as it finishes (a timeout keeps what ran):
@@ -40,6 +44,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -286,7 +291,44 @@ def _median_stage(runner: Any, x: Any, iters: int) -> dict[str, float]:
     }
 
 
-def latency() -> dict[str, Any]:
+@dataclass(frozen=True)
+class Plan:
+    """Where and how big: the GPU run, or a CPU dry run of the same plumbing (``--dry-run``:
+    tiny sizes, no CUDA graphs, for testing the script here)."""
+
+    device: str = "cuda"
+    model: str = "resnet18"  # the throughput steps' model
+    train_batch: int = 256
+    attack_batch: int = 512
+    iters: int = 6
+    latency_iters: int = 300
+    bench: tuple[str, ...] = (
+        "--n", "500", "--query-n", "200", "--n-queries", "500", "--n-iter", "20",
+        "--batch-sizes", "1,32,256", "--warmup", "20", "--iters", "200",
+    )  # fmt: skip
+
+    @property
+    def gpu(self) -> bool:
+        return self.device.startswith("cuda")
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        return ("eager", "compile", "cudagraph") if self.gpu else ("eager", "compile")
+
+
+DRY_RUN = Plan(
+    device="cpu",
+    model="resnet8",
+    train_batch=16,
+    attack_batch=16,
+    iters=1,
+    latency_iters=5,
+    bench=("--n", "24", "--query-n", "6", "--n-queries", "10", "--n-iter", "2",
+           "--batch-sizes", "1,8", "--warmup", "1", "--iters", "3"),
+)  # fmt: skip
+
+
+def latency(plan: Plan) -> dict[str, Any]:
     import numpy as np
     import torch
     from advedge.export.runtime.torch import TorchRunner
@@ -294,41 +336,45 @@ def latency() -> dict[str, Any]:
     from advedge.models.purified import Purified
     from advedge.purifier.networks import Generator
 
-    model, source = _student("cuda")
-    floor_us = round(1e6 * launch_floor(torch), 1)
+    model, source = _student(plan.device)
+    floor_us = round(1e6 * launch_floor(torch), 1) if plan.gpu else None
     x1 = np.random.default_rng(0).random((1, 3, 32, 32), dtype=np.float32)
     x128 = np.random.default_rng(0).random((128, 3, 32, 32), dtype=np.float32)
     runners: dict[str, Any] = {}
-    for mode in ("eager", "compile", "cudagraph"):
-        runner = TorchRunner(model, device="cuda", mode=mode)
-        runners[mode] = {"batch1_us": _median_stage(runner, x1, 300)}
-    graph = runners["cudagraph"]["batch1_us"]["compute_s"]
-    gen = Generator(in_channels=3).cuda().eval()
-    purified = Purified(gen, model).eval()
+    for mode in plan.modes:
+        runner = TorchRunner(model, device=plan.device, mode=mode)
+        runners[mode] = {"batch1_us": _median_stage(runner, x1, plan.latency_iters)}
+    best = plan.modes[-1]
+    fastest = runners[best]["batch1_us"]["compute_s"]
+    gen = Generator(in_channels=3, eps_r=1.25 * 8 / 255)  # the purifier default: 1.25 eps
+    purified = Purified(gen.to(plan.device).eval(), model).eval()
     purifier: dict[str, Any] = {}
-    for mode in ("eager", "cudagraph"):
+    for mode in ("eager", best):
         for name, x in (("batch1", x1), ("batch128", x128)):
-            alone = _median_stage(TorchRunner(model, device="cuda", mode=mode), x, 200)
-            both = _median_stage(TorchRunner(purified, device="cuda", mode=mode), x, 200)
+            alone = _median_stage(
+                TorchRunner(model, device=plan.device, mode=mode), x, plan.latency_iters
+            )
+            both = _median_stage(
+                TorchRunner(purified, device=plan.device, mode=mode), x, plan.latency_iters
+            )
             purifier[f"{mode}_{name}_us"] = {
                 "classifier": alone["compute_s"],
                 "purifier+classifier": both["compute_s"],
                 "added": round(both["compute_s"] - alone["compute_s"], 1),
             }
-    ratio = round(graph / floor_us, 2)
+    ratio = round(fastest / floor_us, 2) if floor_us else None
     return {
         "model": source,
         "launch_floor_us": floor_us,
         "runners": runners,
-        "cudagraph_compute_over_floor": ratio,
+        f"{best}_compute_over_floor": ratio,
         "goal": "cudagraph compute within 2x of the launch floor",
         "purifier": purifier,
         "headline": (
-            f"floor {floor_us} us; batch-1 compute eager "
-            f"{runners['eager']['batch1_us']['compute_s']} us, compile "
-            f"{runners['compile']['batch1_us']['compute_s']} us, cudagraph {graph} us "
-            f"({ratio}x floor, goal <= 2x); purifier adds "
-            f"{purifier['cudagraph_batch1_us']['added']} us at batch 1 (cudagraph)"
+            f"floor {floor_us} us; batch-1 compute "
+            + ", ".join(f"{m} {r['batch1_us']['compute_s']} us" for m, r in runners.items())
+            + f" ({ratio}x floor, goal <= 2x); purifier adds "
+            f"{purifier[f'{best}_batch1_us']['added']} us at batch 1 ({best})"
         ),
     }
 
@@ -343,119 +389,65 @@ def _throughput(
     payload = json.loads(result.read_text())
     return {
         "result": payload,
-        "headline": f"{payload['advedge']['images_per_s']} vs {payload['reference']['images_per_s']} "
-        f"img/s: {payload['speedup']}x (goal >= {payload['goal']}x)",
+        "headline": f"{payload['advedge']['images_per_s']} vs "
+        f"{payload['reference']['images_per_s']} img/s: {payload['speedup']}x "
+        f"(goal >= {payload['goal']}x)",
     }
 
 
-def train(env: dict[str, str], out: Path) -> dict[str, Any]:
-    args = [
-        "--device",
-        "cuda",
-        "--compile",
-        "--model",
-        "resnet18",
-        "--batch-size",
-        "256",
-        "--iters",
-        "6",
-        "--warmup",
-        "3",
-        "--tag",
-        "_gpu_check",
-    ]
-    return _throughput(
-        "train_throughput.py",
-        args,
-        env,
-        out,
-        "train_throughput_cuda_resnet18_gpu_check",
-        LIMITS["train"],
-    )
+def _throughput_args(plan: Plan, batch: int, warmup: int) -> list[str]:
+    return [
+        "--device", plan.device, "--model", plan.model, "--batch-size", str(batch),
+        "--iters", str(plan.iters), "--warmup", str(warmup), "--tag", "_gpu_check",
+    ]  # fmt: skip
 
 
-def pgd20(env: dict[str, str], out: Path) -> dict[str, Any]:
-    args = [
-        "--device",
-        "cuda",
-        "--model",
-        "resnet18",
-        "--batch-size",
-        "512",
-        "--iters",
-        "6",
-        "--warmup",
-        "2",
-        "--tag",
-        "_gpu_check",
-    ]
-    return _throughput(
-        "attack_throughput.py",
-        args,
-        env,
-        out,
-        "attack_throughput_cuda_resnet18_gpu_check",
-        LIMITS["pgd20"],
-    )
+def train(plan: Plan, env: dict[str, str], out: Path) -> dict[str, Any]:
+    """bf16 + channels_last + compile PGD-AT steps vs the fp32 eager loop."""
+    args = [*_throughput_args(plan, plan.train_batch, 3), "--compile"]
+    name = f"train_throughput_{plan.device.split(':')[0]}_{plan.model}_gpu_check"
+    return _throughput("train_throughput.py", args, env, out, name, LIMITS["train"])
 
 
-def bench(env: dict[str, str], out: Path) -> dict[str, Any]:
+def pgd20(plan: Plan, env: dict[str, str], out: Path) -> dict[str, Any]:
+    """advedge's PGD-20 evaluation vs the plain reference loop."""
+    args = _throughput_args(plan, plan.attack_batch, 2)
+    name = f"attack_throughput_{plan.device.split(':')[0]}_{plan.model}_gpu_check"
+    return _throughput("attack_throughput.py", args, env, out, name, LIMITS["pgd20"])
+
+
+def bench(plan: Plan, env: dict[str, str], out: Path) -> dict[str, Any]:
+    """advedge export of the student, then bench --robust on torch-cudagraph and the ONNX."""
     student = PAYLOAD / "student"
     if not (student / "model.safetensors").is_file():
         raise RuntimeError("no student in the payload: run --prepare --student RUN first")
     work = out / "bench_work"
     shutil.rmtree(work, ignore_errors=True)
-    data = str(PAYLOAD / "data")
     adv = [sys.executable, "-m", "advedge"]
     res = _run(
-        [*adv, "export", "--model", str(student), "--out", str(work / "export"), "--json"], env, 60
-    )
+        [*adv, "export", "--model", str(student), "--out", str(work / "export"),
+         "--data", str(PAYLOAD / "data"), "--json"],
+        env,
+        90,
+    )  # fmt: skip
     if res.returncode != 0:
         raise RuntimeError(f"export exit {res.returncode}: {_tail(res.stderr, 600)}")
     onnx = sorted((work / "export").rglob("*.fp32.onnx"))
     common = [
-        "--data",
-        data,
-        "--robust",
-        "--model",
-        str(student),
-        "--n",
-        "500",
-        "--query-n",
-        "200",
-        "--n-queries",
-        "500",
-        "--n-iter",
-        "20",
-        "--batch-sizes",
-        "1,32,256",
-        "--warmup",
-        "20",
-        "--iters",
-        "200",
-        "--device",
-        "cuda",
-        "--json",
-    ]
+        "--data", str(PAYLOAD / "data"), "--robust", "--model", str(student), *plan.bench,
+        "--device", plan.device, "--json",
+    ]  # fmt: skip
+    backend = "torch-cudagraph" if plan.gpu else "torch"
     res = _run(
-        [
-            *adv,
-            "bench",
-            "--artifact",
-            str(student),
-            "--backend",
-            "torch-cudagraph",
-            *common,
-            "--out",
-            str(work / "cudagraph"),
-        ],
+        [*adv, "bench", "--artifact", str(student), "--backend", backend, *common,
+         "--out", str(work / backend)],
         env,
         100,
-    )
+    )  # fmt: skip
     if res.returncode != 0:
         raise RuntimeError(f"bench exit {res.returncode}: {_tail(res.stderr, 600)}")
-    doc = json.loads((work / "cudagraph" / "bench.json").read_text())
-    parts = {"cudagraph": doc}
+    doc = json.loads((work / backend / "bench.json").read_text())
+    parts: dict[str, Any] = {backend: doc}
     if onnx:
         res = _run(
             [*adv, "bench", "--artifact", str(onnx[0]), *common, "--out", str(work / "ort")],
@@ -471,8 +463,9 @@ def bench(env: dict[str, str], out: Path) -> dict[str, Any]:
     lat = {x["batch"]: x.get("p50_ms") for x in r["latency"]}
     return {
         "bench": parts,
-        "headline": f"torch-cudagraph: clean {r['clean_acc']:.3f}, worst case "
-        f"{(r.get('robust') or {}).get('worst_case_acc')}, p50 ms by batch {lat}, shapes {r.get('shapes')}",
+        "headline": f"{backend}: clean {r['clean_acc']:.3f}, worst case "
+        f"{(r.get('robust') or {}).get('worst_case_acc')}, p50 ms by batch {lat}, "
+        f"shapes {r.get('shapes')}",
     }
 
 
@@ -505,10 +498,14 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=HERE / "results", help="where results go")
     parser.add_argument("--budget", type=float, default=540, help="seconds for all steps")
     parser.add_argument("--only", nargs="*", help="run these steps only")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="the same steps on the CPU, tiny (tests the script)"
+    )
     args = parser.parse_args()
     if args.prepare:
         print(prepare(args.student))
         return 0
+    plan = DRY_RUN if args.dry_run else Plan()
     deadline = time.monotonic() + args.budget
     out = args.out
     record = Record(out)
@@ -516,10 +513,10 @@ def main() -> int:
     steps: dict[str, Callable[[], dict[str, Any]]] = {
         "environment": environment,
         "doctor": lambda: doctor(env),
-        "latency": latency,
-        "train": lambda: train(env, out),
-        "pgd20": lambda: pgd20(env, out),
-        "bench": lambda: bench(env, out),
+        "latency": lambda: latency(plan),
+        "train": lambda: train(plan, env, out),
+        "pgd20": lambda: pgd20(plan, env, out),
+        "bench": lambda: bench(plan, env, out),
         "gpu_tests": lambda: gpu_tests(env),
     }
     for name, fn in steps.items():
