@@ -14,6 +14,7 @@ import typer
 
 from advedge import __version__
 from advedge.cli.bench import bench_cmd, report_cmd
+from advedge.cli.doctor import doctor_cmd
 from advedge.cli.evaluate import eval_cmd
 from advedge.cli.export import calibrate_cmd, export_cmd
 from advedge.cli.models import methods_cmd, models_cmd
@@ -53,6 +54,7 @@ for _name, _func in (
     ("bench", bench_cmd),
     ("report", report_cmd),
     ("pipeline", pipeline_cmd),
+    ("doctor", doctor_cmd),
 ):
     app.command(_name, cls=RegistryHelpCommand)(_func)
 purifier_app.command("train", cls=RegistryHelpCommand)(purifier_train_cmd)

@@ -41,7 +41,7 @@ def _option_row(text: str, option: str) -> str:
 def test_the_walk_finds_every_command():
     names = {" ".join(words) for words in COMMANDS}
     assert {"", "train", "distill", "eval", "export", "calibrate", "bench", "pipeline"} <= names
-    assert {"purifier", "purifier train", "models", "report"} <= names
+    assert {"purifier", "purifier train", "models", "report", "doctor"} <= names
 
 
 @pytest.mark.parametrize("words", sorted(COMMANDS), ids=lambda w: " ".join(w) or "advedge")
@@ -88,6 +88,7 @@ CHOICES = [
     (("calibrate",), "--method", lambda: _names("advedge.calibration", "CALIBRATION_METHODS")),
     (("calibrate",), "--target", lambda: ["tensorrt", "onnxruntime-cpu"]),
     (("pipeline",), "--preset", lambda: _names("advedge.workflow", "PRESETS")),
+    (("doctor",), "--backend", lambda: _names("advedge.export.runtime", "BACKENDS")),
 ]
 
 
