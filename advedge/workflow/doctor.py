@@ -176,7 +176,7 @@ def _make_checkpoint(doctor: _Doctor) -> Path:
     model = doctor.model  # first: without torch, this is the error with the install hint
     from advedge.checkpoint import save_model
 
-    run = doctor.tmp / "run"
+    run = doctor.tmp / "doctor-run"
     run.mkdir()
     meta = {"dataset": "doctor", "eps": 8 / 255, "input_shape": list(SHAPE)}
     save_model(model, run / "model.safetensors", metadata=meta)
@@ -243,7 +243,8 @@ def _open(doctor: _Doctor, name: str) -> tuple[Runner, CheckResult]:
     runner = open_runner(path, backend=name, device=device)
     info = runner.info
     seconds = time.perf_counter() - start
-    detail = f"{kind} {path.name} on {info.device or 'its device'}, {info.precision or PRECISION}"
+    shown = f"{path.name}/" if path.is_dir() else path.name
+    detail = f"{kind} {shown} on {info.device or 'its device'}, {info.precision or PRECISION}"
     data = {"artifact": path.name, "kind": kind, "device": info.device, "seconds": seconds}
     return runner, CheckResult(name, "load", "ok", detail, data=data)
 
