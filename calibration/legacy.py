@@ -85,7 +85,10 @@ def make_legacy_calibrator(
         batch_size: Images per batch; the calibration profile's batch dimension.
         alloc: ``alloc(nbytes) -> buffer`` on the device; the pointer is
             :func:`device_pointer` of the buffer.
-        copy_to_device: ``copy_to_device(buffer, array)`` copies a contiguous float32 array.
+        copy_to_device: ``copy_to_device(buffer, array)`` copies a contiguous float32 array and
+            has finished when it returns: TensorRT reads the batch on a stream of its own, as
+            soon as ``get_batch`` returns (the CUDA backends' ``to_device`` waits; their
+            ``to_device_async`` does not, and must not be used here).
 
     Raises:
         UsageError: the installed TensorRT has no implicit calibrator (TensorRT 11), an unknown

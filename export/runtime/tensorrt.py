@@ -22,7 +22,7 @@ from advedge.export.runtime.base import (
     register_backend,
     stage_times,
 )
-from advedge.export.tensorrt.cuda import cuda_backend
+from advedge.export.tensorrt.cuda import cuda_backend, cuda_index
 from advedge.export.tensorrt.engine import (
     check_engine_compatible,
     engine_sidecar,
@@ -40,15 +40,23 @@ class TrtRunner(Runner):
 
     Args:
         engine_path: The ``.engine`` file; its sidecar ``<stem>.json`` must be beside it.
-        device: CUDA device index.
-        backend: CUDA buffer backend (default :func:`~advedge.export.tensorrt.cuda.cuda_backend`);
-            kept as :attr:`backend`. The engine's sidecar is kept as :attr:`sidecar`.
+        device: CUDA device: an index or ``"cuda:N"`` (used when no ``backend`` is given).
+        backend: CUDA buffer backend (default :func:`~advedge.export.tensorrt.cuda.cuda_backend`
+            on ``device``); kept as :attr:`backend`. The engine's sidecar is kept as
+            :attr:`sidecar`.
 
+    The engine is deserialised and run with the backend's device current, on the backend's own
+    stream (never the default stream): the input copy, the engine and the output copy are queued
+    on it in order, and the host output is read only after the stream is synchronised.
     A batch above the profile's maximum is split; :meth:`run` pads a batch below its minimum.
     """
 
     def __init__(
-        self, engine_path: str | os.PathLike[str], *, device: int = 0, backend: Any = None
+        self,
+        engine_path: str | os.PathLike[str],
+        *,
+        device: int | str = 0,
+        backend: Any = None,
     ) -> None:
         trt = load_tensorrt()
         self.trt = trt
@@ -60,15 +68,21 @@ class TrtRunner(Runner):
         self.sidecar = read_sidecar(engine_sidecar(self.path))
         check_engine_compatible(self.sidecar, str(trt.__version__), cc, self.path.name)
         self.logger = make_logger(trt)
-        self.runtime = trt.Runtime(self.logger)
-        self.engine = self.runtime.deserialize_cuda_engine(self.path.read_bytes())
-        if self.engine is None:
-            raise ExportError(
-                f"TensorRT {trt.__version__} cannot deserialise {self.path.name}: "
-                + ("; ".join(self.logger.errors()[:2]) or "corrupt or foreign engine"),
-                "rebuild it on this device with advedge export --trt",
-            )
-        self.context = self.engine.create_execution_context()
+        with self.backend.activated():  # an engine and its context live on the current device
+            self.runtime = trt.Runtime(self.logger)
+            self.engine = self.runtime.deserialize_cuda_engine(self.path.read_bytes())
+            if self.engine is None:
+                raise ExportError(
+                    f"TensorRT {trt.__version__} cannot deserialise {self.path.name}: "
+                    + ("; ".join(self.logger.errors()[:2]) or "corrupt or foreign engine"),
+                    "rebuild it on this device with advedge export --trt",
+                )
+            self.context = self.engine.create_execution_context()
+        self._read_io(trt)
+        self._buffers: dict[str, Any] = {}
+
+    def _read_io(self, trt: Any) -> None:
+        """The engine's one input and one output, its batch range and I/O types."""
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         mode = trt.TensorIOMode.INPUT
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == mode]
@@ -79,7 +93,6 @@ class TrtRunner(Runner):
         self.min_batch, self.max_batch = int(lo[0]), int(hi[0])
         self.out_dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(self.outputs[0])))
         self.in_dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(self.inputs[0])))
-        self._buffers: dict[str, Any] = {}
 
     @property
     def batch_range(self) -> tuple[int, int | None]:
@@ -113,34 +126,49 @@ class TrtRunner(Runner):
                 f"TensorRT failed to run {self.path.name}: {self.logger.errors()[-1:]}"
             )
 
+    def _wait(self) -> None:
+        """Synchronise the stream. The engine's work runs asynchronously, so a failure in it
+        (an illegal address, a kernel fault) surfaces here, as CUDA's error: one ExportError."""
+        try:
+            self.backend.synchronize()
+        except ExportError:
+            raise
+        except Exception as exc:  # pycuda's LaunchError, torch's RuntimeError
+            raise ExportError(f"TensorRT failed to run {self.path.name}: {exc}") from None
+
     def _run_one(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=self.in_dtype)
-        buf_in, buf_out, out = self._bind(x)
-        self.backend.to_device(buf_in, x)
-        self._execute()
-        self.backend.to_host(buf_out, out)
-        self.backend.synchronize()
+        with self.backend.activated():
+            buf_in, buf_out, out = self._bind(x)
+            self.backend.to_device_async(buf_in, x)
+            self._execute()
+            self.backend.to_host(buf_out, out)
+            self._wait()  # out is valid only now
         return out.astype(np.float32, copy=False)
 
     def timed(self, batch: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
         """Run one batch (within the profile) with each stage timed on its own: host-to-device
-        copy, the engine, device-to-host copy (the stream is synchronised between stages)."""
+        copy, the engine, device-to-host copy (each timer stops after the stream is
+        synchronised, so it measures the queued work, not its issue)."""
         x = np.ascontiguousarray(batch, dtype=self.in_dtype)
         if not self.min_batch <= len(x) <= self.max_batch:
             raise ExportError(
                 f"batch {len(x)} is outside the engine's profile {self.min_batch}-{self.max_batch}"
             )
-        buf_in, buf_out, out = self._bind(x)
-        t0 = time.perf_counter()
-        self.backend.to_device(buf_in, x)
-        self.backend.synchronize()
-        t1 = time.perf_counter()
-        self._execute()
-        self.backend.synchronize()
-        t2 = time.perf_counter()
-        self.backend.to_host(buf_out, out)
-        self.backend.synchronize()
-        return out.astype(np.float32, copy=False), stage_times(t0, t1, t2, time.perf_counter())
+        with self.backend.activated():
+            buf_in, buf_out, out = self._bind(x)
+            self._wait()  # nothing earlier is timed
+            t0 = time.perf_counter()
+            self.backend.to_device_async(buf_in, x)
+            self._wait()
+            t1 = time.perf_counter()
+            self._execute()
+            self._wait()
+            t2 = time.perf_counter()
+            self.backend.to_host(buf_out, out)
+            self._wait()
+            t3 = time.perf_counter()
+        return out.astype(np.float32, copy=False), stage_times(t0, t1, t2, t3)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         if len(batch) < self.min_batch:
@@ -175,11 +203,22 @@ class TrtRunner(Runner):
 
 
 def open_engine(
-    path: Path, name: str, *, device: str = "auto", threads: int | None = None
+    path: Path,
+    name: str,
+    *,
+    device: str = "auto",
+    threads: int | None = None,
+    batch_sizes: Any = None,
 ) -> TrtRunner:
-    """The ``tensorrt`` backend's runner for an engine (on CUDA device 0; ``device`` and
-    ``threads`` are unused)."""
-    return TrtRunner(path)
+    """The ``tensorrt`` backend's runner for an engine on CUDA device ``device`` (``"cuda:N"``:
+    device N; ``"auto"``, ``"cuda"`` and ``"cpu"``: device 0, see
+    :func:`~advedge.export.tensorrt.cuda.cuda_index`). ``threads`` and ``batch_sizes`` are
+    unused: the engine's profile is fixed at build.
+
+    Raises:
+        UsageError: ``device`` is malformed.
+    """
+    return TrtRunner(path, device=cuda_index(device))
 
 
 register_backend(

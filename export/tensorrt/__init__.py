@@ -4,7 +4,8 @@
   the strongly typed build and the legacy implicit INT8 path);
 - :mod:`~advedge.export.tensorrt.engine`: what building and running share (importing TensorRT,
   the batch profile, the engine's file name and sidecar, the compatibility check);
-- :mod:`~advedge.export.tensorrt.cuda`: the CUDA I/O buffers (torch CUDA tensors, else pycuda).
+- :mod:`~advedge.export.tensorrt.cuda`: the CUDA I/O buffers (torch CUDA tensors, else pycuda)
+  on a stream of their own and the chosen device.
 
 The runner for a built engine is :class:`advedge.export.runtime.tensorrt.TrtRunner`. TensorRT,
 torch and pycuda are imported lazily; without TensorRT every entry point raises
@@ -12,7 +13,7 @@ MissingDependencyError (exit 3).
 """
 
 from advedge.export.tensorrt.builder import EngineBuild, build_engine
-from advedge.export.tensorrt.cuda import cuda_backend
+from advedge.export.tensorrt.cuda import cuda_backend, cuda_index
 from advedge.export.tensorrt.engine import (
     BatchProfile,
     check_engine_compatible,
@@ -26,6 +27,7 @@ __all__ = [
     "build_engine",
     "check_engine_compatible",
     "cuda_backend",
+    "cuda_index",
     "engine_filename",
     "load_tensorrt",
 ]

@@ -51,7 +51,7 @@ import advedge
 from advedge.errors import ExportError, UsageError
 from advedge.utils import atomic_write_bytes, atomic_write_text, sha256_file
 
-__all__ = ["EngineBuild", "build_engine", "layer_precisions"]
+__all__ = ["EngineBuild", "build_engine", "compute_precision", "layer_precisions"]
 
 
 @dataclass
@@ -97,28 +97,63 @@ def _type_word(text: Any) -> str | None:
     return None
 
 
-def layer_precisions(inspector_json: str) -> dict[str, int]:
-    """Count layers per output data type from the engine inspector's JSON.
+#: Layers that only move or re-lay data (TensorRT inserts reformats between tactics' formats;
+#: a Shuffle or NoOp reshapes; a Constant holds weights): counted as ``"reformat"``.
+_DATA_MOVEMENT = ("reformat", "shuffle", "noop", "constant")
 
-    The inspector has no per-layer "precision" field: the type is read from the layer's first
-    output, ``"Format/Datatype"`` in TensorRT 10 (e.g. ``"Row major linear Int8 format"``) and
-    ``"DataType"`` in TensorRT 11. Layers listed by name only count as ``"unknown"``.
+
+def _moves_data_only(layer: Any) -> bool:
+    """Whether an inspector layer (a dict, or a bare name) only moves or re-lays data."""
+    if isinstance(layer, str):
+        name = layer.lower()
+        return name.startswith("reformatting copynode") or "<reformat>" in name
+    kinds = {str(layer.get(k, "")).lower() for k in ("LayerType", "ParameterType")}
+    name = str(layer.get("Name", "")).lower()
+    return bool(kinds & set(_DATA_MOVEMENT)) or name.startswith("reformatting copynode")
+
+
+def _tensor_type(tensor: Any) -> str | None:
+    """The data type of an inspector I/O entry: ``"DataType"`` (TensorRT 11) or
+    ``"Format/Datatype"`` (TensorRT 10, e.g. ``"Row major linear Int8 format"``)."""
+    if not isinstance(tensor, dict):
+        return None
+    return _type_word(tensor.get("DataType")) or _type_word(tensor.get("Format/Datatype"))
+
+
+def compute_precision(layer: Any) -> str:
+    """What an inspector layer computes in: its first input's data type (an INT8 convolution
+    takes Int8 inputs and Int8 weights, whatever type its output is), else its weights' type,
+    else its first output's; ``"reformat"`` for a layer that only moves data; ``"unknown"``
+    for a layer listed by name only."""
+    if _moves_data_only(layer):
+        return "reformat"
+    if not isinstance(layer, dict):
+        return "unknown"
+    inputs, outputs = layer.get("Inputs") or [], layer.get("Outputs") or []
+    weights = layer.get("Weights") if isinstance(layer.get("Weights"), dict) else {}
+    return (
+        (_tensor_type(inputs[0]) if inputs else None)
+        or _type_word(weights.get("Type"))
+        or (_tensor_type(outputs[0]) if outputs else None)
+        or "unknown"
+    )
+
+
+def layer_precisions(inspector_json: str) -> dict[str, int]:
+    """Count the engine's layers by the data type they compute in (:func:`compute_precision`)
+    from the engine inspector's JSON: ``{"Int8": 12, "Float": 2, "reformat": 3}``.
+
+    The inspector has no per-layer "precision" field. A layer's output type is no measure (an
+    INT8 convolution whose consumer needs floats outputs Float), so the count takes the type of
+    what goes in. Layers that only move data (reformats, shuffles, constants) are counted apart
+    as ``"reformat"``; layers listed by name only count as ``"unknown"``.
     """
     try:
         data = json.loads(inspector_json)
     except json.JSONDecodeError:
         return {}
-    counts: Counter[str] = Counter()
-    for layer in data.get("Layers", []) if isinstance(data, dict) else []:
-        precision = None
-        if isinstance(layer, dict):
-            outputs = layer.get("Outputs") or []
-            first = outputs[0] if outputs and isinstance(outputs[0], dict) else {}
-            precision = _type_word(first.get("DataType")) or _type_word(
-                first.get("Format/Datatype")
-            )
-        counts[precision or "unknown"] += 1
-    return dict(counts)
+    layers = data.get("Layers", []) if isinstance(data, dict) else []
+    return dict(Counter(compute_precision(layer) for layer in layers))
 
 
 def _parse_network(
@@ -289,6 +324,26 @@ def _check_options(trt: Any, workspace_mib: int, legacy_calibrator: Any) -> None
         )
 
 
+def _build_facts(built: _Network, backend: Any, legacy_calibrator: Any) -> dict[str, Any]:
+    """The sidecar's GPU, buffer library and typing entries."""
+    return {
+        "gpu": backend.gpu_name(),
+        "buffers": backend.name,
+        "strongly_typed": built.strongly_typed,
+        "implicit_int8_calibrator": type(legacy_calibrator).__name__ if legacy_calibrator else None,
+    }
+
+
+def _file_facts(onnx_path: Path, engine_path: Path, built: _Network) -> dict[str, Any]:
+    """The sidecar's source ONNX and engine file entries."""
+    return {
+        "source_onnx": onnx_path.name,
+        "source_onnx_sha256": sha256_file(onnx_path),
+        "engine_sha256": sha256_file(engine_path),
+        "engine_bytes": len(built.engine_bytes),
+    }
+
+
 def build_engine(
     onnx_path: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -299,7 +354,7 @@ def build_engine(
     workspace_mib: int = 1024,
     timing_cache: str | os.PathLike[str] | None = None,
     legacy_calibrator: Any = None,
-    device: int = 0,
+    device: int | str = 0,
     backend: Any = None,
 ) -> EngineBuild:
     """Build a serialised engine from an ONNX artifact; see the module docstring.
@@ -314,8 +369,9 @@ def build_engine(
         timing_cache: File to read the timing cache from (if present) and write it back to.
         legacy_calibrator: An implicit INT8 calibrator (TensorRT 10 only). The network is then
             weakly typed with ``BuilderFlag.INT8``; ``onnx_path`` should be the FP32 ONNX.
-        device: CUDA device index.
-        backend: CUDA buffer backend (default :func:`~advedge.export.tensorrt.cuda.cuda_backend`).
+        device: CUDA device: an index or ``"cuda:N"`` (used when no ``backend`` is given).
+        backend: CUDA buffer backend (default :func:`~advedge.export.tensorrt.cuda.cuda_backend`
+            on ``device``); the build runs with its device current.
 
     Raises:
         MissingDependencyError: TensorRT (or a CUDA backend) is not installed.
@@ -329,21 +385,22 @@ def build_engine(
     cc = backend.capability()
     start = time.perf_counter()
     cache_path = Path(timing_cache) if timing_cache is not None else None
-    built = _build(
-        trt,
-        onnx_path,
-        profile=profile,
-        workspace_mib=workspace_mib,
-        cache_path=cache_path,
-        legacy_calibrator=legacy_calibrator,
-    )
-    seconds = time.perf_counter() - start
+    with backend.activated():  # TensorRT builds for, and calibrates on, the current device
+        built = _build(
+            trt,
+            onnx_path,
+            profile=profile,
+            workspace_mib=workspace_mib,
+            cache_path=cache_path,
+            legacy_calibrator=legacy_calibrator,
+        )
+        seconds = time.perf_counter() - start
+        layer_info = _inspect(trt, built.logger, built.engine_bytes)
 
     version = str(trt.__version__)
     engine_path = Path(out_dir) / engine_filename(name, precision, version, cc, profile)
     stem = engine_path.name[: -len(".engine")]
     layers_path, sidecar = (engine_path.with_name(f"{stem}{e}") for e in (".layers.json", ".json"))
-    layer_info = _inspect(trt, built.logger, built.engine_bytes)
     written_cache = _write_files(built, engine_path, layers_path, layer_info, cache_path)
     info = {
         "schema": ENGINE_SCHEMA,
@@ -352,17 +409,11 @@ def build_engine(
         "precision": precision,
         "tensorrt_version": version,
         "compute_capability": list(cc),
-        "gpu": backend.gpu_name(),
-        "buffers": backend.name,
-        "strongly_typed": built.strongly_typed,
-        "implicit_int8_calibrator": type(legacy_calibrator).__name__ if legacy_calibrator else None,
+        **_build_facts(built, backend, legacy_calibrator),
         "profile": {"input": built.input_name, **asdict(profile), "chw": list(built.chw)},
         "workspace_mib": int(workspace_mib),
         "timing_cache": written_cache.name if written_cache else None,
-        "source_onnx": onnx_path.name,
-        "source_onnx_sha256": sha256_file(onnx_path),
-        "engine_sha256": sha256_file(engine_path),
-        "engine_bytes": len(built.engine_bytes),
+        **_file_facts(onnx_path, engine_path, built),
         "layer_precisions": layer_precisions(layer_info),
         "build_seconds": round(seconds, 3),
         "advedge_version": advedge.__version__,

@@ -1,20 +1,43 @@
 """CUDA device buffers for TensorRT's I/O: torch CUDA tensors when torch sees a GPU, else pycuda.
 
-Both backends offer the same small interface (``alloc``, ``to_device``, ``to_host``,
-``synchronize``, ``stream_handle``, ``capability``, ``gpu_name``); the engine builder, the
-TensorRT runner and the legacy calibrator use it. torch and pycuda are imported lazily.
+Both backends offer the same small interface; the engine builder, the TensorRT runner and the
+legacy calibrator use it:
+
+- ``activated()``: a context manager that makes the backend's device current while TensorRT is
+  called (TensorRT runs on the CUDA runtime's current device, which is per thread);
+- ``stream_handle``: the backend's own stream, a non-blocking stream made once per backend.
+  TensorRT's ``execute_async_v3`` gets this handle, never the default stream (on the default
+  stream TensorRT warns and synchronises on every call);
+- ``alloc(nbytes)`` -> :class:`Buffer`;
+- ``to_device_async(buf, array)`` and ``to_host(buf, out)``: copies queued on that same stream,
+  so they are ordered with the engine's work; ``out`` may be read only after ``synchronize()``;
+- ``to_device(buf, array)``: the same copy, waited for before it returns, for a consumer on
+  another stream (the legacy calibrator hands the pointer to TensorRT's own stream);
+- ``synchronize()``: waits for everything queued on the stream;
+- ``capability()``, ``gpu_name()``, ``index`` (the CUDA device index) and ``name``.
+
+Device ``N`` is honoured on both: torch's current device is set to ``N`` (``torch.cuda.set_device``)
+and re-asserted around each TensorRT call; with pycuda advedge retains the **primary context** of
+``Device(N)`` and pushes it around each call, instead of importing ``pycuda.autoinit`` (which
+always creates a new, non-primary context on device 0). The primary context is the one the CUDA
+runtime uses, so TensorRT, pycuda and a torch in the same process share one context per device.
+
+torch and pycuda are imported lazily; the torch module comes from :func:`_import_torch`, where
+the tests put a double of torch's CUDA API (``tests/fakes/torch_cuda.py``).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 from advedge.export._deps import require
 
-from advedge.errors import ExportError
+from advedge.errors import ExportError, UsageError
 
-__all__ = ["Buffer", "PyCuda", "TorchCuda", "cuda_backend"]
+__all__ = ["Buffer", "PyCuda", "TorchCuda", "cuda_backend", "cuda_index"]
 
 
 class Buffer:
@@ -29,60 +52,126 @@ class Buffer:
         return self.ptr
 
 
+def cuda_index(device: str | int | None) -> int:
+    """The CUDA device index of ``"cuda:N"`` or ``N``; 0 for ``None``, ``"auto"``, ``"cuda"`` and
+    ``"cpu"`` (bench's ``--device`` also says where PyTorch runs, and a TensorRT engine runs on a
+    GPU whatever it says, as ONNX Runtime's GPU providers do).
+
+    Raises:
+        UsageError: a negative index or a string that names no device.
+    """
+    if device is None:
+        return 0
+    if isinstance(device, int) and not isinstance(device, bool):
+        if device < 0:
+            raise UsageError(f"bad CUDA device index {device}", "write cuda:0, cuda:1...")
+        return device
+    text = str(device).strip().lower()
+    if text in ("auto", "cuda", "cpu"):
+        return 0
+    head, _, index = text.partition(":")
+    if head == "cuda" and index.isdigit():
+        return int(index)
+    raise UsageError(f"bad CUDA device {device!r}", "write auto, cuda or cuda:N")
+
+
 class TorchCuda:
-    """Buffers as torch CUDA tensors (``data_ptr()``), on torch's current stream."""
+    """Buffers as torch CUDA tensors (``data_ptr()``), on a torch stream of the backend's own."""
 
     name = "torch"
 
     def __init__(self, torch: Any, device: int) -> None:
         self.torch = torch
-        self.device = torch.device("cuda", device)
+        self.index = int(device)
+        count = int(torch.cuda.device_count())
+        if not 0 <= self.index < count:
+            raise ExportError(f"no CUDA device {self.index}: torch sees {count}")
+        self.device = torch.device("cuda", self.index)
+        # TensorRT uses the CUDA runtime's current device, which is torch's current device
+        torch.cuda.set_device(self.device)
+        self.stream = torch.cuda.Stream(device=self.device)
+        self._in_flight: list[Any] = []  # host tensors a queued copy still reads or writes
 
-    @property
-    def stream(self) -> Any:
-        """The current CUDA stream, fetched at each use (a caller may have switched it)."""
-        return self.torch.cuda.current_stream(self.device)
+    @contextlib.contextmanager
+    def activated(self) -> Iterator[None]:
+        """This backend's device as the current device (per thread) while TensorRT is called."""
+        with self.torch.cuda.device(self.device):
+            yield
 
     @property
     def stream_handle(self) -> int:
         return int(self.stream.cuda_stream)
 
     def capability(self) -> tuple[int, int]:
-        return tuple(self.torch.cuda.get_device_capability(self.device))  # type: ignore[return-value]
+        major, minor = self.torch.cuda.get_device_capability(self.device)
+        return int(major), int(minor)
 
     def gpu_name(self) -> str:
         return str(self.torch.cuda.get_device_name(self.device))
 
     def alloc(self, nbytes: int) -> Buffer:
-        t = self.torch.empty(max(1, nbytes), dtype=self.torch.uint8, device=self.device)
+        # allocated on the backend's stream: torch's caching allocator ties a block to the
+        # stream current at allocation and reuses it only when that stream is past its use
+        with self.torch.cuda.stream(self.stream):
+            t = self.torch.empty(max(1, nbytes), dtype=self.torch.uint8, device=self.device)
         return Buffer(t.data_ptr(), t, nbytes)
 
+    def _bytes(self, array: np.ndarray) -> Any:
+        """A host uint8 tensor over ``array``'s memory (no copy)."""
+        return self.torch.from_numpy(array.view(np.uint8).reshape(-1))
+
+    def to_device_async(self, buf: Buffer, array: np.ndarray) -> None:
+        src = self._bytes(np.ascontiguousarray(array))
+        with self.torch.cuda.stream(self.stream):
+            buf.owner[: src.numel()].copy_(src, non_blocking=True)
+        self._in_flight.append(src)
+
     def to_device(self, buf: Buffer, array: np.ndarray) -> None:
-        src = self.torch.from_numpy(np.ascontiguousarray(array).view(np.uint8).reshape(-1))
-        buf.owner[: src.numel()].copy_(src, non_blocking=False)
+        self.to_device_async(buf, array)
+        self.synchronize()
 
     def to_host(self, buf: Buffer, out: np.ndarray) -> None:
-        out.view(np.uint8).reshape(-1)[:] = buf.owner[: out.nbytes].cpu().numpy()
+        if not out.flags.c_contiguous:
+            raise ExportError("to_host needs a contiguous host array")
+        dst = self._bytes(out)
+        with self.torch.cuda.stream(self.stream):
+            dst.copy_(buf.owner[: out.nbytes], non_blocking=True)
+        self._in_flight.append(dst)
 
     def synchronize(self) -> None:
         self.stream.synchronize()
+        self._in_flight.clear()
 
 
 class PyCuda:
-    """Buffers as pycuda allocations on a stream of its own (devices without torch)."""
+    """Buffers as pycuda allocations on a stream of its own, in the device's primary context
+    (devices without torch)."""
 
     name = "pycuda"
 
     def __init__(self, device: int) -> None:
         self.cuda = require("pycuda.driver", purpose="TensorRT I/O buffers without torch")
+        self.index = int(device)
         try:
-            require("pycuda.autoinit", purpose="TensorRT I/O buffers without torch")
-            self.dev = self.cuda.Device(device)
-            self.stream = self.cuda.Stream()
+            self.cuda.init()
+            self.dev = self.cuda.Device(self.index)
+            self.context = self.dev.retain_primary_context()
+            with self.activated():
+                self.stream = self.cuda.Stream()
         except ImportError:
             raise
         except Exception as exc:  # pycuda's driver errors when there is no usable GPU
             raise ExportError(f"no usable CUDA device {device}: {exc}") from None
+        self._in_flight: list[Any] = []
+
+    @contextlib.contextmanager
+    def activated(self) -> Iterator[None]:
+        """The device's primary context pushed (current) while TensorRT is called."""
+        self.context.push()
+        try:
+            yield
+        finally:
+            self.cuda.Context.pop()
 
     @property
     def stream_handle(self) -> int:
@@ -96,36 +185,54 @@ class PyCuda:
         return str(self.dev.name())
 
     def alloc(self, nbytes: int) -> Buffer:
-        mem = self.cuda.mem_alloc(max(1, nbytes))
+        with self.activated():
+            mem = self.cuda.mem_alloc(max(1, nbytes))
         return Buffer(int(mem), mem, nbytes)
 
+    def to_device_async(self, buf: Buffer, array: np.ndarray) -> None:
+        src = np.ascontiguousarray(array)
+        with self.activated():
+            self.cuda.memcpy_htod_async(buf.owner, src, self.stream)
+        self._in_flight.append(src)
+
     def to_device(self, buf: Buffer, array: np.ndarray) -> None:
-        # The source is pageable host memory and the consumer may be TensorRT on its own stream
-        # (the calibrator): wait for the copy to land before handing out the pointer.
-        self.cuda.memcpy_htod_async(buf.owner, np.ascontiguousarray(array), self.stream)
-        self.stream.synchronize()
+        self.to_device_async(buf, array)
+        self.synchronize()
 
     def to_host(self, buf: Buffer, out: np.ndarray) -> None:
-        self.cuda.memcpy_dtoh_async(out, buf.owner, self.stream)
+        with self.activated():
+            self.cuda.memcpy_dtoh_async(out, buf.owner, self.stream)
+        self._in_flight.append(out)
 
     def synchronize(self) -> None:
-        self.stream.synchronize()
+        with self.activated():
+            self.stream.synchronize()
+        self._in_flight.clear()
 
 
-def cuda_backend(device: int = 0, prefer: str = "auto") -> Any:
-    """The buffer backend: torch CUDA tensors if torch sees a GPU (``prefer="auto"|"torch"``),
-    else pycuda.
+def _import_torch() -> Any:
+    """torch, or None where it is not installed (the tests' seam for a torch-CUDA double)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
+def cuda_backend(device: str | int | None = 0, prefer: str = "auto") -> Any:
+    """The buffer backend on CUDA device ``device`` (an index or ``"cuda:N"``): torch CUDA
+    tensors if torch sees a GPU (``prefer="auto"|"torch"``), else pycuda.
 
     Raises:
         MissingDependencyError: neither torch with CUDA nor pycuda is importable.
+        ExportError: no such device.
+        UsageError: ``device`` names no CUDA device.
     """
+    index = cuda_index(device)
     if prefer in ("auto", "torch"):
-        try:
-            import torch
-        except ImportError:
-            torch = None
+        torch = _import_torch()
         if torch is not None and torch.cuda.is_available():
-            return TorchCuda(torch, device)
+            return TorchCuda(torch, index)
         if prefer == "torch":
             raise ExportError("torch cannot see a CUDA device", "install pycuda or a CUDA torch")
-    return PyCuda(device)
+    return PyCuda(index)

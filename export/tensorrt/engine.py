@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from advedge.errors import ExportError, UsageError
 
 __all__ = [
     "ENGINE_SCHEMA",
+    "LOG_KEEP",
     "BatchProfile",
     "check_engine_compatible",
     "engine_filename",
@@ -38,28 +40,45 @@ def load_tensorrt() -> Any:
     return require("tensorrt", purpose="building or running a TensorRT engine (--trt)")
 
 
-def make_logger(trt: Any) -> Any:
-    """A TensorRT logger that keeps warnings and errors, so failures can name their cause
-    (``errors()``); warnings are also logged on advedge's logger."""
+#: How many of the latest warnings and errors a TensorRT logger keeps (each kind).
+LOG_KEEP = 200
+
+
+def make_logger(trt: Any, keep: int = LOG_KEEP) -> Any:
+    """A TensorRT logger that keeps the latest ``keep`` warnings and errors (``messages``),
+    so failures can name their cause, and separately the latest ``keep`` errors (``errors()``),
+    which warnings never push out. ``counts`` has how many of each severity were seen in all.
+
+    The log is bounded: a runner lives as long as a benchmark and TensorRT may warn on every
+    call. Each distinct warning is also logged once on advedge's logger.
+    """
+    sev = trt.ILogger.Severity
+    bad = (sev.INTERNAL_ERROR, sev.ERROR)
+    kept = (*bad, sev.WARNING)
 
     class _Logger(trt.ILogger):
         def __init__(self) -> None:
             trt.ILogger.__init__(self)
-            self.messages: list[tuple[Any, str]] = []
+            self.messages: deque[tuple[Any, str]] = deque(maxlen=keep)
+            self._errors: deque[str] = deque(maxlen=keep)
+            self._warned: set[str] = set()
+            self.counts: Counter[str] = Counter()
 
         def log(self, severity: Any, msg: str) -> None:
-            if severity in (
-                trt.ILogger.Severity.INTERNAL_ERROR,
-                trt.ILogger.Severity.ERROR,
-                trt.ILogger.Severity.WARNING,
-            ):
-                self.messages.append((severity, str(msg)))
-                if severity == trt.ILogger.Severity.WARNING:
-                    logger.warning("TensorRT: %s", msg)
+            if severity not in kept:
+                return
+            text = str(msg)
+            self.counts[getattr(severity, "name", str(severity))] += 1
+            self.messages.append((severity, text))
+            if severity in bad:
+                self._errors.append(text)
+            elif text not in self._warned:
+                if len(self._warned) < 10 * keep:  # remember a bounded number of texts
+                    self._warned.add(text)
+                logger.warning("TensorRT: %s", text)
 
         def errors(self) -> list[str]:
-            bad = (trt.ILogger.Severity.INTERNAL_ERROR, trt.ILogger.Severity.ERROR)
-            return [m for s, m in self.messages if s in bad]
+            return list(self._errors)
 
     return _Logger()
 

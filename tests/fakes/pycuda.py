@@ -1,129 +1,91 @@
 """Test double of the small part of pycuda that advedge uses. NOT pycuda, and no GPU is involved.
 
 ``make_pycuda()`` returns three fresh module objects (``pycuda``, ``pycuda.driver``,
-``pycuda.autoinit``). "Device memory" is ordinary host memory owned by this module: a device
-pointer is a plain ``int`` that is the host address of a 256-byte aligned numpy buffer, so the
-TensorRT double (``tests/fakes/tensorrt.py``) can read inputs and write outputs through
-:func:`device_view`. Every pointer handed to a copy is checked against the live allocations, so a
-wrong size, a freed allocation or a host address passed as a device pointer fails loudly
-(``driver.LogicError``) instead of corrupting memory.
+``pycuda.autoinit``) over a pretend machine (:class:`fakes.device.Machine`: devices, contexts,
+fake device memory, streams whose work runs only when waited for). A device pointer is a plain
+``int`` into fake device memory, so the TensorRT double (``tests/fakes/tensorrt.py``) can read
+inputs and write outputs through :func:`device_view`. Every pointer handed to a copy is checked
+against the live allocations, so a wrong size, a freed allocation or a host address passed as a
+device pointer fails loudly (``driver.LogicError``) instead of corrupting memory.
 
 Surface modelled, following the pycuda driver reference (documen.tician.de/pycuda/driver.html)
 and pycuda's own binding table (inducer/pycuda, ``src/wrapper/wrap_cudadrv.cpp``):
 
 * ``init(flags=0)``; ``Device(ordinal)`` with ``count()`` (static), ``name()``,
-  ``compute_capability()`` -> ``(major, minor)``, ``total_memory()``, ``make_context(flags=0)``;
-* ``Context``: ``get_current()``, ``get_device()``, ``synchronize()``, ``pop()`` (static),
-  ``push()``, ``detach()``;
-* ``mem_alloc(nbytes)`` -> ``DeviceAllocation`` (``int(alloc)`` is the pointer, ``free()``;
-  like pycuda it defines ``__int__`` but not ``__index__``; the memory is released when the
-  allocation object is garbage collected, as in pycuda);
+  ``compute_capability()`` -> ``(major, minor)``, ``total_memory()``, ``make_context(flags=0)``
+  (a new context, pushed: current), ``retain_primary_context()`` (the device's primary context,
+  the one the CUDA runtime and so TensorRT and torch use; "not made current", pycuda 2017.1+);
+* ``Context``: ``get_current()``, ``get_device()``, ``synchronize()`` (waits for all work of the
+  current context's device), ``pop()`` (static), ``push()``, ``detach()``;
+* ``mem_alloc(nbytes)`` -> ``DeviceAllocation`` on the current context's device (``int(alloc)``
+  is the pointer, ``free()``; like pycuda it defines ``__int__`` but not ``__index__``; the memory
+  is released when the allocation object is garbage collected, as in pycuda);
 * ``memcpy_htod(dest, src)``, ``memcpy_dtoh(dest, src)``, ``memcpy_dtod(dest, src, size)``,
-  ``memcpy_htod_async(dest, src, stream=None)``, ``memcpy_dtoh_async(dest, src, stream=None)``,
-  ``memcpy_dtod_async``, ``memset_d8/d16/d32``; host side is any contiguous buffer (numpy
-  array), ``dtoh`` needs a writable one; the byte count is the host buffer's size;
-* ``Stream(flags=0)`` with ``handle`` (int), ``synchronize()``, ``is_done()``;
+  ``memset_d8/d16/d32``: synchronous, on the legacy default stream (they first wait for earlier
+  work of every blocking stream, then complete before they return);
+* ``memcpy_htod_async(dest, src, stream=None)``, ``memcpy_dtoh_async(dest, src, stream=None)``,
+  ``memcpy_dtod_async``: queued on the stream (None: the legacy default stream) and run only when
+  the stream is synchronised (or an event after them, or the context). A pageable source is read
+  when the call is made (CUDA stages pageable memory before an async host-to-device copy
+  returns); a page-locked one (``pagelocked_empty``) when the copy runs. A device-to-host copy
+  writes its host array when it runs, page-locked or not: real CUDA happens to finish a copy into
+  pageable memory before returning, which its documentation tells not to rely on, so the double
+  is stricter. Host side is any contiguous buffer (numpy array), ``dtoh`` needs a writable one;
+  the byte count is the host buffer's size;
+* ``Stream(flags=0)`` on the current context's device (``flags=1``: non-blocking, not ordered
+  with the legacy default stream) with ``handle`` (int), ``synchronize()``, ``is_done()``;
   ``Event(flags=0)`` with ``record(stream=None)``, ``synchronize()``, ``query()``,
-  ``time_since(start)`` / ``time_till(end)`` in milliseconds;
+  ``time_since(start)`` / ``time_till(end)`` in milliseconds (between the moments the queued
+  markers ran; "not ready" until both have);
 * ``pagelocked_empty(shape, dtype, order="C", mem_flags=0)`` (and ``_zeros``, ``_empty_like``,
   ``_zeros_like``): numpy arrays whose ``base`` is a ``PagelockedHostAllocation``;
 * ``mem_get_info()``, ``get_version()``, ``get_driver_version()``;
-* exceptions ``Error``, ``LogicError``, ``MemoryError``, ``RuntimeError``, ``LaunchError``;
+* exceptions ``Error``, ``LogicError``, ``MemoryError``, ``RuntimeError``, ``LaunchError`` (queued
+  work that fails raises ``LaunchError`` from the call that waited for it);
 * ``pycuda.autoinit`` with ``context`` and ``device``.
 
-Deliberate simplifications: copies and "kernels" run synchronously (``*_async`` complete before
-they return and ``Stream.is_done()`` is always True); ``pycuda.autoinit`` is treated as already
-imported, so a context is current from the start (as after ``import pycuda.autoinit``); there
-is exactly one device.
+Deliberate simplifications: ``pycuda.autoinit`` is treated as already imported, so the driver is
+initialised and a (non-primary) context on device 0 is current from the start, as after
+``import pycuda.autoinit``; a stream used while another device's context is current is refused
+(``LogicError``, "invalid resource handle"); queued work runs on the thread that waits for it; one
+context stack serves every thread.
 """
 
 from __future__ import annotations
 
-import itertools
-import threading
 import time
 import types
-import weakref
 from typing import Any
 
 import numpy as np
 
+from . import device as _dev
+from .device import device_view, is_stream_handle
+
 __all__ = ["device_view", "is_stream_handle", "make_pycuda"]
 
-_ALIGNMENT = 256  # cudaMalloc returns 256-byte aligned pointers
-_TOTAL_MEMORY = 8 * 1024**3
+
+def _pinned(obj: Any) -> bool:
+    """Whether ``obj`` is page-locked host memory of the double (a ``pagelocked_empty`` array
+    or a view of one)."""
+    while obj is not None:
+        if type(obj).__name__ == "PagelockedHostAllocation":
+            return True
+        obj = getattr(obj, "base", None)
+    return False
 
 
-class _Block:
-    __slots__ = ("base", "nbytes", "storage")
-
-    def __init__(self, nbytes: int) -> None:
-        self.storage = np.zeros(nbytes + _ALIGNMENT, dtype=np.uint8)
-        addr = self.storage.ctypes.data
-        self.base = addr + (-addr % _ALIGNMENT)
-        self.nbytes = nbytes
-
-    def view(self, ptr: int, nbytes: int) -> np.ndarray:
-        start = ptr - self.storage.ctypes.data
-        return self.storage[start : start + nbytes]
-
-
-class _Heap:
-    """Process-wide fake device memory: every fake pycuda module allocates from it."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._blocks: dict[int, _Block] = {}
-
-    def alloc(self, nbytes: int) -> int:
-        block = _Block(nbytes)
-        with self._lock:
-            self._blocks[block.base] = block
-        return block.base
-
-    def free(self, ptr: int) -> None:
-        with self._lock:
-            self._blocks.pop(ptr, None)
-
-    def view(self, ptr: int, nbytes: int) -> np.ndarray | None:
-        with self._lock:
-            for block in self._blocks.values():
-                if block.base <= ptr < block.base + max(block.nbytes, 1):
-                    if ptr + nbytes > block.base + block.nbytes:
-                        return None
-                    return block.view(ptr, nbytes)
-        return None
-
-    def used(self) -> int:
-        with self._lock:
-            return sum(b.nbytes for b in self._blocks.values())
-
-
-_HEAP = _Heap()
-_STREAM_HANDLES: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
-_HANDLE_COUNTER = itertools.count(0x7F0000001000, 0x100)
-
-
-def device_view(ptr: int, nbytes: int) -> np.ndarray | None:
-    """A writable uint8 view of ``nbytes`` of fake device memory at ``ptr``, or None if that
-    range is not inside one live allocation (for the TensorRT double)."""
-    if nbytes == 0:
-        return np.zeros(0, dtype=np.uint8)
-    return _HEAP.view(int(ptr), int(nbytes))
-
-
-def is_stream_handle(handle: int) -> bool:
-    """Whether ``handle`` is the ``.handle`` of a live fake ``Stream``."""
-    return int(handle) in _STREAM_HANDLES
-
-
-def make_pycuda(
+def make_pycuda(  # long: one closure per module object, as pycuda's binding table lists them
     compute_capability: tuple[int, int] = (8, 7),
+    *,
+    device_count: int = 1,
+    machine: _dev.Machine | None = None,
 ) -> tuple[types.ModuleType, types.ModuleType, types.ModuleType]:
-    """Build fresh ``pycuda``, ``pycuda.driver`` and ``pycuda.autoinit`` module objects."""
-    cc = (int(compute_capability[0]), int(compute_capability[1]))
+    """Build fresh ``pycuda``, ``pycuda.driver`` and ``pycuda.autoinit`` module objects on
+    ``machine`` (default: a new machine of ``device_count`` GPUs of ``compute_capability``)."""
+    m = machine or _dev.Machine(device_count, compute_capability)
     drv = types.ModuleType("pycuda.driver", "Test double of pycuda.driver (not pycuda).")
-    state: dict[str, Any] = {"initialized": False, "stack": []}
+    state: dict[str, Any] = {"initialized": False, "wrappers": {}}
 
     class Error(Exception):
         """Base class of the driver's errors."""
@@ -147,12 +109,19 @@ def make_pycuda(
         if not state["initialized"]:
             raise LogicError(f"{what} failed: initialization error (call cuda.init() first)")
 
-    def _need_context(what: str) -> None:
+    def _need_context(what: str) -> int:
         _need_init(what)
-        if not state["stack"]:
+        if not m.stack:
             raise LogicError(
                 f"{what} failed: invalid device context - no currently active context?"
             )
+        return m.current_device()
+
+    def _wait(rec: _dev.StreamRecord, upto: int | None = None) -> None:
+        try:
+            _dev.synchronize(rec, upto)
+        except _dev.DeviceFault as exc:
+            raise LaunchError(f"cuStreamSynchronize failed: {exc}") from None
 
     def init(flags: int = 0) -> None:
         state["initialized"] = True
@@ -160,28 +129,31 @@ def make_pycuda(
     class Device:
         def __init__(self, ordinal: int) -> None:
             _need_init("cuDeviceGet")
-            if not 0 <= int(ordinal) < 1:
+            if not m.valid(int(ordinal)):
                 raise LogicError("cuDeviceGet failed: invalid device ordinal")
             self._ordinal = int(ordinal)
 
         @staticmethod
         def count() -> int:
             _need_init("cuDeviceGetCount")
-            return 1
+            return m.device_count
 
         def name(self) -> str:
-            return f"Fake CUDA device sm_{cc[0]}{cc[1]} (test double)"
+            return m.name(self._ordinal)
 
         def compute_capability(self) -> tuple[int, int]:
-            return cc
+            return m.cc
 
         def total_memory(self) -> int:
-            return _TOTAL_MEMORY
+            return _dev.TOTAL_MEMORY
 
         def make_context(self, flags: int = 0) -> Context:
-            ctx = Context(self)
-            state["stack"].append(ctx)
+            ctx = _context(_dev.Ctx(self._ordinal))
+            m.stack.append(ctx._ctx)
             return ctx
+
+        def retain_primary_context(self) -> Context:
+            return _context(m.primary(self._ordinal))
 
         def __eq__(self, other: object) -> bool:
             return isinstance(other, Device) and other._ordinal == self._ordinal
@@ -190,34 +162,48 @@ def make_pycuda(
             return hash(("fake-cuda-device", self._ordinal))
 
     class Context:
-        def __init__(self, device: Device) -> None:
-            self._device = device
+        def __init__(self, ctx: _dev.Ctx) -> None:
+            self._ctx = ctx
 
         def push(self) -> None:
-            state["stack"].append(self)
+            m.stack.append(self._ctx)
 
         @staticmethod
         def pop() -> None:
-            if not state["stack"]:
+            if not m.stack:
                 raise LogicError("cuCtxPopCurrent failed: invalid device context")
-            state["stack"].pop()
+            m.stack.pop()
 
         @staticmethod
         def get_current() -> Context | None:
-            return state["stack"][-1] if state["stack"] else None
+            return _context(m.stack[-1]) if m.stack else None
 
         @staticmethod
         def get_device() -> Device:
-            _need_context("cuCtxGetDevice")
-            return state["stack"][-1]._device
+            return Device(_need_context("cuCtxGetDevice"))
 
         @staticmethod
         def synchronize() -> None:
-            _need_context("cuCtxSynchronize")
+            device = _need_context("cuCtxSynchronize")
+            try:
+                _dev.synchronize_device(device)
+            except _dev.DeviceFault as exc:
+                raise LaunchError(f"cuCtxSynchronize failed: {exc}") from None
 
         def detach(self) -> None:
-            if self in state["stack"]:
-                state["stack"].remove(self)
+            if self._ctx in m.stack:
+                m.stack.remove(self._ctx)
+
+        def __eq__(self, other: object) -> bool:
+            return isinstance(other, Context) and other._ctx is self._ctx
+
+        def __hash__(self) -> int:
+            return id(self._ctx)
+
+    def _context(ctx: _dev.Ctx) -> Context:
+        if ctx not in state["wrappers"]:
+            state["wrappers"][ctx] = Context(ctx)
+        return state["wrappers"][ctx]
 
     class DeviceAllocation:
         """Owns fake device memory; ``int(alloc)`` is the device pointer."""
@@ -233,7 +219,7 @@ def make_pycuda(
         def free(self) -> None:
             if self._valid:
                 self._valid = False
-                _HEAP.free(self._ptr)
+                _dev.HEAP.free(self._ptr)
 
         def __del__(self) -> None:
             try:  # noqa: SIM105 - module globals may already be gone at interpreter shutdown
@@ -254,17 +240,17 @@ def make_pycuda(
             return 0
 
     def mem_alloc(nbytes: int) -> DeviceAllocation:
-        _need_context("cuMemAlloc")
+        device = _need_context("cuMemAlloc")
         nbytes = int(nbytes)
         if nbytes <= 0:
             raise LogicError("cuMemAlloc failed: invalid argument")
-        if nbytes > _TOTAL_MEMORY - _HEAP.used():
+        if nbytes > _dev.TOTAL_MEMORY - _dev.HEAP.used(device):
             raise CudaMemoryError("cuMemAlloc failed: out of memory")
-        return DeviceAllocation(_HEAP.alloc(nbytes), nbytes)
+        return DeviceAllocation(_dev.HEAP.alloc(nbytes, device), nbytes)
 
     def mem_get_info() -> tuple[int, int]:
-        _need_context("cuMemGetInfo")
-        return _TOTAL_MEMORY - _HEAP.used(), _TOTAL_MEMORY
+        device = _need_context("cuMemGetInfo")
+        return _dev.TOTAL_MEMORY - _dev.HEAP.used(device), _dev.TOTAL_MEMORY
 
     def _dev_ptr(dest: Any, what: str) -> int:
         if isinstance(dest, DeviceAllocation):
@@ -298,45 +284,96 @@ def make_pycuda(
             raise TypeError(f"{what}: expected a writable buffer object")
         return mv.cast("B") if mv.ndim != 1 or mv.format != "B" else mv
 
-    def _check_stream(stream: Any, what: str) -> None:
-        if stream is not None and not isinstance(stream, Stream):
+    def _stream(stream: Any, what: str) -> _dev.StreamRecord:
+        """The record of ``stream`` (None: the legacy default stream of the current device)."""
+        device = _need_context(what)
+        if stream is None:
+            rec = _dev.stream_record(0, device)
+            assert rec is not None
+            return rec
+        if not isinstance(stream, Stream):
             raise TypeError(f"{what}: stream must be a pycuda.driver.Stream or None")
+        if stream._rec.device != device:
+            raise LogicError(
+                f"{what} failed: invalid resource handle (the stream belongs to device "
+                f"{stream._rec.device}; the current context is on device {device})"
+            )
+        return stream._rec
+
+    def _htod(dest: Any, src: Any, stream: Any, what: str) -> None:
+        rec = _stream(stream, what)
+        host = _host_buffer(src, writable=False, what=what)
+        ptr = _dev_ptr(dest, what)
+        dev = _device_range(ptr, host.nbytes, what)
+        data = host if _pinned(src) else bytes(host)  # pageable memory is staged at the call
+
+        def run() -> None:
+            dev[:] = np.frombuffer(data, dtype=np.uint8)
+
+        _dev.enqueue(rec, run, what, writes=[(ptr, host.nbytes)])
+
+    def _dtoh(dest: Any, src: Any, stream: Any, what: str) -> None:
+        rec = _stream(stream, what)
+        host = _host_buffer(dest, writable=True, what=what)
+        dev = _device_range(_dev_ptr(src, what), host.nbytes, what)
+
+        def run() -> None:
+            np.frombuffer(host, dtype=np.uint8)[:] = dev
+
+        _dev.enqueue(rec, run, what)
+
+    def _dtod(dest: Any, src: Any, size: int, stream: Any, what: str) -> None:
+        rec = _stream(stream, what)
+        dst_ptr = _dev_ptr(dest, what)
+        src_view = _device_range(_dev_ptr(src, what), int(size), what)
+        dst_view = _device_range(dst_ptr, int(size), what)
+
+        def run() -> None:
+            dst_view[:] = src_view.copy()
+
+        _dev.enqueue(rec, run, what, writes=[(dst_ptr, int(size))])
+
+    def _now(what: str) -> None:
+        """Wait for the synchronous call just queued on the legacy default stream."""
+        rec = _dev.stream_record(0, m.current_device())
+        assert rec is not None
+        try:
+            _dev.synchronize(rec)
+        except _dev.DeviceFault as exc:
+            raise LaunchError(f"{what} failed: {exc}") from None
 
     def memcpy_htod(dest: Any, src: Any) -> None:
-        _need_context("cuMemcpyHtoD")
-        host = _host_buffer(src, writable=False, what="memcpy_htod")
-        dev = _device_range(_dev_ptr(dest, "cuMemcpyHtoD"), host.nbytes, "cuMemcpyHtoD")
-        dev[:] = np.frombuffer(host, dtype=np.uint8)
+        _htod(dest, src, None, "cuMemcpyHtoD")
+        _now("cuMemcpyHtoD")
 
     def memcpy_dtoh(dest: Any, src: Any) -> None:
-        _need_context("cuMemcpyDtoH")
-        host = _host_buffer(dest, writable=True, what="memcpy_dtoh")
-        dev = _device_range(_dev_ptr(src, "cuMemcpyDtoH"), host.nbytes, "cuMemcpyDtoH")
-        np.frombuffer(host, dtype=np.uint8)[:] = dev
+        _dtoh(dest, src, None, "cuMemcpyDtoH")
+        _now("cuMemcpyDtoH")
 
     def memcpy_dtod(dest: Any, src: Any, size: int) -> None:
-        _need_context("cuMemcpyDtoD")
-        src_view = _device_range(_dev_ptr(src, "cuMemcpyDtoD"), int(size), "cuMemcpyDtoD")
-        dst_view = _device_range(_dev_ptr(dest, "cuMemcpyDtoD"), int(size), "cuMemcpyDtoD")
-        dst_view[:] = src_view.copy()
+        _dtod(dest, src, size, None, "cuMemcpyDtoD")
+        _now("cuMemcpyDtoD")
 
     def memcpy_htod_async(dest: Any, src: Any, stream: Any = None) -> None:
-        _check_stream(stream, "memcpy_htod_async")
-        memcpy_htod(dest, src)
+        _htod(dest, src, stream, "cuMemcpyHtoDAsync")
 
     def memcpy_dtoh_async(dest: Any, src: Any, stream: Any = None) -> None:
-        _check_stream(stream, "memcpy_dtoh_async")
-        memcpy_dtoh(dest, src)
+        _dtoh(dest, src, stream, "cuMemcpyDtoHAsync")
 
     def memcpy_dtod_async(dest: Any, src: Any, size: int, stream: Any = None) -> None:
-        _check_stream(stream, "memcpy_dtod_async")
-        memcpy_dtod(dest, src, size)
+        _dtod(dest, src, size, stream, "cuMemcpyDtoDAsync")
 
     def _memset(dest: Any, data: int, count: int, dtype: Any, what: str) -> None:
-        _need_context(what)
+        rec = _stream(None, what)
         itemsize = np.dtype(dtype).itemsize
-        view = _device_range(_dev_ptr(dest, what), int(count) * itemsize, what)
-        view.view(dtype)[:] = data
+        ptr = _dev_ptr(dest, what)
+        view = _device_range(ptr, int(count) * itemsize, what)
+
+        def run() -> None:
+            view.view(dtype)[:] = data
+
+        _dev.enqueue(rec, run, what, writes=[(ptr, int(count) * itemsize)])
+        _now(what)
 
     def memset_d8(dest: Any, data: int, size: int) -> None:
         _memset(dest, data, size, np.uint8, "cuMemsetD8")
@@ -349,41 +386,50 @@ def make_pycuda(
 
     class Stream:
         def __init__(self, flags: int = 0) -> None:
-            _need_context("cuStreamCreate")
-            self._handle = next(_HANDLE_COUNTER)
-            _STREAM_HANDLES[self._handle] = self
+            device = _need_context("cuStreamCreate")
+            self._rec = _dev.new_stream(device, blocking=not int(flags) & 1)
 
         @property
         def handle(self) -> int:
-            return self._handle
+            return self._rec.handle
 
         def synchronize(self) -> None:
-            pass
+            _wait(self._rec)
 
         def is_done(self) -> bool:
-            return True
+            return not _dev.pending(self._rec)
 
     class Event:
         def __init__(self, flags: int = 0) -> None:
             _need_context("cuEventCreate")
             self._t: float | None = None
+            self._at: tuple[_dev.StreamRecord, int] | None = None
 
         def record(self, stream: Any = None) -> Event:
-            _check_stream(stream, "Event.record")
-            self._t = time.perf_counter()
+            rec = _stream(stream, "cuEventRecord")
+            self._t = None
+
+            def mark() -> None:
+                self._t = time.perf_counter()
+
+            self._at = (rec, _dev.enqueue(rec, mark, "cuEventRecord"))
             return self
 
         def synchronize(self) -> Event:
+            if self._at is not None:
+                _wait(*self._at)
             return self
 
         def query(self) -> bool:
-            return True
+            return self._at is None or self._t is not None
 
         def time_since(self, event: Event) -> float:
-            if self._t is None or event._t is None:
+            if self._at is None or event._at is None:
                 raise LogicError(
                     "cuEventElapsedTime failed: invalid resource handle (event not recorded)"
                 )
+            if self._t is None or event._t is None:
+                raise LogicError("cuEventElapsedTime failed: device not ready")
             return (self._t - event._t) * 1000.0
 
         def time_till(self, event: Event) -> float:

@@ -4,10 +4,25 @@
 (10 or 11) decides which API exists. Nothing here touches a GPU: an "engine" is bytes this module
 defines (a magic tag, a JSON header with the TensorRT version, compute capability, I/O tensors,
 optimisation profiles and layer information, then the ONNX model), and ``execute_async_v3`` /
-``execute_v2`` read the inputs from fake device memory (``tests/fakes/pycuda.py``), run the
+``execute_v2`` read the inputs from fake device memory (``tests/fakes/device.py``, shared by the
+pycuda and torch-CUDA doubles, so pointers and stream handles of either library work), run the
 embedded ONNX with ONNX Runtime on the CPU, and write the outputs back, so runners built on the
 double produce real numbers. Reduced-precision numerics are NOT simulated: an engine computes at
 the ONNX graph's own precision even when its layer information says Half or Int8.
+
+Execution is asynchronous as on a GPU: ``execute_async_v3(stream)`` checks what TensorRT checks
+at enqueue time and returns, and the run itself is queued on that stream (the legacy default
+stream for handle 0, with TensorRT's warning about it); it reads its inputs and writes its
+outputs only when the stream is synchronised, after the work queued before it on that stream. An
+input still being written by work queued on another stream that nobody waited for is a race: the
+run fails, logged and raised (``DeviceFault``, pycuda's ``LaunchError``, torch's RuntimeError)
+from the call that synchronises. ``execute_v2`` runs on the legacy default stream and waits. An
+engine belongs to the device that was current when it was deserialised; enqueueing it with
+another device current, on another device's stream or with another device's memory fails
+(``False``, error logged; real TensorRT's behaviour there is an invalid handle or an illegal
+memory access). ``NetworkDefinitionCreationFlag`` has NvInfer.h's values: 10.x EXPLICIT_BATCH=0,
+STRONGLY_TYPED=1, PREFER_JIT_PYTHON_PLUGINS=2, PREFER_AOT_PYTHON_PLUGINS=3; 11.x (11.1)
+STRONGLY_TYPED=0, PREFER_JIT_PYTHON_PLUGINS=1, PREFER_AOT_PYTHON_PLUGINS=2.
 
 Documented behaviour modelled, and where it comes from
 ----------------------------------------------------------------
@@ -113,12 +128,17 @@ engine was built VERSION_COMPATIBLE for an older or equal version and ``engine_h
 is set) or another compute capability (unless built with ``HardwareCompatibilityLevel.AMPERE_PLUS``
 and the device is sm_80 or newer); ``set_input_shape`` returns False outside the active profile;
 ``execute_async_v3`` returns False if an input shape or a tensor address is missing, if an address
-is not inside a live fake device allocation large enough for the tensor, or if the stream handle is
-not 0 or a live fake stream.
+is not inside a live fake device allocation large enough for the tensor (checked at enqueue; a real
+GPU would fault later), if the stream handle is not 0 or a live fake stream, or on a device
+mismatch (above). The legacy calibrator's ``get_batch`` pointer must hold its batch when
+``get_batch`` returns (TensorRT reads it on a stream of its own): a copy into it still queued is a
+"Calibration failure".
 
 Not modelled: building networks layer by layer (``add_input``, ``add_convolution``...), layer fusion
-other than folding Q/DQ, plugins, refit, DLA, weight streaming, setting layer precisions, dynamic
-ranges, the legacy calibrator, ``IOutputAllocator``, per-minor-version differences inside a major.
+other than folding Q/DQ, reformat layers (a real engine inserts them between tactics' formats),
+plugins, refit, DLA, weight streaming, setting layer precisions, dynamic ranges, the legacy
+calibrator's entropy search, ``IOutputAllocator``, TensorRT's auxiliary streams and input-consumed
+events, per-minor-version differences inside a major.
 """
 
 from __future__ import annotations
@@ -137,7 +157,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from . import pycuda as _fake_cuda
+from . import device as _dev
 
 __all__ = ["make_tensorrt"]
 
@@ -377,6 +397,17 @@ _PRECISION_FLAGS = (
 
 
 Severity = _numbered("Severity", "INTERNAL_ERROR ERROR WARNING INFO VERBOSE")
+
+# NetworkDefinitionCreationFlag values as NvInfer.h numbers them: 10.x keeps the ignored
+# EXPLICIT_BATCH at 0; 11.x removed it and renumbered from 0 (11.1: STRONGLY_TYPED=0, JIT=1,
+# AOT=2). Code must shift by int(flag), never by a literal bit.
+_NDCF_10 = {
+    "EXPLICIT_BATCH": 0,
+    "STRONGLY_TYPED": 1,
+    "PREFER_JIT_PYTHON_PLUGINS": 2,
+    "PREFER_AOT_PYTHON_PLUGINS": 3,
+}
+_NDCF_11 = {"STRONGLY_TYPED": 0, "PREFER_JIT_PYTHON_PLUGINS": 1, "PREFER_AOT_PYTHON_PLUGINS": 2}
 
 
 # --------------------------------------------------------------------------------------------
@@ -1327,11 +1358,11 @@ class _IBuilderConfig(_FlagBits, _ContextManager):
         self._builder = builder
         self._flags = 1 << int(self._lib.BuilderFlag.TF32)
         self._pools = {
-            MemoryPoolType.WORKSPACE: _fake_cuda._TOTAL_MEMORY,
+            MemoryPoolType.WORKSPACE: _dev.TOTAL_MEMORY,
             MemoryPoolType.DLA_MANAGED_SRAM: 0,
             MemoryPoolType.DLA_LOCAL_DRAM: 0,
             MemoryPoolType.DLA_GLOBAL_DRAM: 0,
-            MemoryPoolType.TACTIC_DRAM: _fake_cuda._TOTAL_MEMORY,
+            MemoryPoolType.TACTIC_DRAM: _dev.TOTAL_MEMORY,
             MemoryPoolType.TACTIC_SHARED_MEMORY: 48 * 1024,
         }
         self._profiles: list[Any] = []
@@ -1875,11 +1906,19 @@ class _Builder(_ContextManager):
                     raise TypeError("get_batch() must return a list of int device pointers")
                 shape, dt = tuple(shapes[name]), dtypes[name]
                 nbytes = _nbytes(dt, shape)
-                view = _fake_cuda.device_view(int(ptr), nbytes)
+                view = _dev.device_view(int(ptr), nbytes)
                 if view is None:
                     self._error(
                         f"Calibration failure: get_batch() pointer {int(ptr):#x} for '{name}' "
                         f"is not a device allocation of at least {nbytes} bytes (shape {shape})"
+                    )
+                    return None
+                racing = _dev.pending_write(int(ptr), nbytes)
+                if racing is not None:  # TensorRT reads the batch on a stream of its own
+                    self._error(
+                        f"Calibration failure: get_batch() returned {int(ptr):#x} for '{name}' "
+                        f"while {racing} still writes it (the batch must be on the device "
+                        "when get_batch() returns)"
                     )
                     return None
                 feeds[name] = view.copy().view(nptype(dt)).reshape(shape)
@@ -2034,6 +2073,7 @@ class _ICudaEngine(_ContextManager):
         ]
         self._runner = _OrtRunner(model_bytes)
         self.name = header.get("name", "")
+        self._device = _dev.active().current_device()  # an engine lives on the current device
 
     def _error(self, msg: str) -> None:
         _log(self._logger, Severity.ERROR, msg)
@@ -2284,10 +2324,26 @@ class _IExecutionContext(_ContextManager):
             return False
         for (name, _, _, _), ptr in zip(io, bindings, strict=True):
             self._addresses[name] = _as_address(ptr, "execute_v2")
-        return self._execute()
+        # synchronous: on the legacy default stream, and complete before it returns
+        stream = _dev.stream_record(0)
+        assert stream is not None
+        if not self._enqueue(stream, "executeV2"):
+            return False
+        try:
+            _dev.synchronize(stream)
+        except _dev.DeviceFault:
+            return False  # the error was logged when the run failed
+        return True
 
     def execute_async_v3(self, stream_handle: int) -> bool:
         handle = _as_int(stream_handle, "execute_async_v3")
+        stream = _dev.stream_record(handle) if _dev.is_stream_handle(handle) else None
+        if stream is None:
+            self._error(
+                "IExecutionContext::enqueueV3: Error Code 1: Cuda Runtime (invalid resource "
+                f"handle: {handle:#x} is not a live CUDA stream)"
+            )
+            return False
         if handle == 0:
             _log(
                 self._engine._logger,
@@ -2296,72 +2352,119 @@ class _IExecutionContext(_ContextManager):
                 "additional calls to cudaStreamSynchronize() by TensorRT to ensure correct "
                 "synchronization. Please use non-default stream instead.",
             )
-        elif not _fake_cuda.is_stream_handle(handle):
+        return self._enqueue(stream, "enqueueV3")
+
+    def _check_device(self, stream: Any, api: str) -> bool:
+        """The engine runs on the device it was deserialised on: that device must be current,
+        and the stream and every tensor address must belong to it."""
+        want = self._engine._device
+        current = _dev.active().current_device()
+        if current != want or stream.device != want:
             self._error(
-                "IExecutionContext::enqueueV3: Error Code 1: Cuda Runtime (invalid resource "
-                f"handle: {handle:#x} is not a live CUDA stream)"
+                f"IExecutionContext::{api}: Error Code 1: Cuda Runtime (invalid resource handle: "
+                f"the engine was deserialised on device {want}; the current device is {current} "
+                f"and the stream belongs to device {stream.device})"
             )
             return False
-        return self._execute()
+        for name, ptr in self._addresses.items():
+            where = _dev.device_of(ptr)
+            if where is not None and where != want:
+                self._error(
+                    f"IExecutionContext::{api}: Error Code 1: Cuda Runtime (an illegal memory "
+                    f"access was encountered: '{name}' at {ptr:#x} is memory of device {where}, "
+                    f"the engine runs on device {want})"
+                )
+                return False
+        return True
 
-    def _execute(self) -> bool:
+    def _check_addresses(self, api: str) -> dict[str, tuple[int, int, Dims | None]] | None:
+        """Each I/O tensor's address, byte count and (inputs) shape, or None (error logged)."""
         missing = self._missing_inputs()
         if missing:
             self._error(
-                "IExecutionContext::enqueueV3: Error Code 3: API Usage Error (Parameter check "
+                f"IExecutionContext::{api}: Error Code 3: API Usage Error (Parameter check "
                 "failed, condition: mContext.validateInputShapes(). Not all shapes are "
                 "specified. Following input tensors' dimensions are not specified: "
                 f"{', '.join(missing)}.)"
             )
-            return False
-        for name, mode, _, _ in self._engine._io:
-            if not self._addresses.get(name):
-                kind = "input" if mode == "input" else "output"
+            return None
+        plan: dict[str, tuple[int, int, Dims | None]] = {}
+        for name, mode, dt, _ in self._engine._io:
+            ptr = self._addresses.get(name)
+            kind = "input" if mode == "input" else "output"
+            if not ptr:
                 self._error(
-                    "IExecutionContext::enqueueV3: Error Code 3: API Usage Error (Parameter "
+                    f"IExecutionContext::{api}: Error Code 3: API Usage Error (Parameter "
                     f"check failed, condition: address is set. Address is not set for {kind} "
                     f"tensor {name}. Call setInputTensorAddress() or setTensorAddress() before "
                     "enqueue/execute.)"
                 )
-                return False
+                return None
+            shape = self._input_shape(name) if mode == "input" else self.get_tensor_shape(name)
+            known = shape is not None and all(d >= 0 for d in shape)
+            nbytes = _nbytes(dt, tuple(shape)) if known else 0  # type: ignore[arg-type]
+            if _dev.device_view(ptr, nbytes) is None:
+                self._error(
+                    f"IExecutionContext::{api}: Error Code 1: Cuda Runtime (an illegal memory "
+                    f"access was encountered: {kind} '{name}' needs {nbytes} bytes at "
+                    f"{ptr:#x}, which is not inside a live device allocation)"
+                )
+                return None
+            plan[name] = (ptr, nbytes, Dims(shape) if mode == "input" else None)
+        return plan
+
+    def _enqueue(self, stream: Any, api: str) -> bool:
+        """Check what real TensorRT checks when work is enqueued, then queue the run on
+        ``stream``: it reads the inputs and writes the outputs when the stream gets there."""
+        plan = self._check_addresses(api)
+        if plan is None or not self._check_device(stream, api):
+            return False
+        outputs = [(plan[n][0], plan[n][1]) for n, m, _, _ in self._engine._io if m != "input"]
+        _dev.enqueue(
+            stream,
+            lambda: self._run(plan, stream, api),
+            f"{api} of {self._engine.name or 'an engine'}",
+            writes=outputs,
+        )
+        return True
+
+    def _run(self, plan: dict[str, tuple[int, int, Dims | None]], stream: Any, api: str) -> None:
+        """The queued run: inputs from device memory, the embedded ONNX, outputs back."""
         feeds = {}
         for name, mode, dt, _ in self._engine._io:
             if mode != "input":
                 continue
-            shape = tuple(self._input_shape(name))  # type: ignore[arg-type]
-            nbytes = _nbytes(dt, shape)
-            view = _fake_cuda.device_view(self._addresses[name], nbytes)
-            if view is None:
-                self._error(
-                    "IExecutionContext::enqueueV3: Error Code 1: Cuda Runtime (an illegal "
-                    f"memory access was encountered: input '{name}' needs {nbytes} bytes at "
-                    f"{self._addresses[name]:#x}, which is not inside a live device allocation)"
+            ptr, nbytes, shape = plan[name]
+            racing = _dev.pending_write(ptr, nbytes, other_than=stream)
+            if racing is not None:
+                self._fail(
+                    f"{api}: input '{name}' at {ptr:#x} is still being written by {racing}: "
+                    "nothing orders that stream before this one (a race on a real GPU)"
                 )
-                return False
-            feeds[name] = view.copy().view(nptype(dt)).reshape(shape)
+            view = _dev.device_view(ptr, nbytes)
+            if view is None:
+                self._fail(f"{api}: input '{name}' at {ptr:#x} was freed before the engine ran")
+            feeds[name] = view.copy().view(nptype(dt)).reshape(tuple(shape))  # type: ignore[union-attr,arg-type]
         try:
             results = self._engine._runner.run(feeds)
         except Exception as exc:
-            self._error(
-                "IExecutionContext::enqueueV3: Error Code 2: Internal Error (execution failed: "
-                f"{exc})"
-            )
-            return False
+            self._fail(f"{api}: execution failed: {exc}")
         for name, mode, dt, _ in self._engine._io:
-            if mode != "output":
+            if mode == "input":
                 continue
             arr = np.ascontiguousarray(results[name], dtype=nptype(dt))
-            view = _fake_cuda.device_view(self._addresses[name], arr.nbytes)
+            view = _dev.device_view(plan[name][0], arr.nbytes)
             if view is None:
-                self._error(
-                    "IExecutionContext::enqueueV3: Error Code 1: Cuda Runtime (an illegal "
-                    f"memory access was encountered: output '{name}' needs {arr.nbytes} bytes "
-                    f"at {self._addresses[name]:#x}, which is not inside a live device "
-                    "allocation)"
+                self._fail(
+                    f"{api}: output '{name}' needs {arr.nbytes} bytes at {plan[name][0]:#x}, "
+                    "which is not inside a live device allocation"
                 )
-                return False
-            view[:] = arr.reshape(-1).view(np.uint8)
-        return True
+            view[:] = arr.reshape(-1).view(np.uint8)  # type: ignore[index]
+
+    def _fail(self, msg: str) -> None:
+        """A failure of queued work: logged, and raised at the next synchronisation."""
+        self._error(f"IExecutionContext: Error Code 1: Cuda Runtime ({msg})")
+        raise _dev.DeviceFault(msg)
 
 
 class _EngineInspector:
@@ -2544,14 +2647,7 @@ def make_tensorrt(
         return type(name, bases, {"_lib": lib, "__module__": "tensorrt", "__qualname__": name})
 
     flags = {k: v for k, v in _BUILDER_FLAGS_10.items() if major == 10 or k not in _REMOVED_IN_11}
-    ndcf = {
-        "EXPLICIT_BATCH": 0,
-        "STRONGLY_TYPED": 1,
-        "PREFER_AOT_PYTHON_PLUGINS": 2,
-        "PREFER_JIT_PYTHON_PLUGINS": 3,
-    }
-    if major >= 11:
-        del ndcf["EXPLICIT_BATCH"]
+    ndcf = _NDCF_10 if major == 10 else _NDCF_11
 
     v10 = major == 10
     attrs: dict[str, Any] = {

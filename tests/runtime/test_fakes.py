@@ -633,3 +633,211 @@ def test_install_fake_tensorrt(monkeypatch: pytest.MonkeyPatch) -> None:
     assert tensorrt is trt and tensorrt.__version__ == "11.0.0"
     assert sys.modules["pycuda.driver"] is cuda
     assert cuda.Device(0).compute_capability() == (8, 9)
+
+
+# --------------------------------------------------------------------------------------------
+# Enum values, queued (asynchronous) work, devices, and the torch-CUDA double
+# --------------------------------------------------------------------------------------------
+
+
+def test_network_creation_flag_values_per_major() -> None:
+    """NvInfer.h numbers: 10.x keeps the ignored EXPLICIT_BATCH at 0; 11.x removed it and
+    renumbered (11.1: STRONGLY_TYPED=0, PREFER_JIT_PYTHON_PLUGINS=1, PREFER_AOT_PYTHON_PLUGINS=2)."""
+    flags10 = make_tensorrt("10.3.0").NetworkDefinitionCreationFlag
+    assert {f.name: int(f) for f in flags10} == {
+        "EXPLICIT_BATCH": 0,
+        "STRONGLY_TYPED": 1,
+        "PREFER_JIT_PYTHON_PLUGINS": 2,
+        "PREFER_AOT_PYTHON_PLUGINS": 3,
+    }
+    trt11 = make_tensorrt("11.1.0")
+    flags11 = trt11.NetworkDefinitionCreationFlag
+    assert {f.name: int(f) for f in flags11} == {
+        "STRONGLY_TYPED": 0,
+        "PREFER_JIT_PYTHON_PLUGINS": 1,
+        "PREFER_AOT_PYTHON_PLUGINS": 2,
+    }
+    network = trt11.Builder(trt11.Logger()).create_network(1 << int(flags11.STRONGLY_TYPED))
+    assert network.flags == 1 and network.get_flag(flags11.STRONGLY_TYPED)
+    assert not network.get_flag(flags11.PREFER_JIT_PYTHON_PLUGINS)
+
+
+def test_pycuda_async_copies_complete_only_at_synchronisation() -> None:
+    _, cuda, _ = make_pycuda()
+    stream = cuda.Stream()
+    x = np.arange(8, dtype=np.float32)
+    d = cuda.mem_alloc(x.nbytes)
+    cuda.memcpy_htod_async(d, x, stream)
+    x[:] = -1  # pageable memory was staged at the call: the copy still carries 0..7
+    assert not stream.is_done()
+    out = np.zeros(8, np.float32)
+    cuda.memcpy_dtoh_async(out, d, stream)
+    assert not out.any()  # still queued: the host array holds its old bytes
+    stream.synchronize()
+    assert stream.is_done() and np.array_equal(out, np.arange(8, dtype=np.float32))
+    # page-locked memory is read when the copy runs, not when it is issued
+    pinned = cuda.pagelocked_empty(8, np.float32)
+    pinned[:] = 1
+    cuda.memcpy_htod_async(d, pinned, stream)
+    pinned[:] = 2
+    cuda.memcpy_dtoh_async(out, d, stream)
+    cuda.Context.synchronize()  # the whole context waits too
+    assert (out == 2).all()
+    # events mark a place in a stream; elapsed time needs both to have run
+    start, end = cuda.Event(), cuda.Event()
+    start.record(stream)
+    cuda.memcpy_dtoh_async(out, d, stream)
+    end.record(stream)
+    assert not end.query()
+    with pytest.raises(cuda.LogicError, match="not ready"):
+        end.time_since(start)
+    end.synchronize()
+    assert end.query() and end.time_since(start) >= 0
+
+
+def test_legacy_default_stream_orders_blocking_streams_but_not_non_blocking_ones() -> None:
+    _, cuda, _ = make_pycuda()
+    blocking, free = cuda.Stream(), cuda.Stream(flags=1)
+    d1, d2 = cuda.mem_alloc(4), cuda.mem_alloc(4)
+    one, two = np.ones(1, np.float32), np.full(1, 2, np.float32)
+    cuda.memcpy_htod_async(d1, one, blocking)
+    cuda.memcpy_htod_async(d2, two, free)
+    got = np.zeros(1, np.float32)
+    cuda.memcpy_dtoh(got, d1)  # synchronous, on the default stream: waits for `blocking`
+    assert got[0] == 1 and blocking.is_done()
+    cuda.memcpy_dtoh(got, d2)  # but not for a non-blocking stream
+    assert got[0] == 0 and not free.is_done()
+    free.synchronize()
+    cuda.memcpy_dtoh(got, d2)
+    assert got[0] == 2
+
+
+def _context_and_buffers(trt: Any, cuda: Any, batch: int = 2) -> tuple[Any, Any, Any, Any]:
+    plan, _ = _build(trt, _tiny_onnx())
+    context = _engine(trt, plan).create_execution_context()
+    assert context.set_input_shape("input", (batch, 3, 8, 8))
+    d_in, d_out = cuda.mem_alloc(batch * 3 * 8 * 8 * 4), cuda.mem_alloc(batch * 10 * 4)
+    assert context.set_tensor_address("input", int(d_in))
+    assert context.set_tensor_address("logits", int(d_out))
+    return context, d_in, d_out, plan
+
+
+def test_execute_async_v3_runs_when_its_stream_is_synchronised() -> None:
+    trt = make_tensorrt("10.3.0")
+    _, cuda, _ = make_pycuda()
+    context, d_in, d_out, _ = _context_and_buffers(trt, cuda)
+    x = np.random.default_rng(5).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    stream = cuda.Stream()
+    cuda.memcpy_htod_async(d_in, x, stream)
+    assert context.execute_async_v3(stream.handle)
+    out = np.zeros((2, 10), np.float32)
+    cuda.memcpy_dtoh_async(out, d_out, stream)
+    assert not out.any()
+    stream.synchronize()
+    assert np.allclose(out, _reference(_tiny_onnx(), x), atol=1e-5)
+    # an input copied on another stream that nobody waited for: a race, raised at the sync
+    other = cuda.Stream(flags=1)
+    cuda.memcpy_htod_async(d_in, x * 2, other)
+    assert context.execute_async_v3(stream.handle)
+    with pytest.raises(cuda.LaunchError, match="still being written"):
+        stream.synchronize()
+    other.synchronize()
+
+
+def test_engine_runs_on_the_device_it_was_deserialised_on() -> None:
+    trt = make_tensorrt("10.3.0")
+    _, cuda, _ = make_pycuda(device_count=2)
+    assert cuda.Device.count() == 2
+    logger = _capture_logger(trt)
+    plan, _ = _build(trt, _tiny_onnx())
+    context = trt.Runtime(logger).deserialize_cuda_engine(plan).create_execution_context()  # dev 0
+    assert context.set_input_shape("input", (1, 3, 8, 8))
+    primary = cuda.Device(1).retain_primary_context()
+    assert cuda.Context.get_current() != primary  # retained, not made current
+    primary.push()
+    assert cuda.Context.get_device() == cuda.Device(1)
+    d_in, d_out, stream1 = cuda.mem_alloc(3 * 8 * 8 * 4), cuda.mem_alloc(40), cuda.Stream()
+    context.set_tensor_address("input", int(d_in))
+    context.set_tensor_address("logits", int(d_out))
+    assert not context.execute_async_v3(stream1.handle)  # device 1 current, engine on device 0
+    cuda.Context.pop()
+    with pytest.raises(cuda.LogicError, match="invalid resource handle"):
+        cuda.memcpy_htod_async(d_in, np.zeros(192, np.float32), stream1)  # device 1's stream
+    assert not context.execute_async_v3(cuda.Stream().handle)  # buffers of device 1
+    assert any("memory of device 1" in m for m in logger.errors())
+    with pytest.raises(cuda.LogicError, match="invalid device ordinal"):
+        cuda.Device(2)
+
+
+def test_torch_cuda_double() -> None:
+    from fakes.device import Machine, device_of
+    from fakes.torch_cuda import make_torch_cuda
+
+    machine = Machine(device_count=2, compute_capability=(9, 0))
+    torch = make_torch_cuda(machine)
+    assert torch.cuda.is_available() and torch.cuda.device_count() == 2
+    assert torch.cuda.get_device_capability(1) == (9, 0) and "1" in torch.cuda.get_device_name(1)
+    assert torch.cuda.current_stream().cuda_stream == 0  # the legacy default stream
+    with pytest.raises(RuntimeError, match="invalid device ordinal"):
+        torch.cuda.set_device(2)
+    dev1 = torch.device("cuda", 1)
+    stream = torch.cuda.Stream(device=dev1)
+    assert stream.cuda_stream != 0 and stream.device == dev1
+    buf = torch.empty(32, dtype=torch.uint8, device=dev1)
+    assert device_of(buf.data_ptr()) == 1 and buf[8:16].data_ptr() == buf.data_ptr() + 8
+    x = np.arange(32, dtype=np.uint8)
+    with torch.cuda.stream(stream):
+        assert torch.cuda.current_stream(dev1) == stream
+        assert torch.cuda.current_device() == 1  # like torch's StreamContext
+        buf.copy_(torch.from_numpy(x), non_blocking=True)
+        out = np.zeros(32, np.uint8)
+        torch.from_numpy(out).copy_(buf, non_blocking=True)
+    assert torch.cuda.current_device() == 0 and torch.cuda.current_stream(dev1).cuda_stream == 0
+    assert not out.any() and not stream.query()  # queued on `stream`
+    torch.cuda.current_stream(dev1).synchronize()
+    assert not out.any()  # the default stream does not wait for a torch (non-blocking) stream
+    stream.synchronize()
+    assert np.array_equal(out, x)
+    # a blocking copy (non_blocking=False) completes before it returns
+    y = np.zeros(32, np.uint8)
+    torch.from_numpy(y).copy_(buf)
+    assert np.array_equal(y, x) and np.array_equal(buf.cpu().numpy(), x)
+    with torch.cuda.device(1):
+        assert torch.cuda.current_device() == 1
+    assert torch.cuda.current_device() == 0
+
+
+def test_torch_cuda_buffers_feed_the_fake_engine() -> None:
+    from fakes.device import Machine
+    from fakes.torch_cuda import make_torch_cuda
+
+    trt = make_tensorrt("11.1.0")
+    torch = make_torch_cuda(Machine())
+    plan, _ = _build(trt, _tiny_onnx())
+    context = _engine(trt, plan).create_execution_context()
+    x = np.random.default_rng(6).standard_normal((3, 3, 8, 8)).astype(np.float32)
+    assert context.set_input_shape("input", x.shape)
+    d_in = torch.empty(x.nbytes, dtype=torch.uint8, device=torch.device("cuda", 0))
+    d_out = torch.empty(3 * 10 * 4, dtype=torch.uint8, device="cuda")
+    context.set_tensor_address("input", d_in.data_ptr())
+    context.set_tensor_address("logits", d_out.data_ptr())
+    stream = torch.cuda.Stream()
+    out = np.zeros((3, 10), np.float32)
+    with torch.cuda.stream(stream):
+        d_in.copy_(torch.from_numpy(x.view(np.uint8).reshape(-1)), non_blocking=True)
+        assert context.execute_async_v3(stream.cuda_stream)
+        torch.from_numpy(out.view(np.uint8).reshape(-1)).copy_(d_out, non_blocking=True)
+    assert not out.any()
+    stream.synchronize()
+    assert np.allclose(out, _reference(_tiny_onnx(), x), atol=1e-5)
+
+
+def test_install_fake_tensorrt_with_devices_and_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    from advedge.export.tensorrt import cuda_backend
+
+    install_fake_tensorrt(monkeypatch, version="10.3.0", device_count=3, torch_cuda=True)
+    import pycuda.driver as cuda
+
+    assert cuda.Device.count() == 3
+    backend = cuda_backend(2)
+    assert (backend.name, backend.index, backend.capability()) == ("torch", 2, (8, 7))

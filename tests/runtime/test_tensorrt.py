@@ -358,3 +358,132 @@ def test_cli_trt_writes_the_timing_cache_where_asked_and_legacy_calibrates_at_it
     # (a recalibration would write a fresh cache without the mark)
     _export_engine(capsys, run_dir, tmp_path, tiny_npz_data, **options)
     assert calib_cache.read_bytes() == marked
+
+
+def test_layer_precisions_count_what_each_layer_computes_in():
+    """An INT8 convolution feeding a float consumer outputs Float but computes in Int8; reformat,
+    shuffle and constant layers compute nothing and are counted apart."""
+    from advedge.export.tensorrt.builder import compute_precision, layer_precisions
+
+    def io(text: str, v11: bool) -> dict:
+        return {"DataType": text.split()[-2], "Format": text} if v11 else {"Format/Datatype": text}
+
+    for v11 in (False, True):
+        int8, fp32 = "Row major linear Int8 format", "Row major linear FP32 format"
+        conv = {
+            "Name": "/conv/Conv + /relu/Relu",
+            "LayerType": "CaskConvolution",
+            "Inputs": [io("Thirty-two wide channel vectorized row major Int8 format", v11)],
+            "Outputs": [io(fp32, v11)],
+            "ParameterType": "Convolution",
+            "Weights": {"Type": "Int8", "Count": 432},
+            "Bias": {"Type": "Float", "Count": 16},
+        }
+        gemm = {
+            "Name": "/fc/Gemm",
+            "LayerType": "CaskGemmMatrixMultiply",
+            "Inputs": [io(int8, v11)],
+            "Outputs": [io(fp32, v11)],
+            "Weights": {"Type": "Int8", "Count": 160},
+        }
+        quantize = {
+            "Name": "/q/QuantizeLinear",
+            "LayerType": "Scale",
+            "Inputs": [io(fp32, v11)],
+            "Outputs": [io(int8, v11)],
+        }
+        reformat = {
+            "Name": "Reformatting CopyNode for Input Tensor 0 to /conv/Conv + /relu/Relu",
+            "LayerType": "Reformat",
+            "Inputs": [io(int8, v11)],
+            "Outputs": [io("Thirty-two wide channel vectorized row major Int8 format", v11)],
+            "ParameterType": "Reformat",
+        }
+        shuffle = {
+            "Name": "/flatten/Flatten",
+            "LayerType": "NoOp",
+            "Inputs": [io(int8, v11)],
+            "Outputs": [io(int8, v11)],
+        }
+        const = {"Name": "fc.weight", "LayerType": "Constant", "Outputs": [io(int8, v11)]}
+        doc = {
+            "Layers": [quantize, reformat, conv, shuffle, gemm, const, "/pool/GlobalAveragePool"]
+        }
+        assert compute_precision(conv) == "Int8"
+        assert layer_precisions(json.dumps(doc)) == {
+            "Float": 1,
+            "Int8": 2,
+            "reformat": 3,
+            "unknown": 1,
+        }
+    # a weighted layer whose inputs name no type: its weights'
+    assert compute_precision({"Name": "c", "Weights": {"Type": "Half"}, "Outputs": []}) == "Half"
+    assert layer_precisions(json.dumps({"Layers": ["Reformatting CopyNode for Output 0"]})) == {
+        "reformat": 1
+    }
+
+
+@pytest.mark.parametrize("version", ["10.3.0", "11.2.0"])
+def test_qdq_engine_counts_its_int8_layers_whose_outputs_are_float(monkeypatch, tmp_path, version):
+    """Built by the double from a Q/DQ ONNX whose convolution output is not requantised (its
+    ReLU takes floats): the convolution computes in Int8 and is counted so."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    scale = np.float32(np.abs(w).max() / 127)
+    inits = [
+        numpy_helper.from_array(np.round(w / scale).astype(np.int8), "W_q"),
+        numpy_helper.from_array(np.array(scale, np.float32), "w_scale"),
+        numpy_helper.from_array(np.array(0.05, np.float32), "x_scale"),
+        numpy_helper.from_array(np.array(0, np.int8), "zp"),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["input", "x_scale", "zp"], ["xq"], name="q"),
+        helper.make_node("DequantizeLinear", ["xq", "x_scale", "zp"], ["xdq"], name="dq"),
+        helper.make_node("DequantizeLinear", ["W_q", "w_scale", "zp"], ["W"], name="wdq"),
+        helper.make_node("Conv", ["xdq", "W"], ["c"], name="/conv/Conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["logits"], name="/relu/Relu"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "qdq",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4, 8, 8])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "qdq.onnx"
+    onnx.save(model, path)
+    install_fake_tensorrt(monkeypatch, version=version)
+    build = build_engine(path, tmp_path, name="q", precision="int8", profile=BatchProfile(1, 2, 4))
+    assert build.info["layer_precisions"] == {"Int8": 1, "Float": 1}
+
+
+def test_tensorrt_log_is_bounded_and_keeps_its_errors(monkeypatch):
+    """A runner lives as long as a benchmark and TensorRT may warn on every call: the logger
+    keeps the latest messages only, never lets warnings push its errors out, and puts each
+    distinct warning on advedge's log once."""
+    from advedge.export.tensorrt import engine
+    from advedge.export.tensorrt.engine import LOG_KEEP, make_logger
+
+    trt = install_fake_tensorrt(monkeypatch)
+    logged: list[str] = []
+    monkeypatch.setattr(engine.logger, "warning", lambda fmt, *a: logged.append(fmt % a))
+    log = make_logger(trt)
+    sev = trt.ILogger.Severity
+    log.log(sev.ERROR, "the first error")
+    for i in range(20 * LOG_KEEP):
+        log.log(sev.WARNING, "Using default stream in enqueueV3() may lead to ...")
+        log.log(sev.INFO, f"info {i}")
+    log.log(sev.ERROR, "the last error")
+    assert len(log.messages) <= LOG_KEEP
+    assert log.messages[-1] == (sev.ERROR, "the last error")
+    assert log.errors() == ["the first error", "the last error"]
+    assert log.counts["WARNING"] == 20 * LOG_KEEP and log.counts["ERROR"] == 2
+    assert logged == ["TensorRT: Using default stream in enqueueV3() may lead to ..."]
+    for i in range(3 * LOG_KEEP):
+        log.log(sev.ERROR, f"error {i}")
+    assert len(log.errors()) == LOG_KEEP and log.errors()[-1] == f"error {3 * LOG_KEEP - 1}"
