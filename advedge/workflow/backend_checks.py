@@ -19,7 +19,6 @@ A check takes a :class:`BackendJob` and returns an :class:`Outcome`; raising cou
 from __future__ import annotations
 
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -135,7 +134,7 @@ class GpuClock:
         return self._stop(self._token)
 
 
-def _torch_clock(device: str) -> GpuClock | None:
+def _torch_clock(device: str, stream: Any = None) -> GpuClock | None:
     try:
         import torch
     except ImportError:
@@ -143,15 +142,20 @@ def _torch_clock(device: str) -> GpuClock | None:
     if not torch.cuda.is_available():
         return None
     dev = torch.device(device) if device.startswith("cuda") else torch.device("cuda", 0)
+    if stream is not None and not isinstance(stream, torch.cuda.Stream):
+        return None  # a pycuda stream: pycuda's events
+
+    def on() -> Any:
+        return stream if stream is not None else torch.cuda.current_stream(dev)
 
     def start() -> Any:
         begin = torch.cuda.Event(enable_timing=True)
-        begin.record(torch.cuda.current_stream(dev))
+        begin.record(on())
         return begin
 
     def stop(begin: Any) -> tuple[float, float]:
         end = torch.cuda.Event(enable_timing=True)
-        end.record(torch.cuda.current_stream(dev))
+        end.record(on())
         t0 = time.perf_counter()
         torch.cuda.synchronize(dev)
         idle = time.perf_counter() - t0
@@ -161,34 +165,45 @@ def _torch_clock(device: str) -> GpuClock | None:
     return GpuClock(start, stop)
 
 
-def _pycuda_clock() -> GpuClock | None:
-    """pycuda's events, where pycuda is imported with a current context (a TensorRT runner
-    whose buffers are pycuda's)."""
-    if "pycuda.autoinit" not in sys.modules:
+def _pycuda_clock(stream: Any = None, activated: Any = None) -> GpuClock | None:
+    """pycuda's events on the runner's stream, with the runner's context current (a TensorRT
+    runner whose buffers are pycuda's: it retains its device's primary context and pushes it
+    around each call, so there is no current context outside ``activated``)."""
+    if stream is None or activated is None:
         return None
     try:
         drv = require("pycuda.driver", purpose="CUDA events")
     except MissingDependencyError:
         return None
+    if not isinstance(stream, drv.Stream):
+        return None  # a torch stream where torch sees no GPU: no events to record on it
 
     def start() -> Any:
-        return drv.Event().record()
+        with activated():
+            return drv.Event().record(stream)
 
     def stop(begin: Any) -> tuple[float, float]:
-        end = drv.Event().record()
-        t0 = time.perf_counter()
-        drv.Context.synchronize()
-        idle = time.perf_counter() - t0
-        end.synchronize()
-        return end.time_since(begin) / 1e3, idle
+        with activated():
+            end = drv.Event().record(stream)
+            t0 = time.perf_counter()
+            drv.Context.synchronize()
+            idle = time.perf_counter() - t0
+            end.synchronize()
+            return end.time_since(begin) / 1e3, idle
 
     return GpuClock(start, stop)
 
 
-def gpu_clock(device: str) -> GpuClock | None:
-    """The CUDA event clock for a runner on ``device``: torch's where torch sees a GPU, else
-    pycuda's where pycuda has a current context; None where neither (host clock only)."""
-    return _torch_clock(device) or _pycuda_clock()
+def gpu_clock(device: str, runner: Any = None) -> GpuClock | None:
+    """The CUDA event clock for ``runner`` on ``device``, its events recorded on the stream the
+    runner works on (a TensorRT runner's own stream: events on another stream would bracket none
+    of its work): torch's events where torch sees a GPU and the stream is torch's (or the runner
+    has none: the current stream), else pycuda's; None where neither (host clock only)."""
+    backend = getattr(runner, "backend", None)
+    stream = getattr(backend, "stream", None)
+    return _torch_clock(device, stream) or _pycuda_clock(
+        stream, getattr(backend, "activated", None)
+    )
 
 
 def _stage_problems(times: dict[str, float], wall: float) -> list[str]:
@@ -226,7 +241,7 @@ def check_timer(job: BackendJob) -> Outcome:
     """``runner.timed()`` measures execution (see the module docstring); the median of
     ``repeats`` calls after two untimed ones is judged, and every call's stages."""
     gpu = not job.runner.info.host_compute
-    clock = gpu_clock(job.device) if gpu else None
+    clock = gpu_clock(job.device, job.runner) if gpu else None
     for _ in range(2):
         job.runner.timed(job.x)
     samples = [_measure(job, clock) for _ in range(job.repeats)]

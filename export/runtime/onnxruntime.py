@@ -24,8 +24,9 @@ from advedge.export.graph import (
 )
 from advedge.export.runtime.base import Runner, RunnerInfo, model_name, register_backend
 from advedge.export.runtime.threads import configured_threads
+from advedge.export.tensorrt.cuda import cuda_index
 
-from advedge.errors import ExportError, MissingDependencyError, UsageError
+from advedge.errors import ExportError, MissingDependencyError
 
 __all__ = [
     "CONTROL_FLOW_OPS",
@@ -304,22 +305,12 @@ def open_onnx(
     _check_feed_forward(path)
     options: dict[str, Any] = {}
     if provider != "CPUExecutionProvider":
-        options["device_id"] = _device_index(device)
+        options["device_id"] = cuda_index(device)
     if provider == "TensorrtExecutionProvider":
         options.update(trt_provider_options(path, batch_sizes))
     runner = OrtRunner(path, providers=[provider], provider_options=[options], threads=threads)
     _check_io(path, runner)
     return runner
-
-
-def _device_index(device: str) -> int:
-    """The CUDA device index of ``"cuda:N"`` (0 for ``"auto"``, ``"cuda"``, ``"cpu"``)."""
-    head, _, index = str(device).partition(":")
-    if head == "cuda" and index:
-        if not index.isdigit():
-            raise UsageError(f"bad CUDA device {device!r}", "write cuda:0, cuda:1...")
-        return int(index)
-    return 0
 
 
 #: The TensorRT provider's profile without a caller's batch sizes: batch 1 to eval's 256.

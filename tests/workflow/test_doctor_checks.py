@@ -194,7 +194,7 @@ class _GpuRunner(Runner):
 
 def _gpu_verdict(monkeypatch, *, compute_s: float, event_s: float, busy_s: float) -> dict:
     clock = GpuClock(lambda: None, lambda _: (event_s, busy_s))
-    monkeypatch.setattr(backend_checks, "gpu_clock", lambda device: clock)
+    monkeypatch.setattr(backend_checks, "gpu_clock", lambda device, runner=None: clock)
     job = BackendJob(
         "fake-gpu",
         _GpuRunner(compute_s),
@@ -328,3 +328,32 @@ def test_without_torch_every_backend_is_missing_not_a_crash(monkeypatch, tmp_pat
     for line in doc["checks"]:
         assert (line["check"], line["status"]) == ("load", "missing"), line
         assert "PyTorch" in line["detail"] and "pip install torch" in line["hint"]
+
+
+def test_the_gpu_clock_records_on_the_stream_the_runner_works_on(monkeypatch):
+    """A TensorRT runner queues its work on a stream of its own; events on any other stream
+    (the default one) would bracket none of it, and without pycuda.autoinit there is no current
+    context outside the runner's own activation."""
+    from types import SimpleNamespace
+
+    install_fake_tensorrt(monkeypatch)
+    monkeypatch.delitem(sys.modules, "pycuda.autoinit", raising=False)
+    import pycuda.driver as drv
+
+    from advedge.export.tensorrt.cuda import PyCuda
+
+    backend = PyCuda(0)
+    seen = []
+    real = drv.Event.record
+
+    def record(self, stream=None):
+        seen.append(stream)
+        return real(self, stream)
+
+    monkeypatch.setattr(drv.Event, "record", record)
+    clock = backend_checks.gpu_clock("cuda:0", SimpleNamespace(backend=backend))
+    assert clock is not None
+    clock.start()
+    event_s, busy_s = clock.stop()
+    assert seen == [backend.stream, backend.stream]
+    assert event_s >= 0 and busy_s >= 0
