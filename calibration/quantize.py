@@ -16,14 +16,21 @@ produced here in four steps:
    non-zero zero points. Weights are per output channel and stay FP32 behind a Q/DQ pair
    (``AddQDQPairToWeight``), biases stay FP32 (``QuantizeBias=False``): TensorRT's
    DequantizeLinear takes only INT8 input, so the INT32 biases ORT would otherwise write cannot
-   be parsed. Nodes chosen by :func:`select_fp32_nodes` stay FP32.
+   be parsed. Nodes chosen by :func:`select_fp32_nodes` stay FP32. **Placement** (``tensorrt``
+   target) as TensorRT's own tool, NVIDIA ModelOpt's ONNX PTQ, places it: Q/DQ on the inputs of
+   Conv/Gemm/MatMul and on the residual input of a residual Add, never on an output, so none
+   sits between a convolution and the bias, batch norm, ReLU/Clip or Add TensorRT fuses into it
+   (rules: :func:`~advedge.calibration.nodes.trt_placement`; edge-by-edge check against
+   ModelOpt: ``benchmarks/qdq_placement.py``). ORT's own placement, kept for the CPU target,
+   adds a requantisation per layer (resnet8, resnet18, mobilenetv2: 29, 66, 150 pairs; 18, 40,
+   104 now, as ModelOpt).
 4. **Verification**: every QuantizeLinear/DequantizeLinear has an INT8 zero point equal to 0
    and an INT8 (never INT32) quantised input, and at least one Q/DQ pair exists; only then is
    the file written (atomically).
 
 Calibration is the slow step, so its ranges are cached as JSON, keyed by the FP32 file's sha256,
-the calibration set's content sha256, the method, the options that change ranges and the ONNX
-Runtime version (see :func:`default_cache_dir` for where). A hit skips calibration and yields a
+the calibration set's content sha256, the method, the options that change ranges or placement,
+and the ONNX Runtime version (see :func:`default_cache_dir` for where). A hit skips calibration and yields a
 byte-identical model. A corrupt cache file is logged and recomputed, never fatal.
 
 ONNX Runtime prints progress with ``print()``, logs with ANSI colours straight to stderr and lets
@@ -42,7 +49,7 @@ import tempfile
 import time
 import types
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -55,9 +62,13 @@ from advedge.calibration.cache import (
     write_cache,
 )
 from advedge.calibration.nodes import (
+    TRT_QUANTIZED_OPS,
+    TrtPlacement,
     count_quantize_nodes,
     name_unnamed_nodes,
+    remove_input_qdq,
     select_fp32_nodes,
+    trt_placement,
     verify_qdq,
 )
 from advedge.calibration.sets import CalibrationSet, check_fits, load_calibration_set
@@ -125,6 +136,8 @@ _EXTRA_OPTIONS = {
     "WeightSymmetric": True,
     "QuantizeBias": False,
     "AddQDQPairToWeight": True,
+    "OpTypesToExcludeOutputQuantization": list(TRT_QUANTIZED_OPS),
+    "ForceQuantizeNoInputCheck": True,  # a pooling op's input is quantised for its own sake
 }
 
 #: What the Q/DQ graph is for. ``tensorrt`` (default, the portable artifact): the symmetric
@@ -191,17 +204,13 @@ class QuantizeResult:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON types, for results and sidecar JSON."""
+        doc = {f.name: getattr(self, f.name) for f in fields(self)}
+        cache = None if self.cache_path is None else str(self.cache_path)
         return {
+            **doc,
             "path": str(self.path),
-            "method": self.method,
             "excluded_nodes": list(self.excluded_nodes),
-            "cache_path": None if self.cache_path is None else str(self.cache_path),
-            "cache_hit": self.cache_hit,
-            "model_sha256": self.model_sha256,
-            "calib_sha256": self.calib_sha256,
-            "n_qdq_pairs": self.n_qdq_pairs,
-            "seconds": self.seconds,
-            "options": self.options,
+            "cache_path": cache,
         }
 
 
@@ -217,24 +226,20 @@ def _make_reader(ortq: Any, input_name: str, images: np.ndarray, batch_size: int
     ``drop_last`` (a model with a fixed batch dimension cannot take it).
     """
 
+    starts = range(0, len(images) - (len(images) % batch_size if drop_last else 0), batch_size)
+
     class _Reader(ortq.CalibrationDataReader):
         def __init__(self) -> None:
-            stop = len(images) - (len(images) % batch_size if drop_last else 0)
-            self._starts = list(range(0, stop, batch_size))
-            self._pos = 0
+            self.rewind()
 
         def get_next(self) -> dict[str, np.ndarray] | None:
-            if self._pos >= len(self._starts):
-                return None
-            start = self._starts[self._pos]
-            self._pos += 1
-            return {input_name: images[start : start + batch_size]}
+            return next(self._batches, None)
 
         def __len__(self) -> int:
-            return len(self._starts)
+            return len(starts)
 
         def rewind(self) -> None:
-            self._pos = 0
+            self._batches = iter({input_name: images[i : i + batch_size]} for i in starts)
 
     return _Reader()
 
@@ -270,6 +275,7 @@ class _Run:
     key: dict[str, Any] = field(default_factory=dict)
     cache_path: Path | None = None
     cache_hit: bool = False
+    placement: TrtPlacement = field(default_factory=TrtPlacement)
 
     @property
     def for_trt(self) -> bool:
@@ -422,6 +428,7 @@ def _cache_key(run: _Run, cache_dir: str | os.PathLike[str] | None, use_cache: b
         "drop_last": run.fixed_batch is not None,
         "calibrator": dict(run.spec.options),
         "preprocess": "quant_pre_process",
+        "placement": "trt-fusion/1" if run.for_trt else "onnxruntime",  # its version
     }
     run.key = {
         "model_sha256": run.model_sha,
@@ -453,6 +460,8 @@ def _preprocess(run: _Run, model: Any, tmp: Path) -> tuple[Path, list[str], set[
     if name_unnamed_nodes(pre_model):
         onnx.save(pre_model, str(pre))
     excluded = select_fp32_nodes(pre_model, run.keep_fp32)
+    if run.for_trt:
+        run.placement = trt_placement(pre_model, excluded)
     tensors = {v for n in pre_model.graph.node for v in (*n.input, *n.output)}
     return pre, excluded, tensors
 
@@ -477,6 +486,7 @@ def _quantize_static(
     """ORT's ``quantize_static`` into ``qdq``; a cache hit that ORT cannot apply is recomputed."""
     ortq = run.ort.ortq
     images = run.calib.as_float()
+    skip = [*excluded, *(n for n in run.placement.exclude if n not in excluded)]
 
     def quantize() -> None:
         reader = _make_reader(
@@ -492,7 +502,8 @@ def _quantize_static(
                 activation_type=ortq.QuantType.QInt8 if run.for_trt else ortq.QuantType.QUInt8,
                 weight_type=ortq.QuantType.QInt8,
                 calibrate_method=getattr(ortq.CalibrationMethod, run.spec.ort_name),
-                nodes_to_exclude=list(excluded),
+                op_types_to_quantize=list(TRT_QUANTIZED_OPS) if run.for_trt else None,
+                nodes_to_exclude=skip,
                 extra_options=dict(_EXTRA_OPTIONS if run.for_trt else _CPU_EXTRA_OPTIONS),
                 calibration_cache_path=str(ranges_file),
             )
@@ -520,6 +531,8 @@ def _quantize_static(
 def _verify_and_write(run: _Run, qdq: Path) -> int:
     """Check the Q/DQ model for its target, then write it to ``run.out``; returns its pairs."""
     qmodel = run.ort.onnx.load(str(qdq))
+    if run.for_trt and remove_input_qdq(qmodel, run.placement.bypass):
+        run.ort.onnx.save(qmodel, str(qdq))
     n_pairs = verify_qdq(qmodel) if run.for_trt else count_quantize_nodes(qmodel)
     del qmodel
     with atomic_path(run.out) as tmp_out:

@@ -40,6 +40,7 @@ from advedge.errors import DataError, ExportError, UsageError
 
 SIZE = 8
 NUM_CLASSES = 4
+WIDTH = 16  # the classifier's channels: TensorRT's INT8 convolutions want 16 (nodes.py)
 HEAD_NODES = ["node_conv_head", "node_tanh", "node_mul", "node_add", "node_clip"]
 
 
@@ -123,21 +124,21 @@ def _make_onnx(
         helper.make_node("Flatten", ["gap"], ["flat"], name="node_flatten"),
     ]
     inits += [
-        init("w1", rng.normal(0, 0.5, (8, channels, 3, 3))),
-        init("b1", rng.normal(0, 0.1, 8)),
+        init("w1", rng.normal(0, 0.5, (WIDTH, channels, 3, 3))),
+        init("b1", rng.normal(0, 0.1, WIDTH)),
         init("bf", rng.normal(0, 0.1, NUM_CLASSES)),
     ]
     if linear == "gemm":
         nodes.append(
             helper.make_node("Gemm", ["flat", "wf", "bf"], ["logits"], name="node_linear", transB=1)
         )
-        inits.append(init("wf", rng.normal(0, 1, (NUM_CLASSES, 8))))
+        inits.append(init("wf", rng.normal(0, 1, (NUM_CLASSES, WIDTH))))
     else:
         nodes += [
             helper.make_node("MatMul", ["flat", "wf"], ["mm"], name="node_matmul"),
             helper.make_node("Add", ["mm", "bf"], ["logits"], name="node_bias"),
         ]
-        inits.append(init("wf", rng.normal(0, 1, (8, NUM_CLASSES))))
+        inits.append(init("wf", rng.normal(0, 1, (WIDTH, NUM_CLASSES))))
     if unnamed:
         for node in nodes:
             node.name = ""
@@ -469,7 +470,11 @@ def test_auto_policy_keeps_purifier_head_and_final_gemm_in_fp32(
     none = _minmax(models["head"], tmp_path / "none.onnx", cs, tmp_path, keep_fp32="none")
     assert none.cache_hit  # the ranges do not depend on the FP32 policy
     qn = _load(none.path)
-    assert _fed_by_dq(qn, "node_tanh") and _fed_by_dq(qn, "node_linear")
+    assert _fed_by_dq(qn, "node_linear")  # the last layer is INT8 too
+    # nothing else of the head is: its 3-channel conv has no TensorRT INT8 kernel, its add is
+    # no residual add, and a Tanh/Mul/Clip input is never quantised
+    for name in HEAD_NODES:
+        assert not _fed_by_dq(qn, name), name
     assert none.n_qdq_pairs > auto.n_qdq_pairs
     x = cs.as_float()
     ref = _run(models["head"], x)
@@ -574,8 +579,8 @@ def test_calibration_cache_hit_miss_and_corruption(
 
     # the cached ranges are what quantisation uses: change one and the output changes
     ranges = doc["ranges"]["data"]
-    ranges["gap"]["highest"] = float(ranges["gap"]["highest"]) * 10
-    ranges["gap"]["lowest"] = float(ranges["gap"]["lowest"]) * 10
+    ranges["x"]["highest"] = float(ranges["x"]["highest"]) * 10  # conv1's input: quantised
+    ranges["x"]["lowest"] = float(ranges["x"]["lowest"]) * 10
     first.cache_path.write_text(json.dumps(doc))
     edited = quantize_qdq(models["plain"], tmp_path / "e.onnx", cs, **kw)
     assert edited.cache_hit
