@@ -16,13 +16,13 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from onnx import helper, numpy_helper
-
-from advedge.errors import MissingDependencyError, UsageError
 from advedge.export.graph import read_onnx_metadata, set_onnx_metadata
 from advedge.export.runtime import onnxruntime as ortmod
 from advedge.export.runtime.onnxruntime import OrtRunner, trt_provider_options
 from advedge.export.runtime.torch import MAX_SHAPES, TorchRunner, bucket
+from onnx import helper, numpy_helper
+
+from advedge.errors import MissingDependencyError, UsageError
 from tests.fakes.artifacts import classifier_artifacts, tiny_classifier
 
 
@@ -333,8 +333,9 @@ def test_training_on_cuda_lets_cudnn_autotune(monkeypatch):
 
 @pytest.mark.gpu
 def test_the_transfer_set_is_crafted_on_the_gpu():
-    from advedge.data import ImageArrays
     from advedge.export.runtime import craft
+
+    from advedge.data import ImageArrays
 
     rng = np.random.default_rng(0)
     test = ImageArrays(

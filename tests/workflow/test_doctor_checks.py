@@ -339,7 +339,6 @@ def test_the_gpu_clock_records_on_the_stream_the_runner_works_on(monkeypatch):
     install_fake_tensorrt(monkeypatch)
     monkeypatch.delitem(sys.modules, "pycuda.autoinit", raising=False)
     import pycuda.driver as drv
-
     from advedge.export.tensorrt.cuda import PyCuda
 
     backend = PyCuda(0)
