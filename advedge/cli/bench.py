@@ -15,7 +15,7 @@ from advedge.cli.output import Output
 __all__ = ["bench_cmd", "report_cmd"]
 
 
-def bench_cmd(  # long: one parameter for each of its 22 options; the body is short
+def bench_cmd(  # long: one parameter for each of its 23 options; the body is short
     ctx: typer.Context,
     artifact: Annotated[
         list[str],
@@ -38,6 +38,13 @@ def bench_cmd(  # long: one parameter for each of its 22 options; the body is sh
             "on the FP32 --model and transferred, then Square on each artifact itself.",
         ),
     ] = False,
+    white_box_artifact: Annotated[
+        bool,
+        typer.Option(
+            help="--robust: APGD-CE and APGD-T on a differentiable replica of each ONNX "
+            "artifact's own graph (straight-through rounding), scored on the artifact."
+        ),
+    ] = True,
     n: Annotated[
         int,
         typer.Option(help="The first N test images (as eval --n takes them): accuracy, attacks."),

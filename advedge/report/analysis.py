@@ -11,6 +11,7 @@ from typing import Any
 
 __all__ = [
     "ALPHA",
+    "WHITE_BOX_DROP",
     "compare_front",
     "discordant",
     "front_metric",
@@ -177,10 +178,19 @@ def compare_front(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {"metric": metric, "front": [rows[i]["artifact"] for i in front], "pairs": pairs}
 
 
+#: An artifact whose white-box-artifact figure is more than this below its FP32 parent's
+#: white-box figure is flagged: quantisation (or export) cost that much robustness.
+WHITE_BOX_DROP = 0.01
+
+
 def honest_robustness(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per deployed artifact: its transfer and worst-case figures next to the white-box worst
-    case of its FP32 PyTorch parent (same source checkpoint), with a flag where transfer
-    robustness exceeds white-box robustness: that is the precision gap, not extra robustness."""
+    """Per deployed artifact: its transfer, white-box-artifact and worst-case figures next to
+    the white-box worst case of its FP32 PyTorch parent (same source checkpoint), with two
+    flags: ``precision_gap`` where transfer robustness exceeds the parent's white-box
+    robustness (the precision gap, not extra robustness), and ``white_box_drop`` where the
+    white-box attack on the artifact's own arithmetic leaves more than :data:`WHITE_BOX_DROP`
+    (1 point) less than the parent's white-box figure (the artifact is less robust than its
+    parent)."""
 
     def key(r: dict[str, Any]) -> str:  # a fused artifact's source is a dict of two sha256
         return json.dumps(r["source_sha256"], sort_keys=True)
@@ -195,6 +205,8 @@ def honest_robustness(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         # set crafted on it), without the query attack
         wb = parent["worst_case_transfer_acc"] if parent else None
         gap = wb is not None and r["worst_case_transfer_acc"] > wb
+        wba = r.get("white_box_artifact_acc")
+        drop = wb is not None and wba is not None and wba < wb - WHITE_BOX_DROP - 1e-12
         out.append(
             {
                 "artifact": r["artifact"],
@@ -208,9 +220,14 @@ def honest_robustness(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 else None,
                 "transfer_acc": r["worst_case_transfer_acc"],
                 "transfer_acc_ci95": r["worst_case_transfer_acc_ci95"],
+                "white_box_artifact_acc": wba,
+                "white_box_artifact_acc_ci95": r.get("white_box_artifact_acc_ci95"),
+                "white_box_artifact_status": r.get("white_box_artifact_status"),
+                "white_box_artifact_reason": r.get("white_box_artifact_reason"),
                 "worst_case_acc": r["worst_case_acc"],
                 "worst_case_acc_ci95": r["worst_case_acc_ci95"],
                 "precision_gap": gap,
+                "white_box_drop": drop,
             }
         )
     return out

@@ -264,6 +264,21 @@ def _attacks(robust: dict[str, Any], n: Any, name: str) -> list[dict[str, Any]]:
     return out
 
 
+def _white_box_artifact(robust: dict[str, Any], n: Any, where: str) -> dict[str, Any]:
+    """The white-box-artifact figure (APGD on the artifact's replica, scored on the artifact)
+    with its interval, and why there is none (bench's ``status`` and ``reason``)."""
+    wba = robust.get("white_box_artifact") or {}
+    acc = wba.get("worst_case_acc")
+    return {
+        "white_box_artifact_acc": acc,
+        "white_box_artifact_acc_ci95": interval(
+            acc, n, wba.get("worst_case_acc_ci95"), what=f"{where}: white-box-artifact accuracy"
+        ),
+        "white_box_artifact_status": wba.get("status"),
+        "white_box_artifact_reason": wba.get("reason") or None,
+    }
+
+
 def _row(r: dict[str, Any], path: Path, n_default: Any, device: Any) -> dict[str, Any]:
     """One artifact's row (fractions), with its intervals and, privately, its flags."""
     name = r["name"]
@@ -302,6 +317,7 @@ def _row(r: dict[str, Any], path: Path, n_default: Any, device: Any) -> dict[str
             what=f"{where}: worst_case_transfer_acc",
         ),
         "attacks": _attacks(robust, n, where),
+        **_white_box_artifact(robust, n, where),
         "white_box": robust.get("white_box", False),
         "source_sha256": robust.get("source_sha256") if robust else None,
         **_latency(r),

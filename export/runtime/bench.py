@@ -21,17 +21,21 @@ With ``robust`` (details in :mod:`~advedge.export.runtime.robust` and
     examples saved as ``transfer-<sha>.npz`` with their sha256 and the source checkpoint's
     sha256, so a device without torch evaluates the same set; a set made for another model is
     refused;
-(b) **query**: the Square attack (5000 queries by default, AutoAttack's budget) run against
+(b) **white-box-artifact** (ONNX artifacts; ``white_box_artifact``, on by default): APGD-CE
+    and APGD-T on a differentiable replica of the artifact's own graph (straight-through
+    rounding), checked against the artifact first, every example scored on the artifact
+    (:mod:`~advedge.export.runtime.whitebox`);
+(c) **query**: the Square attack (5000 queries by default, AutoAttack's budget) run against
     the artifact's runner directly (no gradients), on the images still robust;
-(c) the per-example worst case over clean-correct, transfer and query: the headline, over the
-    first ``query_n`` images (all ``n`` by default). On the FP32 parent it is never above
-    ``eval --suite standard``'s on the same images.
+(d) the per-example worst case over clean-correct, transfer, white-box-artifact and query: the
+    headline, over the first ``query_n`` images (all ``n`` by default). On the FP32 parent it
+    is never above ``eval --suite standard``'s on the same images.
 
 Transfer examples overstate the robustness of a quantised artifact (they were crafted at another
-precision); the query attack does not have that gap. Every accuracy carries its 95% Wilson
-interval. Everything is written to ``bench.json`` (``schema: advedge.bench/2``, with the threat
-model, one ``label`` per artifact and the per-example flags) and ``bench.csv``, with an
-environment manifest.
+precision); the white-box-artifact and query attacks do not have that gap. Every accuracy
+carries its 95% Wilson interval. Everything is written to ``bench.json`` (``schema:
+advedge.bench/2``, with the threat model, one ``label`` per artifact and the per-example flags)
+and ``bench.csv``, with an environment manifest.
 
 Checked before the first timed call or crafted attack (:func:`run_bench`): every option's range
 (batch sizes up to ``MAX_BATCH`` and what half the available memory holds: their host input
@@ -147,6 +151,7 @@ class BenchOptions:
     transfer_set: str | None = None
     overwrite: bool = False  # replace an earlier bench.json / bench.csv in out
     threads: int | None = None  # intra-op threads of torch and ONNX Runtime (None: the default)
+    white_box_artifact: bool = True  # with robust: APGD on each ONNX artifact's own replica
     device: str = "auto"  # PyTorch backends and the transfer set's crafting; GPU providers' index
 
     def validate(self) -> None:
@@ -222,8 +227,8 @@ def _check_memory(opts: BenchOptions, image_shape: Sequence[int], n: int) -> Non
             "choose smaller --batch-sizes",
         )
     # images and a timing batch; with robust, the four attacks' arrays, the crafting's
-    # working copy and Square's
-    copies = 8 if opts.robust else 2
+    # working copy, Square's and the white-box attacks' two
+    copies = 10 if opts.robust else 2
     if n * per_image * copies > budget:
         raise UsageError(
             f"--n {n} images of {list(image_shape)} need about {n * per_image * copies / gib:.1f} "
@@ -461,7 +466,8 @@ def _run(
         entry["clean_flags"] = flags_text(art.clean_ok)
         entry["n"] = len(y)
         if opts.robust:
-            entry["robust"] = measure_robust(opts, art, x, y, plan.sets[art.fused], say)
+            tset = plan.sets[art.fused]
+            entry["robust"] = measure_robust(opts, art, x, y, tset, say, test=plan.test)
         if getattr(art.runner, "shapes", None) and art.runner.shapes():
             entry["shapes"] = art.runner.shapes()  # compiled / captured batches, padded calls
     given = next(iter(plan.sets.values())) if opts.transfer_set is not None else None

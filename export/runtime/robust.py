@@ -7,10 +7,16 @@ For each artifact (see :mod:`~advedge.export.runtime.craft` for how the transfer
     are white-box attacks, and the parent's worst case as scored when the set was crafted
     (``TransferSet.survived``) counts too, so that its headline is never above
     ``advedge eval --suite standard``'s on the same images;
-(b) **query**: Square run against the artifact's runner itself (no gradients: it attacks the
+(b) **white-box-artifact** (an ONNX artifact, or an engine whose source ONNX is beside it; on
+    by default, ``white_box_artifact``): APGD-CE and APGD-T on a differentiable replica of the
+    artifact's own graph, every example scored on the artifact, after a parity check of the
+    replica against it (:mod:`~advedge.export.runtime.whitebox`); on every image the artifact
+    gets right clean, so its figure stands on its own;
+(c) **query**: Square run against the artifact's runner itself (no gradients: it attacks the
     artifact's own arithmetic, INT8 included), on the first ``query_n`` images that survived
-    clean and every transfer attack (the images already broken need no more queries);
-(c) the **headline**: per example, correct clean and unbroken by every attack, over the first
+    clean and every transfer and white-box-artifact attack (the images already broken need no
+    more queries);
+(d) the **headline**: per example, correct clean and unbroken by every attack, over the first
     ``query_n`` images (all ``n`` by default).
 
 Every accuracy carries its 95% Wilson interval, and the per-example flags behind the clean
@@ -29,6 +35,7 @@ import numpy as np
 from advedge.export.runtime.craft import Recipe
 from advedge.export.runtime.feed import query_attack
 from advedge.export.runtime.transfer import TransferSet
+from advedge.export.runtime.whitebox import measure_white_box, white_box_attacks
 
 from advedge.stats import wilson_interval
 
@@ -68,10 +75,22 @@ def threat_model(opts: Any, n: int, num_classes: int, tset: TransferSet | None) 
         recipe = Recipe(eps=opts.eps, seed=opts.seed, n_iter=opts.n_iter, n_queries=opts.n_queries)
         transfer = recipe.attacks(num_classes)
     query = {"name": "square", "budget": f"{opts.n_queries} queries"}
+    white = (
+        white_box_attacks(opts.n_iter, num_classes)
+        if getattr(opts, "white_box_artifact", False)
+        else []
+    )
     summary = (
         f"L-inf eps {_eps_text(opts.eps)}, n = {n} test images (official order), seed "
         f"{opts.seed}; crafted on the FP32 parent and fed to every artifact: "
         + ", ".join(f"{a['name']} ({a['budget']})" for a in transfer)
+        + (
+            "; white-box on each ONNX artifact's own arithmetic (a replica with "
+            "straight-through rounding, scored on the artifact): "
+            + ", ".join(f"{a['name']} ({a['budget']})" for a in white)
+            if white
+            else ""
+        )
         + f"; on each artifact itself: square ({query['budget']}, first {q} images)"
     )
     return {
@@ -83,6 +102,7 @@ def threat_model(opts: Any, n: int, num_classes: int, tset: TransferSet | None) 
         "seed": opts.seed,
         "data": str(opts.data),
         "transfer": transfer,
+        "white_box_artifact": white,
         "query": query,
         "summary": summary,
     }
@@ -135,10 +155,24 @@ def measure_robust(
     y: np.ndarray,
     tset: TransferSet,
     say: Callable[[str], None],
+    *,
+    test: Any,
 ) -> dict[str, Any]:
-    """The transfer attacks' and the query attack's accuracy on the artifact, and the
-    per-example worst case over them and the clean images (see the module docstring)."""
+    """The transfer, white-box-artifact and query attacks' accuracy on the artifact, and the
+    per-example worst case over them and the clean images (see the module docstring).
+    ``test``: the images ``x`` as an :class:`~advedge.data.ImageArrays` (what the white-box
+    attacks read, as eval does)."""
     result, worst = _transfer(art, y, tset)
+    if getattr(opts, "white_box_artifact", False):
+        record, attacks, survived = measure_white_box(opts, art, test, x, y, say)
+        result["white_box_artifact"] = record
+        result["attacks"] += attacks
+        if survived is not None:
+            worst &= survived
+        elif record["status"] == "unavailable":
+            say(f"{art.label}: no white-box-artifact figure: {record['reason']}")
+    else:
+        result["white_box_artifact"] = {"status": "off", "reason": "--no-white-box-artifact"}
     q = len(y) if opts.query_n is None else min(opts.query_n, len(y))
     worst = worst[:q]
     try:
@@ -164,7 +198,7 @@ def measure_robust(
             "budget": f"{opts.n_queries} queries",
             "n": q,
             "n_attacked": len(todo),
-            "cumulative": True,  # run on what the transfer attacks left: the accuracy after all
+            "cumulative": True,  # run on what the other attacks left: the accuracy after all
             "robust_acc": float(worst.mean()),
             "robust_acc_ci95": interval(worst),
             "seconds": round(time.perf_counter() - t0, 1),

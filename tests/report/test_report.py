@@ -55,7 +55,7 @@ def test_report_writes_table_json_and_pngs(arts, tiny_npz_data, tmp_path, capsys
     assert rc == 0, captured.err
     doc = json.loads(captured.out)
     rows = {r["artifact"]: r for r in doc["rows"]}
-    assert rows["a.fp32.onnx"]["worst_case_kinds"] == ["query", "transfer"]
+    assert rows["a.fp32.onnx"]["worst_case_kinds"] == ["query", "transfer", "white-box-artifact"]
     assert rows["run_a"]["worst_case_kinds"] == ["query", "white-box"]  # crafted on itself
     bench_rows = {
         r["name"]: r for r in json.loads((bench_dir / "bench.json").read_text())["results"]

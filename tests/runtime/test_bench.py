@@ -142,12 +142,15 @@ def test_bench_robust_transfer_query_and_worst_case(arts, tiny_npz_data, tmp_pat
     r = doc["results"][0]
     rob = r["robust"]
     kinds = {a["name"]: a["kind"] for a in rob["attacks"]}
-    # eval --suite standard's attacks and CW, crafted on the FP32 parent; Square on the artifact
+    # eval --suite standard's attacks and CW, crafted on the FP32 parent; APGD on the
+    # artifact's replica; Square on the artifact
     assert kinds == {
         "apgd-ce": "transfer",
         "apgd-t": "transfer",
         "square": "transfer",
         "cw": "transfer",
+        "apgd-ce-artifact": "white-box-artifact",
+        "apgd-t-artifact": "white-box-artifact",
         "square-query": "query",
     }
     assert [a["name"] for a in rob["attacks"]][:3] == ["apgd-ce", "apgd-t", "square"]  # as run
