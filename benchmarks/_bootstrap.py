@@ -48,10 +48,11 @@ def install(root: Path = ROOT) -> bool:
     return True
 
 
-def site_dir(root: Path = ROOT) -> Path:
-    """A temporary folder whose ``sitecustomize.py`` calls :func:`install` at start-up: put it
-    on a subprocess's ``PYTHONPATH``."""
-    folder = Path(tempfile.mkdtemp(prefix="advedge-site-"))
+def site_dir(root: Path = ROOT, folder: Path | None = None) -> Path:
+    """A folder (``folder``, else a new temporary one) whose ``sitecustomize.py`` calls
+    :func:`install` at start-up: put it on a subprocess's ``PYTHONPATH``."""
+    folder = Path(tempfile.mkdtemp(prefix="advedge-site-")) if folder is None else Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     (folder / "sitecustomize.py").write_text(
         "import sys\n"
         f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"

@@ -509,7 +509,7 @@ def main() -> int:
     deadline = time.monotonic() + args.budget
     out = args.out
     record = Record(out)
-    env = _env(_bootstrap.site_dir(), out)
+    env = _env(_bootstrap.site_dir(folder=out / "site"), out)
     steps: dict[str, Callable[[], dict[str, Any]]] = {
         "environment": environment,
         "doctor": lambda: doctor(env),

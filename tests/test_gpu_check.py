@@ -57,12 +57,12 @@ def test_the_bootstrap_maps_export_and_calibration_without_an_install():
     assert mapped == "True" and where.startswith(str(ROOT / "export" / "__init__.py"))
 
 
-def test_subprocesses_get_the_mapping_from_a_sitecustomize():
+def test_subprocesses_get_the_mapping_from_a_sitecustomize(tmp_path):
     sys.path.insert(0, str(BENCH))
     try:
         import _bootstrap
 
-        folder = _bootstrap.site_dir()
+        folder = _bootstrap.site_dir(folder=tmp_path / "site")
     finally:
         sys.path.remove(str(BENCH))
     res = _bare_python(
