@@ -18,7 +18,10 @@ worst case, at INT8 speed.
 
     python benchmarks/int8_robustness.py --student RUN --qat QAT.int8.onnx [--n 1000] [--tag medium]
 
-The exports and the bench folder (with its transfer set, reused by a rerun) go under ``--work``.
+The exports and one bench folder per artifact go under ``--work``: the FP32 student's first
+(it crafts the transfer set, which the others are given with ``--transfer-set``), then the INT8
+artifacts, ``--jobs`` at a time with one thread each. A finished bench folder is reused, so a
+rerun resumes.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import argparse
 import json
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +53,22 @@ def _export(student: str, data: str, out: Path, extra: list[str]) -> Path:
     if res.returncode != 0:
         raise SystemExit(f"export failed: {res.stderr.strip()[-400:]}")
     return sorted(out.glob("*.int8.onnx"))[0]
+
+
+def _bench(artifact: str, out: Path, args: list[str]) -> None:
+    """``advedge bench`` of one artifact into ``out``; skipped where ``out`` holds a finished
+    bench.json (a rerun resumes)."""
+    if (out / "bench.json").is_file():
+        return
+    cmd = [sys.executable, "-m", "advedge", "bench", "--artifact", artifact, *args]
+    cmd += ["--out", str(out)]
+    print("$", " ".join(cmd), flush=True)
+    log = out.parent / f"{out.name}.log"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f:
+        res = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=f, check=False)
+    if res.returncode != 0:
+        raise SystemExit(f"bench of {artifact} failed with exit {res.returncode}: see {log}")
 
 
 def _flags(text: str | None) -> list[bool]:
@@ -105,6 +125,7 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "int8_study")
     p.add_argument("--tag", default="medium")
     p.add_argument("--results", type=Path, default=None, help="where the results go")
+    p.add_argument("--jobs", type=int, default=2, help="artifacts benched at once (1 thread each)")
     args = p.parse_args()
     work = args.work
     ptq = _export(args.student, args.data, work / "ptq", [])
@@ -112,22 +133,27 @@ def main() -> None:
     arts = {"fp32 (PyTorch)": args.student, "ptq int8": str(ptq), "ptq int8, adv. calib": str(adv)}
     if args.qat:
         arts["qat int8"] = args.qat
-    bench_dir = work / "bench"
-    cmd = [sys.executable, "-m", "advedge", "bench"]
-    for path in arts.values():
-        cmd += ["--artifact", path]
-    cmd += [
+    keys = dict(zip(arts, ("fp32", "ptq", "ptq_adv", "qat"), strict=False))
+    common = [
         "--data", args.data, "--robust", "--model", args.student, "--n", str(args.n),
         "--n-iter", str(args.n_iter), "--n-queries", str(args.n_queries),
-        "--batch-sizes", args.batch_sizes, "--iters", str(args.iters), "--threads", "1",
-        "--out", str(bench_dir), "--overwrite", "--json",
+        "--batch-sizes", args.batch_sizes, "--iters", str(args.iters), "--threads", "1", "--json",
     ]  # fmt: skip
-    print("$", " ".join(cmd), flush=True)
-    res = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
-    if res.returncode != 0:
-        raise SystemExit(f"bench failed with exit {res.returncode}")
-    doc = json.loads((bench_dir / "bench.json").read_text())
-    results = doc["results"]
+    # the FP32 student first: it crafts the transfer set the others are given
+    _bench(args.student, work / "bench" / "fp32", common)
+    tset = sorted((work / "bench" / "fp32").glob("transfer-*.npz"))[0]
+    jobs = [
+        (path, work / "bench" / keys[name], [*common, "--transfer-set", str(tset)])
+        for name, path in arts.items()
+        if keys[name] != "fp32"
+    ]
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # one process per artifact
+        list(pool.map(lambda job: _bench(*job), jobs))
+    results = [
+        json.loads((work / "bench" / keys[name] / "bench.json").read_text())["results"][0]
+        for name in arts
+    ]
+    doc = json.loads((work / "bench" / "fp32" / "bench.json").read_text())
     rows = [_row(name, r) for name, r in zip(arts, results, strict=True)]
     fp32_flags = _flags((results[0].get("robust") or {}).get("worst_case_flags"))
     for row, r in zip(rows[1:], results[1:], strict=True):
@@ -152,7 +178,7 @@ def main() -> None:
         "artifacts": arts,
         "rows": rows,
         "goal": goal,
-        "bench_json": str(bench_dir / "bench.json"),
+        "bench_json": {k: str(work / "bench" / keys[k] / "bench.json") for k in arts},
     }
     columns = [*rows[0], "vs fp32 (McNemar p)"]
     notes = [
