@@ -25,6 +25,7 @@ __all__ = [
     "TrtPlacement",
     "count_quantize_nodes",
     "name_unnamed_nodes",
+    "qdq_edges",
     "remove_input_qdq",
     "select_fp32_nodes",
     "trt_placement",
@@ -508,6 +509,26 @@ def verify_qdq(model: Any) -> int:
             "check that the model has Conv/Gemm/MatMul layers outside the FP32 set",
         )
     return pairs
+
+
+def qdq_edges(model: Any) -> frozenset[tuple[str, str, int]]:
+    """Where a Q/DQ graph quantises: one ``(tensor, node, index)`` per input ``index`` of
+    ``node`` that reads a DequantizeLinear, ``tensor`` being what its QuantizeLinear quantises
+    (the DequantizeLinear's own input where no QuantizeLinear feeds it). Two files with the same
+    edges place their Q/DQ pairs alike, whatever their scales."""
+    producer, _, _ = _graph_maps(model.graph)
+    edges = set()
+    for node in model.graph.node:
+        if node.op_type == "QuantizeLinear":
+            continue
+        for index, tensor in enumerate(node.input):
+            dq = producer.get(tensor)
+            if dq is None or dq.op_type != "DequantizeLinear":
+                continue
+            q = producer.get(dq.input[0])
+            source = q.input[0] if q is not None and q.op_type == "QuantizeLinear" else dq.input[0]
+            edges.add((source, node.name, index))
+    return frozenset(edges)
 
 
 def count_quantize_nodes(model: Any) -> int:

@@ -57,6 +57,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "advedge.export.artifacts",
         ),
     ),
+    ("qat", ("advedge.qat",)),
     ("report", ("advedge.report",)),
     ("workflow", ("advedge.workflow",)),
     ("cli", ("advedge.cli", "advedge.__main__")),

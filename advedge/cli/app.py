@@ -22,6 +22,7 @@ from advedge.cli.options import RegistryHelpCommand, RegistryHelpGroup, click
 from advedge.cli.output import set_verbosity, setup_logging
 from advedge.cli.pipeline import pipeline_cmd
 from advedge.cli.purifier import purifier_train_cmd
+from advedge.cli.qat import qat_cmd
 from advedge.cli.train import distill_cmd, train_cmd
 from advedge.errors import AdvedgeError, os_error
 
@@ -51,6 +52,7 @@ for _name, _func in (
     ("eval", eval_cmd),
     ("export", export_cmd),
     ("calibrate", calibrate_cmd),
+    ("qat", qat_cmd),
     ("bench", bench_cmd),
     ("report", report_cmd),
     ("pipeline", pipeline_cmd),

@@ -96,6 +96,10 @@ class RunnerInfo:
         threads: The intra-op CPU threads the runner computes with, where it sets them (an ONNX
             Runtime session); None where it does not (PyTorch uses the process-wide count
             :func:`~advedge.export.runtime.threads.apply_threads` sets; TensorRT, the GPU).
+        quantisation: How an INT8 artifact's weights were made, where its metadata says:
+            ``"qat"`` (fine-tuned with fake quantisation, ``advedge qat``) or ``"ft"`` (its
+            control: fine-tuned in FP32, quantised afterwards); None for post-training
+            quantisation and for the other precisions.
     """
 
     backend: str
@@ -113,6 +117,7 @@ class RunnerInfo:
     size_bytes: int = 0
     model: str | None = None
     threads: int | None = None
+    quantisation: str | None = None
 
 
 def model_name(metadata: Mapping[str, Any]) -> str | None:

@@ -209,6 +209,7 @@ class OrtRunner(Runner):
             size_bytes=self.path.stat().st_size,
             model=model_name(meta),
             threads=self.threads,
+            quantisation=meta.get("quantisation") if stored == "int8" else None,
         )
 
 

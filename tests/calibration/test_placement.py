@@ -16,7 +16,12 @@ import numpy as np
 import pytest
 from advedge.calibration import CalibrationSet, quantize_qdq, verify_qdq
 from advedge.calibration.cache import cache_file
-from advedge.calibration.nodes import TRT_QUANTIZED_OPS, remove_input_qdq, trt_placement
+from advedge.calibration.nodes import (
+    TRT_QUANTIZED_OPS,
+    qdq_edges,
+    remove_input_qdq,
+    trt_placement,
+)
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -166,7 +171,7 @@ def test_trt_target_places_qdq_as_modelopt(tmp_path: Path, clip: bool) -> None:
     res = _quantise(src, tmp_path)
     q = onnx.load(str(res.path))
     assert _activations_behind_qdq(q) == []
-    assert _edges(q) == RESIDUAL_EDGES
+    assert _edges(q) == RESIDUAL_EDGES == qdq_edges(q)  # qdq_edges: what QAT keeps unchanged
     assert res.n_qdq_pairs == verify_qdq(q) == 13  # 7 activations (2 read twice) + 6 weights
     assert res.excluded_nodes == ["fc"]  # the FP32 policy is unchanged
 

@@ -41,7 +41,7 @@ def _option_row(text: str, option: str) -> str:
 def test_the_walk_finds_every_command():
     names = {" ".join(words) for words in COMMANDS}
     assert {"", "train", "distill", "eval", "export", "calibrate", "bench", "pipeline"} <= names
-    assert {"purifier", "purifier train", "models", "report", "doctor"} <= names
+    assert {"purifier", "purifier train", "models", "report", "doctor", "qat"} <= names
 
 
 @pytest.mark.parametrize("words", sorted(COMMANDS), ids=lambda w: " ".join(w) or "advedge")
@@ -87,6 +87,9 @@ CHOICES = [
     (("export",), "--trt-calibrator", lambda: ["qdq", "legacy-entropy", "legacy-minmax"]),
     (("calibrate",), "--method", lambda: _names("advedge.calibration", "CALIBRATION_METHODS")),
     (("calibrate",), "--target", lambda: ["tensorrt", "onnxruntime-cpu"]),
+    (("qat",), "--method", lambda: _names("advedge.training.distillation", "DISTILL_METHODS")),
+    (("qat",), "--schedule", lambda: ["cosine", "constant"]),
+    (("qat",), "--calib-method", lambda: _names("advedge.calibration", "CALIBRATION_METHODS")),
     (("pipeline",), "--preset", lambda: _names("advedge.workflow", "PRESETS")),
     (("doctor",), "--backend", lambda: _names("advedge.export.runtime", "BACKENDS")),
 ]
