@@ -30,12 +30,13 @@ def pipeline_cmd(
     ] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Teacher -> ADD student -> purifier -> export -> bench -> report; reruns skip finished stages."""
-    from advedge.workflow import STAGES, load_preset, run_pipeline
+    """Teacher -> ADD student -> purifier -> export [-> qat] -> bench -> report; reruns skip
+    finished stages."""
+    from advedge.workflow import load_preset, pipeline_stages, run_pipeline
 
     output = Output(json_out)
     chosen = load_preset(preset, None if config is None else str(config))
-    progress = PipelineProgress(output, STAGES)
+    progress = PipelineProgress(output, pipeline_stages(chosen))
     with progress:
         summary = run_pipeline(
             data, str(out), preset=chosen, status=progress.on_stage, train_callbacks=progress

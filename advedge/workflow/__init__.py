@@ -7,6 +7,8 @@ Stages, each a call into advedge's own API, each writing under ``--out``:
 3. ``purifier``  IPCM purifier guarding the student (``advedge purifier train``) -> ``purifier/``
 4. ``export``    fp32, fp16 and int8 (QDQ) ONNX of the student and of the fused
                  purifier + student (``advedge export``)                  -> ``export/``
+   ``qat``       with ``qat: true``: robust QAT of the student's INT8 file, ADD from the
+                 teacher with fake quantisation in the loop (``advedge qat --ptq``) -> ``qat/``
 5. ``bench``     latency and robust accuracy of every artifact and of their PyTorch parents
                  (``advedge bench --robust``)                             -> ``bench/``
 6. ``report``    table, Pareto plot, training curves (``advedge report``) -> ``report/``
@@ -22,7 +24,14 @@ the new run has finished, so a failed redo loses nothing; the whole run holds th
 ``--out`` (one writer).
 """
 
-from advedge.workflow.presets import PRESETS, STAGES, Preset, check_preset, load_preset
+from advedge.workflow.presets import (
+    PRESETS,
+    STAGES,
+    Preset,
+    check_preset,
+    load_preset,
+    pipeline_stages,
+)
 from advedge.workflow.run import headline, run_pipeline
 
 __all__ = [
@@ -32,5 +41,6 @@ __all__ = [
     "check_preset",
     "headline",
     "load_preset",
+    "pipeline_stages",
     "run_pipeline",
 ]

@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 
 from advedge.errors import UsageError, did_you_mean
 
-__all__ = ["PRESETS", "STAGES", "Preset", "check_preset", "load_preset"]
+__all__ = ["PRESETS", "STAGES", "Preset", "check_preset", "load_preset", "pipeline_stages"]
 
+#: The stages every pipeline runs, in order.
 STAGES = ("teacher", "student", "purifier", "export", "bench", "report")
 
 
@@ -43,6 +44,20 @@ class Preset:
     n_iter: int = 100  # APGD's iterations in bench's transfer set (eval --suite standard's)
     seed: int = 0
     device: str = "auto"
+    # robust QAT of the student's INT8 file (advedge qat), benched beside the PTQ artifacts
+    qat: bool = False
+    qat_epochs: int = 2
+    qat_lr: float = 0.005
+    qat_steps: int | None = None  # the inner attack's steps; None: student_steps
+
+
+def pipeline_stages(p: Preset) -> tuple[str, ...]:
+    """The stages ``p`` runs, in order: :data:`STAGES`, with ``qat`` after ``export`` when
+    ``p.qat`` (a pipeline without it keeps every stage key it had before the stage existed)."""
+    if not p.qat:
+        return STAGES
+    at = STAGES.index("export") + 1
+    return (*STAGES[:at], "qat", *STAGES[at:])
 
 
 PRESETS: dict[str, Preset] = {
@@ -129,6 +144,8 @@ def check_preset(p: Preset) -> None:
         "bench_iters": 10**6,
         "n_queries": 10**6,
         "n_iter": 10_000,
+        "qat_epochs": 100_000,
+        "qat_steps": 10_000,
     }
     for key, high in bounds.items():
         value = getattr(p, key)
@@ -142,4 +159,6 @@ def check_preset(p: Preset) -> None:
     if not 0 <= p.seed <= SEED_MAX:
         raise UsageError(f"pipeline option seed must lie in [0, {SEED_MAX}], got {p.seed}")
     parse_eps(p.eps, name="pipeline option eps")
+    if not p.qat_lr > 0:
+        raise UsageError(f"pipeline option qat_lr must be > 0, got {p.qat_lr}")
     resolve_device(p.device)

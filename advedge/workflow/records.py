@@ -25,7 +25,8 @@ READS: dict[str, tuple[str, ...]] = {
     "student": ("teacher",),
     "purifier": ("student",),
     "export": ("student", "purifier"),
-    "bench": ("student", "purifier", "export"),
+    "qat": ("teacher", "student", "export"),
+    "bench": ("student", "purifier", "export", "qat"),
     "report": ("teacher", "student", "purifier", "bench"),
 }
 SUPERSEDED = ".superseded"
@@ -124,10 +125,15 @@ class StageRecord:
         )
 
 
-def stage_inputs(root: Path, name: str, data_key: str) -> dict[str, str]:
-    """sha256 of every file ``name`` reads: the data's key and the upstream stages' files."""
+def stage_inputs(
+    root: Path, name: str, data_key: str, stages: tuple[str, ...] | None = None
+) -> dict[str, str]:
+    """sha256 of every file ``name`` reads: the data's key and the upstream stages' files (of
+    those among ``stages``, the stages the pipeline runs; all when None)."""
     inputs = {"data": data_key}
     for up in READS[name]:
+        if stages is not None and up not in stages:
+            continue
         for f in sorted((root / up).rglob("*")):
             if f.is_file() and not f.name.startswith("."):
                 inputs[str(f.relative_to(root))] = sha256_file(f)

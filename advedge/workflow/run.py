@@ -11,7 +11,7 @@ from typing import Any
 
 from advedge.errors import UsageError
 from advedge.locks import output_lock
-from advedge.workflow.presets import STAGES, Preset, check_preset
+from advedge.workflow.presets import Preset, check_preset, pipeline_stages
 from advedge.workflow.records import SUPERSEDED, StageRecord, data_key, stage_inputs
 from advedge.workflow.stages import STAGE_FUNCTIONS, Stage, check_stage_options, stage_configs
 
@@ -60,9 +60,10 @@ def run_pipeline(
         }
         upstream = ""
         context = Stage(root, p, dataset, say, train_callbacks)
-        for name in STAGES:
+        stages = pipeline_stages(p)
+        for name in stages:
             config = {**configs[name], "upstream": upstream}
-            stage = StageRecord(root, name, config, stage_inputs(root, name, key))
+            stage = StageRecord(root, name, config, stage_inputs(root, name, key, stages))
             upstream = stage.key
             if stage.done():
                 rec = stage.record() or {}

@@ -1,4 +1,4 @@
-"""The six stages: each turns the preset into one command's options and calls its API."""
+"""The stages: each turns the preset into one command's options and calls its API."""
 
 from __future__ import annotations
 
@@ -69,6 +69,12 @@ def stage_configs(p: Preset, data: str) -> dict[str, dict[str, Any]]:
             "report_n": p.report_n,
             "seed": p.seed,
         },
+        "qat": {
+            "epochs": p.qat_epochs,
+            "lr": p.qat_lr,
+            "steps": p.qat_steps or p.student_steps,
+            **common,
+        },
         "bench": {
             "n": p.bench_n,
             "batch_sizes": p.bench_batch_sizes,
@@ -97,6 +103,8 @@ def check_stage_options(root: Path, p: Preset, dataset: Any) -> None:
         for precision in _PRECISIONS:
             _export_options(root, p, data, label, precision).validate()
     _bench_options(root, p, data, [str(root / "student")]).validate()
+    if p.qat:
+        _qat_config(root, p, data, root / "export" / "student" / "x.int8.onnx")
     from advedge.calibration.sets import calibration_source
 
     calibration_source(dataset, p.calib_n, option="pipeline option calib_n")
@@ -230,6 +238,62 @@ def _export_stage(stage: Stage) -> StageOutput:
     return sorted(set(outputs)), info
 
 
+def _qat_config(root: Path, p: Preset, data: str, ptq: Path) -> Any:
+    """Robust QAT of the student's INT8 file ``ptq`` (the export stage's), ADD from the teacher."""
+    from advedge.qat import QatConfig
+
+    return QatConfig(
+        student=str(root / "student"),
+        teacher=str(root / "teacher"),
+        data=data,
+        out=str(root / "qat"),
+        ptq=str(ptq),
+        epochs=p.qat_epochs,
+        lr=p.qat_lr,
+        steps=p.qat_steps or p.student_steps,
+        subset=p.subset,
+        batch_size=p.batch_size,
+        eps=p.eps,
+        seed=p.seed,
+        device=p.device,
+        parity_n=p.bench_n,
+    )
+
+
+def _qat_stage(stage: Stage) -> StageOutput:
+    from advedge.qat import run_qat
+    from advedge.training.engine import check_run_dir
+
+    out = stage.root / "qat"
+    ptqs = [
+        f
+        for f in sorted((stage.root / "export" / "student").glob("*.int8.onnx"))
+        if not f.name.endswith("-purified.int8.onnx")
+    ]
+    if len(ptqs) != 1:
+        raise AdvedgeError(f"the export stage left {len(ptqs)} INT8 student files, expected one")
+    resume = check_run_dir(out, resume=True)
+    cfg = _qat_config(stage.root, stage.preset, stage.data, ptqs[0])
+    stage.say(
+        "qat", f"{'resuming' if resume else 'fine-tuning'} {ptqs[0].name} ({cfg.epochs} epochs)"
+    )
+    result = run_qat(
+        cfg,
+        resume=resume,
+        callbacks=stage.callbacks,
+        dataset=stage.dataset,
+        status=lambda m: stage.say("qat", m),
+    )
+    last = result.metrics[-1] if result.metrics else {}
+    return [result.artifact], {
+        "artifact": str(result.artifact),
+        "baseline": result.baseline,
+        "clean_acc": last.get("test_clean_acc"),
+        "pgd_acc": last.get("test_pgd_acc"),
+        "artifact_clean_acc": last.get("artifact_clean_acc"),
+    }
+
+
 def _bench_options(root: Path, p: Preset, data: str, artifacts: list[str]) -> Any:
     from advedge.export.runtime.bench import BenchOptions
 
@@ -261,6 +325,8 @@ def _bench_stage(stage: Stage) -> StageOutput:
     arts = [str(root / "student"), str(root / "purifier")]
     for label, _ in _EXPORTS:
         arts += sorted(str(f) for f in (root / "export" / label).glob("*.onnx"))
+    if stage.preset.qat:  # the QAT INT8 file beside the PTQ ones
+        arts += sorted(str(f) for f in (root / "qat").glob("*.onnx"))
     options = _bench_options(root, stage.preset, stage.data, arts)
     doc = run_bench(options, status=lambda m: stage.say("bench", m))
     return [root / "bench" / "bench.json"], {
@@ -290,6 +356,7 @@ STAGE_FUNCTIONS: dict[str, Callable[[Stage], StageOutput]] = {
     "student": _train_stage("student"),
     "purifier": _purifier_stage,
     "export": _export_stage,
+    "qat": _qat_stage,
     "bench": _bench_stage,
     "report": _report_stage,
 }

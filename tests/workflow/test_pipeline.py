@@ -295,3 +295,40 @@ def test_the_pipeline_ends_with_the_headline_table_and_its_warnings(
     for warning in bench["warnings"]:
         assert "warning:" + "".join(warning.split()) in said
     assert said.endswith(f"report:{finished_pipeline}/report/report.md")
+
+
+def test_the_qat_stage_puts_its_int8_file_beside_the_ptq_ones(
+    tmp_path, tiny_npz_data, capsys, finished_pipeline
+):
+    """``qat: true`` adds the stage after export (the stages before it stay up to date); bench
+    measures its file beside the PTQ ones, under a label of its own, and the report shows both;
+    switched off again, the pipeline is what it was without it."""
+    from advedge.report.text import md_escape
+    from advedge.workflow import Preset, pipeline_stages
+
+    cfg = {**TINY, "qat": True, "qat_epochs": 1, "qat_steps": 1}
+    with_qat = _run(tmp_path, tiny_npz_data, cfg, capsys)
+    assert list(with_qat["stages"]) == [*STAGES[:4], "qat", *STAGES[4:]]
+    assert tuple(with_qat["stages"]) == pipeline_stages(Preset(qat=True))
+    assert pipeline_stages(Preset()) == STAGES
+    ran = {k for k, s in with_qat["stages"].items() if not s["skipped"]}
+    assert ran == {"qat", "bench", "report"}
+    out = finished_pipeline
+    qat = out / "qat" / "tiny_cnn.int8-qat.onnx"
+    assert with_qat["stages"]["qat"]["artifact"] == str(qat) and qat.is_file()
+    labels = {
+        r["name"]: r["label"] for r in json.loads((out / "bench/bench.json").read_text())["results"]
+    }
+    assert labels["tiny_cnn.int8-qat.onnx"] == "tiny_cnn int8-qat onnxruntime"
+    assert labels["tiny_cnn.int8.onnx"] == "tiny_cnn int8 onnxruntime"
+    report = (out / "report/report.md").read_text()
+    for label in ("tiny_cnn int8-qat onnxruntime", "tiny_cnn int8 onnxruntime"):
+        assert f"| {md_escape(label)} | int8 |" in report  # the artifact table, by its label
+
+    again = _run(tmp_path, tiny_npz_data, cfg, capsys)
+    assert all(s["skipped"] for s in again["stages"].values())
+
+    without = _run(tmp_path, tiny_npz_data, TINY, capsys)
+    assert "qat" not in without["stages"]
+    names = {r["name"] for r in json.loads((out / "bench/bench.json").read_text())["results"]}
+    assert "tiny_cnn.int8-qat.onnx" not in names and "tiny_cnn.int8.onnx" in names
