@@ -2,7 +2,9 @@
 
 One student, four artifacts, measured by ``advedge bench --robust`` on the same test images:
 
-* **FP32**: the PyTorch student (its transfer set is white-box on it: the reference);
+* **FP32**: the PyTorch student (its transfer set is white-box on it: the reference), and its
+  FP32 ONNX (ONNX Runtime's FP32 latency, and the white-box attack through the replica of a
+  float graph);
 * **PTQ**: INT8 (TensorRT form) calibrated on clean images;
 * **PTQ, adversarial calibration**: the same with half the calibration images adversarial
   (``--calib-mix-adv 0.5``);
@@ -130,10 +132,17 @@ def main() -> None:
     work = args.work
     ptq = _export(args.student, args.data, work / "ptq", [])
     adv = _export(args.student, args.data, work / "ptq_adv", ["--calib-mix-adv", "0.5"])
-    arts = {"fp32 (PyTorch)": args.student, "ptq int8": str(ptq), "ptq int8, adv. calib": str(adv)}
+    fp32_onnx = sorted((work / "ptq").glob("*.fp32.onnx"))[0]
+    arts = {
+        "fp32 (PyTorch)": args.student,
+        "fp32 onnx": str(fp32_onnx),
+        "ptq int8": str(ptq),
+        "ptq int8, adv. calib": str(adv),
+    }
+    keys = {"fp32 (PyTorch)": "fp32", "fp32 onnx": "fp32_onnx", "ptq int8": "ptq"}
+    keys |= {"ptq int8, adv. calib": "ptq_adv", "qat int8": "qat"}
     if args.qat:
         arts["qat int8"] = args.qat
-    keys = dict(zip(arts, ("fp32", "ptq", "ptq_adv", "qat"), strict=False))
     common = [
         "--data", args.data, "--robust", "--model", args.student, "--n", str(args.n),
         "--n-iter", str(args.n_iter), "--n-queries", str(args.n_queries),
@@ -187,6 +196,10 @@ def main() -> None:
         "graph (straight-through rounding), every example scored on the artifact itself; "
         "'not applicable' for the PyTorch student, whose transfer set is already white-box.",
         "McNemar: images robust only on the INT8 artifact / only on FP32, exact two-sided p.",
+        "Latency: p50 ms, one thread, PyTorch eager for the student and ONNX Runtime's CPU "
+        "provider for the ONNX files. The INT8 files are TensorRT's form (Q/DQ placed as "
+        "ModelOpt places them), which this provider computes with few int8 kernels, so they are "
+        "slower than FP32 here; INT8 speed is TensorRT's, on the device.",
     ]
     if goal is not None:
         notes.append(
