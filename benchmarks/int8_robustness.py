@@ -73,6 +73,16 @@ def _bench(artifact: str, out: Path, args: list[str]) -> None:
         raise SystemExit(f"bench of {artifact} failed with exit {res.returncode}: see {log}")
 
 
+def _bench_all(artifacts: list[str], out: Path, args: list[str]) -> None:
+    """One ``advedge bench`` of several artifacts (latency only) into ``out``, reused."""
+    if (out / "bench.json").is_file():
+        return
+    cmd = [sys.executable, "-m", "advedge", "bench"]
+    for artifact in artifacts:
+        cmd += ["--artifact", artifact]
+    subprocess.run([*cmd, *args, "--out", str(out)], stdout=subprocess.DEVNULL, check=True)
+
+
 def _flags(text: str | None) -> list[bool]:
     return [c == "1" for c in (text or "")]
 
@@ -163,6 +173,16 @@ def main() -> None:
         for name in arts
     ]
     doc = json.loads((work / "bench" / "fp32" / "bench.json").read_text())
+    # latency once more, every artifact in one process with nothing else running: the robust
+    # benches above ran side by side (--jobs), so their timings are not comparable
+    timing = [
+        "--data", args.data, "--n", "100", "--batch-sizes", args.batch_sizes,
+        "--iters", str(args.iters), "--threads", "1", "--json",
+    ]  # fmt: skip
+    _bench_all(list(arts.values()), work / "bench" / "latency", timing)
+    latency = json.loads((work / "bench" / "latency" / "bench.json").read_text())["results"]
+    for r, t in zip(results, latency, strict=True):
+        r["latency"] = t["latency"]
     rows = [_row(name, r) for name, r in zip(arts, results, strict=True)]
     fp32_flags = _flags((results[0].get("robust") or {}).get("worst_case_flags"))
     for row, r in zip(rows[1:], results[1:], strict=True):
@@ -196,7 +216,8 @@ def main() -> None:
         "graph (straight-through rounding), every example scored on the artifact itself; "
         "'not applicable' for the PyTorch student, whose transfer set is already white-box.",
         "McNemar: images robust only on the INT8 artifact / only on FP32, exact two-sided p.",
-        "Latency: p50 ms, one thread, PyTorch eager for the student and ONNX Runtime's CPU "
+        "Latency: p50 ms, every artifact timed in one bench with nothing else running, one "
+        "thread, PyTorch eager for the student and ONNX Runtime's CPU "
         "provider for the ONNX files. The INT8 files are TensorRT's form (Q/DQ placed as "
         "ModelOpt places them), which this provider computes with few int8 kernels, so they are "
         "slower than FP32 here; INT8 speed is TensorRT's, on the device.",
