@@ -43,6 +43,7 @@ import numpy as np
 
 from advedge.calibration.nodes import verify_qdq
 from advedge.errors import ExportError
+from advedge.export.runtime.replica import read_graph
 from advedge.export.runtime.replica_ops import OPS, Q_RANGES, Node
 
 __all__ = [
@@ -293,16 +294,8 @@ def build_qat_graph(path: str | os.PathLike[str]) -> Any:
             (:func:`~advedge.calibration.nodes.verify_qdq`), or an operator or layout it cannot
             train (named).
     """
-    import onnx
-
     path = Path(path)
-    try:
-        model = onnx.load(str(path))
-    except Exception as exc:
-        raise ExportError(f"cannot read {path}: {str(exc).splitlines()[0][:300]}") from None
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-    if opset is not None and opset < 13:
-        raise ExportError(f"{path.name}: opset {opset}; QAT reads opset 13 and newer")
+    model = read_graph(path, "QAT")
     try:
         verify_qdq(model)
     except ExportError as exc:

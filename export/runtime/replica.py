@@ -70,7 +70,7 @@ from advedge.export.runtime.replica_ops import FLOAT16, OPS, Q_RANGES, Node, ste
 
 from advedge.errors import ExportError
 
-__all__ = ["SATURATION_GRADS", "build_replica"]
+__all__ = ["SATURATION_GRADS", "build_replica", "read_graph"]
 
 #: How the gradient passes a QuantizeLinear's saturation (see the module docstring).
 SATURATION_GRADS = ("zero", "pass")
@@ -294,6 +294,24 @@ def _plan(model: Any, path: Path, saturation_grad: str, ort_bias: bool) -> dict[
     }
 
 
+def read_graph(path: Path, reader: str) -> Any:
+    """An ONNX file loaded for a torch interpreter of its graph (``reader`` names it in errors).
+
+    Raises:
+        ExportError: an unreadable file, or an opset below 13 (per-channel Q/DQ needs 13).
+    """
+    import onnx
+
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:
+        raise ExportError(f"cannot read {path}: {str(exc).splitlines()[0][:300]}") from None
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is not None and opset < 13:
+        raise ExportError(f"{path.name}: opset {opset}; {reader} reads opset 13 and newer")
+    return model
+
+
 def build_replica(
     path: str | os.PathLike[str],
     *,
@@ -312,17 +330,9 @@ def build_replica(
             implement (named).
         ValueError: an unknown ``saturation_grad``.
     """
-    import onnx
-
     if saturation_grad not in SATURATION_GRADS:
         raise ValueError(f"saturation_grad must be one of {SATURATION_GRADS}")
     path = Path(path)
-    try:
-        model = onnx.load(str(path))
-    except Exception as exc:
-        raise ExportError(f"cannot read {path}: {str(exc).splitlines()[0][:300]}") from None
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-    if opset is not None and opset < 13:
-        raise ExportError(f"{path.name}: opset {opset}; the replica reads opset 13 and newer")
+    model = read_graph(path, "the replica")
     plan = _plan(model, path, saturation_grad, ort_bias_quantization)
     return _replica_class()(plan).eval()
