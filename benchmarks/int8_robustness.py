@@ -18,7 +18,7 @@ latency at batch 1 and 64. Pairwise exact McNemar tests compare each INT8 artifa
 with the FP32 student's. Goal: QAT's worst case within 1 point of the FP32 student's white-box
 worst case, at INT8 speed.
 
-    python benchmarks/int8_robustness.py --student RUN --qat QAT.int8.onnx [--n 1000] [--tag medium]
+    python benchmarks/int8_robustness.py --student RUN --qat QAT.int8.onnx [--n 1000]
 
 The exports and one bench folder per artifact go under ``--work``: the FP32 student's first
 (it crafts the transfer set, which the others are given with ``--transfer-set``), then the INT8
@@ -135,7 +135,7 @@ def main() -> None:
     p.add_argument("--batch-sizes", default="1,64")
     p.add_argument("--iters", type=int, default=200)
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "int8_study")
-    p.add_argument("--tag", default="medium")
+    p.add_argument("--tag", default="", help="suffix of the results' name (none: int8_robustness)")
     p.add_argument("--results", type=Path, default=None, help="where the results go")
     p.add_argument("--jobs", type=int, default=2, help="artifacts benched at once (1 thread each)")
     args = p.parse_args()
@@ -228,7 +228,14 @@ def main() -> None:
             f"{'met' if goal['met'] else 'not met'} ({goal['qat_worst_minus_fp32_points']:+.2f} points)."
         )
     kw = {} if args.results is None else {"directory": args.results}
-    path = write_results(f"int8_robustness_{args.tag}", payload, rows, columns, notes=notes, **kw)
+    path = write_results(
+        "int8_robustness" + (f"_{args.tag}" if args.tag else ""),
+        payload,
+        rows,
+        columns,
+        notes=notes,
+        **kw,
+    )
     print(path.read_text())
 
 
