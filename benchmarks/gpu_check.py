@@ -9,7 +9,11 @@ no TensorRT, no pip, no internet; only the working tree travels)::
     python benchmarks/gpu_check.py --dry-run --out /tmp/x  # here: the same plumbing on the CPU
 
 The payload (``benchmarks/gpu_payload/``, about 18 MB) is ignored by git, so the device call
-must carry it: ``run(command=..., carry=["benchmarks/gpu_payload"])``.
+must carry it: ``run(command="python3 benchmarks/gpu_check.py --out $OUT", carry=
+["benchmarks/gpu_payload"], timeout_s=600)``. The lent H200's image (device library, KINDS.md)
+has python3 3.12 with torch 2.11, onnx, onnxruntime 1.30, safetensors, pyyaml, pillow, typer,
+rich and pytest: everything these steps import (onnxconverter-common, for FP16 export only, is
+not there and not used).
 
 The steps, in order, each under its own time limit, each writing its part of
 ``gpu_check.json`` and ``gpu_check.md`` as it finishes (a timeout keeps what ran):
