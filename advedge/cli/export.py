@@ -8,7 +8,16 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from advedge.cli.options import CacheDir, JsonOpt, SelectionSeed, choices, params
+from advedge.cli.options import (
+    CacheDir,
+    CalibMethod,
+    CalibMixAdv,
+    CalibN,
+    JsonOpt,
+    SelectionSeed,
+    choices,
+    params,
+)
 from advedge.cli.output import Output, percent
 
 __all__ = ["calibrate_cmd", "export_cmd"]
@@ -42,18 +51,9 @@ def export_cmd(  # long: one parameter for each of its 30 options; the body is s
             "[default: the training split of the dataset the checkpoint records]."
         ),
     ] = None,
-    calib_n: Annotated[int, typer.Option(help="int8: calibration images (stratified).")] = 512,
-    calib_method: Annotated[
-        str,
-        typer.Option(
-            help="int8: how activation ranges are chosen.",
-            metavar=choices("{calibration_methods}"),
-        ),
-    ] = "entropy",
-    calib_mix_adv: Annotated[
-        float,
-        typer.Option(help="int8: fraction of calibration images made adversarial (PGD on FP32)."),
-    ] = 0.0,
+    calib_n: CalibN = 512,
+    calib_method: CalibMethod = "entropy",
+    calib_mix_adv: CalibMixAdv = 0.0,
     calib_batch: Annotated[int, typer.Option(help="int8: calibration batch size.")] = 32,
     keep_fp32: Annotated[
         str,

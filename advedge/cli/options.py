@@ -238,6 +238,20 @@ SelectionSeed = Annotated[int, typer.Option(help="Seed of image selection and at
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 EvalN = Annotated[int, typer.Option(help="Held-out images scored each epoch.")]
 Resume = Annotated[bool, typer.Option(help="Continue the run in --out.")]
+# INT8 calibration of a PTQ export (advedge export --precision int8, advedge qat's start).
+CalibN = Annotated[int, typer.Option(help="INT8 calibration images (stratified).")]
+CalibMethod = Annotated[
+    str,
+    typer.Option(
+        help="How INT8 activation ranges are chosen.", metavar=choices("{calibration_methods}")
+    ),
+]
+CalibMixAdv = Annotated[
+    float,
+    typer.Option(
+        help="Fraction of INT8 calibration images made adversarial (PGD on the FP32 model)."
+    ),
+]
 CacheDir = Annotated[
     Path | None, typer.Option(help="Calibration-range cache [default: ~/.cache/advedge].")
 ]

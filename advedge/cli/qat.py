@@ -8,6 +8,9 @@ from typing import Annotated
 import typer
 
 from advedge.cli.options import (
+    CalibMethod,
+    CalibMixAdv,
+    CalibN,
     ConfigDefaults,
     Data,
     Device,
@@ -76,18 +79,9 @@ def qat_cmd(  # long: one parameter for each of its 29 options; the body is shor
     alpha: Annotated[
         float | None, typer.Option(help="Loss mixing weight in [0, 1]" + _DEFAULT_OF_METHOD + ".")
     ] = None,
-    calib_n: Annotated[int, typer.Option(help="PTQ export: calibration images.")] = 512,
-    calib_method: Annotated[
-        str,
-        typer.Option(
-            help="PTQ export: how activation ranges are chosen.",
-            metavar=choices("{calibration_methods}"),
-        ),
-    ] = "entropy",
-    calib_mix_adv: Annotated[
-        float,
-        typer.Option(help="PTQ export: fraction of calibration images made adversarial."),
-    ] = 0.0,
+    calib_n: CalibN = 512,
+    calib_method: CalibMethod = "entropy",
+    calib_mix_adv: CalibMixAdv = 0.0,
     augment: Annotated[
         bool, typer.Option("--augment/--no-augment", help="Random crop and flip.")
     ] = True,
