@@ -359,3 +359,39 @@ def test_the_transfer_set_is_crafted_on_the_gpu():
     recipe = craft.Recipe(eps=8 / 255, n_iter=2, n_queries=4, cw_steps=2)
     advs, survived, _ = craft.craft_examples(model, test, recipe, lambda s: None)
     assert advs["cw"].shape == (8, 3, 32, 32) and survived.shape == (8,)
+
+
+@pytest.mark.gpu
+def test_compile_and_cudagraph_runners_match_eager_on_cuda():
+    x = np.random.default_rng(1).random((32, 3, 32, 32), dtype=np.float32)
+    eager = TorchRunner(tiny_classifier(), device="cuda")
+    ref = eager.run(x)
+    for mode in ("compile", "cudagraph"):
+        runner = TorchRunner(tiny_classifier(), device="cuda", mode=mode)
+        for n in (1, 7, 32):
+            out, times = runner.timed(x[:n])
+            np.testing.assert_allclose(out, ref[:n], atol=1e-3)
+            assert times["compute_s"] > 0
+        np.testing.assert_allclose(runner.run(x, batch_size=5), ref, atol=1e-3)
+        assert set(runner.shapes()["prepared_batches"]) >= {1, 7, 32}
+
+
+@pytest.mark.gpu
+def test_a_bf16_channels_last_pgd_at_step_on_cuda():
+    from advedge.training.device import prepare_model
+    from advedge.training.engine import training_step
+    from advedge.training.objectives import build_method
+    from advedge.utils import autocast_context
+
+    device = torch.device("cuda")
+    model, channels_last = prepare_model(tiny_classifier().train(), device)
+    assert channels_last and torch.backends.cudnn.benchmark
+    x = torch.rand(16, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (16,), device=device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    before = [p.detach().clone() for p in model.parameters()]
+    method = build_method("pgd-at", eps=8 / 255, alpha=2 / 255, steps=3)
+    out = training_step(method, model, x, y, optimizer, scaler, autocast_context(device, "bf16"))
+    assert torch.isfinite(out.loss)
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
