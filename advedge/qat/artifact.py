@@ -25,6 +25,8 @@ A file that fails a check is never written: :class:`~advedge.errors.ExportError`
 
 from __future__ import annotations
 
+import copy
+import itertools
 import os
 from pathlib import Path
 from typing import Any
@@ -60,7 +62,8 @@ def graph_logits(module: Any, x: np.ndarray) -> np.ndarray:
     on the module's device, without gradients."""
     import torch
 
-    device = next(iter(module.buffers()), torch.zeros(())).device
+    tensors = itertools.chain(module.parameters(), module.buffers())
+    device = next(tensors, torch.zeros(())).device
     outs = []
     with torch.no_grad():
         for i in range(0, len(x), _BATCH):
@@ -108,8 +111,8 @@ def parity(graph: Any, path: Path, x: np.ndarray) -> dict[str, Any]:
     from advedge.export.runtime.onnxruntime import OrtRunner
     from advedge.export.runtime.replica import build_replica
 
-    graph.fake_quant = True  # the file quantises, whatever the graph trained with
-    mine = graph_logits(graph, x)
+    with graph.quantising():  # the file quantises, whatever the graph trained with
+        mine = graph_logits(graph, x)
     written = graph_logits(build_replica(path, ort_bias_quantization=False), x)
     ort = OrtRunner(path, threads=1).run(x)
     rounded = build_replica(path)  # ONNX Runtime's bias rounding
@@ -150,7 +153,7 @@ def write_qat_onnx(
     import onnx
 
     ptq_model = onnx.load(str(ptq))
-    model = onnx.load(str(ptq))
+    model = copy.deepcopy(ptq_model)
     _replace_initializers(model, qat_initializers(graph))
     set_onnx_metadata(model, metadata)
     with atomic_path(dst) as tmp:

@@ -33,8 +33,10 @@ parity check of the written file measures. Torch and onnx are imported inside th
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -135,6 +137,17 @@ def _graph_class() -> type:
                 self._constants[name] = f"c{k}"
                 self.register_buffer(f"c{k}", value, persistent=False)
 
+        @contextlib.contextmanager
+        def quantising(self) -> Iterator[None]:
+            """Fake quantisation on for the block (what ships), then as it was: scoring and
+            parity never change the mode a run trains in (the ``--no-fake-quant`` control)."""
+            before = self.fake_quant
+            self.fake_quant = True
+            try:
+                yield
+            finally:
+                self.fake_quant = before
+
         def weight(self, name: str) -> Any:
             """The parameter of the ONNX initializer ``name``."""
             return self.params[self._index[name]]
@@ -146,8 +159,9 @@ def _graph_class() -> type:
         def forward(self, x: Any) -> Any:
             env: dict[str, Any] = {n: getattr(self, a) for n, a in self._constants.items()}
             env.update(self.weights())
-            for q in self.weight_quants:
-                env[q.scale] = weight_scale(env[q.weight], q.axis)
+            if self.fake_quant:  # the scales are read by Q/DQ nodes only
+                for q in self.weight_quants:
+                    env[q.scale] = weight_scale(env[q.weight], q.axis)
             env[self.input_name] = x.to(torch.float32)
             for node in self.steps:
                 if not self.fake_quant and node.op in _QDQ:

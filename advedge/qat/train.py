@@ -276,7 +276,6 @@ def _held_out(job: _Job) -> tuple[float, float]:
     graph, (x, y) = job.graph, job.held
     eps, steps = job.settings["eps"], job.config.eval_steps
     graph.eval()
-    graph.fake_quant = True  # what ships, also for the FP32 control
     attack = PGD(
         graph,
         eps=eps,
@@ -285,13 +284,14 @@ def _held_out(job: _Job) -> tuple[float, float]:
         generator=torch.Generator(device=job.device).manual_seed(0),
     )
     clean = pgd = 0
-    for i in range(0, len(y), 256):
-        xb, yb = x[i : i + 256], y[i : i + 256]
-        with torch.no_grad():
-            clean += int((graph(xb).argmax(1) == yb).sum())
-        xa = attack(xb, yb)
-        with torch.no_grad():
-            pgd += int((graph(xa).argmax(1) == yb).sum())
+    with graph.quantising():  # what ships, also for the FP32 control
+        for i in range(0, len(y), 256):
+            xb, yb = x[i : i + 256], y[i : i + 256]
+            with torch.no_grad():
+                clean += int((graph(xb).argmax(1) == yb).sum())
+            xa = attack(xb, yb)
+            with torch.no_grad():
+                pgd += int((graph(xa).argmax(1) == yb).sum())
     return clean / len(y), pgd / len(y)
 
 

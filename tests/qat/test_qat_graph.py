@@ -194,6 +194,19 @@ def test_written_back_file_passes_the_int8_checks(files, tmp_path):
     assert not np.allclose(ort, OrtRunner(ptq, threads=1)(x), atol=1e-3)
 
 
+def test_writing_the_fp32_controls_file_leaves_it_training_in_fp32(files, tmp_path):
+    """The parity check quantises (the file does) but hands the graph back in the mode it
+    trained in: the --no-fake-quant control must not train its next epoch quantised."""
+    ptq = files["resnet8"]
+    graph = build_qat_graph(ptq)
+    graph.fake_quant = False
+    write_qat_onnx(graph, ptq, tmp_path / "ft.onnx", {"precision": "int8"}, _images(64, seed=3))
+    assert graph.fake_quant is False
+    with graph.quantising():
+        assert graph.fake_quant is True
+    assert graph.fake_quant is False
+
+
 def test_a_file_that_fails_a_check_is_not_written(files, tmp_path, monkeypatch):
     import advedge.qat.artifact as artifact
 
