@@ -45,7 +45,7 @@ import numpy as np
 
 from advedge.calibration.nodes import verify_qdq
 from advedge.errors import ExportError
-from advedge.export.runtime.replica import read_graph
+from advedge.export.runtime.replica import constant_value, read_graph
 from advedge.export.runtime.replica_ops import OPS, Q_RANGES, Node
 
 __all__ = [
@@ -234,12 +234,9 @@ def _trainable(graph: Any, floats: dict[str, np.ndarray], quants: list[WeightQua
 def _fold(node: Node, consts: dict[str, Any]) -> bool:
     """Compute a node whose inputs are all fixed constants once; returns whether it was."""
     import torch
-    from onnx import numpy_helper
 
-    if node.op == "Constant":
-        if "value" not in node.attrs:
-            raise node.refuse("a Constant without a tensor value")
-        consts[node.outputs[0]] = _tensor(numpy_helper.to_array(node.attrs["value"]))
+    if node.op == "Constant":  # read as the replica reads it, every value attribute
+        consts[node.outputs[0]] = _tensor(constant_value(node))
         return True
     known = [n for n in node.inputs if n]
     if node.op == "Shape" or not known or not all(n in consts for n in known):

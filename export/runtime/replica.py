@@ -70,7 +70,7 @@ from advedge.export.runtime.replica_ops import FLOAT16, OPS, Q_RANGES, Node, ste
 
 from advedge.errors import ExportError
 
-__all__ = ["SATURATION_GRADS", "build_replica", "read_graph"]
+__all__ = ["SATURATION_GRADS", "build_replica", "constant_value", "read_graph"]
 
 #: How the gradient passes a QuantizeLinear's saturation (see the module docstring).
 SATURATION_GRADS = ("zero", "pass")
@@ -89,7 +89,8 @@ def _to_tensor(array: np.ndarray) -> tuple[Any, bool]:
     raise ExportError(f"the white-box replica cannot hold a constant of type {array.dtype}")
 
 
-def _constant_value(node: Node) -> np.ndarray:
+def constant_value(node: Node) -> np.ndarray:
+    """The value of a Constant node, from whichever value attribute it carries."""
     from onnx import numpy_helper
 
     for key, value in node.attrs.items():
@@ -236,7 +237,7 @@ def _fold(node: Node, consts: dict[str, Any], half: set[str]) -> bool:
     import torch
 
     if node.op == "Constant":
-        consts[node.outputs[0]], is_half = _to_tensor(_constant_value(node))
+        consts[node.outputs[0]], is_half = _to_tensor(constant_value(node))
         if is_half:
             half.add(node.outputs[0])
         return True

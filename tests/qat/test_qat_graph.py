@@ -233,3 +233,25 @@ def test_a_file_that_fails_a_check_is_not_written(files, tmp_path, monkeypatch):
 def test_only_the_symmetric_int8_form_is_trained(files, form):
     with pytest.raises(ExportError, match="not a symmetric int8 Q/DQ graph"):
         build_qat_graph(files[form])
+
+
+def test_a_constant_written_as_value_float_is_read_as_the_replica_reads_it(files, tmp_path):
+    """Other exporters write scalars as Constant(value_float=...): the QAT graph folds them
+    like the replica (it refused them while it had its own Constant reader)."""
+    from onnx import helper
+
+    model = onnx.load(str(files["tiny"]))
+    graph = model.graph
+    image = graph.input[0].name
+    graph.node.insert(0, helper.make_node("Constant", [], ["one"], value_float=1.0))
+    graph.node.insert(1, helper.make_node("Mul", [image, "one"], ["scaled"]))
+    for node in list(graph.node)[2:]:
+        for i, name in enumerate(node.input):
+            if name == image:
+                node.input[i] = "scaled"
+    path = tmp_path / "value_float.int8.onnx"
+    onnx.save(model, str(path))
+    x = _images(16)
+    np.testing.assert_array_equal(
+        _logits(build_qat_graph(path), x), _logits(build_qat_graph(files["tiny"]), x)
+    )
