@@ -20,14 +20,13 @@ import importlib
 import importlib.metadata
 import logging
 import platform
-import shutil
-import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import advedge
+from advedge.export.runtime.environment import read_command
 from advedge.registry import Registry, first_doc_line
 
 __all__ = ["COMMAND_TIMEOUT_S", "VERSION_PROBES", "Probe", "read_command", "toolchain_versions"]
@@ -48,18 +47,6 @@ class Probe:
 
 #: The version probes, in the order the report lists their fields.
 VERSION_PROBES: Registry[Probe] = Registry("version probe")
-
-
-def read_command(cmd: list[str], timeout: float = COMMAND_TIMEOUT_S) -> str | None:
-    """The stripped stdout of a read-only command, or None where it is not installed, fails,
-    prints nothing or takes longer than ``timeout`` seconds."""
-    if shutil.which(cmd[0]) is None:
-        return None
-    try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return (res.stdout.strip() or None) if res.returncode == 0 else None
 
 
 def _read_file(path: str | Path) -> str | None:

@@ -19,10 +19,12 @@ from advedge.export.runtime.threads import cpus_available, default_threads
 import advedge
 from advedge.utils import cpu_model
 
-__all__ = ["environment_manifest"]
+__all__ = ["environment_manifest", "read_command"]
 
 
-def _read(cmd: list[str], timeout: float = 5.0) -> str | None:
+def read_command(cmd: list[str], timeout: float = 5.0) -> str | None:
+    """The stripped stdout of a read-only command, or None where it is not installed, fails,
+    prints nothing or takes longer than ``timeout`` seconds."""
     if shutil.which(cmd[0]) is None:
         return None
     try:
@@ -60,14 +62,16 @@ def environment_manifest() -> dict[str, Any]:
             env["compute_capability"] = "{}.{}".format(*torch.cuda.get_device_capability(0))
     except Exception:
         pass
-    smi = _read(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"])
+    smi = read_command(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"])
     env["driver"] = smi.split(",")[-1].strip() if smi else None
     if env["gpu"] is None and smi:
         env["gpu"] = smi.split(",")[0].strip()
     jetson = Path("/etc/nv_tegra_release").is_file()
     env["jetson"] = jetson
     if jetson:
-        env["nvpmodel"] = _read(["nvpmodel", "-q"])
-        env["jetson_clocks"] = _read(["jetson_clocks", "--show"])
-        env["tegrastats"] = _read(["timeout", "2", "tegrastats", "--interval", "500"], timeout=4)
+        env["nvpmodel"] = read_command(["nvpmodel", "-q"])
+        env["jetson_clocks"] = read_command(["jetson_clocks", "--show"])
+        env["tegrastats"] = read_command(
+            ["timeout", "2", "tegrastats", "--interval", "500"], timeout=4
+        )
     return env

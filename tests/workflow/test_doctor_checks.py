@@ -105,12 +105,10 @@ def test_tensorrt_against_the_double(monkeypatch, tmp_path, version):
 
 def test_tensorrt_with_torch_cuda_buffers_against_the_doubles(monkeypatch, tmp_path):
     """The default route wherever torch has CUDA: the engine's buffers are torch CUDA tensors
-    (the torch-CUDA double, where tests/fakes has one)."""
+    (tests/fakes/torch_cuda.py, the torch-CUDA double)."""
     import fakes
     from advedge.export.tensorrt import cuda as cuda_module
 
-    if not hasattr(fakes, "install_fake_torch_cuda"):
-        pytest.skip("tests/fakes has no torch-CUDA double")
     install_fake_tensorrt(monkeypatch, version="10.3.0")
     fakes.install_fake_torch_cuda(monkeypatch)
     allocated: list[int] = []
